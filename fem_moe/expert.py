@@ -1,0 +1,453 @@
+"""One expert: the reduced (N x N) constrained solve on a function space, and its IFT backward.
+
+Given basis fields Phi (N x n dof vectors) and data m, the expert finds w in R^N such that
+u = g + Phi^T w satisfies the PDE in the chosen sense, on the residual rows it is responsible for:
+
+* ``"lstsq"`` (the paper's choice): w = argmin 1/2 ||r(w)||^2, r = P R(g + Phi^T w; m), with P
+  the selection of the expert's residual rows (all non-Dirichlet rows for the global layer). The
+  reduced equations are G(w) = Phi J^T r + rho w = 0, J = dR/du.
+* ``"galerkin"``: G(w) = Phi P R(g + Phi^T w; m) + rho w = 0.
+
+rho is 0 unless the basis is rank deficient (see ``on_rank_deficient``).
+
+The norm is the Euclidean norm of the assembled residual's dof vector, as the paper measures its
+residual at collocation points. Every derivative below is UFL's symbolic derivative of the user's
+residual form, assembled by Firedrake (the same machinery pyadjoint's solve blocks use):
+
+* Jacobian of G (SNES and IFT):  lstsq  (J Phi^T)^T P (J Phi^T) + Phi H_r Phi^T + rho I, with
+  H_r = d^2/du^2 <r, R(u)> at fixed r (the second-order term: the gradient is exact, not
+  Gauss-Newton); galerkin  Phi P J Phi^T + rho I.
+* Backward (implicit function theorem): given u_bar = dL/du, solve A^T lam = Phi u_bar (one N x N
+  solve), z = Phi^T lam, then  Phi_bar = w (x) u_bar - d<lam, G>/dPhi,  m_bar = -d<lam, G>/dm,
+  where <lam, G> = <r, J z> (lstsq) or <z, P R> (galerkin) is a scalar form differentiated by UFL.
+
+Tensors here are numpy float64 arrays of this rank's owned dofs. For a distributed space (the
+global layer under mpirun) all reduced quantities (N-vectors, N x N matrices) are summed over the
+mesh communicator and broadcast from its rank 0, so every rank runs the identical SNES sequence.
+"""
+import time
+import warnings
+
+import numpy as np
+import firedrake as fd
+import ufl
+from firedrake.petsc import PETSc
+from ufl.algorithms import expand_derivatives
+
+from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
+
+__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo"]
+
+#: Defaults of the reduced SNES: Newton with the exact Hessian (Gauss-Newton + Levenberg-Marquardt
+#: damping where the Hessian is not positive definite), backtracking on the objective, dense LU.
+DEFAULT_SOLVER_PARAMETERS = {
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "bt",
+    "snes_rtol": 1e-12,
+    "snes_atol": 1e-13,
+    "snes_stol": 0.0,
+    "snes_max_it": 100,
+    "ksp_type": "preonly",
+    "pc_type": "lu",
+}
+
+# Basis Gram matrix eigenvalue ratio below which a basis counts as rank deficient.
+RANK_TOL = 1e-12
+
+
+def _is_zero(form):
+    return expand_derivatives(form).empty()
+
+
+class SampleInfo(dict):
+    """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
+    at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
+    ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds)."""
+    __getattr__ = dict.__getitem__
+
+
+class Expert:
+    """The reduced solve on one function space, for one set of residual rows.
+
+    Parameters
+    ----------
+    problem : ConstrainedProblem
+        Its ``V`` is the space the expert works on (the whole mesh, or a subdomain submesh).
+    n_basis : int
+        N, the number of basis fields.
+    mode : "lstsq" or "galerkin"
+    row_mask : bool array [n_dofs], optional
+        The residual rows this expert is responsible for (owned dofs of its subdomain). Dirichlet
+        rows are always excluded. Default: every owned row.
+    on_rank_deficient : "ridge" or "raise"
+        A rank-deficient basis either gets the ridge rho = ``ridge`` times the mean diagonal of
+        the Gauss-Newton matrix at w = 0 (warned, recorded in the diagnostics) or raises.
+    expert_id : int or None
+        Named in error messages.
+
+    Collective over ``problem.comm`` (construction, ``solve``, ``vjp``).
+    """
+
+    def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
+                 ridge=1e-8, expert_id=None):
+        if mode not in ("lstsq", "galerkin"):
+            raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
+        if on_rank_deficient not in ("ridge", "raise"):
+            raise InputError(f"on_rank_deficient must be 'ridge' or 'raise', got {on_rank_deficient!r}")
+        if int(n_basis) < 1:
+            raise InputError(f"n_basis must be a positive integer, got {n_basis}")
+        self.problem, self.mode, self.N = problem, mode, int(n_basis)
+        self.on_rank_deficient, self.ridge_factor, self.expert_id = on_rank_deficient, ridge, expert_id
+        V = problem.V
+        self.comm = problem.comm
+        self.n = problem.n_dofs
+
+        # Coefficients, built once: forms (and their compiled kernels) are reused by every sample.
+        self.u = fd.Function(V, name="u")
+        self.r_fn = fd.Function(V, name="r")      # the masked residual, as coefficients
+        self.z_fn = fd.Function(V, name="z")      # Phi^T lam
+        self.y_fn = fd.Function(V, name="y")      # P J z
+        self.m = tuple(fd.Function(Vd, name=f"m{k}") for k, Vd in enumerate(problem.data_spaces))
+        v = fd.TestFunction(V)
+        self.F = problem.residual(self.u, v, self.m)
+        self.dF = fd.derivative(self.F, self.u)
+        F_r = ufl.replace(self.F, {v: self.r_fn})                       # <r, R(u)>
+        H = fd.derivative(fd.derivative(F_r, self.u), self.u)
+        self.H = None if _is_zero(H) else H
+        if mode == "lstsq":
+            lam_G = fd.derivative(F_r, self.u, self.z_fn) + ufl.replace(self.F, {v: self.y_fn})
+        else:
+            lam_G = ufl.replace(self.F, {v: self.z_fn})
+        self.dm_forms = []
+        for mk in self.m:
+            form = fd.derivative(lam_G, mk)
+            self.dm_forms.append(None if _is_zero(form) else form)
+
+        # Lifting g and the masks of Dirichlet dofs (columns of Phi) and residual rows.
+        self.g = fd.Function(V)
+        for bc in problem.bcs:
+            bc.apply(self.g)
+        self.g_vec = self._get(self.g).copy()
+        self.bc_mask = np.zeros(self.n, dtype=bool)
+        bs = V.block_size
+        n_nodes = V.dof_dset.size
+        for bc in problem.bcs:
+            nodes = bc.nodes[bc.nodes < n_nodes]
+            comp = getattr(bc.function_space(), "component", None)
+            comps = range(bs) if comp is None else [comp]
+            for c in comps:
+                self.bc_mask[nodes * bs + c] = True
+        self.col_mask = ~self.bc_mask
+        rows = np.ones(self.n, dtype=bool) if row_mask is None else np.asarray(row_mask, dtype=bool)
+        if rows.shape != (self.n,):
+            raise InputError(f"row_mask has shape {rows.shape}, expected ({self.n},)")
+        self.row_mask = rows & ~self.bc_mask
+
+        self._R = fd.Cofunction(V.dual())
+        self._J = None
+        self._H = None
+        self._Phi_mat = None
+        self._build_snes()
+
+    # ---------------------------------------------------------------- dof-vector helpers
+    @staticmethod
+    def _get(f):
+        with f.dat.vec_ro as x:
+            return x.array_r.copy()
+
+    @staticmethod
+    def _set(f, values):
+        with f.dat.vec_wo as x:
+            x.array[:] = values
+
+    def _sum(self, a):
+        """Sum an array over the mesh communicator; identical bits on every rank."""
+        a = np.ascontiguousarray(a, dtype=np.float64)
+        if self.comm.size == 1:
+            return a
+        out = np.empty_like(a)
+        self.comm.Allreduce(a, out)
+        self.comm.Bcast(out, root=0)
+        return out
+
+    def set_data(self, data):
+        """Write a data vector (owned dofs of all data spaces, concatenated) into ``self.m``."""
+        offset = 0
+        for mk in self.m:
+            size = mk.function_space().dof_dset.layout_vec.getLocalSize()
+            self._set(mk, data[offset:offset + size])
+            offset += size
+
+    # ---------------------------------------------------------------- assembly
+    def _phi_mat(self, Phi):
+        """Phi^T as a dense PETSc matrix (n x N, rows distributed as V's dofs)."""
+        arr = np.asfortranarray(Phi.T)
+        if self._Phi_mat is None:
+            self._Phi_mat = PETSc.Mat().createDense(((self.n, None), (None, self.N)),
+                                                    comm=self.comm)
+            self._Phi_mat.setUp()
+        self._Phi_mat.getDenseArray()[:] = arr
+        self._Phi_mat.assemble()
+        return self._Phi_mat
+
+    def _assemble_residual(self):
+        fd.assemble(self.F, tensor=self._R)
+        return np.where(self.row_mask, self._get(self._R), 0.0)
+
+    def _assemble_jacobian(self):
+        if self._J is None:
+            self._J = fd.assemble(self.dF, mat_type="aij")
+        else:
+            fd.assemble(self.dF, tensor=self._J)
+        return self._J.petscmat
+
+    def _assemble_hessian(self):
+        if self.H is None:
+            return None
+        if self._H is None:
+            self._H = fd.assemble(self.H, mat_type="aij")
+        else:
+            fd.assemble(self.H, tensor=self._H)
+        return self._H.petscmat
+
+    def _times_phi(self, mat, Phi_mat):
+        """(mat @ Phi^T) as a local numpy array [n, N]."""
+        C = mat.matMult(Phi_mat)
+        out = C.getDenseArray().copy()
+        C.destroy()
+        return out
+
+    def _evaluate(self, w, Phi, Phi_mat, jacobian):
+        """r, objective, G(w) and optionally dG/dw at w. Sets self.u."""
+        self._set(self.u, self.g_vec + w @ Phi)
+        r = self._assemble_residual()
+        out = {"r": r}
+        if self.mode == "lstsq":
+            JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
+            JPhi[~self.row_mask] = 0.0
+            G = self._sum(np.concatenate([JPhi.T @ r, [r @ r]]))
+            out["G"], out["objective"] = G[:-1] + self.rho * w, 0.5 * G[-1]
+            if jacobian:
+                GN = JPhi.T @ JPhi
+                S = np.zeros_like(GN)
+                if self.H is not None:
+                    self._set(self.r_fn, r)
+                    S = Phi @ self._times_phi(self._assemble_hessian(), Phi_mat)
+                GN, S = np.split(self._sum(np.concatenate([GN, S])), 2)
+                out["A"] = GN + S + self.rho * np.eye(self.N)
+                out["GN"] = GN
+        else:
+            G = self._sum(np.concatenate([Phi @ r, [r @ r]]))
+            out["G"], out["objective"] = G[:-1] + self.rho * w, 0.5 * G[-1]
+            if jacobian:
+                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
+                JPhi[~self.row_mask] = 0.0
+                out["A"] = self._sum(Phi @ JPhi) + self.rho * np.eye(self.N)
+        return out
+
+    # ---------------------------------------------------------------- SNES
+    def _build_snes(self):
+        N = self.N
+        snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
+        prefix = self.problem.options_prefix
+        snes.setOptionsPrefix(prefix)
+        self._wvec = PETSc.Vec().createSeq(N, comm=PETSc.COMM_SELF)
+        self._Gvec = self._wvec.duplicate()
+        self._Amat = PETSc.Mat().createDense((N, N), comm=PETSc.COMM_SELF)
+        self._Amat.setUp()
+        snes.setFunction(self._snes_function, self._Gvec)
+        snes.setJacobian(self._snes_jacobian, self._Amat)
+        if self.mode == "lstsq":
+            snes.setObjective(self._snes_objective)
+        # Options: the defaults, then solver_parameters, then the command line (which wins, as in
+        # Firedrake), all under this expert's prefix.
+        params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
+        opts = PETSc.Options()
+        inserted = []
+        for key, value in params.items():
+            name = prefix + key
+            if not opts.hasName(name):
+                opts[name] = "" if value is None else value
+                inserted.append(name)
+        snes.setFromOptions()
+        for name in inserted:
+            opts.delValue(name)
+        self.snes = snes
+
+    def _state_at(self, X, jacobian):
+        w = X.getArray(readonly=True).copy()
+        key = (w.tobytes(), jacobian)
+        if self._cache_key is None or self._cache_key[0] != key[0] or (jacobian and not self._cache_key[1]):
+            self._cache = self._evaluate(w, self._Phi, self._Phi_petsc, jacobian)
+            self._cache_key = key
+        return self._cache
+
+    def _snes_objective(self, snes, X):
+        return self._state_at(X, False)["objective"]
+
+    def _snes_function(self, snes, X, G):
+        G.setArray(self._state_at(X, False)["G"])
+
+    def _snes_jacobian(self, snes, X, A, P):
+        state = self._state_at(X, True)
+        M = state["A"]
+        if self.mode == "lstsq":
+            # Newton's step must be a descent direction of the objective: where the exact
+            # Hessian is not positive definite, use Gauss-Newton with Levenberg-Marquardt damping.
+            try:
+                np.linalg.cholesky(M)
+            except np.linalg.LinAlgError:
+                GN = state["GN"]
+                M = GN + (1e-8 * np.trace(GN) / self.N + self.rho) * np.eye(self.N)
+        P.getDenseArray()[:] = M
+        P.assemble()
+        if A != P:
+            A.assemble()
+
+    # ---------------------------------------------------------------- public
+    def solve(self, Phi, data=None, w0=None, sample=None):
+        """Solve one sample. Collective over ``problem.comm``.
+
+        Phi: [N, n] float64 (this rank's owned dofs); data: [n_data] float64 or None;
+        w0: initial coefficients [N] (default 0). Returns (w [N], u [n], SampleInfo).
+        Raises SolverDivergedError (every rank) if SNES does not converge.
+        """
+        t0 = time.perf_counter()
+        Phi = np.where(self.col_mask, Phi, 0.0)
+        if data is not None:
+            self.set_data(data)
+        self._Phi, self._Phi_petsc = Phi, self._phi_mat(Phi)
+        self._cache_key, self._cache = None, None
+        self.rho = 0.0
+        rank, ridge = self._check_rank(Phi, sample)
+        self.rho = ridge
+        w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
+        self._wvec.setArray(w)
+        before = self._state_at(self._wvec, False)["objective"]
+        self.snes.solve(None, self._wvec)
+        reason = self.snes.getConvergedReason()
+        w = self._wvec.getArray(readonly=True).copy()
+        after = self._state_at(self._wvec, False)["objective"]
+        info = SampleInfo(residual_before=np.sqrt(2 * before), residual_after=np.sqrt(2 * after),
+                          iterations=self.snes.getIterationNumber(), reason=_reason_name(reason),
+                          rank=rank, ridge=self.rho, time=time.perf_counter() - t0)
+        if reason < 0 or not np.all(np.isfinite(w)):
+            who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
+            raise SolverDivergedError(
+                f"{who}: the reduced SNES diverged on sample {sample} ({info.reason}) after "
+                f"{info.iterations} iterations; ||r|| {info.residual_before:.3e} -> "
+                f"{info.residual_after:.3e}. Options prefix {self.problem.options_prefix!r}.",
+                expert=self.expert_id, sample=sample, reason=info.reason)
+        return w, self.g_vec + w @ Phi, info
+
+    def _check_rank(self, Phi, sample):
+        gram = self._sum(Phi @ Phi.T)
+        eig = np.linalg.eigvalsh(gram)
+        top = max(eig[-1], 0.0)
+        rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
+        if rank == self.N:
+            return rank, 0.0
+        who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
+        msg = (f"{who}, sample {sample}: the {self.N} basis fields (restricted to the non-Dirichlet "
+               f"dofs) have numerical rank {rank}")
+        if self.on_rank_deficient == "raise" or rank == 0:
+            raise InputError(msg + " (on_rank_deficient='raise')" if rank else msg + ": all zero")
+        state = self._evaluate(np.zeros(self.N), Phi, self._Phi_petsc, True)
+        diag = np.trace(state.get("GN", state["A"])) / self.N
+        rho = self.ridge_factor * max(abs(diag), 1e-300)
+        warnings.warn(msg + f"; regularised with the ridge term rho*w, rho = {rho:.3e} "
+                      f"({self.ridge_factor:g} x mean diagonal of the reduced Jacobian); the "
+                      "gradient is exact for the regularised problem", RankDeficientBasisWarning,
+                      stacklevel=4)
+        return rank, rho
+
+    def vjp(self, Phi, data, w, u_bar, rho=0.0):
+        """The IFT backward of one sample. Collective over ``problem.comm``.
+
+        Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
+        owned dofs). Returns (Phi_bar [N, n], data_bar [n_data]).
+        """
+        Phi = np.where(self.col_mask, Phi, 0.0)
+        if data is not None:
+            self.set_data(data)
+        self.rho = rho
+        Phi_mat = self._phi_mat(Phi)
+        state = self._evaluate(w, Phi, Phi_mat, True)
+        r = state["r"]
+        lam = np.linalg.solve(state["A"].T, self._sum(Phi @ u_bar))
+        z = lam @ Phi
+        J = self._J.petscmat
+        Jt = lambda x: self._matvec(J, x, transpose=True)
+        if self.mode == "lstsq":
+            y = np.where(self.row_mask, self._matvec(J, z), 0.0)
+            q = Jt(y)
+            if self.H is not None:
+                q = q + self._matvec(self._H.petscmat, z)
+            Phi_bar = np.outer(w, u_bar - q) - np.outer(lam, Jt(r))
+            self._set(self.y_fn, y)
+        else:
+            z = np.where(self.row_mask, z, 0.0)    # the test function of <lam, G> is P z
+            Phi_bar = np.outer(w, u_bar - Jt(z)) - np.outer(lam, r)
+        Phi_bar[:, ~self.col_mask] = 0.0
+        self._set(self.z_fn, z)
+        self._set(self.r_fn, r)
+        data_bar = []
+        for mk, form in zip(self.m, self.dm_forms):
+            if form is None:
+                data_bar.append(np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()))
+            else:
+                data_bar.append(-self._get(fd.assemble(form)))
+        data_bar = np.concatenate(data_bar) if data_bar else np.zeros(0)
+        return Phi_bar, data_bar
+
+    def _matvec(self, mat, x, transpose=False):
+        X, Y = mat.createVecs()
+        X.setArray(x)
+        (mat.multTranspose if transpose else mat.mult)(X, Y)
+        return Y.getArray(readonly=True).copy()
+
+    def destroy(self):
+        self.snes.destroy()
+
+
+def _reason_name(reason):
+    names = {v: k for k, v in vars(PETSc.SNES.ConvergedReason).items() if isinstance(v, int)}
+    return names.get(reason, str(reason))
+
+
+class ResidualNorm:
+    """The squared residual norm of a given field and its gradient: the soft-constraint loss and
+    the physics-informed training loss.
+
+    ||P R(u; m)||^2 + ||B (u - g)||^2, with P the non-Dirichlet rows and B the Dirichlet dofs
+    (the boundary misfit, zero for an output of a hard-constraint layer). Collective over
+    ``problem.comm``.
+    """
+
+    def __init__(self, problem):
+        # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
+        self._e = Expert(problem, 1, mode="galerkin")
+
+    def value(self, u, data=None):
+        """u [n], data [n_data] or None -> float."""
+        e = self._e
+        if data is not None:
+            e.set_data(data)
+        e._set(e.u, u)
+        r = e._assemble_residual()
+        b = np.where(e.bc_mask, u - e.g_vec, 0.0)
+        return float(e._sum(np.array([r @ r + b @ b]))[0])
+
+    def gradient(self, u, data=None):
+        """u [n], data [n_data] or None -> (dvalue/du [n], dvalue/ddata [n_data])."""
+        e = self._e
+        if data is not None:
+            e.set_data(data)
+        e._set(e.u, u)
+        r = e._assemble_residual()
+        J = e._assemble_jacobian()
+        du = 2 * e._matvec(J, r, transpose=True) + 2 * np.where(e.bc_mask, u - e.g_vec, 0.0)
+        e._set(e.z_fn, r)
+        dm = [np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()) if form is None
+              else 2 * e._get(fd.assemble(form)) for mk, form in zip(e.m, e.dm_forms)]
+        return du, (np.concatenate(dm) if dm else np.zeros(0))

@@ -1,0 +1,168 @@
+"""Hard-constraint layers as torch modules, and the soft-constraint residual loss."""
+import numpy as np
+import torch
+
+from .errors import InputError, raise_on_all_ranks
+from .expert import Expert, ResidualNorm
+
+__all__ = ["HardConstraint", "residual_loss"]
+
+
+def check_tensor(comm, name, x, shape, dtype=None, device=None):
+    """Collective: every rank raises InputError if, on any rank, ``x`` is not a floating tensor
+    of ``shape`` (None entries must merely agree across ranks), of ``dtype``/``device`` if given,
+    with finite values."""
+    err = None
+    if not isinstance(x, torch.Tensor):
+        err = f"{name} must be a torch.Tensor, got {type(x).__name__}"
+    elif x.dtype not in (torch.float32, torch.float64):
+        err = f"{name} must be float32 or float64, got {x.dtype}"
+    elif dtype is not None and x.dtype != dtype:
+        err = f"{name} has dtype {x.dtype} but the basis has {dtype}"
+    elif device is not None and x.device != device:
+        err = f"{name} is on {x.device} but the basis is on {device}"
+    elif x.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
+        want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
+        err = f"{name} has shape {list(x.shape)}, expected {want}"
+    else:
+        bad = ~torch.isfinite(x.detach())
+        if bad.any():
+            idx = bad.nonzero()[0].tolist()
+            err = f"{name} has {int(bad.sum())} non-finite values (first at index {idx})"
+    raise_on_all_ranks(comm, err)
+    # Free dimensions (the batch) must agree across ranks, or the collectives would mismatch.
+    free = tuple(int(x.shape[i]) for i, s in enumerate(shape) if s is None)
+    sizes = comm.allgather(free)
+    if len(set(sizes)) > 1:
+        raise_on_all_ranks(comm, f"{name}: batch sizes differ across ranks: {sizes}")
+
+
+def _to_numpy(x):
+    return x.detach().to("cpu", torch.float64).numpy()
+
+
+class _ConstrainedSolve(torch.autograd.Function):
+    """u = g + Phi^T w(Phi, m) per sample; backward by the implicit function theorem."""
+
+    @staticmethod
+    def forward(ctx, layer, basis, data):
+        Phi, D = _to_numpy(basis), _to_numpy(data)
+        has_data = D.shape[1] > 0
+        ws, rhos, us, infos = [], [], [], []
+        for b in range(Phi.shape[0]):
+            w, u, info = layer.expert.solve(Phi[b], D[b] if has_data else None, sample=b)
+            ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
+        layer.diagnostics = infos
+        ctx.layer, ctx.ws, ctx.rhos = layer, ws, rhos
+        ctx.save_for_backward(basis, data)
+        return torch.from_numpy(np.stack(us)).to(device=basis.device, dtype=basis.dtype)
+
+    @staticmethod
+    def backward(ctx, u_bar):
+        basis, data = ctx.saved_tensors
+        Phi, D, Ub = _to_numpy(basis), _to_numpy(data), _to_numpy(u_bar)
+        has_data = D.shape[1] > 0
+        gPhi, gD = np.zeros_like(Phi), np.zeros_like(D)
+        for b in range(Phi.shape[0]):
+            gPhi[b], gd = ctx.layer.expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b],
+                                               Ub[b], rho=ctx.rhos[b])
+            if has_data:
+                gD[b] = gd
+        as_in = lambda g, x: torch.from_numpy(g).to(device=x.device, dtype=x.dtype)
+        return None, as_in(gPhi, basis), as_in(gD, data)
+
+
+class HardConstraint(torch.nn.Module):
+    """The PI-HC layer: constrain N basis fields to the PDE of ``problem`` (one expert, K = 1).
+
+    ``u = layer(basis, data=None)``
+
+    * ``basis``: ``[batch, n_basis, n_dofs]``, float32 or float64, CPU or CUDA; ``n_dofs`` is
+      ``problem.n_dofs``, this rank's owned dofs of V in Firedrake's order (see
+      ``problem.dof_coordinates()``).
+    * ``data``: ``[batch, problem.n_data_dofs]`` (the data spaces' owned dofs concatenated), same
+      dtype and device as ``basis``; required iff the problem has data spaces.
+    * returns ``u``: ``[batch, n_dofs]`` = g + sum_i w_i basis_i, with w solved per sample by
+      PETSc SNES (options prefix ``problem.options_prefix``) so that the residual vanishes in the
+      least-squares (``mode="lstsq"``) or Galerkin (``"galerkin"``) sense. Same dtype and device
+      as ``basis``. Computation is in float64 on the CPU.
+
+    Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
+    N x N linear solve per sample, no unrolled iterations. ``layer.diagnostics`` holds a
+    :class:`fem_moe.expert.SampleInfo` per sample of the last forward.
+
+    On a distributed mesh every rank of the mesh communicator must call forward (and backward)
+    with the same batch size; each passes and receives its owned dofs.
+    """
+
+    def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-8):
+        super().__init__()
+        self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
+        self.expert = Expert(problem, n_basis, mode=mode, on_rank_deficient=on_rank_deficient,
+                             ridge=ridge)
+        self.diagnostics = []
+
+    def _check(self, basis, data):
+        p = self.problem
+        comm = p.comm
+        check_tensor(comm, "basis", basis, (None, self.n_basis, p.n_dofs))
+        if p.data_spaces:
+            if data is None:
+                raise_on_all_ranks(comm, "the problem has data spaces, so data is required")
+            check_tensor(comm, "data", data, (basis.shape[0], p.n_data_dofs), basis.dtype, basis.device)
+            return data
+        if data is not None:
+            raise_on_all_ranks(comm, "data given, but the problem has no data_spaces")
+        return basis.new_zeros((basis.shape[0], 0))
+
+    def forward(self, basis, data=None):
+        data = self._check(basis, data)
+        return _ConstrainedSolve.apply(self, basis, data)
+
+    def extra_repr(self):
+        return f"{self.problem}, n_basis={self.n_basis}, mode={self.mode!r}"
+
+
+class _ResidualNorm2(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, norm, u, data):
+        U, D = _to_numpy(u), _to_numpy(data)
+        ctx.norm = norm
+        ctx.save_for_backward(u, data)
+        vals = [norm.value(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
+        return torch.tensor(vals, dtype=u.dtype, device=u.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        u, data = ctx.saved_tensors
+        U, D, G = _to_numpy(u), _to_numpy(data), _to_numpy(g)
+        gu, gd = np.zeros_like(U), np.zeros_like(D)
+        for b in range(U.shape[0]):
+            du, dd = ctx.norm.gradient(U[b], D[b] if D.shape[1] else None)
+            gu[b] = G[b] * du
+            if D.shape[1]:
+                gd[b] = G[b] * dd
+        as_in = lambda a, x: torch.from_numpy(a).to(device=x.device, dtype=x.dtype)
+        return None, as_in(gu, u), as_in(gd, data)
+
+
+def residual_loss(problem, u, data=None, reduction="mean"):
+    """The soft-constraint (and physics-informed) loss: ||P R(u; m)||^2 + ||B(u - g)||^2 per
+    sample, the squared Euclidean norm of the assembled residual on non-Dirichlet rows plus the
+    Dirichlet misfit. Differentiable w.r.t. ``u`` [batch, n_dofs] and ``data``
+    [batch, n_data_dofs]. ``reduction``: "mean" | "sum" | "none" (per sample, [batch]).
+    Summed over ranks: every rank gets the same value. Collective over ``problem.comm``."""
+    if reduction not in ("mean", "sum", "none"):
+        raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    norm = problem.__dict__.get("_residual_norm")
+    if norm is None:
+        norm = problem._residual_norm = ResidualNorm(problem)
+    check_tensor(problem.comm, "u", u, (None, problem.n_dofs))
+    if problem.data_spaces:
+        if data is None:
+            raise_on_all_ranks(problem.comm, "the problem has data spaces, so data is required")
+        check_tensor(problem.comm, "data", data, (u.shape[0], problem.n_data_dofs), u.dtype, u.device)
+    else:
+        data = u.new_zeros((u.shape[0], 0))
+    vals = _ResidualNorm2.apply(norm, u, data)
+    return {"mean": vals.mean, "sum": vals.sum, "none": lambda: vals}[reduction]()

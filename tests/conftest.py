@@ -1,0 +1,37 @@
+"""Test configuration, after Firedrake's own: PETSc options and threads set before Firedrake is
+imported, annotation off and the adjoint tape empty around every test."""
+import os
+
+# Firedrake passes sys.argv to PETSc at import: pytest's arguments would be reported as unused.
+os.environ["FIREDRAKE_DISABLE_OPTIONS_LEFT"] = "1"
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import pytest  # noqa: E402
+import firedrake  # noqa: E402,F401
+from firedrake.adjoint import pause_annotation, get_working_tape  # noqa: E402
+from firedrake.petsc import PETSc  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+
+
+@pytest.fixture(autouse=True)
+def clean_tape():
+    """No test leaks annotation or tape entries into the next."""
+    pause_annotation()
+    get_working_tape().clear_tape()
+    yield
+    pause_annotation()
+    get_working_tape().clear_tape()
+
+
+@pytest.fixture(autouse=True, scope="module")
+def garbage_cleanup():
+    yield
+    PETSc.garbage_cleanup(MPI.COMM_WORLD)
+
+
+@pytest.fixture
+def repo():
+    return REPO

@@ -1,0 +1,66 @@
+"""Small problems shared by the tests (test helpers, not fixtures of the package)."""
+import numpy as np
+import firedrake as fd
+import torch
+from mpi4py import MPI
+
+import fem_moe
+
+
+def nonlinear_diffusion(n=4, degree=1, comm=MPI.COMM_WORLD, vector=False, **kwargs):
+    """-div((1 + |u|^2) grad u) = m on the unit square, u = x + y (each component) on the
+    boundary; m, the source, is the data (a function in the same space)."""
+    mesh = fd.UnitSquareMesh(n, n, comm=comm)
+    if vector:
+        V = fd.VectorFunctionSpace(mesh, "CG", degree)
+    else:
+        V = fd.FunctionSpace(mesh, "CG", degree)
+    Vd = fd.FunctionSpace(mesh, "CG", degree)
+    x, y = fd.SpatialCoordinate(mesh)
+    g = fd.as_vector([x + y, x - y]) if vector else x + y
+
+    def residual(u, v, m):
+        f = m[0] * fd.as_vector([1, 0.5]) if vector else m[0]
+        return ((1 + fd.inner(u, u)) * fd.inner(fd.grad(u), fd.grad(v)) - fd.inner(f, v)) * fd.dx
+
+    bcs = fd.DirichletBC(V, g, "on_boundary")
+    return fem_moe.ConstrainedProblem(V, residual, bcs=bcs, data_spaces=Vd, **kwargs)
+
+
+def source(problem, scale=1.0):
+    """A data tensor [1, n_data] for nonlinear_diffusion: m = scale * (1 + 10 x y)."""
+    Vd = problem.data_spaces[0]
+    x, y = fd.SpatialCoordinate(Vd.mesh())
+    m = fd.Function(Vd).interpolate(scale * (1 + 10 * x * y))
+    return torch.tensor(m.dat.data_ro.copy())[None]
+
+
+def random_basis(problem, n_basis, batch=1, seed=0):
+    gen = torch.Generator().manual_seed(seed + 1000 * problem.comm.rank)
+    return torch.randn(batch, n_basis, problem.n_dofs, generator=gen, dtype=torch.float64)
+
+
+def smooth_basis(problem, n_basis):
+    """Basis fields given by formulas, [1, n_basis, n_dofs]: the same fields on any partition."""
+    X = problem.dof_coordinates()
+    k = np.arange(1, n_basis + 1)[:, None]
+    fields = np.sin(k * np.pi * X[:, 0] / 2) * np.cos((k % 3) * X[:, 1]) + 0.1 * k * X[:, 1] ** 2
+    return torch.tensor(fields)[None]
+
+
+def classical_solution(problem, data):
+    """Firedrake's own Newton solve of the same discrete problem: the dof vector [n_dofs]."""
+    V = problem.V
+    m = tuple(fd.Function(Vd) for Vd in problem.data_spaces)
+    offset = 0
+    for mk in m:
+        size = mk.function_space().dof_dset.layout_vec.getLocalSize()
+        with mk.dat.vec_wo as vec:
+            vec.array[:] = data[offset:offset + size]
+        offset += size
+    u = fd.Function(V)
+    fd.solve(problem.residual(u, fd.TestFunction(V), m) == 0, u, bcs=problem.bcs,
+             solver_parameters={"snes_rtol": 1e-14, "snes_atol": 1e-15, "ksp_type": "preonly",
+                                "pc_type": "lu"})
+    with u.dat.vec_ro as vec:
+        return vec.array_r.copy()

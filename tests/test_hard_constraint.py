@@ -1,0 +1,224 @@
+"""The hard-constraint layer (K = 1): exactness, IFT gradients, robustness, memory."""
+import numpy as np
+import pytest
+import scipy.optimize
+import torch
+import firedrake as fd
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import fem_moe
+from problems import nonlinear_diffusion, source, random_basis, smooth_basis, classical_solution
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+@pytest.mark.parametrize("degree,n", [(1, 4), (2, 2)])
+def test_gradcheck(mode, degree, n):
+    problem = nonlinear_diffusion(n=n, degree=degree)
+    layer = fem_moe.HardConstraint(problem, 3, mode=mode)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_gradcheck_vector_valued():
+    problem = nonlinear_diffusion(n=2, degree=1, vector=True)
+    layer = fem_moe.HardConstraint(problem, 3)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+@pytest.mark.parametrize("degree", [1, 2])
+def test_basis_spanning_the_solution_recovers_it(mode, degree):
+    problem = nonlinear_diffusion(n=6, degree=degree)
+    data = source(problem, scale=3.0)
+    exact = classical_solution(problem, data[0].numpy())
+    layer = fem_moe.HardConstraint(problem, 4, mode=mode)
+    basis = random_basis(problem, 4)
+    basis[0, 1] = torch.tensor(exact) * 0.7    # the lifting's boundary values are masked away
+    u = layer(basis, data)
+    err = np.abs(u[0].numpy() - exact).max()
+    assert err < 1e-10, err
+    info = layer.diagnostics[0]
+    assert info.reason.startswith("CONVERGED") and info.residual_after < 1e-10 * info.residual_before
+
+
+def test_lstsq_at_least_as_good_as_scipy():
+    problem = nonlinear_diffusion(n=5, degree=1)
+    data = source(problem, scale=5.0)
+    layer = fem_moe.HardConstraint(problem, 5)
+    basis = random_basis(problem, 5, seed=3)
+    u = layer(basis, data)
+    ours = fem_moe.residual_loss(problem, u, data).item()
+
+    e = layer.expert
+    Phi = np.where(e.col_mask, basis[0].numpy(), 0.0)
+
+    def residual(w):
+        e._set(e.u, e.g_vec + w @ Phi)
+        return e._assemble_residual()[e.row_mask]
+
+    ref = scipy.optimize.least_squares(residual, np.zeros(5), method="lm", xtol=1e-15,
+                                       ftol=1e-15, gtol=1e-15)
+    theirs = float(ref.fun @ ref.fun)
+    assert ours <= theirs * (1 + 1e-9) + 1e-14, (ours, theirs)
+
+
+def test_two_forwards_then_one_backward():
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.HardConstraint(problem, 3)
+    data = source(problem)
+    b1, b2 = random_basis(problem, 3, seed=1), random_basis(problem, 3, seed=2)
+
+    def grads(pairs):
+        leaves = [b.clone().requires_grad_() for b, _ in pairs]
+        loss = sum((layer(b, data * s) ** 2).sum() for b, (_, s) in zip(leaves, pairs))
+        loss.backward()
+        return [b.grad for b in leaves]
+
+    together = grads([(b1, 1.0), (b2, 2.0)])
+    alone = grads([(b1, 1.0)]) + grads([(b2, 2.0)])
+    for a, b in zip(together, alone):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-12)
+
+
+def test_batch_dtype_and_float32():
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.HardConstraint(problem, 3)
+    basis, data = random_basis(problem, 3, batch=3), source(problem).repeat(3, 1)
+    data[1] *= 2
+    u64 = layer(basis, data)
+    assert u64.shape == (3, problem.n_dofs) and u64.dtype == torch.float64
+    assert len(layer.diagnostics) == 3
+    for b in range(3):   # a batch is its samples
+        assert torch.allclose(layer(basis[b:b + 1], data[b:b + 1])[0], u64[b], atol=1e-12)
+    u32 = layer(basis.float().requires_grad_(), data.float())
+    assert u32.dtype == torch.float32
+    u32.sum().backward()
+
+
+def test_residual_loss_gradcheck_and_value():
+    problem = nonlinear_diffusion(n=3, degree=1)
+    data = source(problem).requires_grad_()
+    u = random_basis(problem, 1)[:, 0].requires_grad_()
+    assert torch.autograd.gradcheck(lambda u, d: fem_moe.residual_loss(problem, u, d), (u, data))
+    exact = torch.tensor(classical_solution(problem, data[0].detach().numpy()))[None]
+    assert fem_moe.residual_loss(problem, exact, data).item() < 1e-20
+
+
+def test_memory_flat_over_500_calls():
+    from firedrake.adjoint import get_working_tape
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.HardConstraint(problem, 4)
+    data = source(problem)
+
+    def rss_mb():
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * 4096 / 2**20
+
+    def step(i):
+        basis = random_basis(problem, 4, seed=i).requires_grad_()
+        (layer(basis, data) ** 2).sum().backward()
+
+    for i in range(50):
+        step(i)
+    before = rss_mb()
+    for i in range(500):
+        step(i)
+    growth = rss_mb() - before
+    assert len(get_working_tape().get_blocks()) == 0
+    assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 500 calls"
+
+
+class TestBadInput:
+    @pytest.fixture(scope="class")
+    def setup(self):
+        problem = nonlinear_diffusion(n=3, degree=1)
+        return problem, fem_moe.HardConstraint(problem, 3), source(problem)
+
+    def test_wrong_shape(self, setup):
+        problem, layer, data = setup
+        with pytest.raises(fem_moe.InputError, match=r"basis has shape \[1, 2, 16\], expected \[\*, 3, 16\]"):
+            layer(torch.zeros(1, 2, problem.n_dofs, dtype=torch.float64), data)
+        with pytest.raises(fem_moe.InputError, match="data has shape"):
+            layer(random_basis(problem, 3), data[:, :-1])
+
+    def test_dtype(self, setup):
+        problem, layer, data = setup
+        with pytest.raises(fem_moe.InputError, match="float32 or float64"):
+            layer(torch.zeros(1, 3, problem.n_dofs, dtype=torch.int64), data)
+        with pytest.raises(fem_moe.InputError, match="data has dtype torch.float32"):
+            layer(random_basis(problem, 3), data.float())
+
+    def test_missing_and_extra_data(self, setup):
+        problem, layer, data = setup
+        with pytest.raises(fem_moe.InputError, match="data is required"):
+            layer(random_basis(problem, 3))
+
+    @pytest.mark.parametrize("what", ["basis", "data"])
+    def test_non_finite(self, setup, what):
+        problem, layer, data = setup
+        basis = random_basis(problem, 3)
+        if what == "basis":
+            basis[0, 1, 5] = float("nan")
+        else:
+            data = data.clone()
+            data[0, 2] = float("inf")
+        with pytest.raises(fem_moe.InputError, match=f"{what} has 1 non-finite values"):
+            layer(basis, data)
+
+    def test_rank_deficient_basis(self, setup):
+        problem, layer, data = setup
+        basis = random_basis(problem, 3)
+        basis[0, 2] = 2 * basis[0, 0] - basis[0, 1]
+        with pytest.warns(fem_moe.RankDeficientBasisWarning, match="numerical rank 2.*ridge"):
+            u = layer(basis, data)
+        assert torch.isfinite(u).all() and layer.diagnostics[0].rank == 2
+        strict = fem_moe.HardConstraint(problem, 3, on_rank_deficient="raise")
+        with pytest.raises(fem_moe.InputError, match="numerical rank 2"):
+            strict(basis, data)
+
+    def test_snes_divergence_names_the_sample(self):
+        problem = nonlinear_diffusion(n=3, degree=1, solver_parameters={"snes_max_it": 1})
+        layer = fem_moe.HardConstraint(problem, 3)
+        basis = random_basis(problem, 3, batch=2)
+        with pytest.raises(fem_moe.SolverDivergedError, match="sample 0 .*DIVERGED_MAX_IT") as err:
+            layer(basis, source(problem, 50.0).repeat(2, 1))
+        assert err.value.sample == 0 and err.value.expert is None
+
+
+def test_options_prefix_from_command_line():
+    from firedrake.petsc import PETSc
+    opts = PETSc.Options()
+    opts["myprefix_snes_max_it"] = 1
+    try:
+        problem = nonlinear_diffusion(n=3, degree=1, options_prefix="myprefix_")
+        layer = fem_moe.HardConstraint(problem, 3)
+    finally:
+        opts.delValue("myprefix_snes_max_it")
+    assert layer.expert.snes.getTolerances()[3] == 1
+
+
+@pytest.mark.parallel([2, 3])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_distributed_equals_serial(mode):
+    """The global layer on a distributed mesh gives the serial output and gradients."""
+    outputs = []
+    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+        problem = nonlinear_diffusion(n=6, degree=2, comm=comm)
+        layer = fem_moe.HardConstraint(problem, 5, mode=mode)
+        basis = smooth_basis(problem, 5).requires_grad_()
+        data = source(problem).requires_grad_()
+        u = layer(basis, data)
+        X = problem.dof_coordinates()
+        weight = torch.tensor(np.cos(X[:, 0]) + X[:, 1])
+        (u[0] * weight).pow(2).sum().backward()
+        outputs.append((X, u[0].detach().numpy(), basis.grad[0].numpy(), data.grad[0].numpy()))
+    (Xp, up, gbp, gdp), (Xs, us, gbs, gds) = outputs
+    index = {tuple(np.round(x, 10)): i for i, x in enumerate(Xs)}
+    match = np.array([index[tuple(np.round(x, 10))] for x in Xp])
+    parallel_assert(np.allclose(up, us[match], atol=1e-10), "outputs differ")
+    parallel_assert(np.allclose(gbp, gbs[:, match], atol=1e-9), "basis gradients differ")
+    parallel_assert(np.allclose(gdp, gds[match], atol=1e-9), "data gradients differ")

@@ -9,5 +9,8 @@ from .errors import (FemMoeError, InputError, SolverDivergedError,  # noqa: F401
 from .problem import ConstrainedProblem  # noqa: F401
 from .expert import Expert, DEFAULT_SOLVER_PARAMETERS  # noqa: F401
 from .layer import HardConstraint, residual_loss  # noqa: F401
+from .adjoint import constrained_solve  # noqa: F401
+from .moe import MoEHardConstraint  # noqa: F401
+from .partition import Partition  # noqa: F401
 
 __version__ = "0.1.0.dev0"

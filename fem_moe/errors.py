@@ -30,9 +30,21 @@ class RankDeficientBasisWarning(UserWarning):
 
 
 def raise_on_all_ranks(comm, error, exc_type=InputError):
-    """Collective. ``error`` is this rank's message (str) or None. If any rank has one, every rank
-    raises ``exc_type`` with all messages, each prefixed by the rank that found it."""
+    """Collective. ``error`` is this rank's problem: None, a message (str) or a FemMoeError. If
+    any rank has one, every rank raises with all messages, each prefixed by the rank that found
+    it: the first rank's exception type (``exc_type`` for a message) and, for a
+    SolverDivergedError, the first one's ``expert``, ``sample`` and ``reason``."""
+    if isinstance(error, FemMoeError):
+        error = (type(error), str(error), getattr(error, "expert", None),
+                 getattr(error, "sample", None), getattr(error, "reason", None))
+    elif error is not None:
+        error = (exc_type, str(error), None, None, None)
     errors = comm.allgather(error)
-    found = [f"[rank {r}] {e}" for r, e in enumerate(errors) if e is not None]
-    if found:
-        raise exc_type("\n".join(found))
+    found = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if not found:
+        return
+    cls, _, expert, sample, reason = found[0][1]
+    message = "\n".join(f"[rank {r}] {e[1]}" for r, e in found)
+    if issubclass(cls, SolverDivergedError):
+        raise cls(message, expert=expert, sample=sample, reason=reason)
+    raise cls(message)

@@ -36,7 +36,7 @@ from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
 
-__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo"]
+__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"]
 
 #: Defaults of the reduced SNES: Newton with the exact Hessian (Gauss-Newton + Levenberg-Marquardt
 #: damping where the Hessian is not positive definite), backtracking on the objective, dense LU.
@@ -84,12 +84,18 @@ class Expert:
         the Gauss-Newton matrix at w = 0 (warned, recorded in the diagnostics) or raises.
     expert_id : int or None
         Named in error messages.
+    dirichlet : (bool array [n_dofs], float array [n_dofs]), optional
+        Dirichlet dofs and the lifting g, given instead of being derived from ``problem.bcs``
+        (experts on a subdomain mesh take them from the global problem).
+    options_prefix : str, optional
+        The SNES's options prefix (default ``problem.options_prefix``). Options given under
+        ``problem.options_prefix`` apply too, unless set under this one.
 
     Collective over ``problem.comm`` (construction, ``solve``, ``vjp``).
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
-                 ridge=1e-8, expert_id=None):
+                 ridge=1e-8, expert_id=None, dirichlet=None, options_prefix=None):
         if mode not in ("lstsq", "galerkin"):
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
         if on_rank_deficient not in ("ridge", "raise"):
@@ -124,19 +130,11 @@ class Expert:
             self.dm_forms.append(None if _is_zero(form) else form)
 
         # Lifting g and the masks of Dirichlet dofs (columns of Phi) and residual rows.
-        self.g = fd.Function(V)
-        for bc in problem.bcs:
-            bc.apply(self.g)
-        self.g_vec = self._get(self.g).copy()
-        self.bc_mask = np.zeros(self.n, dtype=bool)
-        bs = V.block_size
-        n_nodes = V.dof_dset.size
-        for bc in problem.bcs:
-            nodes = bc.nodes[bc.nodes < n_nodes]
-            comp = getattr(bc.function_space(), "component", None)
-            comps = range(bs) if comp is None else [comp]
-            for c in comps:
-                self.bc_mask[nodes * bs + c] = True
+        if dirichlet is None:
+            self.bc_mask, self.g_vec = dirichlet_dofs(problem)
+        else:
+            self.bc_mask = np.asarray(dirichlet[0], dtype=bool)
+            self.g_vec = np.where(self.bc_mask, dirichlet[1], 0.0)
         self.col_mask = ~self.bc_mask
         rows = np.ones(self.n, dtype=bool) if row_mask is None else np.asarray(row_mask, dtype=bool)
         if rows.shape != (self.n,):
@@ -147,6 +145,7 @@ class Expert:
         self._J = None
         self._H = None
         self._Phi_mat = None
+        self.options_prefix = problem.options_prefix if options_prefix is None else options_prefix
         self._build_snes()
 
     # ---------------------------------------------------------------- dof-vector helpers
@@ -249,7 +248,7 @@ class Expert:
     def _build_snes(self):
         N = self.N
         snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
-        prefix = self.problem.options_prefix
+        prefix, shared = self.options_prefix, self.problem.options_prefix
         snes.setOptionsPrefix(prefix)
         self._wvec = PETSc.Vec().createSeq(N, comm=PETSc.COMM_SELF)
         self._Gvec = self._wvec.duplicate()
@@ -263,6 +262,9 @@ class Expert:
         # Firedrake), all under this expert's prefix.
         params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
         opts = PETSc.Options()
+        if prefix != shared:   # command-line options under the shared prefix, e.g. -expert_snes_monitor
+            params.update({name[len(shared):]: value for name, value in opts.getAll().items()
+                           if name.startswith(shared)})
         inserted = []
         for key, value in params.items():
             name = prefix + key
@@ -336,7 +338,7 @@ class Expert:
             raise SolverDivergedError(
                 f"{who}: the reduced SNES diverged on sample {sample} ({info.reason}) after "
                 f"{info.iterations} iterations; ||r|| {info.residual_before:.3e} -> "
-                f"{info.residual_after:.3e}. Options prefix {self.problem.options_prefix!r}.",
+                f"{info.residual_after:.3e}. Options prefix {self.options_prefix!r}.",
                 expert=self.expert_id, sample=sample, reason=info.reason)
         return w, self.g_vec + w @ Phi, info
 
@@ -408,6 +410,23 @@ class Expert:
 
     def destroy(self):
         self.snes.destroy()
+
+
+def dirichlet_dofs(problem):
+    """(mask, g): the owned dofs of ``problem.V`` under its DirichletBCs (bool [n_dofs]) and the
+    lifting g (float [n_dofs]: the boundary values there, 0 elsewhere). Collective."""
+    V = problem.V
+    g = fd.Function(V)
+    for bc in problem.bcs:
+        bc.apply(g)
+    mask = np.zeros(problem.n_dofs, dtype=bool)
+    bs, n_nodes = V.block_size, V.dof_dset.size
+    for bc in problem.bcs:
+        nodes = bc.nodes[bc.nodes < n_nodes]
+        comp = getattr(bc.function_space(), "component", None)
+        for c in (range(bs) if comp is None else [comp]):
+            mask[nodes * bs + c] = True
+    return mask, Expert._get(g)
 
 
 def _reason_name(reason):

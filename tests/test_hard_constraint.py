@@ -222,3 +222,29 @@ def test_distributed_equals_serial(mode):
     parallel_assert(np.allclose(up, us[match], atol=1e-10), "outputs differ")
     parallel_assert(np.allclose(gbp, gbs[:, match], atol=1e-9), "basis gradients differ")
     parallel_assert(np.allclose(gdp, gds[match], atol=1e-9), "data gradients differ")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_pyadjoint_taylor(mode):
+    """The constrained solve on a pyadjoint tape: second-order Taylor convergence w.r.t. the
+    basis and the data together."""
+    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
+                                   pause_annotation, set_working_tape, taylor_test)
+    problem = nonlinear_diffusion(n=5, degree=2)
+    expert = fem_moe.Expert(problem, 3, mode=mode)
+    V, Vd = problem.V, problem.data_spaces[0]
+    x, y = fd.SpatialCoordinate(V.mesh())
+    basis = [fd.Function(V).interpolate(e) for e in (fd.sin(x) * y, x * x + y, fd.cos(3 * x * y))]
+    m = fd.Function(Vd).interpolate(2 + x * y)
+    with set_working_tape() as tape:
+        continue_annotation()
+        u = fem_moe.constrained_solve(expert, basis, [m])
+        J = fd.assemble((u**2 + u) * u * fd.dx)
+        Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
+        pause_annotation()
+        dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
+        dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
+        rate = taylor_test(Jhat, basis + [m], dirs)
+        tape.clear_tape()
+    parallel_assert(rate >= 1.9, f"Taylor rate {rate}")

@@ -1,0 +1,54 @@
+"""Helpers of the benchmark scripts: memory readings, timing, the table and the JSON file."""
+import json
+import os
+import platform
+import time
+
+
+def rss_mb():
+    """Current resident memory of this process, MiB."""
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def reset_peak():
+    """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux >= 4.0)."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+
+
+def peak_mb():
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+class Timer:
+    def __enter__(self):
+        self.t0 = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc):
+        self.seconds = time.perf_counter() - self.t0
+
+
+def print_table(rows, columns):
+    """rows: list of dicts; columns: list of (key, header, format)."""
+    cells = [[h for _, h, _ in columns]]
+    cells += [[fmt.format(r[k]) for k, _, fmt in columns] for r in rows]
+    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
+    for j, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
+        if j == 0:
+            print("  ".join("-" * w for w in widths))
+
+
+def write_json(path, name, rows, **meta):
+    meta.update(machine=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
+                date=time.strftime("%Y-%m-%dT%H:%M:%S"))
+    with open(path + ".tmp", "w") as f:
+        json.dump({"benchmark": name, "meta": meta, "rows": rows}, f, indent=1)
+    os.replace(path + ".tmp", path)
+    print(f"wrote {path}")

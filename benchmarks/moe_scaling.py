@@ -1,0 +1,131 @@
+"""The headline figure: forward+backward cost of the mixture of experts versus the global layer.
+
+    python benchmarks/moe_scaling.py [--sizes 48 96] [--n-basis 16] [--batch 2] [--repeat 3]
+                                     [--experts 1 2 4] [--ranks 1 2]
+                                     [--out benchmarks/results/moe_scaling.json]
+
+For each mesh size (P1 on an n x n unit square, -div((1 + u^2) grad u) = m, least squares) and
+each rank count P, a fresh ``mpiexec -n P`` process measures the global layer (HardConstraint on
+the distributed mesh) and, in separate processes, MoEHardConstraint with K experts. Times are the
+slowest rank's, best of ``repeat`` (after a warm-up pass that compiles kernels); memory is each
+rank's resident high-water mark above its level before the timed passes, the largest over ranks.
+Ratios are against K = 1 on 1 rank, measured in the same invocation.
+"""
+import argparse
+import json
+import os
+import subprocess
+import sys
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def measure(n, kind, K, n_basis, batch, repeat):
+    sys.path.insert(0, HERE)
+    from common import Timer, reset_peak, peak_mb, rss_mb
+    import numpy as np
+    import torch
+    import firedrake as fd
+    from mpi4py import MPI
+    import fem_moe
+
+    comm = MPI.COMM_WORLD
+    mesh = fd.UnitSquareMesh(n, n)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    x, y = fd.SpatialCoordinate(mesh)
+    residual = lambda u, v, m: ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),
+                                         data_spaces=V)
+    with Timer() as setup:
+        if kind == "global":
+            layer = fem_moe.HardConstraint(problem, n_basis)
+        else:
+            layer = fem_moe.MoEHardConstraint(problem, n_basis, n_experts=K)
+    X = problem.dof_coordinates()
+    k = np.arange(1, n_basis + 1)[:, None]
+    # Smooth, partition-independent basis fields: the same problem on any rank count.
+    fields = np.sin(k * np.pi * X[:, 0] / 3 + 0.3 * k) * np.cos((k % 5) * X[:, 1]) + 0.05 * k * X[:, 1]
+    basis = torch.tensor(fields)[None].repeat(batch, 1, 1)
+    data = torch.tensor(fd.Function(V).interpolate(1 + 10 * x * y).dat.data_ro.copy())[None]
+    data = data.repeat(batch, 1) * torch.linspace(1, 2, batch, dtype=torch.float64)[:, None]
+
+    def run():
+        b = basis.clone().requires_grad_()
+        comm.Barrier()
+        with Timer() as tf:
+            u = layer(b, data)
+        with Timer() as tb:
+            (u ** 2).sum().backward()
+        return comm.allreduce(tf.seconds, MPI.MAX), comm.allreduce(tb.seconds, MPI.MAX)
+
+    run()
+    base = rss_mb()
+    reset_peak()
+    times = [run() for _ in range(repeat)]
+    peak = comm.allreduce(peak_mb() - base, MPI.MAX)
+    if kind == "global":
+        its = [s.iterations for s in layer.diagnostics]
+    else:
+        its = [s.iterations for d in layer.all_diagnostics() for s in d["samples"]]
+    return {"cells": n, "dofs": V.dim(), "ranks": comm.size, "kind": kind,
+            "experts": 1 if kind == "global" else K, "n_basis": n_basis, "batch": batch,
+            "setup_s": comm.allreduce(setup.seconds, MPI.MAX),
+            "forward_s": min(t[0] for t in times), "backward_s": min(t[1] for t in times),
+            "step_s": min(t[0] + t[1] for t in times), "peak_mb_per_rank": peak,
+            "mean_snes_iterations": float(np.mean(its))}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--sizes", type=int, nargs="+", default=[48, 96])
+    parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
+    parser.add_argument("--n-basis", type=int, default=16)
+    parser.add_argument("--batch", type=int, default=2)
+    parser.add_argument("--repeat", type=int, default=3)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "moe_scaling.json"))
+    parser.add_argument("--single", nargs=3, help=argparse.SUPPRESS)
+    args, _ = parser.parse_known_args()
+    if args.single:
+        n, kind, K = int(args.single[0]), args.single[1], int(args.single[2])
+        row = measure(n, kind, K, args.n_basis, args.batch, args.repeat)
+        from mpi4py import MPI
+        if MPI.COMM_WORLD.rank == 0:
+            print(json.dumps(row))
+        return
+    sys.path.insert(0, HERE)
+    from common import print_table, write_json
+    rows = []
+    for n in args.sizes:
+        for P in args.ranks:
+            for kind, K in [("global", 1)] + [("moe", K) for K in args.experts]:
+                cmd = ["mpiexec", "-n", str(P), "--oversubscribe", "--bind-to", "none",
+                       sys.executable, __file__, "--single", str(n), kind, str(K),
+                       "--n-basis", str(args.n_basis), "--batch", str(args.batch),
+                       "--repeat", str(args.repeat)]
+                out = subprocess.run(cmd, capture_output=True, text=True)
+                if out.returncode:
+                    sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(f"  measured n={n} P={P} {kind} K={K}: {rows[-1]['step_s']:.3f} s", file=sys.stderr)
+    for n in args.sizes:
+        ref = next(r for r in rows if r["cells"] == n and r["kind"] == "moe" and r["experts"] == 1
+                   and r["ranks"] == 1)
+        glob = {r["ranks"]: r for r in rows if r["cells"] == n and r["kind"] == "global"}
+        for r in rows:
+            if r["cells"] == n:
+                r["time_vs_K1_1rank"] = r["step_s"] / ref["step_s"]
+                r["memory_vs_global"] = r["peak_mb_per_rank"] / max(glob[r["ranks"]]["peak_mb_per_rank"], 1e-9)
+    print_table(rows, [("dofs", "dofs", "{}"), ("ranks", "ranks", "{}"), ("kind", "layer", "{}"),
+                       ("experts", "K", "{}"), ("forward_s", "fwd s", "{:.3f}"),
+                       ("backward_s", "bwd s", "{:.3f}"), ("step_s", "step s", "{:.3f}"),
+                       ("time_vs_K1_1rank", "t/t(K=1,P=1)", "{:.2f}"),
+                       ("peak_mb_per_rank", "peak MiB/rank", "{:.1f}"),
+                       ("memory_vs_global", "mem/global", "{:.2f}"),
+                       ("mean_snes_iterations", "SNES its", "{:.1f}"), ("setup_s", "setup s", "{:.2f}")])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    write_json(args.out, "moe_scaling", rows, n_basis=args.n_basis, batch=args.batch, repeat=args.repeat)
+
+
+if __name__ == "__main__":
+    main()

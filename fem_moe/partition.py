@@ -1,0 +1,286 @@
+"""K subdomains of a mesh that do not depend on the number of MPI ranks, and the maps between
+the distributed function spaces and the experts' subdomain spaces.
+
+Every rank gathers the mesh's cells (vertex coordinates) and numbers cells, vertices and dofs
+canonically, by their coordinates. PETSc's graph partitioner (MatPartitioning, PTScotch by default;
+``-fem_moe_partition_mat_partitioning_type`` changes it) splits the canonical dual graph into K
+parts on rank 0, so a given K yields the same subdomains on any number of ranks. Memory: every
+rank holds the cell list and the canonical dof tables of the whole mesh (O(cells) per rank), which
+is cheap next to the solves at the mesh sizes the layers are for; the solves themselves are local.
+
+Dof identity is by coordinates (and component), so the spaces must have one dof per point and
+component: continuous Lagrange of any degree, or DG0 (checked).
+
+Interface dofs: each dof belongs to exactly one expert, the lowest-numbered expert among the
+cells that contain it. Expert k's residual rows are the dofs it owns; they need u_k on every cell
+touching them, so expert k's subdomain is those cells (its own cells plus at most one layer of
+neighbours): the (VERTEX, 1) overlap of the design. The stitched output takes each dof from its
+owner. (Any dof owned by k lies on no artificial boundary facet of k's subdomain, so boundary
+integrals over the whole boundary, ``ds``, never touch k's rows.)
+"""
+import numpy as np
+import scipy.sparse
+import firedrake as fd
+from firedrake.petsc import PETSc
+from mpi4py import MPI
+
+from .errors import InputError
+
+__all__ = ["Partition", "SpaceLayout", "ExchangePlan"]
+
+_DIGITS = 1e9   # coordinates are keyed to 1e-9 of the mesh's extent
+
+
+def _void(keys):
+    """Rows of an int64 array as opaque scalars, for sorting and searching whole rows."""
+    keys = np.ascontiguousarray(keys, dtype=np.int64)
+    return keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).ravel()
+
+
+class Partition:
+    """K subdomains of ``mesh`` and the placement of the K experts on the mesh's ranks.
+
+    Attributes (identical on every rank): ``n_experts``; ``cell_vertices`` [C, nv] canonical
+    vertex numbers of the canonical cells; ``vertex_coords`` [nV, gdim]; ``cell_expert`` [C];
+    ``expert_rank`` [K], the rank hosting each expert; ``my_experts``, this rank's experts.
+    Collective over ``mesh.comm``.
+    """
+
+    def __init__(self, mesh, n_experts, partitioner_type=None):
+        comm = mesh.comm
+        self.mesh, self.comm, self.n_experts = mesh, comm, int(n_experts)
+        if self.n_experts < 1:
+            raise InputError(f"n_experts must be >= 1, got {n_experts}")
+        element = mesh.coordinates.function_space().ufl_element()
+        if element.embedded_superdegree != 1 or "Lagrange" not in element.family():
+            raise InputError("mixture of experts needs affine meshes with continuous P1/Q1 "
+                             f"coordinates (periodic and curved meshes are not supported); got {element}")
+        self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
+        X = mesh.coordinates.dat.data_ro_with_halos
+        n_owned = mesh.cell_set.size
+        local = X[mesh.coordinates.cell_node_map().values[:n_owned]]      # [cells, nv, gdim]
+        cells = np.concatenate(comm.allgather(local))
+        if len(cells) < self.n_experts:
+            raise InputError(f"{self.n_experts} experts for a mesh of {len(cells)} cells")
+        self.lower = cells.reshape(-1, self.gdim).min(axis=0)
+        self.extent = float(np.ptp(cells.reshape(-1, self.gdim), axis=0).max())
+        vkeys = self.keys(cells.reshape(-1, self.gdim))
+        ukeys, first, inverse = np.unique(_void(vkeys), return_index=True, return_inverse=True)
+        self.vertex_coords = cells.reshape(-1, self.gdim)[first]
+        cell_vertices = inverse.reshape(len(cells), -1)
+        order = np.argsort(_void(self.keys(cells.mean(axis=1))), kind="stable")
+        self.cell_vertices = cell_vertices[order]
+        self.cell_keys = _void(self.keys(cells.mean(axis=1)))[order]
+        self.cell_expert = self._partition(partitioner_type)
+        sizes = np.bincount(self.cell_expert, minlength=self.n_experts)
+        if (sizes == 0).any():
+            raise InputError(f"the partitioner left experts {np.flatnonzero(sizes == 0).tolist()} empty")
+        self.expert_rank = self._place(sizes, comm.size)
+        self.my_experts = [k for k in range(self.n_experts) if self.expert_rank[k] == comm.rank]
+
+    def keys(self, points):
+        return np.rint((np.asarray(points) - self.lower) / self.extent * _DIGITS).astype(np.int64)
+
+    def _partition(self, partitioner_type):
+        K, C = self.n_experts, len(self.cell_vertices)
+        if K == 1:
+            return np.zeros(C, dtype=np.int64)
+        labels = np.empty(C, dtype=np.int64)
+        if self.comm.rank == 0:
+            nv = self.cell_vertices.shape[1]
+            incidence = scipy.sparse.csr_matrix(
+                (np.ones(C * nv), (np.repeat(np.arange(C), nv), self.cell_vertices.ravel())))
+            shared = (incidence @ incidence.T).tocsr()
+            shared.setdiag(0)
+            shared.data[shared.data < self.tdim] = 0   # neighbours share a facet
+            shared.eliminate_zeros()
+            shared.sort_indices()
+            adj = PETSc.Mat().createAIJ(size=(C, C), csr=(shared.indptr.astype(PETSc.IntType),
+                                                          shared.indices.astype(PETSc.IntType),
+                                                          np.ones(shared.nnz)), comm=PETSc.COMM_SELF)
+            part = PETSc.MatPartitioning().create(comm=PETSc.COMM_SELF)
+            part.setOptionsPrefix("fem_moe_partition_")
+            opts = PETSc.Options()
+            prefix = "fem_moe_partition_mat_partitioning_"
+            inserted = [name for name, value in (("type", partitioner_type or "ptscotch"),
+                                                 ("nparts", K))
+                        if not opts.hasName(prefix + name) and not opts.setValue(prefix + name, value)]
+            part.setAdjacency(adj)
+            part.setFromOptions()
+            for name in inserted:
+                opts.delValue(prefix + name)
+            result = PETSc.IS().create(comm=PETSc.COMM_SELF)
+            part.apply(result)
+            labels[:] = result.getIndices()
+            for obj in (result, part, adj):
+                obj.destroy()
+        self.comm.Bcast(labels, root=0)
+        return labels
+
+    @staticmethod
+    def _place(sizes, n_ranks):
+        """Experts to ranks, largest first onto the least loaded rank (ties: lowest rank)."""
+        load, rank_of = np.zeros(n_ranks), np.empty(len(sizes), dtype=np.int64)
+        for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+            r = int(np.argmin(load))
+            rank_of[k], load[r] = r, load[r] + sizes[k]
+        return rank_of
+
+    def cell_ids(self, mesh):
+        """Canonical ids of this rank's owned cells of ``mesh`` (the partitioned mesh or an
+        expert's submesh), [owned cells]."""
+        X = mesh.coordinates.dat.data_ro_with_halos
+        cells = X[mesh.coordinates.cell_node_map().values[:mesh.cell_set.size]]
+        keys = _void(self.keys(cells.mean(axis=1)))
+        # Canonical cells are numbered in the sorted order of their keys.
+        ids = np.minimum(np.searchsorted(self.cell_keys, keys), len(self.cell_keys) - 1)
+        if not np.array_equal(self.cell_keys[ids], keys):
+            raise InputError("cells of the mesh do not match the partitioned mesh")
+        return ids
+
+    def expert_indicator(self, mesh=None):
+        """A DG0 Function on ``mesh`` (default: the partitioned mesh) holding each cell's expert
+        (for plots and VTK output). Collective."""
+        mesh = self.mesh if mesh is None else mesh
+        f = fd.Function(fd.FunctionSpace(mesh, "DG", 0), name="expert")
+        f.dat.data[:] = self.cell_expert[self.cell_ids(mesh)]
+        return f
+
+
+def _node_keys(V, partition, with_halos):
+    """Coordinate keys of V's nodes (owned, or owned + halo), [nodes, gdim]."""
+    mesh = V.mesh()
+    element = V.ufl_element()
+    scalar = element.sub_elements[0] if V.block_size > 1 else element
+    family = scalar.family()
+    if not ("Lagrange" in family or (scalar.embedded_superdegree == 0 and "Discontinuous" in family)
+            or family in ("Q", "DQ") and scalar.embedded_superdegree == 0):
+        raise InputError(f"mixture of experts needs continuous Lagrange or DG0 spaces (one dof per "
+                         f"point and component); got {element}")
+    X = fd.Function(fd.VectorFunctionSpace(mesh, scalar)).interpolate(fd.SpatialCoordinate(mesh))
+    data = X.dat.data_ro_with_halos if with_halos else X.dat.data_ro
+    return partition.keys(data.reshape(-1, partition.gdim))
+
+
+def _dof_keys(node_keys, bs):
+    n = len(node_keys)
+    return np.column_stack([np.repeat(node_keys, bs, axis=0), np.tile(np.arange(bs), n)])
+
+
+class SpaceLayout:
+    """Canonical numbering of the dofs of a space on the partitioned (distributed) mesh.
+
+    ``owned_ids`` [n_owned]: canonical ids of this rank's owned dofs, in tensor order;
+    ``owner_rank``, ``owner_index`` [n_global]: the rank owning each canonical dof and its index
+    there. ``lookup(keys)``: canonical ids of dof keys. Collective over the mesh comm.
+    """
+
+    def __init__(self, V, partition):
+        comm = partition.comm
+        self.V, self.partition, self.bs = V, partition, V.block_size
+        keys = _dof_keys(_node_keys(V, partition, False), self.bs)
+        all_keys = comm.allgather(keys)
+        counts = [len(k) for k in all_keys]
+        self.sorted_keys = _void(np.concatenate(all_keys))
+        order = np.argsort(self.sorted_keys, kind="stable")
+        self.sorted_keys = self.sorted_keys[order]
+        if len(self.sorted_keys) > 1 and (self.sorted_keys[1:] == self.sorted_keys[:-1]).any():
+            raise InputError(f"two dofs of {V.ufl_element()} share a point: mixture of experts "
+                             "needs one dof per point and component")
+        ids = np.empty(len(order), dtype=np.int64)
+        ids[order] = np.arange(len(order))
+        self.n_global = len(order)
+        self.owner_rank = np.empty(self.n_global, dtype=np.int64)
+        self.owner_index = np.empty(self.n_global, dtype=np.int64)
+        start = 0
+        for r, c in enumerate(counts):
+            self.owner_rank[ids[start:start + c]] = r
+            self.owner_index[ids[start:start + c]] = np.arange(c)
+            start += c
+        offset = sum(counts[:comm.rank])
+        self.owned_ids = ids[offset:offset + counts[comm.rank]]
+
+    def lookup(self, keys):
+        v = _void(keys)
+        ids = np.searchsorted(self.sorted_keys, v)
+        ids = np.minimum(ids, self.n_global - 1)
+        if not np.array_equal(self.sorted_keys[ids], v):
+            raise InputError("a dof of an expert's space has no match in the global space")
+        return ids
+
+    def space_ids(self, Vk):
+        """Canonical ids of the dofs of a space ``Vk`` on an expert's submesh (same element)."""
+        return self.lookup(_dof_keys(_node_keys(Vk, self.partition, False), Vk.block_size))
+
+    def cell_dofs(self):
+        """Canonical dof ids of every canonical cell's nodes (all components), gathered on every
+        rank: [C, dofs per cell]."""
+        V, p = self.V, self.partition
+        node_ids = self.lookup(_dof_keys(_node_keys(V, p, True), self.bs)).reshape(-1, self.bs)
+        cnm = V.cell_node_map().values[:V.mesh().cell_set.size]
+        local = node_ids[cnm].reshape(len(cnm), -1)
+        cells = p.cell_ids(V.mesh())
+        gathered = p.comm.allgather((cells, local))
+        out = np.empty((len(p.cell_vertices), local.shape[1]), dtype=np.int64)
+        for c, d in gathered:
+            out[c] = d
+        return out
+
+
+class ExchangePlan:
+    """Moves values between the owners of a space's dofs (the distributed layout) and the
+    experts that need them (each expert's list ``needs[k]`` of canonical ids, on
+    ``expert_rank[k]``). All-to-all over the mesh comm; every rank must call in step.
+
+    ``scatter(values [n_owned, M]) -> {k: [len(needs[k]), M]}`` for this rank's experts;
+    ``gather_sum({k: [len(needs[k]), M]}) -> [n_owned, M]``, contributions to one dof summed.
+    """
+
+    def __init__(self, layout, needs, expert_rank):
+        comm = layout.partition.comm
+        self.comm, self.size, self.rank = comm, comm.size, comm.rank
+        self.n_owned = len(layout.owned_ids)
+        self.my_experts = [k for k in range(len(needs)) if expert_rank[k] == self.rank]
+        # As a sender: the local indices to send to each rank (experts in increasing order).
+        self.send_index = [[] for _ in range(self.size)]
+        # As a receiver: per source rank, the (expert, positions) its values fill, in that order.
+        self.recv_slots = [[] for _ in range(self.size)]
+        for k, ids in enumerate(needs):
+            owners = layout.owner_rank[ids]
+            for s in range(self.size):
+                pos = np.flatnonzero(owners == s)
+                if s == self.rank:
+                    self.send_index[expert_rank[k]].append(layout.owner_index[ids[pos]])
+                if expert_rank[k] == self.rank:
+                    self.recv_slots[s].append((k, pos))
+        self.send_index = [np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
+                           for x in self.send_index]
+        self.send_counts = np.array([len(x) for x in self.send_index])
+        self.recv_counts = np.array([sum(len(p) for _, p in x) for x in self.recv_slots])
+        self.sizes = {k: len(needs[k]) for k in self.my_experts}
+
+    def _alltoallv(self, send, send_counts, recv_counts, M):
+        recv = np.empty((int(recv_counts.sum()), M))
+        self.comm.Alltoallv([np.ascontiguousarray(send), send_counts * M, MPI.DOUBLE],
+                            [recv, recv_counts * M, MPI.DOUBLE])
+        return recv
+
+    def scatter(self, values):
+        M = values.shape[1]
+        send = values[np.concatenate(self.send_index)] if self.n_owned else np.zeros((0, M))
+        recv = self._alltoallv(send, self.send_counts, self.recv_counts, M)
+        out = {k: np.zeros((n, M)) for k, n in self.sizes.items()}
+        start = 0
+        for s in range(self.size):
+            for k, pos in self.recv_slots[s]:
+                out[k][pos] = recv[start:start + len(pos)]
+                start += len(pos)
+        return out
+
+    def gather_sum(self, arrays, M):
+        send = np.concatenate([arrays[k][pos] for s in range(self.size)
+                               for k, pos in self.recv_slots[s]] or [np.zeros((0, M))])
+        recv = self._alltoallv(send, self.recv_counts, self.send_counts, M)
+        out = np.zeros((self.n_owned, M))
+        np.add.at(out, np.concatenate(self.send_index), recv)
+        return out

@@ -1,0 +1,120 @@
+"""The mixture of experts: K = 1 is the global layer, results do not depend on the number of
+ranks, gradients are exact, experts meet their tolerance, errors reach every rank."""
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import fem_moe
+from problems import nonlinear_diffusion, source, random_basis, smooth_basis
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+@pytest.mark.parametrize("degree", [1, 2])
+def test_one_expert_is_the_global_layer(mode, degree):
+    problem = nonlinear_diffusion(n=6, degree=degree)
+    basis, data = random_basis(problem, 4, batch=2), source(problem).repeat(2, 1)
+    basis.requires_grad_(), data.requires_grad_()
+    outs = []
+    for layer in (fem_moe.HardConstraint(problem, 4, mode=mode),
+                  fem_moe.MoEHardConstraint(problem, 4, n_experts=1, mode=mode)):
+        u = layer(basis, data)
+        gb, gd = torch.autograd.grad((u ** 3).sum(), (basis, data))
+        outs.append((u.detach(), gb, gd))
+    for a, b in zip(*outs):
+        assert torch.allclose(a, b, atol=1e-10, rtol=0), (a - b).abs().max()
+
+
+@pytest.mark.parametrize("n_experts", [2, 3])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_gradcheck(n_experts, mode):
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, mode=mode)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_experts_meet_tolerance_and_partition_is_sane():
+    problem = nonlinear_diffusion(n=8, degree=2)
+    layer = fem_moe.MoEHardConstraint(problem, 6, n_experts=4)
+    u = layer(random_basis(problem, 6), source(problem))
+    assert torch.isfinite(u).all()
+    diags = layer.all_diagnostics()
+    assert [d["expert"] for d in diags] == [0, 1, 2, 3]
+    # Every dof is owned by exactly one expert; the subdomains overlap by one cell layer.
+    assert sum(d["owned_dofs"] for d in diags) == problem.V.dim()
+    assert all(d["dofs"] > d["owned_dofs"] for d in diags)
+    counts = np.bincount(layer.partition.cell_expert)
+    assert counts.min() > 0.7 * counts.mean()
+    for d in diags:
+        s = d["samples"][0]
+        assert s.reason.startswith("CONVERGED") and s.residual_after <= s.residual_before
+
+
+def test_k_experts_on_the_global_layer_problem_reduce_residual_per_expert():
+    """Each expert minimises its own rows: its owned-row residual is no larger than that of the
+    global layer's output restricted to the same rows."""
+    problem = nonlinear_diffusion(n=8, degree=1)
+    basis, data = random_basis(problem, 5), source(problem, 4.0)
+    moe = fem_moe.MoEHardConstraint(problem, 5, n_experts=3)
+    glob = fem_moe.HardConstraint(problem, 5)
+    moe(basis, data), glob(basis, data)
+    for d in moe.all_diagnostics():
+        assert d["samples"][0].residual_after <= glob.diagnostics[0].residual_after + 1e-12
+
+
+def _layout_match(X, Y):
+    index = {tuple(np.round(y, 10)): i for i, y in enumerate(Y)}
+    return np.array([index[tuple(np.round(x, 10))] for x in X])
+
+
+@pytest.mark.parallel([2, 3])
+@pytest.mark.parametrize("n_experts", [2, 4])
+def test_rank_count_does_not_matter(n_experts):
+    """Fixed K: the distributed run equals the run on one rank (each rank alone), outputs and
+    gradients to 1e-10."""
+    results = []
+    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+        problem = nonlinear_diffusion(n=8, degree=2, comm=comm)
+        layer = fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts)
+        basis = smooth_basis(problem, 5).requires_grad_()
+        data = source(problem).requires_grad_()
+        u = layer(basis, data)
+        X = problem.dof_coordinates()
+        (u[0] * torch.tensor(np.cos(X[:, 0]) + X[:, 1])).pow(2).sum().backward()
+        results.append((X, u[0].detach().numpy(), basis.grad[0].numpy(), data.grad[0].numpy()))
+    (Xp, up, gbp, gdp), (Xs, us, gbs, gds) = results
+    match = _layout_match(Xp, Xs)
+    parallel_assert(np.abs(up - us[match]).max() < 1e-10, "outputs differ")
+    parallel_assert(np.abs(gbp - gbs[:, match]).max() < 1e-10, "basis gradients differ")
+    parallel_assert(np.abs(gdp - gds[match]).max() < 1e-10, "data gradients differ")
+
+
+@pytest.mark.parallel(2)
+def test_bad_input_on_one_rank_raises_everywhere():
+    problem = nonlinear_diffusion(n=6, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3)
+    basis, data = random_basis(problem, 3), source(problem)
+    if MPI.COMM_WORLD.rank == 1:
+        basis[0, 0, 0] = float("nan")
+    with pytest.raises(fem_moe.InputError, match=r"\[rank 1\] basis has 1 non-finite"):
+        layer(basis, data)
+
+
+@pytest.mark.parallel(2)
+def test_diverging_expert_raises_everywhere():
+    """Only expert 1 is starved of iterations (its own options prefix): every rank raises,
+    naming expert 1, the sample and PETSc's reason."""
+    from firedrake.petsc import PETSc
+    opts = PETSc.Options()
+    opts["expert1_snes_max_it"] = 1
+    try:
+        problem = nonlinear_diffusion(n=6, degree=1)
+        layer = fem_moe.MoEHardConstraint(problem, 3)
+    finally:
+        opts.delValue("expert1_snes_max_it")
+    with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
+        layer(random_basis(problem, 3), source(problem, 30.0))
+    parallel_assert(err.value.expert == 1 and err.value.reason == "DIVERGED_MAX_IT", str(err.value))

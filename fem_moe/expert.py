@@ -31,6 +31,7 @@ import warnings
 import numpy as np
 import firedrake as fd
 import ufl
+from firedrake.assemble import get_assembler
 from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
@@ -42,7 +43,7 @@ __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"
 #: damping where the Hessian is not positive definite), backtracking on the objective, dense LU.
 DEFAULT_SOLVER_PARAMETERS = {
     "snes_type": "newtonls",
-    "snes_linesearch_type": "bt",
+    "snes_linesearch_type": "l2",
     "snes_rtol": 1e-12,
     "snes_atol": 1e-13,
     "snes_stol": 0.0,
@@ -142,6 +143,7 @@ class Expert:
         self.row_mask = rows & ~self.bc_mask
 
         self._R = fd.Cofunction(V.dual())
+        self._assemblers = {}
         self._J = None
         self._H = None
         self._Phi_mat = None
@@ -189,24 +191,26 @@ class Expert:
         self._Phi_mat.assemble()
         return self._Phi_mat
 
+    def _assemble(self, form, tensor=None, **kwargs):
+        """Assemble ``form`` with an assembler built once per form: UFL preprocessing costs more
+        than the assembly itself on small meshes (DESIGN.md section 6)."""
+        key = id(form)
+        if key not in self._assemblers:
+            self._assemblers[key] = get_assembler(form, **kwargs)
+        return self._assemblers[key].assemble(tensor=tensor)
+
     def _assemble_residual(self):
-        fd.assemble(self.F, tensor=self._R)
+        self._assemble(self.F, tensor=self._R)
         return np.where(self.row_mask, self._get(self._R), 0.0)
 
     def _assemble_jacobian(self):
-        if self._J is None:
-            self._J = fd.assemble(self.dF, mat_type="aij")
-        else:
-            fd.assemble(self.dF, tensor=self._J)
+        self._J = self._assemble(self.dF, tensor=self._J, mat_type="aij")
         return self._J.petscmat
 
     def _assemble_hessian(self):
         if self.H is None:
             return None
-        if self._H is None:
-            self._H = fd.assemble(self.H, mat_type="aij")
-        else:
-            fd.assemble(self.H, tensor=self._H)
+        self._H = self._assemble(self.H, tensor=self._H, mat_type="aij")
         return self._H.petscmat
 
     def _times_phi(self, mat, Phi_mat):
@@ -216,33 +220,44 @@ class Expert:
         C.destroy()
         return out
 
-    def _evaluate(self, w, Phi, Phi_mat, jacobian):
-        """r, objective, G(w) and optionally dG/dw at w. Sets self.u."""
+    def _evaluate(self, w, Phi, Phi_mat, jacobian=False):
+        """The reduced problem at w: a dict with r (masked residual), objective (1/2 |r|^2), G and,
+        if ``jacobian``, A = dG/dw (and GN, its Gauss-Newton part, in lstsq mode). Sets self.u."""
+        state = self._evaluate_residual(w, Phi)
+        self._complete(state, Phi, Phi_mat, jacobian)
+        return state
+
+    def _evaluate_residual(self, w, Phi):
         self._set(self.u, self.g_vec + w @ Phi)
         r = self._assemble_residual()
-        out = {"r": r}
+        return {"w": w, "r": r, "objective": 0.5 * self._sum(np.array([r @ r]))[0]}
+
+    def _complete(self, state, Phi, Phi_mat, jacobian):
+        """Add G (and A if ``jacobian``) to a state from _evaluate_residual; u must still be the
+        state's (the SNES callbacks guarantee it: they evaluate in order at one w)."""
+        w, r, I = state["w"], state["r"], np.eye(self.N)
         if self.mode == "lstsq":
-            JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
-            JPhi[~self.row_mask] = 0.0
-            G = self._sum(np.concatenate([JPhi.T @ r, [r @ r]]))
-            out["G"], out["objective"] = G[:-1] + self.rho * w, 0.5 * G[-1]
-            if jacobian:
+            if "JPhi" not in state:
+                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
+                JPhi[~self.row_mask] = 0.0
+                state["JPhi"] = JPhi
+                state["G"] = self._sum(JPhi.T @ r) + self.rho * w
+            if jacobian and "A" not in state:
+                JPhi = state["JPhi"]
                 GN = JPhi.T @ JPhi
                 S = np.zeros_like(GN)
                 if self.H is not None:
                     self._set(self.r_fn, r)
                     S = Phi @ self._times_phi(self._assemble_hessian(), Phi_mat)
                 GN, S = np.split(self._sum(np.concatenate([GN, S])), 2)
-                out["A"] = GN + S + self.rho * np.eye(self.N)
-                out["GN"] = GN
+                state["GN"], state["A"] = GN, GN + S + self.rho * I
         else:
-            G = self._sum(np.concatenate([Phi @ r, [r @ r]]))
-            out["G"], out["objective"] = G[:-1] + self.rho * w, 0.5 * G[-1]
-            if jacobian:
+            if "G" not in state:
+                state["G"] = self._sum(Phi @ r) + self.rho * w
+            if jacobian and "A" not in state:
                 JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
                 JPhi[~self.row_mask] = 0.0
-                out["A"] = self._sum(Phi @ JPhi) + self.rho * np.eye(self.N)
-        return out
+                state["A"] = self._sum(Phi @ JPhi) + self.rho * I
 
     # ---------------------------------------------------------------- SNES
     def _build_snes(self):
@@ -276,22 +291,25 @@ class Expert:
             opts.delValue(name)
         self.snes = snes
 
-    def _state_at(self, X, jacobian):
-        w = X.getArray(readonly=True).copy()
-        key = (w.tobytes(), jacobian)
-        if self._cache_key is None or self._cache_key[0] != key[0] or (jacobian and not self._cache_key[1]):
-            self._cache = self._evaluate(w, self._Phi, self._Phi_petsc, jacobian)
-            self._cache_key = key
-        return self._cache
+    def _state_at(self, X, what):
+        """The cached state at the SNES iterate X, completed with ``what`` ("objective", "G" or
+        "A"): the line search asks for objectives at trial points, which need no Jacobian."""
+        w = X.getArray(readonly=True)
+        state = self._cache
+        if state is None or not np.array_equal(state["w"], w):
+            state = self._cache = self._evaluate_residual(w.copy(), self._Phi)
+        if what != "objective":
+            self._complete(state, self._Phi, self._Phi_petsc, what == "A")
+        return state
 
     def _snes_objective(self, snes, X):
-        return self._state_at(X, False)["objective"]
+        return self._state_at(X, "objective")["objective"]
 
     def _snes_function(self, snes, X, G):
-        G.setArray(self._state_at(X, False)["G"])
+        G.setArray(self._state_at(X, "G")["G"])
 
     def _snes_jacobian(self, snes, X, A, P):
-        state = self._state_at(X, True)
+        state = self._state_at(X, "A")
         M = state["A"]
         if self.mode == "lstsq":
             # Newton's step must be a descent direction of the objective: where the exact
@@ -319,17 +337,17 @@ class Expert:
         if data is not None:
             self.set_data(data)
         self._Phi, self._Phi_petsc = Phi, self._phi_mat(Phi)
-        self._cache_key, self._cache = None, None
+        self._cache = None
         self.rho = 0.0
         rank, ridge = self._check_rank(Phi, sample)
         self.rho = ridge
         w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
         self._wvec.setArray(w)
-        before = self._state_at(self._wvec, False)["objective"]
+        before = self._state_at(self._wvec, "objective")["objective"]
         self.snes.solve(None, self._wvec)
         reason = self.snes.getConvergedReason()
         w = self._wvec.getArray(readonly=True).copy()
-        after = self._state_at(self._wvec, False)["objective"]
+        after = self._state_at(self._wvec, "objective")["objective"]
         info = SampleInfo(residual_before=np.sqrt(2 * before), residual_after=np.sqrt(2 * after),
                           iterations=self.snes.getIterationNumber(), reason=_reason_name(reason),
                           rank=rank, ridge=self.rho, time=time.perf_counter() - t0)
@@ -398,7 +416,7 @@ class Expert:
             if form is None:
                 data_bar.append(np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()))
             else:
-                data_bar.append(-self._get(fd.assemble(form)))
+                data_bar.append(-self._get(self._assemble(form)))
         data_bar = np.concatenate(data_bar) if data_bar else np.zeros(0)
         return Phi_bar, data_bar
 
@@ -468,5 +486,5 @@ class ResidualNorm:
         du = 2 * e._matvec(J, r, transpose=True) + 2 * np.where(e.bc_mask, u - e.g_vec, 0.0)
         e._set(e.z_fn, r)
         dm = [np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()) if form is None
-              else 2 * e._get(fd.assemble(form)) for mk, form in zip(e.m, e.dm_forms)]
+              else 2 * e._get(e._assemble(form)) for mk, form in zip(e.m, e.dm_forms)]
         return du, (np.concatenate(dm) if dm else np.zeros(0))

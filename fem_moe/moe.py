@@ -25,6 +25,7 @@ class _ExpertSpace:
         plex = PETSc.DMPlex().createFromCellList(
             partition.tdim, local.reshape(verts.shape).astype(PETSc.IntType),
             partition.vertex_coords[used], comm=PETSc.COMM_SELF)
+        partition.label_submesh(plex, used)
         self.mesh = fd.Mesh(plex, comm=MPI.COMM_SELF, name=f"expert{k}")
         V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
         data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
@@ -131,7 +132,7 @@ class MoEHardConstraint(torch.nn.Module):
 
     def _gather_data(self, grads, B):
         out, offset = [], 0
-        for plan, j in zip(self.data_plans, range(len(self.data_plans))):
+        for j, plan in enumerate(self.data_plans):
             pieces = {}
             for k, e in self.experts.items():
                 sizes = np.cumsum([0] + [len(ids) for ids in e.data_ids])

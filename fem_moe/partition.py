@@ -77,6 +77,52 @@ class Partition:
             raise InputError(f"the partitioner left experts {np.flatnonzero(sizes == 0).tolist()} empty")
         self.expert_rank = self._place(sizes, comm.size)
         self.my_experts = [k for k in range(self.n_experts) if self.expert_rank[k] == comm.rank]
+        self._vertex_keys = ukeys
+        # Boundary and cell markers ("Face Sets", "Cell Sets"), by canonical vertices/cells, so
+        # that ds(id) and dx(id) keep their meaning on the experts' submeshes.
+        self.facet_markers = self._gather_label(mesh, "Face Sets", 1)
+        self.cell_markers = self._gather_label(mesh, "Cell Sets", 0)
+
+    def _gather_label(self, mesh, name, height):
+        """{sorted canonical vertex ids of a marked point: [markers]}, on every rank."""
+        dm = mesh.topology_dm
+        found = []
+        if dm.hasLabel(name):
+            coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
+            v0, v1 = dm.getDepthStratum(0)
+            for value in dm.getLabelIdIS(name).getIndices():
+                for point in dm.getStratumIS(name, value).getIndices():
+                    h0, h1 = dm.getHeightStratum(height)
+                    if not h0 <= point < h1:
+                        continue
+                    closure = dm.getTransitiveClosure(point)[0]
+                    xs = [coords[section.getOffset(p):section.getOffset(p) + self.gdim]
+                          for p in closure if v0 <= p < v1]
+                    found.append((self.keys(np.array(xs)), int(value)))
+        markers = {}
+        for part in self.comm.allgather(found):
+            for keys, value in part:
+                ids = np.searchsorted(self._vertex_keys, _void(keys))
+                markers.setdefault(tuple(sorted(ids.tolist())), set()).add(value)
+        return {key: sorted(values) for key, values in markers.items()}
+
+    def label_submesh(self, plex, vertex_ids):
+        """Copy the markers onto a submesh DMPlex made by createFromCellList from canonical
+        vertices ``vertex_ids`` (its vertex i is canonical vertex vertex_ids[i])."""
+        v0, v1 = plex.getDepthStratum(0)
+        for name, height, markers in (("Face Sets", 1, self.facet_markers),
+                                      ("Cell Sets", 0, self.cell_markers)):
+            if not markers:
+                continue
+            plex.createLabel(name)
+            h0, h1 = plex.getHeightStratum(height)
+            for point in range(h0, h1):
+                if height == 1 and plex.getSupportSize(point) != 1:
+                    continue   # interior facets carry no boundary marker
+                closure = plex.getTransitiveClosure(point)[0]
+                key = tuple(sorted(int(vertex_ids[p - v0]) for p in closure if v0 <= p < v1))
+                for value in markers.get(key, ()):
+                    plex.setLabelValue(name, point, value)
 
     def keys(self, points):
         return np.rint((np.asarray(points) - self.lower) / self.extent * _DIGITS).astype(np.int64)

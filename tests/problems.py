@@ -64,3 +64,16 @@ def classical_solution(problem, data):
                                 "pc_type": "lu"})
     with u.dat.vec_ro as vec:
         return vec.array_r.copy()
+
+
+def allen_cahn_step(n=4, dt=0.1, eps=0.1, comm=MPI.COMM_WORLD):
+    """One implicit Euler step of Allen-Cahn, (u - u_prev)/dt - eps^2 lap u + u^3 - u = 0, with
+    zero Neumann conditions: the data is the previous time level u_prev (same space)."""
+    mesh = fd.UnitSquareMesh(n, n, comm=comm)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+
+    def residual(u, v, m):
+        return ((u - m[0]) / dt * v + eps**2 * fd.inner(fd.grad(u), fd.grad(v))
+                + (u**3 - u) * v) * fd.dx
+
+    return fem_moe.ConstrainedProblem(V, residual, data_spaces=V)

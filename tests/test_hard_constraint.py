@@ -22,7 +22,7 @@ def test_gradcheck(mode, degree, n):
 
 
 def test_gradcheck_vector_valued():
-    problem = nonlinear_diffusion(n=2, degree=1, vector=True)
+    problem = nonlinear_diffusion(n=3, degree=1, vector=True)
     layer = fem_moe.HardConstraint(problem, 3)
     basis = random_basis(problem, 3).requires_grad_()
     data = source(problem).requires_grad_()
@@ -132,12 +132,13 @@ def test_memory_flat_over_500_calls():
     assert growth < 8.0, f"resident memory grew by {growth:.1f} MB over 500 calls"
 
 
-class TestBadInput:
-    @pytest.fixture(scope="class")
-    def setup(self):
-        problem = nonlinear_diffusion(n=3, degree=1)
-        return problem, fem_moe.HardConstraint(problem, 3), source(problem)
+@pytest.fixture(scope="module")
+def setup():
+    problem = nonlinear_diffusion(n=3, degree=1)
+    return problem, fem_moe.HardConstraint(problem, 3), source(problem)
 
+
+class TestBadInput:
     def test_wrong_shape(self, setup):
         problem, layer, data = setup
         with pytest.raises(fem_moe.InputError, match=r"basis has shape \[1, 2, 16\], expected \[\*, 3, 16\]"):
@@ -248,3 +249,19 @@ def test_pyadjoint_taylor(mode):
         rate = taylor_test(Jhat, basis + [m], dirs)
         tape.clear_tape()
     parallel_assert(rate >= 1.9, f"Taylor rate {rate}")
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_time_step_residual(mode):
+    """A time-stepping residual (no Dirichlet conditions; the data is the previous level)."""
+    from problems import allen_cahn_step
+    problem = allen_cahn_step()
+    layer = fem_moe.HardConstraint(problem, 3, mode=mode)
+    basis = random_basis(problem, 3).requires_grad_()
+    X = problem.dof_coordinates()
+    u_prev = torch.tensor(np.cos(3 * X[:, 0]) * X[:, 1])[None].requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, u_prev), eps=1e-6, atol=1e-6, rtol=1e-4)
+    exact = classical_solution(problem, u_prev[0].detach().numpy())
+    basis = basis.detach().clone()
+    basis[0, 0] = torch.tensor(exact)
+    assert np.abs(layer(basis, u_prev.detach())[0].numpy() - exact).max() < 1e-10

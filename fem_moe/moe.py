@@ -40,6 +40,9 @@ class _ExpertSpace:
                              expert_id=k, dirichlet=(bc[self.ids], g[self.ids]),
                              options_prefix=f"expert{k}_")
         self.k, self.n_cells = k, len(cells)
+        if not self.expert.row_mask.any():
+            raise InputError(f"expert {k} owns no residual rows (its {int(self.rows.sum())} dofs "
+                             "are all Dirichlet dofs): use fewer experts or a finer mesh")
 
 
 class MoEHardConstraint(torch.nn.Module):
@@ -69,7 +72,7 @@ class MoEHardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
-                 ridge=1e-8, partitioner_type=None):
+                 ridge=1e-4, partitioner_type=None):
         super().__init__()
         comm = problem.comm
         K = comm.size if n_experts is None else int(n_experts)

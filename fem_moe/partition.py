@@ -18,6 +18,8 @@ neighbours): the (VERTEX, 1) overlap of the design. The stitched output takes ea
 owner. (Any dof owned by k lies on no artificial boundary facet of k's subdomain, so boundary
 integrals over the whole boundary, ``ds``, never touch k's rows.)
 """
+import os
+
 import numpy as np
 import scipy.sparse
 import firedrake as fd
@@ -155,6 +157,8 @@ class Partition:
             part.setFromOptions()
             for name in inserted:
                 opts.delValue(prefix + name)
+            if part.getType() == "ptscotch":
+                _reset_scotch_random()
             result = PETSc.IS().create(comm=PETSc.COMM_SELF)
             part.apply(result)
             labels[:] = result.getIndices()
@@ -191,6 +195,23 @@ class Partition:
         f = fd.Function(fd.FunctionSpace(mesh, "DG", 0), name="expert")
         f.dat.data[:] = self.cell_expert[self.cell_ids(mesh)]
         return f
+
+
+def _reset_scotch_random():
+    """Reset (PT-)Scotch's random generator to a fixed seed. Scotch's generator carries state from
+    one call to the next, so without this the same graph gets another partition later in the same
+    process, and K experts would not be the same subdomains on another run or rank count."""
+    import ctypes
+    with open("/proc/self/maps") as maps:
+        paths = sorted({line.split()[-1] for line in maps
+                        if os.path.basename(line.split()[-1]).startswith("libptscotch")
+                        and not os.path.basename(line.split()[-1]).startswith("libptscotcherr")
+                        and ".so" in line})
+    if not paths:
+        raise InputError("cannot find the PTScotch library PETSc uses, to make the partition "
+                         "deterministic; choose another -fem_moe_partition_mat_partitioning_type")
+    lib = ctypes.CDLL(paths[0])
+    lib.SCOTCH_randomSeed(ctypes.c_long(1))   # sets the seed and resets the generator
 
 
 def _node_keys(V, partition, with_halos):

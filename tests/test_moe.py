@@ -29,7 +29,7 @@ def test_one_expert_is_the_global_layer(mode, degree):
 @pytest.mark.parametrize("n_experts", [2, 3])
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 def test_gradcheck(n_experts, mode):
-    problem = nonlinear_diffusion(n=4, degree=1)
+    problem = nonlinear_diffusion(n=7, degree=1)
     layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, mode=mode)
     basis = random_basis(problem, 3).requires_grad_()
     data = source(problem).requires_grad_()

@@ -52,3 +52,16 @@ def write_json(path, name, rows, **meta):
         json.dump({"benchmark": name, "meta": meta, "rows": rows}, f, indent=1)
     os.replace(path + ".tmp", path)
     print(f"wrote {path}")
+
+
+def run_child(cmd):
+    """Run a measurement child process; return the JSON object it printed on a line of its own.
+    Its command-line flags are ours, not PETSc's: silence PETSc's unused-options report."""
+    import subprocess
+    import sys
+    env = dict(os.environ, FIREDRAKE_DISABLE_OPTIONS_LEFT="1")
+    out = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    rows = [line for line in out.stdout.splitlines() if line.startswith("{")]
+    if out.returncode or not rows:
+        sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
+    return json.loads(rows[-1])

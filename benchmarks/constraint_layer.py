@@ -12,7 +12,6 @@ resident high-water mark above the pre-forward level (the memory the solve itsel
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -68,14 +67,12 @@ def main():
         print(json.dumps(measure(*args.single, args.mode, args.repeat)))
         return
     sys.path.insert(0, HERE)
-    from common import print_table, write_json
+    from common import print_table, run_child, write_json
     rows = []
     for n in args.sizes:
         for nb in args.n_basis:
-            out = subprocess.run([sys.executable, __file__, "--single", str(n), str(nb),
-                                  "--mode", args.mode, "--repeat", str(args.repeat)],
-                                 capture_output=True, text=True, check=True)
-            rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+            rows.append(run_child([sys.executable, __file__, "--single", str(n), str(nb),
+                                   "--mode", args.mode, "--repeat", str(args.repeat)]))
             print(f"  measured {rows[-1]['dofs']} dofs, N = {nb}", file=sys.stderr)
     print_table(rows, [("dofs", "dofs", "{}"), ("n_basis", "N", "{}"), ("mode", "mode", "{}"),
                        ("forward_s", "forward s", "{:.4f}"), ("backward_s", "backward s", "{:.4f}"),

@@ -14,7 +14,6 @@ Ratios are against K = 1 on 1 rank, measured in the same invocation.
 import argparse
 import json
 import os
-import subprocess
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -94,7 +93,7 @@ def main():
             print(json.dumps(row))
         return
     sys.path.insert(0, HERE)
-    from common import print_table, write_json
+    from common import print_table, run_child, write_json
     rows = []
     for n in args.sizes:
         for P in args.ranks:
@@ -103,10 +102,7 @@ def main():
                        sys.executable, __file__, "--single", str(n), kind, str(K),
                        "--n-basis", str(args.n_basis), "--batch", str(args.batch),
                        "--repeat", str(args.repeat)]
-                out = subprocess.run(cmd, capture_output=True, text=True)
-                if out.returncode:
-                    sys.exit(f"failed: {' '.join(cmd)}\n{out.stderr[-3000:]}")
-                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                rows.append(run_child(cmd))
                 print(f"  measured n={n} P={P} {kind} K={K}: {rows[-1]['step_s']:.3f} s", file=sys.stderr)
     for n in args.sizes:
         ref = next(r for r in rows if r["cells"] == n and r["kind"] == "moe" and r["experts"] == 1

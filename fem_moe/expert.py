@@ -294,14 +294,18 @@ class Expert:
         for name in inserted:
             opts.delValue(name)
         self.snes = snes
+        # PETSc's fixed initial trust region (0.2) knows nothing of the size of w: unless it was
+        # set, start each solve with the Gauss-Newton step's length (the region shrinks if that
+        # step is poor), which saves the iterations spent growing the region.
+        self._auto_delta0 = snes.getType() == "newtontr" and "snes_tr_delta0" not in params
 
     def _state_at(self, X, what):
         """The cached state at the SNES iterate X, completed with ``what`` ("objective", "G" or
         "A"): the line search asks for objectives at trial points, which need no Jacobian."""
-        w = X.getArray(readonly=True)
+        w = self._T @ X.getArray(readonly=True)
         state = self._cache
         if state is None or not np.array_equal(state["w"], w):
-            state = self._cache = self._evaluate_residual(w.copy(), self._Phi)
+            state = self._cache = self._evaluate_residual(w, self._Phi)
         if what != "objective":
             self._complete(state, self._Phi, self._Phi_petsc, what == "A")
         return state
@@ -310,19 +314,20 @@ class Expert:
         return self._state_at(X, "objective")["objective"]
 
     def _snes_function(self, snes, X, G):
-        G.setArray(self._state_at(X, "G")["G"])
+        G.setArray(self._T.T @ self._state_at(X, "G")["G"])
 
     def _snes_jacobian(self, snes, X, A, P):
         state = self._state_at(X, "A")
-        M = state["A"]
+        T = self._T
+        M = T.T @ state["A"] @ T
         if self.mode == "lstsq":
             # Newton's step must be a descent direction of the objective: where the exact
             # Hessian is not positive definite, use Gauss-Newton with Levenberg-Marquardt damping.
             try:
                 np.linalg.cholesky(M)
             except np.linalg.LinAlgError:
-                GN = state["GN"]
-                M = GN + (1e-8 * np.trace(GN) / self.N + self.rho) * np.eye(self.N)
+                GN = T.T @ state["GN"] @ T
+                M = GN + (1e-8 * np.trace(GN) / self.N) * np.eye(self.N) + self.rho * T.T @ T
         P.getDenseArray()[:] = M
         P.assemble()
         if A != P:
@@ -343,14 +348,20 @@ class Expert:
         self._Phi, self._Phi_petsc = Phi, self._phi_mat(Phi)
         self._cache = None
         self.rho = 0.0
-        rank, ridge = self._check_rank(Phi, sample)
+        rank, ridge, self._T = self._check_rank(Phi, sample)
         self.rho = ridge
         w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
-        self._wvec.setArray(w)
+        self._wvec.setArray(np.linalg.solve(self._T, w))
         before = self._state_at(self._wvec, "objective")["rnorm"]
+        if self._auto_delta0:
+            state = self._state_at(self._wvec, "A")
+            T = self._T
+            M = T.T @ state.get("GN", state["A"]) @ T
+            step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
+            self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
         self.snes.solve(None, self._wvec)
         reason = self.snes.getConvergedReason()
-        w = self._wvec.getArray(readonly=True).copy()
+        w = self._T @ self._wvec.getArray(readonly=True)
         after = self._state_at(self._wvec, "objective")["rnorm"]
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=_reason_name(reason),
@@ -369,12 +380,15 @@ class Expert:
         most the number of residual rows. Below N, w is not unique and dG/dw is singular: raise,
         or regularise with a ridge (see on_rank_deficient)."""
         gram = self._sum(np.concatenate([Phi @ Phi.T, [np.full(self.N, self.row_mask.sum())]]))
-        eig = np.linalg.eigvalsh(gram[:-1])
+        eig, eig_vec = np.linalg.eigh(gram[:-1])
         rows = int(gram[-1, 0])
         top = max(eig[-1], 0.0)
         rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
         if rank == self.N and rows >= self.N:
-            return rank, 0.0
+            # SNES works in the coefficients c of the basis orthonormalised in the dof inner
+            # product, w = T c: nearly collinear fields (smooth fields on a small subdomain) then
+            # cost no extra Newton iterations. The solution u, hence w, is the same.
+            return rank, 0.0, eig_vec / np.sqrt(eig)
         who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
         if rank < self.N:
             msg = (f"{who}, sample {sample}: the {self.N} basis fields (restricted to the "
@@ -393,7 +407,7 @@ class Expert:
                       "backward holds rho fixed: it is the exact gradient of the problem "
                       "regularised with this rho", RankDeficientBasisWarning,
                       stacklevel=4)
-        return rank, rho
+        return rank, rho, np.eye(self.N)
 
     def vjp(self, Phi, data, w, u_bar, rho=0.0):
         """The IFT backward of one sample. Collective over ``problem.comm``.

@@ -41,6 +41,27 @@ def _to_numpy(x):
     return x.detach().to("cpu", torch.float64).numpy()
 
 
+def _like(a, x):
+    """A numpy array as a tensor with the dtype and device of ``x``."""
+    return torch.from_numpy(np.ascontiguousarray(a)).to(device=x.device, dtype=x.dtype)
+
+
+def check_inputs(problem, name, x, shape, data):
+    """Collective check of a tensor ``x`` named ``name`` (``shape`` as in check_tensor, batch
+    first) and of the problem data going with it; returns ``data``, or an empty [batch, 0]
+    tensor for a problem without data spaces."""
+    comm = problem.comm
+    check_tensor(comm, name, x, shape)
+    if problem.data_spaces:
+        if data is None:
+            raise_on_all_ranks(comm, "the problem has data spaces, so data is required")
+        check_tensor(comm, "data", data, (x.shape[0], problem.n_data_dofs), x.dtype, x.device)
+        return data
+    if data is not None:
+        raise_on_all_ranks(comm, "data given, but the problem has no data_spaces")
+    return x.new_zeros((x.shape[0], 0))
+
+
 class _ConstrainedSolve(torch.autograd.Function):
     """u = g + Phi^T w(Phi, m) per sample; backward by the implicit function theorem."""
 
@@ -55,7 +76,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         layer.diagnostics = infos
         ctx.layer, ctx.ws, ctx.rhos = layer, ws, rhos
         ctx.save_for_backward(basis, data)
-        return torch.from_numpy(np.stack(us)).to(device=basis.device, dtype=basis.dtype)
+        return _like(np.stack(us), basis)
 
     @staticmethod
     def backward(ctx, u_bar):
@@ -68,8 +89,7 @@ class _ConstrainedSolve(torch.autograd.Function):
                                                Ub[b], rho=ctx.rhos[b])
             if has_data:
                 gD[b] = gd
-        as_in = lambda g, x: torch.from_numpy(g).to(device=x.device, dtype=x.dtype)
-        return None, as_in(gPhi, basis), as_in(gD, data)
+        return None, _like(gPhi, basis), _like(gD, data)
 
 
 class HardConstraint(torch.nn.Module):
@@ -102,21 +122,8 @@ class HardConstraint(torch.nn.Module):
                              ridge=ridge)
         self.diagnostics = []
 
-    def _check(self, basis, data):
-        p = self.problem
-        comm = p.comm
-        check_tensor(comm, "basis", basis, (None, self.n_basis, p.n_dofs))
-        if p.data_spaces:
-            if data is None:
-                raise_on_all_ranks(comm, "the problem has data spaces, so data is required")
-            check_tensor(comm, "data", data, (basis.shape[0], p.n_data_dofs), basis.dtype, basis.device)
-            return data
-        if data is not None:
-            raise_on_all_ranks(comm, "data given, but the problem has no data_spaces")
-        return basis.new_zeros((basis.shape[0], 0))
-
     def forward(self, basis, data=None):
-        data = self._check(basis, data)
+        data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
         return _ConstrainedSolve.apply(self, basis, data)
 
     def extra_repr(self):
@@ -130,7 +137,7 @@ class _ResidualNorm2(torch.autograd.Function):
         ctx.norm = norm
         ctx.save_for_backward(u, data)
         vals = [norm.value(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
-        return torch.tensor(vals, dtype=u.dtype, device=u.device)
+        return _like(np.array(vals), u)
 
     @staticmethod
     def backward(ctx, g):
@@ -142,8 +149,7 @@ class _ResidualNorm2(torch.autograd.Function):
             gu[b] = G[b] * du
             if D.shape[1]:
                 gd[b] = G[b] * dd
-        as_in = lambda a, x: torch.from_numpy(a).to(device=x.device, dtype=x.dtype)
-        return None, as_in(gu, u), as_in(gd, data)
+        return None, _like(gu, u), _like(gd, data)
 
 
 def residual_loss(problem, u, data=None, reduction="mean"):
@@ -157,12 +163,6 @@ def residual_loss(problem, u, data=None, reduction="mean"):
     norm = problem.__dict__.get("_residual_norm")
     if norm is None:
         norm = problem._residual_norm = ResidualNorm(problem)
-    check_tensor(problem.comm, "u", u, (None, problem.n_dofs))
-    if problem.data_spaces:
-        if data is None:
-            raise_on_all_ranks(problem.comm, "the problem has data spaces, so data is required")
-        check_tensor(problem.comm, "data", data, (u.shape[0], problem.n_data_dofs), u.dtype, u.device)
-    else:
-        data = u.new_zeros((u.shape[0], 0))
+    data = check_inputs(problem, "u", u, (None, problem.n_dofs), data)
     vals = _ResidualNorm2.apply(norm, u, data)
     return {"mean": vals.mean, "sum": vals.sum, "none": lambda: vals}[reduction]()

@@ -9,7 +9,7 @@ from mpi4py import MPI
 
 from .errors import FemMoeError, InputError, raise_on_all_ranks
 from .expert import Expert, dirichlet_dofs
-from .layer import check_tensor, _to_numpy
+from .layer import check_inputs, _like, _to_numpy
 from .partition import ExchangePlan, Partition, SpaceLayout
 from .problem import ConstrainedProblem
 
@@ -111,18 +111,6 @@ class MoEHardConstraint(torch.nn.Module):
         self.diagnostics = []
 
     # ------------------------------------------------------------------ tensors
-    def _check(self, basis, data):
-        p, comm = self.problem, self.problem.comm
-        check_tensor(comm, "basis", basis, (None, self.n_basis, p.n_dofs))
-        if p.data_spaces:
-            if data is None:
-                raise_on_all_ranks(comm, "the problem has data spaces, so data is required")
-            check_tensor(comm, "data", data, (basis.shape[0], p.n_data_dofs), basis.dtype, basis.device)
-            return data
-        if data is not None:
-            raise_on_all_ranks(comm, "data given, but the problem has no data_spaces")
-        return basis.new_zeros((basis.shape[0], 0))
-
     def _scatter_data(self, D):
         """[B, n_data] owned -> {k: [B, n_data_k]} (the expert's data spaces concatenated)."""
         B = D.shape[0]
@@ -144,7 +132,7 @@ class MoEHardConstraint(torch.nn.Module):
         return np.concatenate(out, axis=1) if out else np.zeros((B, 0))
 
     def forward(self, basis, data=None):
-        data = self._check(basis, data)
+        data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
         return _MoESolve.apply(self, basis, data)
 
     def all_diagnostics(self):
@@ -183,9 +171,8 @@ class _MoESolve(torch.autograd.Function):
         layer.diagnostics = diagnostics
         ctx.layer, ctx.saved = layer, saved
         ctx.shape = (B, N, n)
-        ctx.device, ctx.dtype = basis.device, basis.dtype
-        u = layer.plan.gather_sum(outputs, B).T
-        return torch.from_numpy(np.ascontiguousarray(u)).to(device=basis.device, dtype=basis.dtype)
+        ctx.save_for_backward(basis)
+        return _like(layer.plan.gather_sum(outputs, B).T, basis)
 
     @staticmethod
     def backward(ctx, u_bar):
@@ -206,5 +193,5 @@ class _MoESolve(torch.autograd.Function):
                 by_expert[k]["backward_time"] = time.perf_counter() - t0
         gb = layer.plan.gather_sum(g_Phi, B * N).reshape(n, B, N).transpose(1, 2, 0)
         gd = layer._gather_data(g_D, B)
-        as_out = lambda a: torch.from_numpy(np.ascontiguousarray(a)).to(device=ctx.device, dtype=ctx.dtype)
-        return None, as_out(gb), as_out(gd)
+        basis, = ctx.saved_tensors
+        return None, _like(gb, basis), _like(gd, basis)

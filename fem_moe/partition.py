@@ -158,7 +158,7 @@ class Partition:
             for name in inserted:
                 opts.delValue(prefix + name)
             if part.getType() == "ptscotch":
-                _reset_scotch_random()
+                _make_scotch_deterministic()
             result = PETSc.IS().create(comm=PETSc.COMM_SELF)
             part.apply(result)
             labels[:] = result.getIndices()
@@ -197,11 +197,13 @@ class Partition:
         return f
 
 
-def _reset_scotch_random():
-    """Reset (PT-)Scotch's random generator to a fixed seed. Scotch's generator carries state from
-    one call to the next, so without this the same graph gets another partition later in the same
-    process, and K experts would not be the same subdomains on another run or rank count."""
+def _make_scotch_deterministic():
+    """(PT-)Scotch partitions with threads and a random generator whose state carries over from
+    call to call: the same graph then gets other partitions in another process, or later in the
+    same one, and K experts would not be the same subdomains on another run or rank count. One
+    thread (read by Scotch when it starts a partition) and a reset seed make it deterministic."""
     import ctypes
+    os.environ["SCOTCH_PTHREAD_NUMBER"] = "1"
     with open("/proc/self/maps") as maps:
         paths = sorted({line.split()[-1] for line in maps
                         if os.path.basename(line.split()[-1]).startswith("libptscotch")
@@ -210,8 +212,7 @@ def _reset_scotch_random():
     if not paths:
         raise InputError("cannot find the PTScotch library PETSc uses, to make the partition "
                          "deterministic; choose another -fem_moe_partition_mat_partitioning_type")
-    lib = ctypes.CDLL(paths[0])
-    lib.SCOTCH_randomSeed(ctypes.c_long(1))   # sets the seed and resets the generator
+    ctypes.CDLL(paths[0]).SCOTCH_randomSeed(ctypes.c_long(1))   # sets the seed, resets the generator
 
 
 def _node_keys(V, partition, with_halos):

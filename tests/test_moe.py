@@ -120,3 +120,14 @@ def test_diverging_expert_raises_everywhere():
     with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
         layer(random_basis(problem, 3), source(problem, 30.0))
     parallel_assert(err.value.expert == 1 and err.value.reason == "DIVERGED_MAX_IT", str(err.value))
+
+
+@pytest.mark.parallel([1, 2, 3])
+def test_partition_is_deterministic_and_rank_independent():
+    import firedrake as fd
+    here = fem_moe.Partition(fd.UnitSquareMesh(24, 24), 3).cell_expert
+    again = fem_moe.Partition(fd.UnitSquareMesh(24, 24), 3).cell_expert
+    alone = fem_moe.Partition(fd.UnitSquareMesh(24, 24, comm=MPI.COMM_SELF), 3).cell_expert
+    parallel_assert(np.array_equal(here, again) and np.array_equal(here, alone),
+                    "the partition changed between calls or with the number of ranks")
+    parallel_assert(np.bincount(here).min() >= 0.9 * len(here) / 3, f"unbalanced: {np.bincount(here)}")

@@ -131,3 +131,28 @@ def test_partition_is_deterministic_and_rank_independent():
     parallel_assert(np.array_equal(here, again) and np.array_equal(here, alone),
                     "the partition changed between calls or with the number of ranks")
     parallel_assert(np.bincount(here).min() >= 0.9 * len(here) / 3, f"unbalanced: {np.bincount(here)}")
+
+
+def test_boundary_markers_reach_the_experts(repo):
+    """A residual with a Robin term on one marked boundary (ds(2), the holes of the gmsh plate):
+    one expert on a rebuilt mesh must still see the marker, and K = 3 experts must agree with the
+    global layer's residual where a basis spans the solution."""
+    import os
+    import firedrake as fd
+    mesh = fd.Mesh(os.path.join(repo, "meshes", "plate_with_holes.msh"))
+    V = fd.FunctionSpace(mesh, "CG", 1)
+
+    def residual(u, v, m):
+        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx + 5 * u * v * fd.ds(2)
+
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, 1), data_spaces=V)
+    data = torch.ones(1, problem.n_dofs, dtype=torch.float64) * 20
+    basis = random_basis(problem, 4)
+    glob = fem_moe.HardConstraint(problem, 4)(basis, data)
+    one = fem_moe.MoEHardConstraint(problem, 4, n_experts=1)(basis, data)
+    assert torch.allclose(glob, one, atol=1e-10, rtol=0)
+    from problems import classical_solution
+    exact = torch.tensor(classical_solution(problem, data[0].numpy()))
+    basis[0, 0] = exact
+    three = fem_moe.MoEHardConstraint(problem, 4, n_experts=3)(basis, data)
+    assert (three[0] - exact).abs().max() < 1e-9

@@ -65,3 +65,19 @@ def run_child(cmd):
     if out.returncode or not rows:
         sys.exit(f"failed: {' '.join(cmd)}\n{out.stdout[-2000:]}\n{out.stderr[-3000:]}")
     return json.loads(rows[-1])
+
+
+def nonlinear_diffusion(n):
+    """The benchmarks' problem: -div((1 + u^2) grad u) = m on an n x n unit square (P1), u = x + y
+    on the boundary, m = 1 + 10 x y. Returns (problem, data tensor [1, n_dofs])."""
+    import torch
+    import firedrake as fd
+    import fem_moe
+    mesh = fd.UnitSquareMesh(n, n)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    x, y = fd.SpatialCoordinate(mesh)
+    residual = lambda u, v, m: ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),
+                                         data_spaces=V)
+    data = torch.tensor(fd.Function(V).interpolate(1 + 10 * x * y).dat.data_ro.copy())[None]
+    return problem, data

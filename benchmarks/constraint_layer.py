@@ -19,19 +19,12 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def measure(n, n_basis, mode, repeat):
     sys.path.insert(0, HERE)
-    from common import Timer, reset_peak, peak_mb, rss_mb
+    from common import Timer, nonlinear_diffusion, reset_peak, peak_mb, rss_mb
     import torch
-    import firedrake as fd
     import fem_moe
 
-    mesh = fd.UnitSquareMesh(n, n)
-    V = fd.FunctionSpace(mesh, "CG", 1)
-    x, y = fd.SpatialCoordinate(mesh)
-    residual = lambda u, v, m: ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
-    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),
-                                         data_spaces=V)
+    problem, data = nonlinear_diffusion(n)
     layer = fem_moe.HardConstraint(problem, n_basis, mode=mode)
-    data = torch.tensor(fd.Function(V).interpolate(1 + 10 * x * y).dat.data_ro.copy())[None]
     gen = torch.Generator().manual_seed(0)
     basis = torch.randn(1, n_basis, problem.n_dofs, generator=gen, dtype=torch.float64)
 
@@ -48,7 +41,7 @@ def measure(n, n_basis, mode, repeat):
     reset_peak()
     times = [run() for _ in range(repeat)]
     info = layer.diagnostics[0]
-    return {"cells": n, "dofs": V.dim(), "n_basis": n_basis, "mode": mode,
+    return {"cells": n, "dofs": problem.V.dim(), "n_basis": n_basis, "mode": mode,
             "forward_s": min(t[0] for t in times), "backward_s": min(t[1] for t in times),
             "peak_extra_mb": peak_mb() - base, "snes_iterations": info.iterations,
             "residual_ratio": info.residual_after / info.residual_before}

@@ -21,20 +21,14 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def measure(n, kind, K, n_basis, batch, repeat):
     sys.path.insert(0, HERE)
-    from common import Timer, reset_peak, peak_mb, rss_mb
+    from common import Timer, nonlinear_diffusion, reset_peak, peak_mb, rss_mb
     import numpy as np
     import torch
-    import firedrake as fd
     from mpi4py import MPI
     import fem_moe
 
     comm = MPI.COMM_WORLD
-    mesh = fd.UnitSquareMesh(n, n)
-    V = fd.FunctionSpace(mesh, "CG", 1)
-    x, y = fd.SpatialCoordinate(mesh)
-    residual = lambda u, v, m: ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
-    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),
-                                         data_spaces=V)
+    problem, data = nonlinear_diffusion(n)
     with Timer() as setup:
         if kind == "global":
             layer = fem_moe.HardConstraint(problem, n_basis)
@@ -45,7 +39,6 @@ def measure(n, kind, K, n_basis, batch, repeat):
     # Smooth, partition-independent basis fields: the same problem on any rank count.
     fields = np.sin(k * np.pi * X[:, 0] / 3 + 0.3 * k) * np.cos((k % 5) * X[:, 1]) + 0.05 * k * X[:, 1]
     basis = torch.tensor(fields)[None].repeat(batch, 1, 1)
-    data = torch.tensor(fd.Function(V).interpolate(1 + 10 * x * y).dat.data_ro.copy())[None]
     data = data.repeat(batch, 1) * torch.linspace(1, 2, batch, dtype=torch.float64)[:, None]
 
     def run():
@@ -66,7 +59,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
         its = [s.iterations for s in layer.diagnostics]
     else:
         its = [s.iterations for d in layer.all_diagnostics() for s in d["samples"]]
-    return {"cells": n, "dofs": V.dim(), "ranks": comm.size, "kind": kind,
+    return {"cells": n, "dofs": problem.V.dim(), "ranks": comm.size, "kind": kind,
             "experts": 1 if kind == "global" else K, "n_basis": n_basis, "batch": batch,
             "setup_s": comm.allreduce(setup.seconds, MPI.MAX),
             "forward_s": min(t[0] for t in times), "backward_s": min(t[1] for t in times),

@@ -493,25 +493,25 @@ class ResidualNorm:
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
 
-    def value(self, u, data=None):
-        """u [n], data [n_data] or None -> float."""
+    def _residual_at(self, u, data):
+        """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""
         e = self._e
         if data is not None:
             e.set_data(data)
         e._set(e.u, u)
-        r = e._assemble_residual()
-        b = np.where(e.bc_mask, u - e.g_vec, 0.0)
-        return float(e._sum(np.array([r @ r + b @ b]))[0])
+        return e._assemble_residual(), np.where(e.bc_mask, u - e.g_vec, 0.0)
+
+    def value(self, u, data=None):
+        """u [n], data [n_data] or None -> float."""
+        r, b = self._residual_at(u, data)
+        return float(self._e._sum(np.array([r @ r + b @ b]))[0])
 
     def gradient(self, u, data=None):
         """u [n], data [n_data] or None -> (dvalue/du [n], dvalue/ddata [n_data])."""
         e = self._e
-        if data is not None:
-            e.set_data(data)
-        e._set(e.u, u)
-        r = e._assemble_residual()
+        r, b = self._residual_at(u, data)
         J = e._assemble_jacobian()
-        du = 2 * e._matvec(J, r, transpose=True) + 2 * np.where(e.bc_mask, u - e.g_vec, 0.0)
+        du = 2 * e._matvec(J, r, transpose=True) + 2 * b
         e._set(e.z_fn, r)
         dm = [np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()) if form is None
               else 2 * e._get(e._assemble(form)) for mk, form in zip(e.m, e.dm_forms)]

@@ -122,7 +122,8 @@ class MoEHardConstraint(torch.nn.Module):
                 for k in self.experts}
 
     def _gather_data(self, grads, B):
-        out, offset = [], 0
+        """{k: [B, n_data_k]} (summed where experts overlap) -> [B, n_data] owned."""
+        out = []
         for j, plan in enumerate(self.data_plans):
             pieces = {}
             for k, e in self.experts.items():

@@ -77,3 +77,27 @@ def allen_cahn_step(n=4, dt=0.1, eps=0.1, comm=MPI.COMM_WORLD):
                 + (u**3 - u) * v) * fd.dx
 
     return fem_moe.ConstrainedProblem(V, residual, data_spaces=V)
+
+
+def distributed_matches_serial(make_layer, n=8, degree=2, n_basis=5, tol=1e-10):
+    """Run ``make_layer(problem)`` on nonlinear_diffusion distributed over COMM_WORLD and on each
+    rank alone (COMM_SELF); compare output, basis and data gradients at matching dof coordinates,
+    relative to the largest entry (summation order differs with the rank count). Collective."""
+    from pytest_mpi import parallel_assert
+    results = []
+    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
+        problem = nonlinear_diffusion(n=n, degree=degree, comm=comm)
+        layer = make_layer(problem)
+        basis = smooth_basis(problem, n_basis).requires_grad_()
+        data = source(problem).requires_grad_()
+        u = layer(basis, data)
+        X = problem.dof_coordinates()
+        (u[0] * torch.tensor(np.cos(X[:, 0]) + X[:, 1])).pow(2).sum().backward()
+        results.append((X, u[0].detach().numpy(), basis.grad[0].numpy(), data.grad[0].numpy()))
+    (Xp, up, gbp, gdp), (Xs, us, gbs, gds) = results
+    index = {tuple(np.round(x, 10)): i for i, x in enumerate(Xs)}
+    match = np.array([index[tuple(np.round(x, 10))] for x in Xp])
+    for name, a, b in (("outputs", up, us[match]), ("basis gradients", gbp, gbs[:, match]),
+                       ("data gradients", gdp, gds[match])):
+        err = np.abs(a - b).max() / max(1.0, np.abs(b).max())
+        parallel_assert(err < tol, f"{name} differ by {err:.2e} (relative)")

@@ -4,11 +4,11 @@ import pytest
 import scipy.optimize
 import torch
 import firedrake as fd
-from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
-from problems import nonlinear_diffusion, source, random_basis, smooth_basis, classical_solution
+from problems import (nonlinear_diffusion, source, random_basis, classical_solution,
+                      distributed_matches_serial)
 
 
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
@@ -206,23 +206,7 @@ def test_options_prefix_from_command_line():
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 def test_distributed_equals_serial(mode):
     """The global layer on a distributed mesh gives the serial output and gradients."""
-    outputs = []
-    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
-        problem = nonlinear_diffusion(n=6, degree=2, comm=comm)
-        layer = fem_moe.HardConstraint(problem, 5, mode=mode)
-        basis = smooth_basis(problem, 5).requires_grad_()
-        data = source(problem).requires_grad_()
-        u = layer(basis, data)
-        X = problem.dof_coordinates()
-        weight = torch.tensor(np.cos(X[:, 0]) + X[:, 1])
-        (u[0] * weight).pow(2).sum().backward()
-        outputs.append((X, u[0].detach().numpy(), basis.grad[0].numpy(), data.grad[0].numpy()))
-    (Xp, up, gbp, gdp), (Xs, us, gbs, gds) = outputs
-    index = {tuple(np.round(x, 10)): i for i, x in enumerate(Xs)}
-    match = np.array([index[tuple(np.round(x, 10))] for x in Xp])
-    parallel_assert(np.allclose(up, us[match], atol=1e-10), "outputs differ")
-    parallel_assert(np.allclose(gbp, gbs[:, match], atol=1e-9), "basis gradients differ")
-    parallel_assert(np.allclose(gdp, gds[match], atol=1e-9), "data gradients differ")
+    distributed_matches_serial(lambda problem: fem_moe.HardConstraint(problem, 5, mode=mode), n=6)
 
 
 @pytest.mark.parallel([1, 2])

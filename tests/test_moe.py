@@ -7,7 +7,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
-from problems import nonlinear_diffusion, source, random_basis, smooth_basis
+from problems import nonlinear_diffusion, source, random_basis, distributed_matches_serial
 
 
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
@@ -65,33 +65,12 @@ def test_k_experts_on_the_global_layer_problem_reduce_residual_per_expert():
         assert d["samples"][0].residual_after <= glob.diagnostics[0].residual_after + 1e-12
 
 
-def _layout_match(X, Y):
-    index = {tuple(np.round(y, 10)): i for i, y in enumerate(Y)}
-    return np.array([index[tuple(np.round(x, 10))] for x in X])
-
-
 @pytest.mark.parallel([2, 3])
 @pytest.mark.parametrize("n_experts", [2, 4])
 def test_rank_count_does_not_matter(n_experts):
     """Fixed K: the distributed run equals the run on one rank (each rank alone), outputs and
     gradients to 1e-10."""
-    results = []
-    for comm in (MPI.COMM_WORLD, MPI.COMM_SELF):
-        problem = nonlinear_diffusion(n=8, degree=2, comm=comm)
-        layer = fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts)
-        basis = smooth_basis(problem, 5).requires_grad_()
-        data = source(problem).requires_grad_()
-        u = layer(basis, data)
-        X = problem.dof_coordinates()
-        (u[0] * torch.tensor(np.cos(X[:, 0]) + X[:, 1])).pow(2).sum().backward()
-        results.append((X, u[0].detach().numpy(), basis.grad[0].numpy(), data.grad[0].numpy()))
-    (Xp, up, gbp, gdp), (Xs, us, gbs, gds) = results
-    match = _layout_match(Xp, Xs)
-    for name, a, b in (("outputs", up, us[match]), ("basis gradients", gbp, gbs[:, match]),
-                       ("data gradients", gdp, gds[match])):
-        # 1e-10 relative to the largest entry: summation order differs with the rank count.
-        err = np.abs(a - b).max() / max(1.0, np.abs(b).max())
-        parallel_assert(err < 1e-10, f"{name} differ by {err:.2e} (relative)")
+    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts))
 
 
 @pytest.mark.parallel(2)

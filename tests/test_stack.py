@@ -87,5 +87,6 @@ def test_torch_and_firedrake_in_one_process():
     total = comm.allreduce(float((2 * t).sum()))
     u2 = from_torch(2 * t[0], V)
     expected = 2 * comm.allreduce(float(u.dat.data_ro.sum()))
+    parallel_assert(isinstance(t, torch.Tensor) and t.dtype == torch.float64, f"to_torch gave {t!r}")
     parallel_assert(comm.size == 2 and abs(total - expected) < 1e-10, f"{total} != {expected}")
     parallel_assert(np.isclose(fd.assemble(u2 * fd.dx), 2 * fd.assemble(u * fd.dx)), "from_torch")

@@ -51,7 +51,7 @@ class MoEHardConstraint(torch.nn.Module):
 
     The mesh is split into ``n_experts`` = K subdomains (default: one per rank of the mesh
     communicator) by :class:`fem_moe.partition.Partition`: the same subdomains on any number of
-    ranks. Each expert lives on one rank (largest subdomains first onto the least loaded rank) and
+    ranks. Each expert lives on one rank (by owned dofs, largest first onto the least loaded rank) and
     solves its *own* coefficients w_k on its subdomain mesh (COMM_SELF), with its own SNES (options
     prefix ``expert<k>_``; options given as ``-expert_...`` apply to every expert), from the
     residual rows of the dofs it owns. Each dof is owned by one expert; the output takes every dof's
@@ -86,6 +86,7 @@ class MoEHardConstraint(torch.nn.Module):
         owner = np.full(n_global, K, dtype=np.int64)
         np.minimum.at(owner, cell_dofs.ravel(), np.repeat(p.cell_expert, cell_dofs.shape[1]))
         self.owner = owner
+        p.place(np.bincount(owner, minlength=K))    # balance the ranks by the dofs experts own
         mask, g = dirichlet_dofs(problem)
         bc, gg = np.zeros(n_global, dtype=bool), np.zeros(n_global)
         for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):

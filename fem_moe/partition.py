@@ -77,8 +77,7 @@ class Partition:
         sizes = np.bincount(self.cell_expert, minlength=self.n_experts)
         if (sizes == 0).any():
             raise InputError(f"the partitioner left experts {np.flatnonzero(sizes == 0).tolist()} empty")
-        self.expert_rank = self._place(sizes, comm.size)
-        self.my_experts = [k for k in range(self.n_experts) if self.expert_rank[k] == comm.rank]
+        self.place(sizes)
         self._vertex_keys = ukeys
         # Boundary and cell markers ("Face Sets", "Cell Sets"), by canonical vertices/cells, so
         # that ds(id) and dx(id) keep their meaning on the experts' submeshes.
@@ -167,14 +166,16 @@ class Partition:
         self.comm.Bcast(labels, root=0)
         return labels
 
-    @staticmethod
-    def _place(sizes, n_ranks):
-        """Experts to ranks, largest first onto the least loaded rank (ties: lowest rank)."""
-        load, rank_of = np.zeros(n_ranks), np.empty(len(sizes), dtype=np.int64)
-        for k in sorted(range(len(sizes)), key=lambda k: (-sizes[k], k)):
+    def place(self, weights):
+        """Place the experts on the ranks by their ``weights`` [K] (cells at construction; the
+        mixture of experts re-places by owned dofs): largest first onto the least loaded rank,
+        ties to the lowest rank. Sets ``expert_rank`` and ``my_experts``."""
+        load, rank_of = np.zeros(self.comm.size), np.empty(len(weights), dtype=np.int64)
+        for k in sorted(range(len(weights)), key=lambda k: (-weights[k], k)):
             r = int(np.argmin(load))
-            rank_of[k], load[r] = r, load[r] + sizes[k]
-        return rank_of
+            rank_of[k], load[r] = r, load[r] + weights[k]
+        self.expert_rank = rank_of
+        self.my_experts = [k for k in range(self.n_experts) if rank_of[k] == self.comm.rank]
 
     def cell_ids(self, mesh):
         """Canonical ids of this rank's owned cells of ``mesh`` (the partitioned mesh or an

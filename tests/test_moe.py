@@ -135,3 +135,12 @@ def test_boundary_markers_reach_the_experts(repo):
     basis[0, 0] = exact
     three = fem_moe.MoEHardConstraint(problem, 4, n_experts=3)(basis, data)
     assert (three[0] - exact).abs().max() < 1e-9
+
+
+@pytest.mark.parallel(2)
+def test_experts_are_balanced_over_ranks_by_owned_dofs():
+    problem = nonlinear_diffusion(n=12, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=4)
+    load = MPI.COMM_WORLD.allgather(sum(int(e.rows.sum()) for e in layer.experts.values()))
+    parallel_assert(len(layer.experts) == 2, f"{len(layer.experts)} experts on this rank")
+    parallel_assert(sum(load) == problem.V.dim() and min(load) > 0.8 * max(load), f"loads {load}")

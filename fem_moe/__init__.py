@@ -3,14 +3,34 @@
 A torch backbone predicts N basis fields on a mesh; a hard-constraint layer finds, per sample,
 the coefficients that make the PDE residual assembled by Firedrake vanish (least squares or
 Galerkin) with PETSc SNES, and back-propagates by the implicit function theorem.
+
+The names below are imported on first use, so that ``fem_moe.backbones`` (plain torch) can be
+imported without Firedrake.
 """
-from .errors import (FemMoeError, InputError, SolverDivergedError,  # noqa: F401
-                     RankDeficientBasisWarning)
-from .problem import ConstrainedProblem  # noqa: F401
-from .expert import Expert, DEFAULT_SOLVER_PARAMETERS  # noqa: F401
-from .layer import HardConstraint, residual_loss  # noqa: F401
-from .adjoint import constrained_solve  # noqa: F401
-from .moe import MoEHardConstraint  # noqa: F401
-from .partition import Partition  # noqa: F401
+import importlib
 
 __version__ = "0.1.0.dev0"
+
+_EXPORTS = {
+    "FemMoeError": "errors", "InputError": "errors", "SolverDivergedError": "errors",
+    "RankDeficientBasisWarning": "errors",
+    "ConstrainedProblem": "problem",
+    "Expert": "expert", "DEFAULT_SOLVER_PARAMETERS": "expert",
+    "HardConstraint": "layer", "residual_loss": "layer",
+    "constrained_solve": "adjoint",
+    "MoEHardConstraint": "moe",
+    "Partition": "partition",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(f".{_EXPORTS[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'fem_moe' has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(list(globals()) + __all__)

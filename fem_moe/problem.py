@@ -103,6 +103,11 @@ class ConstrainedProblem:
         xy = X.dat.data_ro.reshape(-1, mesh.geometric_dimension)
         return np.repeat(xy, space.block_size, axis=0)
 
+    def dof_components(self):
+        """Component (0 .. block size - 1) of each of this rank's owned dofs of V, ``[n_dofs]``:
+        with :meth:`dof_coordinates`, what a backbone needs to output a vector field."""
+        return np.tile(np.arange(self.V.block_size), self.n_dofs // self.V.block_size)
+
     def __repr__(self):
         return (f"ConstrainedProblem(V={self.V.ufl_element()}, dofs={self.V.dim()}, "
                 f"bcs={len(self.bcs)}, data_spaces={len(self.data_spaces)})")

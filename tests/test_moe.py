@@ -144,3 +144,28 @@ def test_experts_are_balanced_over_ranks_by_owned_dofs():
     load = MPI.COMM_WORLD.allgather(sum(int(e.rows.sum()) for e in layer.experts.values()))
     parallel_assert(len(layer.experts) == 2, f"{len(layer.experts)} experts on this rank")
     parallel_assert(sum(load) == problem.V.dim() and min(load) > 0.8 * max(load), f"loads {load}")
+
+
+@pytest.mark.parametrize("kind", ["soft", "hard", "moe"])
+def test_a_backbone_trains_through_the_layer(kind):
+    """Physics-informed: a DeepONet basis, the layer, the global residual as the loss; a few Adam
+    steps lower it (soft constraint: the backbone's first field is the output)."""
+    from fem_moe.backbones import DeepONetBasis
+    torch.manual_seed(0)
+    problem = nonlinear_diffusion(n=6, degree=1)
+    points = torch.tensor(problem.dof_coordinates())
+    data = torch.cat([source(problem, s) for s in (1.0, 3.0)])
+    net = DeepONetBasis(problem.n_data_dofs, 4, dim=2, width=32, depth=2).double()
+    layer = {"soft": None, "hard": fem_moe.HardConstraint(problem, 4),
+             "moe": fem_moe.MoEHardConstraint(problem, 4, n_experts=2)}[kind]
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(8):
+        basis = net(data / 10, points)
+        u = basis[:, 0] if layer is None else layer(basis, data)
+        loss = fem_moe.residual_loss(problem, u, data)
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.9 * losses[0], losses

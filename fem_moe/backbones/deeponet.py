@@ -1,0 +1,52 @@
+"""A DeepONet-style basis network: branch on the input field, trunk on coordinates."""
+import torch
+from torch import nn
+
+
+class MLP(nn.Sequential):
+    """in_features -> width (x depth, with ``activation``) -> out_features."""
+
+    def __init__(self, in_features, out_features, width=64, depth=3, activation=nn.GELU):
+        layers, d = [], in_features
+        for _ in range(depth):
+            layers += [nn.Linear(d, width), activation()]
+            d = width
+        layers.append(nn.Linear(d, out_features))
+        super().__init__(*layers)
+
+
+class DeepONetBasis(nn.Module):
+    """N basis fields at arbitrary points, conditioned on an input vector.
+
+    ``basis = net(inputs, points, components=None)``
+
+    * ``inputs``: ``[batch, n_inputs]`` — the input function at fixed sensor points (e.g. an
+      initial condition sampled on a grid), or parameters.
+    * ``points``: ``[n_points, dim]`` — where to evaluate (for a hard-constraint layer, the dof
+      coordinates of this rank, ``problem.dof_coordinates()``).
+    * ``components``: ``[n_points]`` integers in ``[0, n_components)`` for vector-valued spaces
+      (the dof's component; ``problem.dof_components()``), else None.
+    * returns ``[batch, n_basis, n_points]``: basis_i(x) = sum_k b_ik(inputs) t_k(x, component).
+
+    The trunk sees coordinates scaled by ``scale`` (and shifted by ``shift``) so that a mesh of any
+    size maps to about [-1, 1].
+    """
+
+    def __init__(self, n_inputs, n_basis, dim, n_components=1, latent=64, width=64, depth=3,
+                 shift=0.0, scale=1.0):
+        super().__init__()
+        self.n_basis, self.latent, self.n_components = n_basis, latent, n_components
+        self.branch = MLP(n_inputs, n_basis * latent, width, depth)
+        self.trunk = MLP(dim + (n_components if n_components > 1 else 0), latent, width, depth)
+        self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.get_default_dtype()))
+        self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.get_default_dtype()))
+
+    def forward(self, inputs, points, components=None):
+        x = (points.to(self.scale.dtype) - self.shift) / self.scale
+        if self.n_components > 1:
+            if components is None:
+                raise ValueError("a vector-valued DeepONetBasis needs the components of the points")
+            x = torch.cat([x, nn.functional.one_hot(components.long(), self.n_components).to(x.dtype)], -1)
+        b = self.branch(inputs).view(inputs.shape[0], self.n_basis, self.latent)
+        t = self.trunk(x)
+        return torch.einsum("bnk,pk->bnp", b, t) / self.latent ** 0.5

@@ -1,0 +1,111 @@
+"""A Fourier neural operator on a regular grid (the paper's backbone), and its interpolation to
+arbitrary points (the dofs of an unstructured mesh)."""
+import itertools
+
+import torch
+from torch import nn
+
+
+class SpectralConv(nn.Module):
+    """Fourier layer over the last ``d`` dims (d = 1, 2 or 3): keep ``modes`` frequencies per
+    dim, multiply by learned complex weights. [batch, c_in, *grid] -> [batch, c_out, *grid]."""
+
+    def __init__(self, c_in, c_out, modes):
+        super().__init__()
+        self.modes = tuple(modes)
+        d = len(self.modes)
+        scale = 1 / (c_in * c_out)
+        # rfftn halves the last dim; the others keep both signs: 2^(d-1) corner blocks.
+        self.corners = list(itertools.product((0, 1), repeat=d - 1))
+        self.weights = nn.ParameterList(
+            nn.Parameter(scale * torch.randn(c_in, c_out, *self.modes, dtype=torch.cfloat))
+            for _ in self.corners)
+
+    def forward(self, x):
+        d = len(self.modes)
+        dims = tuple(range(-d, 0))
+        grid = x.shape[-d:]
+        xf = torch.fft.rfftn(x, dim=dims)
+        out = torch.zeros(x.shape[0], self.weights[0].shape[1], *xf.shape[-d:],
+                          dtype=xf.dtype, device=x.device)
+        for corner, w in zip(self.corners, self.weights):
+            index = [slice(None), slice(None)]
+            for sign, m in zip(corner, self.modes[:-1]):
+                index.append(slice(0, m) if sign == 0 else slice(-m, None))
+            index.append(slice(0, self.modes[-1]))
+            out[tuple(index)] = torch.einsum("bi...,io...->bo...", xf[tuple(index)], w.to(xf.dtype))
+        return torch.fft.irfftn(out, s=grid, dim=dims)
+
+
+class FNO(nn.Module):
+    """Lift, ``layers`` x (spectral conv + 1x1 conv, GELU), project.
+
+    ``[batch, in_channels, *grid] -> [batch, out_channels, *grid]``, grid of 1 to 3 dims; each
+    grid size must be at least twice ``modes`` in the non-last dims and ``2 * modes - 1`` in
+    the last.
+    """
+
+    def __init__(self, in_channels, out_channels, modes=(12, 12), width=32, layers=4):
+        super().__init__()
+        d = len(modes)
+        conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
+        self.lift = conv(in_channels, width, 1)
+        self.spectral = nn.ModuleList(SpectralConv(width, width, modes) for _ in range(layers))
+        self.pointwise = nn.ModuleList(conv(width, width, 1) for _ in range(layers))
+        self.project = nn.Sequential(conv(width, 2 * width, 1), nn.GELU(), conv(2 * width, out_channels, 1))
+
+    def forward(self, x):
+        x = self.lift(x)
+        for i, (s, p) in enumerate(zip(self.spectral, self.pointwise)):
+            x = s(x) + p(x)
+            if i < len(self.spectral) - 1:
+                x = nn.functional.gelu(x)
+        return self.project(x)
+
+
+class GridToPoints(nn.Module):
+    """(Bi/tri)linear interpolation from a regular grid over the box [lower, upper] to points.
+
+    ``[batch, channels, *grid]`` and ``points [n_points, d]`` -> ``[batch, channels, n_points]``.
+    Grid node j along an axis sits at lower + j (upper - lower) / (size - 1). Exact for fields
+    linear on each grid cell; differentiable w.r.t. the grid values.
+    """
+
+    def __init__(self, lower, upper):
+        super().__init__()
+        self.register_buffer("lower", torch.as_tensor(lower, dtype=torch.get_default_dtype()))
+        self.register_buffer("upper", torch.as_tensor(upper, dtype=torch.get_default_dtype()))
+
+    def forward(self, values, points):
+        d = points.shape[-1]
+        if d == 1:   # grid_sample wants 2D: a grid one cell high
+            values, points = values.unsqueeze(-2), torch.cat([torch.zeros_like(points), points], -1)
+            lower = torch.cat([self.lower.new_zeros(1), self.lower.reshape(1)])
+            upper = torch.cat([self.upper.new_ones(1), self.upper.reshape(1)])
+            values = torch.cat([values, values], -2)
+        else:
+            lower, upper = self.lower, self.upper
+        # grid_sample's x is the last grid axis: reverse the coordinate order.
+        unit = 2 * (points.to(values.dtype) - lower.to(values.dtype)) / (upper - lower).to(values.dtype) - 1
+        where = unit.flip(-1).reshape(1, -1, *([1] * (len(values.shape) - 3)), unit.shape[-1])
+        where = where.expand(values.shape[0], *where.shape[1:])
+        out = nn.functional.grid_sample(values, where, mode="bilinear", align_corners=True)
+        return out.reshape(values.shape[0], values.shape[1], -1)
+
+
+class FNOBasis(nn.Module):
+    """N basis fields at arbitrary points from an FNO on a regular grid (the paper's backbone,
+    carried to unstructured meshes by interpolation).
+
+    ``basis = net(inputs, points)``: ``inputs [batch, in_channels, *grid]`` (e.g. the initial
+    condition and the grid coordinates, sampled on the grid), ``points [n_points, d]`` in the box
+    ``[lower, upper]`` -> ``[batch, n_basis, n_points]``.
+    """
+
+    def __init__(self, in_channels, n_basis, lower, upper, modes=(12, 12), width=32, layers=4):
+        super().__init__()
+        self.fno = FNO(in_channels, n_basis, modes, width, layers)
+        self.to_points = GridToPoints(lower, upper)
+
+    def forward(self, inputs, points):
+        return self.to_points(self.fno(inputs), points)

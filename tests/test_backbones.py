@@ -1,0 +1,77 @@
+"""Backbones: shapes, gradients, interpolation exactness, and no Firedrake inside."""
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+
+from fem_moe.backbones import DeepONetBasis, FNO, FNOBasis, GridToPoints
+
+
+def test_backbones_do_not_import_firedrake():
+    code = "import sys, fem_moe.backbones; sys.exit('firedrake' in sys.modules)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+@pytest.mark.parametrize("n_components", [1, 2])
+def test_deeponet_shapes_and_gradients(n_components):
+    torch.manual_seed(0)
+    net = DeepONetBasis(n_inputs=10, n_basis=6, dim=2, n_components=n_components).double()
+    inputs = torch.randn(3, 10, dtype=torch.float64)
+    for n_points in (17, 40):   # any mesh: the points are an input
+        points = torch.rand(n_points, 2, dtype=torch.float64)
+        comps = torch.arange(n_points) % n_components if n_components > 1 else None
+        out = net(inputs, points, comps)
+        assert out.shape == (3, 6, n_points)
+    out.pow(2).sum().backward()
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in net.parameters())
+    if n_components > 1:
+        with pytest.raises(ValueError, match="components"):
+            net(inputs, points)
+
+
+def test_deeponet_components_differ():
+    torch.manual_seed(0)
+    net = DeepONetBasis(4, 3, 2, n_components=2).double()
+    p = torch.rand(5, 2, dtype=torch.float64)
+    inputs = torch.randn(1, 4, dtype=torch.float64)
+    a = net(inputs, p, torch.zeros(5, dtype=torch.long))
+    b = net(inputs, p, torch.ones(5, dtype=torch.long))
+    assert not torch.allclose(a, b)
+
+
+@pytest.mark.parametrize("grid", [(32,), (16, 20), (8, 10, 12)])
+def test_fno_shapes_and_resolution_independence(grid):
+    torch.manual_seed(0)
+    d = len(grid)
+    modes = (4,) * d
+    fno = FNO(2, 5, modes=modes, width=8, layers=2).double()
+    x = torch.randn(2, 2, *grid, dtype=torch.float64, requires_grad=True)
+    y = fno(x)
+    assert y.shape == (2, 5, *grid)
+    y.sum().backward()
+    assert torch.isfinite(x.grad).all()
+    finer = fno(torch.randn(1, 2, *[2 * g for g in grid], dtype=torch.float64))
+    assert finer.shape == (1, 5, *[2 * g for g in grid])
+
+
+@pytest.mark.parametrize("d", [1, 2, 3])
+def test_grid_to_points_is_exact_for_linear_fields(d):
+    lower, upper = np.array([0.5, -1.0, 2.0][:d]), np.array([2.0, 1.0, 3.0][:d])
+    sizes = [9, 7, 5][:d]
+    axes = [torch.linspace(lo, up, s, dtype=torch.float64) for lo, up, s in zip(lower, upper, sizes)]
+    mesh = torch.meshgrid(*axes, indexing="ij")
+    coef = torch.tensor([1.5, -2.0, 0.7][:d], dtype=torch.float64)
+    field = 0.3 + sum(c * m for c, m in zip(coef, mesh))
+    points = torch.tensor(lower + (upper - lower) * np.random.default_rng(0).random((50, d)))
+    out = GridToPoints(lower, upper)(field[None, None], points)
+    assert out.shape == (1, 1, 50)
+    assert torch.allclose(out[0, 0], 0.3 + points @ coef, atol=1e-12)
+
+
+def test_fno_basis_points():
+    torch.manual_seed(0)
+    net = FNOBasis(1, 4, lower=[0, 0], upper=[1, 1], modes=(4, 4), width=8, layers=2).double()
+    out = net(torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.rand(33, 2, dtype=torch.float64))
+    assert out.shape == (2, 4, 33)

@@ -2,7 +2,6 @@
 mixture of experts under mpiexec."""
 import hashlib
 
-import numpy as np
 import pytest
 import torch
 from mpi4py import MPI

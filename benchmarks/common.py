@@ -18,11 +18,17 @@ def reset_peak():
 
 
 def peak_mb():
+    """Resident high-water mark of this process since the last reset_peak(), MiB."""
     with open("/proc/self/status") as f:
         for line in f:
             if line.startswith("VmHWM:"):
                 return int(line.split()[1]) / 1024
     raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def peak_above(base):
+    """The high-water mark above ``base`` (MiB), 0 if memory was returned meanwhile."""
+    return max(peak_mb() - base, 0.0)
 
 
 class Timer:

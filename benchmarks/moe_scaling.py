@@ -21,7 +21,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def measure(n, kind, K, n_basis, batch, repeat):
     sys.path.insert(0, HERE)
-    from common import Timer, nonlinear_diffusion, reset_peak, peak_mb, rss_mb
+    from common import Timer, nonlinear_diffusion, reset_peak, peak_above, rss_mb
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -54,7 +54,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
     base = rss_mb()
     reset_peak()
     times = [run() for _ in range(repeat)]
-    peak = comm.allreduce(peak_mb() - base, MPI.MAX)
+    peak = comm.allreduce(peak_above(base), MPI.MAX)
     if kind == "global":
         its = [s.iterations for s in layer.diagnostics]
     else:

@@ -61,8 +61,18 @@ def _single_host(comm, root):
     return root and len(set(names)) == 1
 
 
-def broadcast_parameters(module, src=0):
-    """Make every rank's parameters and buffers equal to rank ``src``'s. Collective."""
+def broadcast_parameters(module, src=0, comm=MPI.COMM_WORLD):
+    """Make every rank's parameters and buffers equal to rank ``src``'s. Collective over
+    ``comm`` (the ranks of the process group). The replicas must have the same architecture on
+    every rank (checked first: a backbone whose input size is rank-dependent, e.g. built from
+    this rank's dof count, raises InputError on every rank instead of aborting MPI)."""
+    from .errors import raise_on_all_ranks
+    shapes = [tuple(t.shape) for t in list(module.parameters()) + list(module.buffers())]
+    everyone = comm.allgather(shapes)
+    raise_on_all_ranks(comm, None if all(s == everyone[src] for s in everyone) else
+                       f"the backbone replicas differ across ranks: parameter shapes {shapes} here, "
+                       f"{everyone[src]} on rank {src}; give the backbone inputs of the same size "
+                       "on every rank")
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=src)

@@ -47,3 +47,12 @@ def test_replicas_stay_identical_and_learn():
     parallel_assert(len(set(digests)) == 1, f"replicas differ after 10 steps: {digests}")
     parallel_assert(len(set(comm.allgather(tuple(losses)))) == 1, "ranks saw different losses")
     parallel_assert(losses[-1] < 0.9 * losses[0], f"no learning: {losses}")
+
+
+@pytest.mark.parallel(2)
+def test_replicas_of_different_shapes_raise_everywhere():
+    comm = MPI.COMM_WORLD
+    bridge.init_process_group(comm)
+    net = torch.nn.Linear(3 + comm.rank, 2)
+    with pytest.raises(fem_moe.InputError, match="replicas differ across ranks"):
+        bridge.broadcast_parameters(net)

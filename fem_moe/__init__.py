@@ -16,7 +16,7 @@ _EXPORTS = {
     "RankDeficientBasisWarning": "errors",
     "ConstrainedProblem": "problem",
     "Expert": "expert", "DEFAULT_SOLVER_PARAMETERS": "expert",
-    "HardConstraint": "layer", "residual_loss": "layer",
+    "HardConstraint": "layer", "residual_loss": "layer", "residual_rows": "layer",
     "constrained_solve": "adjoint",
     "MoEHardConstraint": "moe",
     "Partition": "partition",

@@ -5,7 +5,7 @@ import torch
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
 
-__all__ = ["HardConstraint", "residual_loss"]
+__all__ = ["HardConstraint", "residual_loss", "residual_rows"]
 
 
 def check_tensor(comm, name, x, shape, dtype=None, device=None):
@@ -152,6 +152,23 @@ class _ResidualNorm2(torch.autograd.Function):
         return None, _like(gu, u), _like(gd, data)
 
 
+def residual_rows(problem, u, data=None):
+    """The assembled residual of fields ``u`` [batch, n_dofs] (this rank's owned rows; Dirichlet
+    rows zero), as a numpy array [batch, n_dofs], for diagnostics (no gradient). Collective."""
+    norm = _residual_norm(problem)
+    data = check_inputs(problem, "u", u, (None, problem.n_dofs), data)
+    U, D = _to_numpy(u), _to_numpy(data)
+    return np.stack([norm._residual_at(U[b], D[b] if D.shape[1] else None)[0]
+                     for b in range(U.shape[0])])
+
+
+def _residual_norm(problem):
+    norm = problem.__dict__.get("_residual_norm")
+    if norm is None:
+        norm = problem._residual_norm = ResidualNorm(problem)
+    return norm
+
+
 def residual_loss(problem, u, data=None, reduction="mean"):
     """The soft-constraint (and physics-informed) loss: ||P R(u; m)||^2 + ||B(u - g)||^2 per
     sample, the squared Euclidean norm of the assembled residual on non-Dirichlet rows plus the
@@ -160,9 +177,7 @@ def residual_loss(problem, u, data=None, reduction="mean"):
     Summed over ranks: every rank gets the same value. Collective over ``problem.comm``."""
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    norm = problem.__dict__.get("_residual_norm")
-    if norm is None:
-        norm = problem._residual_norm = ResidualNorm(problem)
+    norm = _residual_norm(problem)
     data = check_inputs(problem, "u", u, (None, problem.n_dofs), data)
     vals = _ResidualNorm2.apply(norm, u, data)
     return {"mean": vals.mean, "sum": vals.sum, "none": lambda: vals}[reduction]()

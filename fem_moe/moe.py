@@ -87,6 +87,12 @@ class MoEHardConstraint(torch.nn.Module):
         np.minimum.at(owner, cell_dofs.ravel(), np.repeat(p.cell_expert, cell_dofs.shape[1]))
         self.owner = owner
         p.place(np.bincount(owner, minlength=K))    # balance the ranks by the dofs experts own
+        # Rows whose stencil (the dofs of the cells around them) holds dofs of another expert:
+        # there the stitched output's residual mixes two experts' fields.
+        mixed_cells = (owner[cell_dofs] != owner[cell_dofs][:, :1]).any(axis=1)
+        interface = np.zeros(n_global, dtype=bool)
+        interface[cell_dofs[mixed_cells].ravel()] = True
+        self._interface = interface
         mask, g = dirichlet_dofs(problem)
         bc, gg = np.zeros(n_global, dtype=bool), np.zeros(n_global)
         for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):
@@ -132,6 +138,12 @@ class MoEHardConstraint(torch.nn.Module):
                 pieces[k] = grads[k][:, sizes[j]:sizes[j + 1]].T
             out.append(plan.gather_sum(pieces, B).T)
         return np.concatenate(out, axis=1) if out else np.zeros((B, 0))
+
+    def interface_mask(self):
+        """This rank's owned dofs whose residual row mixes two experts' fields, bool [n_dofs].
+        Elsewhere the stitched output's residual equals its owner expert's; the residual at
+        these rows is what the mixture gives up (measure it with fem_moe.residual_rows)."""
+        return self._interface[self.layout.owned_ids].copy()
 
     def forward(self, basis, data=None):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)

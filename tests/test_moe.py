@@ -169,3 +169,23 @@ def test_a_backbone_trains_through_the_layer(kind):
         optimiser.step()
         losses.append(loss.item())
     assert losses[-1] < 0.9 * losses[0], losses
+
+
+@pytest.mark.parametrize("degree", [1, 2])
+def test_interface_rows_are_the_only_rows_mixing_experts(degree):
+    """Away from the interface rows the stitched output's residual is its owner expert's own
+    residual; at interface rows it is not (the price of the mixture, which this measures)."""
+    problem = nonlinear_diffusion(n=8, degree=degree)
+    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=3)
+    assert not fem_moe.MoEHardConstraint(problem, 4, n_experts=1).interface_mask().any()
+    data = source(problem, 3.0)
+    u = layer(random_basis(problem, 4), data)
+    stitched = fem_moe.residual_rows(problem, u, data)[0]
+    own = np.zeros(layer.layout.n_global)
+    for e in layer.experts.values():     # each expert's residual at its rows, last sample
+        own[e.ids[e.rows]] = e.expert._cache["r"][e.rows]
+    own = own[layer.layout.owned_ids]
+    interface = layer.interface_mask()
+    assert 0 < interface.sum() < problem.n_dofs
+    assert np.abs(stitched - own)[~interface].max() < 1e-10
+    assert np.abs(stitched - own)[interface].max() > 1e-6

@@ -9,19 +9,23 @@ import numpy as np
 import firedrake as fd
 from pyadjoint import Block, annotate_tape, get_working_tape, stop_annotating
 
+from .expert import Expert
+
 __all__ = ["constrained_solve", "ConstrainedSolveBlock"]
-
-
-def _vector(f):
-    with f.dat.vec_ro as x:
-        return x.array_r.copy()
 
 
 def _function(space, values, cls=fd.Function):
     f = cls(space)
-    with f.dat.vec_wo as x:
-        x.array[:] = values
+    Expert._set(f, values)
     return f
+
+
+def _unpack(basis, data):
+    """Functions -> (Phi [N, n], D [n_data] or None, key): the arrays the expert takes, and a key
+    that identifies them (to reuse a solve for the same inputs)."""
+    Phi = np.stack([Expert._get(f) for f in basis])
+    D = np.concatenate([Expert._get(f) for f in data]) if data else None
+    return Phi, D, (Phi.tobytes(), None if D is None else D.tobytes())
 
 
 class ConstrainedSolveBlock(Block):
@@ -37,40 +41,25 @@ class ConstrainedSolveBlock(Block):
     def __str__(self):
         return f"fem_moe constrained solve (N = {self.n_basis}, {self.expert.mode})"
 
-    def _unpack(self, inputs):
-        Phi = np.stack([_vector(f) for f in inputs[:self.n_basis]])
-        data = inputs[self.n_basis:]
-        D = np.concatenate([_vector(f) for f in data]) if data else None
-        return Phi, D
-
-    def _solve(self, Phi, D):
-        key = (Phi.tobytes(), None if D is None else D.tobytes())
+    def _solve(self, inputs):
+        Phi, D, key = _unpack(inputs[:self.n_basis], inputs[self.n_basis:])
         if self._solution[0] != key:
             w, _, info = self.expert.solve(Phi, D)
             self._solution = (key, w, info.ridge)
-        return self._solution[1], self._solution[2]
+        return Phi, D, self._solution[1], self._solution[2]
 
     def recompute_component(self, inputs, block_variable, idx, prepared):
-        Phi, D = self._unpack(inputs)
-        w, _ = self._solve(Phi, D)
+        Phi, _, w, _ = self._solve(inputs)
         e = self.expert
         return _function(e.problem.V, e.g_vec + w @ np.where(e.col_mask, Phi, 0.0))
 
     def prepare_evaluate_adj(self, inputs, adj_inputs, relevant_dependencies):
-        Phi, D = self._unpack(inputs)
-        w, rho = self._solve(Phi, D)
-        return self.expert.vjp(Phi, D, w, _vector(adj_inputs[0]), rho=rho)
+        Phi, D, w, rho = self._solve(inputs)
+        Phi_bar, D_bar = self.expert.vjp(Phi, D, w, Expert._get(adj_inputs[0]), rho=rho)
+        return list(Phi_bar) + self.expert.problem.split_data(D_bar)
 
     def evaluate_adj_component(self, inputs, adj_inputs, block_variable, idx, prepared=None):
-        Phi_bar, D_bar = prepared
-        if idx < self.n_basis:
-            return _function(self.expert.problem.V.dual(), Phi_bar[idx], fd.Cofunction)
-        offset = 0
-        for k, f in enumerate(inputs[self.n_basis:], start=self.n_basis):
-            size = f.function_space().dof_dset.layout_vec.getLocalSize()
-            if k == idx:
-                return _function(f.function_space().dual(), D_bar[offset:offset + size], fd.Cofunction)
-            offset += size
+        return _function(inputs[idx].function_space().dual(), prepared[idx], fd.Cofunction)
 
 
 def constrained_solve(expert, basis, data=()):
@@ -81,12 +70,10 @@ def constrained_solve(expert, basis, data=()):
     mesh communicator."""
     basis, data = list(basis), list(data)
     with stop_annotating():
-        Phi = np.stack([_vector(f) for f in basis])
-        D = np.concatenate([_vector(f) for f in data]) if data else None
+        Phi, D, key = _unpack(basis, data)
         w, u_vec, info = expert.solve(Phi, D)
         u = _function(expert.problem.V, u_vec)
     if annotate_tape():
-        key = (Phi.tobytes(), None if D is None else D.tobytes())
         block = ConstrainedSolveBlock(expert, len(basis), basis + data, (key, w, info.ridge))
         get_working_tape().add_block(block)
         block.add_output(u.create_block_variable())

@@ -36,14 +36,15 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
+from .problem import owned_size
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"]
 
-#: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 |r|^2 (in lstsq mode) with
-#: the exact Hessian (Gauss-Newton + Levenberg-Marquardt damping where the Hessian is not positive
-#: definite), dense LU. Chosen by measurement over random bases, K = 1, 2, 3, P1/P2: line searches
-#: (bt, l2, cp) either stall at the objective's round-off floor or accept increases on these
-#: polynomial objectives; the trust region did neither.
+#: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 |r|^2 (in lstsq mode),
+#: Gauss-Newton Jacobians far from the solution and the exact Hessian near it (Levenberg-Marquardt
+#: damping where the Hessian is not positive definite), dense LU. Chosen by measurement over random
+#: bases, K = 1, 2, 3, P1/P2: line searches (bt, l2, cp) either stall at the objective's round-off
+#: floor or accept increases on these polynomial objectives; the trust region did neither.
 DEFAULT_SOLVER_PARAMETERS = {
     "snes_type": "newtontr",
     "snes_rtol": 1e-12,
@@ -179,11 +180,8 @@ class Expert:
 
     def set_data(self, data):
         """Write a data vector (owned dofs of all data spaces, concatenated) into ``self.m``."""
-        offset = 0
-        for mk in self.m:
-            size = mk.function_space().dof_dset.layout_vec.getLocalSize()
-            self._set(mk, data[offset:offset + size])
-            offset += size
+        for mk, values in zip(self.m, self.problem.split_data(data)):
+            self._set(mk, values)
 
     # ---------------------------------------------------------------- assembly
     def _phi_mat(self, Phi):
@@ -464,14 +462,14 @@ class Expert:
         Phi_bar[:, ~self.col_mask] = 0.0
         self._set(self.z_fn, z)
         self._set(self.r_fn, r)
-        data_bar = []
-        for mk, form in zip(self.m, self.dm_forms):
-            if form is None:
-                data_bar.append(np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()))
-            else:
-                data_bar.append(-self._get(self._assemble(form)))
-        data_bar = np.concatenate(data_bar) if data_bar else np.zeros(0)
-        return Phi_bar, data_bar
+        return Phi_bar, -self._data_derivative()
+
+    def _data_derivative(self):
+        """d<lam, G>/dm (with z_fn, r_fn, y_fn, u and m set): the data spaces' dofs concatenated,
+        zero where the residual does not depend on a data field."""
+        parts = [np.zeros(owned_size(mk.function_space())) if form is None
+                 else self._get(self._assemble(form)) for mk, form in zip(self.m, self.dm_forms)]
+        return np.concatenate(parts) if parts else np.zeros(0)
 
     def _matvec(self, mat, x, transpose=False):
         X, Y = mat.createVecs()
@@ -538,6 +536,4 @@ class ResidualNorm:
         J = e._assemble_jacobian()
         du = 2 * e._matvec(J, r, transpose=True) + 2 * b
         e._set(e.z_fn, r)
-        dm = [np.zeros(mk.function_space().dof_dset.layout_vec.getLocalSize()) if form is None
-              else 2 * e._get(e._assemble(form)) for mk, form in zip(e.m, e.dm_forms)]
-        return du, (np.concatenate(dm) if dm else np.zeros(0))
+        return du, 2 * e._data_derivative()

@@ -120,23 +120,16 @@ class MoEHardConstraint(torch.nn.Module):
     # ------------------------------------------------------------------ tensors
     def _scatter_data(self, D):
         """[B, n_data] owned -> {k: [B, n_data_k]} (the expert's data spaces concatenated)."""
-        B = D.shape[0]
-        parts, offset = [], 0
-        for plan in self.data_plans:
-            parts.append(plan.scatter(D[:, offset:offset + plan.n_owned].T.copy()))
-            offset += plan.n_owned
-        return {k: (np.concatenate([part[k] for part in parts]).T if parts else np.zeros((B, 0)))
-                for k in self.experts}
+        parts = [plan.scatter(Dj.copy())
+                 for plan, Dj in zip(self.data_plans, self.problem.split_data(D.T))]
+        return {k: (np.concatenate([part[k] for part in parts]).T if parts
+                    else np.zeros((D.shape[0], 0))) for k in self.experts}
 
     def _gather_data(self, grads, B):
         """{k: [B, n_data_k]} (summed where experts overlap) -> [B, n_data] owned."""
-        out = []
-        for j, plan in enumerate(self.data_plans):
-            pieces = {}
-            for k, e in self.experts.items():
-                sizes = np.cumsum([0] + [len(ids) for ids in e.data_ids])
-                pieces[k] = grads[k][:, sizes[j]:sizes[j + 1]].T
-            out.append(plan.gather_sum(pieces, B).T)
+        split = {k: e.expert.problem.split_data(grads[k].T) for k, e in self.experts.items()}
+        out = [plan.gather_sum({k: parts[j] for k, parts in split.items()}, B).T
+               for j, plan in enumerate(self.data_plans)]
         return np.concatenate(out, axis=1) if out else np.zeros((B, 0))
 
     def interface_mask(self):

@@ -10,6 +10,11 @@ from .errors import InputError
 __all__ = ["ConstrainedProblem"]
 
 
+def owned_size(V):
+    """The number of dofs of space V this rank owns."""
+    return V.dof_dset.layout_vec.getLocalSize()
+
+
 def _as_tuple(x):
     if x is None:
         return ()
@@ -84,12 +89,18 @@ class ConstrainedProblem:
     @property
     def n_dofs(self):
         """Dofs of u owned by this rank (the length of this rank's tensors)."""
-        return self.V.dof_dset.layout_vec.getLocalSize()
+        return owned_size(self.V)
 
     @property
     def n_data_dofs(self):
         """Owned dofs of all data spaces together (the length of this rank's data tensors)."""
-        return sum(Vd.dof_dset.layout_vec.getLocalSize() for Vd in self.data_spaces)
+        return sum(owned_size(Vd) for Vd in self.data_spaces)
+
+    def split_data(self, data):
+        """A data vector (owned dofs of the data spaces, concatenated) cut into one array per
+        data space."""
+        bounds = np.cumsum([0] + [owned_size(Vd) for Vd in self.data_spaces])
+        return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
     def dof_coordinates(self, space=None):
         """Coordinates of this rank's owned dofs of ``space`` (default V), ``[n_dofs, gdim]``, in

@@ -52,12 +52,9 @@ def classical_solution(problem, data):
     """Firedrake's own Newton solve of the same discrete problem: the dof vector [n_dofs]."""
     V = problem.V
     m = tuple(fd.Function(Vd) for Vd in problem.data_spaces)
-    offset = 0
-    for mk in m:
-        size = mk.function_space().dof_dset.layout_vec.getLocalSize()
+    for mk, values in zip(m, problem.split_data(data)):
         with mk.dat.vec_wo as vec:
-            vec.array[:] = data[offset:offset + size]
-        offset += size
+            vec.array[:] = values
     u = fd.Function(V)
     fd.solve(problem.residual(u, fd.TestFunction(V), m) == 0, u, bcs=problem.bcs,
              solver_parameters={"snes_rtol": 1e-14, "snes_atol": 1e-15, "ksp_type": "preonly",

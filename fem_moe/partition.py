@@ -33,6 +33,15 @@ __all__ = ["Partition", "SpaceLayout", "ExchangePlan"]
 _DIGITS = 1e9   # coordinates are keyed to 1e-9 of the mesh's extent
 
 
+def _find(sorted_keys, keys, what):
+    """Positions of ``keys`` in ``sorted_keys`` (both from _void); InputError naming ``what`` if
+    one is missing."""
+    ids = np.minimum(np.searchsorted(sorted_keys, keys), len(sorted_keys) - 1)
+    if not np.array_equal(sorted_keys[ids], keys):
+        raise InputError(what)
+    return ids
+
+
 def _void(keys):
     """Rows of an int64 array as opaque scalars, for sorting and searching whole rows."""
     keys = np.ascontiguousarray(keys, dtype=np.int64)
@@ -103,7 +112,7 @@ class Partition:
         markers = {}
         for part in self.comm.allgather(found):
             for keys, value in part:
-                ids = np.searchsorted(self._vertex_keys, _void(keys))
+                ids = _find(self._vertex_keys, _void(keys), "a marked point has no vertex of the mesh")
                 markers.setdefault(tuple(sorted(ids.tolist())), set()).add(value)
         return {key: sorted(values) for key, values in markers.items()}
 
@@ -184,10 +193,7 @@ class Partition:
         cells = X[mesh.coordinates.cell_node_map().values[:mesh.cell_set.size]]
         keys = _void(self.keys(cells.mean(axis=1)))
         # Canonical cells are numbered in the sorted order of their keys.
-        ids = np.minimum(np.searchsorted(self.cell_keys, keys), len(self.cell_keys) - 1)
-        if not np.array_equal(self.cell_keys[ids], keys):
-            raise InputError("cells of the mesh do not match the partitioned mesh")
-        return ids
+        return _find(self.cell_keys, keys, "cells of the mesh do not match the partitioned mesh")
 
     def expert_indicator(self, mesh=None):
         """A DG0 Function on ``mesh`` (default: the partitioned mesh) holding each cell's expert
@@ -271,11 +277,7 @@ class SpaceLayout:
 
     def lookup(self, keys):
         v = _void(keys)
-        ids = np.searchsorted(self.sorted_keys, v)
-        ids = np.minimum(ids, self.n_global - 1)
-        if not np.array_equal(self.sorted_keys[ids], v):
-            raise InputError("a dof of an expert's space has no match in the global space")
-        return ids
+        return _find(self.sorted_keys, v, "a dof of an expert's space has no match in the global space")
 
     def space_ids(self, Vk):
         """Canonical ids of the dofs of a space ``Vk`` on an expert's submesh (same element)."""

@@ -1,0 +1,137 @@
+"""``python -m fem_moe generate|train|evaluate CONFIG [--set section.key=value ...] [PETSc options]``
+
+Runs under ``mpirun -n P`` as it runs serially. Options with a single dash go to PETSc (e.g.
+``-expert_snes_monitor``, ``-classical_snes_monitor``); ``--set train.steps=50`` overrides a
+config entry (TOML syntax). An error in the config or the data is reported once, by rank 0,
+and every rank exits with status 2; a failure mid-run with status 1.
+"""
+import argparse
+import sys
+
+
+def _parser():
+    p = argparse.ArgumentParser(prog="python -m fem_moe", description=__doc__.split("\n\n")[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("command", choices=("generate", "train", "evaluate"),
+                   help="generate: make the dataset with the classical solver; train: train (and "
+                   "resume) the model, then evaluate it on the test split; evaluate: measure the "
+                   "last checkpoint")
+    p.add_argument("config", help="a TOML file (see fem_moe.config)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config entry, e.g. --set model.kind=pihc (repeatable)")
+    p.add_argument("--split", default="test", choices=("train", "val", "test"),
+                   help="evaluate: which samples (default test)")
+    p.add_argument("--force", action="store_true", help="generate: remake an existing dataset")
+    return p
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    ours, petsc = _split_values(argv)
+    args = _parser().parse_args(ours)
+    sys.argv = [sys.argv[0]] + petsc
+    from mpi4py import MPI
+    from .errors import FemMoeError
+    comm = MPI.COMM_WORLD
+    try:
+        return _run(args, comm)
+    except FemMoeError as e:
+        if comm.rank == 0:
+            print(f"fem_moe {args.command}: error: {e}", file=sys.stderr)
+        return 2 if type(e).__name__ == "InputError" else 1
+
+
+def _split_values(argv):
+    """Split argv into ours and PETSc's: "-name" (single dash) is a PETSc option, and the word
+    after it its value once our two positional arguments (command, config) have been seen."""
+    ours, petsc, i = [], [], 0
+    while i < len(argv):
+        a = argv[i]
+        if a.startswith("-") and not a.startswith("--") and a != "-h" and not _is_number(a):
+            petsc.append(a)
+            positional = [x for x in ours if not x.startswith("-")]
+            nxt = argv[i + 1] if i + 1 < len(argv) else None
+            if nxt is not None and len(positional) >= 2 and (not nxt.startswith("-") or _is_number(nxt)):
+                petsc.append(nxt)
+                i += 1
+        else:
+            ours.append(a)
+        i += 1
+    return ours, petsc
+
+
+def _is_number(s):
+    try:
+        float(s)
+        return True
+    except ValueError:
+        return False
+
+
+def _run(args, comm):
+    from .config import load_config
+    from .errors import raise_on_all_ranks, FemMoeError
+    err, config = None, None
+    try:
+        config = load_config(args.config, args.overrides)
+    except FemMoeError as e:
+        err = e
+    raise_on_all_ranks(comm, err)
+    if args.command == "generate":
+        return _generate(config, comm, args.force)
+    from .train import Trainer
+    trainer = Trainer(config, comm)
+    if args.command == "train":
+        trainer.fit()
+        if comm.rank == 0:
+            last = trainer.validation[-1] if trainer.validation else {}
+            print(f"trained {trainer.model.kind}: {trainer.step} steps; validation {last}; "
+                  f"checkpoint {trainer.checkpoint_path}")
+    elif trainer.step == 0 and comm.rank == 0:
+        print(f"note: no checkpoint in {trainer.out}: evaluating the untrained model")
+    if config["data"]["n_test"] or args.command == "evaluate":
+        result = trainer.evaluate(args.split)
+        if comm.rank == 0:
+            _print_result(result)
+    return 0
+
+
+def _generate(config, comm, force):
+    import os
+    from .data import generate, describe
+    from .pdes import get
+    pde = get(config["pde"]["name"], **config["pde"]["options"])
+    d = config["data"]
+    n = d["n_train"] + d["n_val"] + d["n_test"]
+    path = d["path"]
+    current = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None)
+    want = {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": d["seed"]}
+    if current == want and not force:
+        if comm.rank == 0:
+            print(f"{path} is up to date ({n} samples of {pde.describe()}); --force remakes it")
+        return 0
+    generate(pde, path, n, seed=d["seed"], comm=comm, progress=config["train"]["progress"])
+    if comm.rank == 0:
+        print(f"wrote {path}: {n} samples of {pde.describe()} on {comm.size} rank(s)")
+    return 0
+
+
+def _print_result(r):
+    rows = [("samples", r["samples"]), ("relative L2 (mean)", f"{r['rel_l2']:.4e}"),
+            ("relative L2 (max)", f"{r['rel_l2_max']:.4e}"),
+            ("relative residual^2 (mean)", f"{r['residual']:.4e}")]
+    if "residual_interface" in r:
+        rows += [("RMS residual at interfaces (rel.)", f"{r['residual_interface']:.4e}"),
+                 ("RMS residual elsewhere (rel.)", f"{r['residual_interior']:.4e}")]
+    rows += [("inference s/sample", f"{r['inference_time']:.4e}"),
+             ("classical solver s/sample", f"{r['classical_time']:.4e}"),
+             ("peak RSS per rank (MiB)", ", ".join(f"{m:.0f}" for m in r["peak_rss_mb"]))]
+    width = max(len(k) for k, _ in rows)
+    print(f"evaluation of {r['kind']} ({r['ranks']} rank(s), {r['dofs']} dofs, step {r['step']}), "
+          f"{r['split']} split:")
+    for k, v in rows:
+        print(f"  {k.ljust(width)}  {v}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,180 @@
+"""Run configurations: small TOML files over documented defaults.
+
+A config has four sections; anything left out takes the default below. Example::
+
+    [pde]
+    name = "reaction_diffusion"      # fem_moe.pdes.REGISTRY
+    options = { n = 8 }             # the PDE's own options
+
+    [data]
+    path = "data/rd.h5"              # relative to the config file
+    n_train = 32
+    n_val = 8
+    n_test = 8
+
+    [model]
+    kind = "moe"                     # soft | pihc | moe
+    n_basis = 16
+    n_experts = 4
+
+    [train]
+    loss = "physics"                 # physics | supervised | mixed
+    steps = 200
+"""
+import copy
+import os
+import tomllib
+
+from .errors import InputError
+
+__all__ = ["DEFAULTS", "load_config", "apply_overrides", "validate"]
+
+DEFAULTS = {
+    "pde": {
+        "name": "reaction_diffusion",
+        "options": {},
+    },
+    "data": {
+        "path": "data.h5",
+        "n_train": 32,          # samples, in this order in the file: train, val, test
+        "n_val": 8,
+        "n_test": 8,
+        "seed": 0,              # of the input distribution
+    },
+    "model": {
+        "kind": "moe",          # soft | pihc | moe
+        "n_basis": 16,
+        "n_experts": 2,         # moe only
+        "mode": "lstsq",        # lstsq | galerkin
+        "backbone": "deeponet",
+        "width": 64,
+        "depth": 3,
+        "latent": 64,
+        "solver_parameters": {},    # the reduced SNES's (fem_moe.DEFAULT_SOLVER_PARAMETERS)
+    },
+    "train": {
+        "loss": "physics",      # physics | supervised | mixed
+        "physics_weight": 1.0,  # mixed: physics_weight * physics + supervised_weight * supervised
+        "supervised_weight": 1.0,
+        "steps": 100,
+        "batch_size": 4,
+        "lr": 1e-3,
+        "schedule": "cosine",   # none | cosine | step
+        "step_size": 100,       # step schedule: lr *= gamma every step_size steps
+        "gamma": 0.5,
+        "min_lr": 0.0,          # cosine schedule's floor
+        "val_every": 20,
+        "checkpoint_every": 20,
+        "seed": 0,              # of the initial weights and the batch order
+        "on_diverge": "skip",   # skip | stop: what a diverging expert solve does to the step
+        "out": "runs/default",  # relative to the config file: checkpoint.pt, metrics.json/csv
+        "resume": True,         # continue from out/checkpoint.pt when it exists
+        "progress": True,       # tqdm bar on rank 0
+        "dtype": "float64",     # float64 | float32 (the backbone's; solves are float64)
+    },
+}
+
+CHOICES = {
+    ("model", "kind"): ("soft", "pihc", "moe"),
+    ("model", "mode"): ("lstsq", "galerkin"),
+    ("model", "backbone"): ("deeponet",),
+    ("train", "loss"): ("physics", "supervised", "mixed"),
+    ("train", "schedule"): ("none", "cosine", "step"),
+    ("train", "on_diverge"): ("skip", "stop"),
+    ("train", "dtype"): ("float64", "float32"),
+}
+# Free-form tables (checked by their owners: the PDE, the SNES).
+FREE = {("pde", "options"), ("model", "solver_parameters")}
+PATHS = (("data", "path"), ("train", "out"))
+
+
+def _merge(defaults, given, where, source):
+    out = copy.deepcopy(defaults)
+    for key, value in given.items():
+        if key not in defaults:
+            raise InputError(f"{source}: unknown {'section' if not where else 'option'} "
+                             f"{'.'.join(where + (key,))!r}; valid: {sorted(defaults)}")
+        path = where + (key,)
+        if isinstance(defaults[key], dict) and path not in FREE:
+            if not isinstance(value, dict):
+                raise InputError(f"{source}: [{'.'.join(path)}] must be a table")
+            out[key] = _merge(defaults[key], value, path, source)
+        else:
+            out[key] = value
+    return out
+
+
+def validate(config, source="config"):
+    """Check types and choices; InputError naming the option otherwise. Returns config."""
+    for section, options in DEFAULTS.items():
+        for key, default in options.items():
+            value, name = config[section][key], f"{section}.{key}"
+            if (section, key) in FREE:
+                ok = isinstance(value, dict)
+            elif isinstance(default, bool):
+                ok = isinstance(value, bool)
+            elif isinstance(default, int):
+                ok = isinstance(value, int) and not isinstance(value, bool)
+            elif isinstance(default, float):
+                ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+            else:
+                ok = isinstance(value, type(default))
+            if not ok:
+                raise InputError(f"{source}: {name} = {value!r} should be a "
+                                 f"{type(default).__name__}")
+            if (section, key) in CHOICES and value not in CHOICES[section, key]:
+                raise InputError(f"{source}: {name} = {value!r}; choose one of "
+                                 f"{CHOICES[section, key]}")
+    for name in ("n_train", "n_val", "n_test"):
+        if config["data"][name] < (1 if name == "n_train" else 0):
+            raise InputError(f"{source}: data.{name} = {config['data'][name]} is too small")
+    for name in ("steps", "batch_size", "val_every", "checkpoint_every", "step_size"):
+        if config["train"][name] < 1:
+            raise InputError(f"{source}: train.{name} must be >= 1")
+    if config["model"]["n_basis"] < 1 or config["model"]["n_experts"] < 1:
+        raise InputError(f"{source}: model.n_basis and model.n_experts must be >= 1")
+    return config
+
+
+def apply_overrides(config, overrides, source="--set"):
+    """``overrides``: strings "section.key=value" (value in TOML syntax, or a bare string)."""
+    config = copy.deepcopy(config)
+    for item in overrides or ():
+        if "=" not in item or "." not in item.split("=", 1)[0]:
+            raise InputError(f"{source} {item!r}: expected section.key=value")
+        key, text = item.split("=", 1)
+        try:
+            value = tomllib.loads(f"v = {text}")["v"]
+        except tomllib.TOMLDecodeError:
+            value = text
+        *sections, last = key.strip().split(".")
+        node = config
+        for s in sections:
+            if not isinstance(node.get(s), dict):
+                raise InputError(f"{source} {item!r}: unknown section {s!r}")
+            node = node[s]
+        if last not in node and tuple(sections) not in FREE:
+            raise InputError(f"{source} {item!r}: unknown option {key!r}")
+        node[last] = value
+    return config
+
+
+def load_config(path=None, overrides=(), base_dir=None):
+    """The config in TOML file ``path`` (or the defaults when None) with ``overrides`` applied
+    and relative paths resolved against the file's directory (or ``base_dir``). Validated."""
+    given = {}
+    if path is not None:
+        if not os.path.isfile(path):
+            raise InputError(f"config file {path!r} not found")
+        try:
+            with open(path, "rb") as f:
+                given = tomllib.load(f)
+        except tomllib.TOMLDecodeError as e:
+            raise InputError(f"{path}: not valid TOML: {e}") from None
+        base_dir = base_dir or os.path.dirname(os.path.abspath(path))
+    config = _merge(DEFAULTS, given, (), path or "defaults")
+    config = apply_overrides(config, overrides)
+    base_dir = base_dir or os.getcwd()
+    for section, key in PATHS:
+        config[section][key] = os.path.join(base_dir, os.path.expanduser(config[section][key]))
+    return validate(config, path or "config")

@@ -1,0 +1,151 @@
+"""Datasets on disk: inputs, classical solutions and their mesh in one Firedrake CheckpointFile.
+
+A dataset file holds the mesh (so it loads on any number of ranks: Firedrake redistributes it),
+for every sample the data Functions ``input<j>`` and the classical solution ``target`` (saved
+with ``idx`` = the sample number), and under ``fem_moe/`` the parameter vectors
+(``params`` [n, n_params]), the classical solve's time and Newton iterations per sample, and
+the PDE's name and options (JSON) so that a file is checked against the config that reads it.
+"""
+import json
+import os
+import time
+
+import numpy as np
+import firedrake as fd
+from mpi4py import MPI
+
+from .errors import raise_on_all_ranks
+from .pdes import get as get_pde
+
+__all__ = ["generate", "Dataset", "describe"]
+
+MESH_NAME = "fem_moe_mesh"
+
+
+def _vec(f):
+    with f.dat.vec_ro as v:
+        return v.array_r.copy()
+
+
+def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
+    """Draw ``n`` inputs of ``pde`` (numpy seed ``seed``), solve each with the classical solver
+    and write the dataset to ``path`` (atomically: a temporary file, renamed when complete).
+    Collective over ``comm``. Returns the path."""
+    from tqdm import tqdm
+    params = pde.sample(np.random.default_rng(seed), n)
+    mesh = pde.mesh(comm)
+    mesh.name = MESH_NAME
+    problem = pde.problem(mesh)
+    times, iterations = np.zeros(n), np.zeros(n, dtype=np.int64)
+    tmp = f"{path}.tmp{os.getpid() if comm.rank == 0 else ''}"
+    tmp = comm.bcast(tmp, root=0)
+    if comm.rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    comm.barrier()
+    with fd.CheckpointFile(tmp, "w", comm=comm) as f:
+        f.save_mesh(mesh)
+        for i in tqdm(range(n), desc=f"generate {pde.name}", disable=not progress or comm.rank != 0):
+            data = pde.data(problem, params[i])
+            u, times[i], iterations[i] = pde.classical_solve(problem, data)
+            for j, m in enumerate(data):
+                m.rename(f"input{j}")
+                f.save_function(m, idx=i)
+            u.rename("target")
+            f.save_function(u, idx=i)
+        times = comm.allreduce(times, op=MPI.MAX)
+        h5 = f.h5pyfile
+        group = h5.require_group("fem_moe")
+        # Dataset creation is collective in parallel HDF5; every rank writes the same values.
+        for key, value in (("params", params), ("solve_time", times), ("newton_iterations", iterations)):
+            ds = group.create_dataset(key, shape=value.shape, dtype=value.dtype)
+            if comm.rank == 0:
+                ds[...] = value
+            del ds
+        del group, h5       # HDF5 will not close the file while h5py objects are open in it
+        f.set_attr("fem_moe", "pde", json.dumps({"name": pde.name, "options": pde.opts}))
+        f.set_attr("fem_moe", "n_samples", n)
+        f.set_attr("fem_moe", "seed", seed)
+        f.set_attr("fem_moe", "created", time.strftime("%Y-%m-%dT%H:%M:%S"))
+    if comm.rank == 0:
+        os.replace(tmp, path)
+    comm.barrier()
+    return path
+
+
+class Dataset:
+    """A dataset file, loaded on ``comm`` (any number of ranks).
+
+    Attributes: ``pde`` (the PDE the file was made with), ``mesh``, ``problem`` (built on the
+    loaded mesh, ``problem_kwargs`` passed on), ``params`` [n, n_params], ``inputs`` [n,
+    n_inputs] (what the backbone sees), ``data`` [n, n_data_dofs] and ``targets`` [n, n_dofs]
+    (this rank's owned dofs, numpy float64), ``lifting`` [n, n_dofs] or None (added to the
+    constrained unknown to give the physical field), ``solve_time`` [n] (classical solve,
+    seconds, max over the ranks that made the file). Collective.
+
+    ``expect``: a (name, options) pair; if given, a file made for another PDE or other options
+    raises InputError on every rank.
+    """
+
+    def __init__(self, path, comm=MPI.COMM_WORLD, expect=None, problem_kwargs=None):
+        err = None
+        if not os.path.isfile(path):
+            err = f"dataset {path!r} not found (make it with `python -m fem_moe generate CONFIG`)"
+        raise_on_all_ranks(comm, err)
+        self.path = path
+        try:
+            f = fd.CheckpointFile(path, "r", comm=comm)
+        except Exception as e:    # h5py's errors name neither the file nor what it should be
+            f, err = None, f"cannot read {path!r} as a Firedrake CheckpointFile: {e}"
+        raise_on_all_ranks(comm, err)
+        with f:
+            if not f.has_attr("fem_moe", "pde"):
+                err = f"{path!r} is not a fem_moe dataset (no fem_moe/pde attribute)"
+            raise_on_all_ranks(comm, err)
+            meta = json.loads(f.get_attr("fem_moe", "pde"))
+            if expect is not None:
+                name, options = expect
+                want = get_pde(name, **options).opts
+                if meta["name"] != name or meta["options"] != want:
+                    err = (f"dataset {path!r} was made for {meta['name']} {meta['options']}, "
+                           f"but the config asks for {name} {want}: regenerate it")
+            raise_on_all_ranks(comm, err)
+            self.pde = get_pde(meta["name"], **meta["options"])
+            self.mesh = f.load_mesh(MESH_NAME)
+            self.problem = self.pde.problem(self.mesh, **(problem_kwargs or {}))
+            n = int(f.get_attr("fem_moe", "n_samples"))
+            self.params = f.h5pyfile["fem_moe/params"][...]
+            self.solve_time = f.h5pyfile["fem_moe/solve_time"][...]
+            n_inputs = len(self.problem.data_spaces)
+            data, targets, lifts = [], [], []
+            for i in range(n):
+                fields = [f.load_function(self.mesh, f"input{j}", idx=i) for j in range(n_inputs)]
+                target = f.load_function(self.mesh, "target", idx=i)
+                if target.function_space().ufl_element() != self.problem.V.ufl_element():
+                    err = (f"{path!r}: the stored solution is in {target.function_space().ufl_element()}"
+                           f" but the problem's space is {self.problem.V.ufl_element()}")
+                raise_on_all_ranks(comm, err)
+                data.append(np.concatenate([_vec(m) for m in fields]) if fields else np.zeros(0))
+                targets.append(_vec(target))
+                lift = self.pde.lifting(self.problem, fields)
+                if lift is not None:
+                    lifts.append(lift)
+        self.data, self.targets = np.array(data), np.array(targets)
+        self.lifting = np.array(lifts) if lifts else None
+        self.inputs = self.pde.inputs(self.params)
+
+    def __len__(self):
+        return len(self.params)
+
+
+def describe(path):
+    """What a dataset file holds, read without Firedrake (one process): {"name", "options",
+    "n_samples", "seed"}, or None if it is not a readable fem_moe dataset."""
+    import h5py
+    try:
+        with h5py.File(path, "r") as f:
+            attrs = f["fem_moe"].attrs
+            meta = json.loads(attrs["pde"])
+            return {"name": meta["name"], "options": meta["options"],
+                    "n_samples": int(attrs["n_samples"]), "seed": int(attrs["seed"])}
+    except (OSError, KeyError, ValueError):
+        return None

@@ -1,0 +1,37 @@
+"""Losses over fields distributed across ranks (each rank holds its owned dofs)."""
+import torch
+from mpi4py import MPI
+
+from .layer import residual_loss
+
+__all__ = ["global_sum", "relative_l2", "residual_loss"]
+
+
+class _GlobalSum(torch.autograd.Function):
+    """Sum over the ranks. Backward: each rank's part gets the (rank-independent) incoming
+    gradient; the parameters' gradients are then summed by the bridge's all-reduce."""
+
+    @staticmethod
+    def forward(ctx, x, comm):
+        out = comm.allreduce(x.detach().cpu().double().numpy(), op=MPI.SUM)
+        return torch.as_tensor(out, dtype=x.dtype, device=x.device)
+
+    @staticmethod
+    def backward(ctx, g):
+        return g, None
+
+
+def global_sum(x, comm):
+    """``x`` summed over the ranks of ``comm`` (same shape on every rank), differentiable.
+    Collective."""
+    return _GlobalSum.apply(x, comm)
+
+
+def relative_l2(comm, u, target, reduction="mean"):
+    """||u - target|| / ||target|| per sample over all ranks' dofs (u, target: ``[batch,
+    n_dofs]``, this rank's owned dofs; Euclidean norm of the dof vectors). Differentiable w.r.t.
+    ``u``. ``reduction``: "mean" | "none". Collective over ``comm``."""
+    err = global_sum(((u - target) ** 2).sum(dim=1), comm)
+    ref = global_sum((target.detach() ** 2).sum(dim=1), comm)
+    vals = torch.sqrt(err / ref.clamp_min(torch.finfo(ref.dtype).tiny))
+    return vals.mean() if reduction == "mean" else vals

@@ -1,0 +1,113 @@
+"""What a shipped PDE is: a mesh, a constrained problem, an input distribution and the classical
+solver that makes reference data. Training, data generation and the demos only use this."""
+import time
+
+import numpy as np
+import firedrake as fd
+
+from ..errors import InputError
+
+__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS"]
+
+#: Firedrake's Newton with a direct solve: the reference the networks are measured against.
+CLASSICAL_SOLVER_PARAMETERS = {
+    "snes_type": "newtonls",
+    "snes_linesearch_type": "bt",
+    "snes_rtol": 1e-12,
+    "snes_atol": 1e-12,
+    "snes_max_it": 50,
+    "ksp_type": "preonly",
+    "pc_type": "lu",
+    "pc_factor_mat_solver_type": "mumps",
+}
+
+
+class PDE:
+    """A family of problems: one residual form, inputs drawn from a documented distribution.
+
+    Subclasses set ``name``, ``options`` (the option names and defaults; an instance takes them as
+    keyword arguments, unknown names raise InputError), ``n_params`` and implement
+    :meth:`mesh`, :meth:`problem`, :meth:`sample` and :meth:`data`. An input is a parameter
+    vector ``[n_params]`` (what the backbone sees, after :meth:`inputs`); :meth:`data` turns it
+    into the problem data fields on any mesh of the family.
+
+    The constrained unknown may be a deviation from a data-dependent lifting (e.g. an initial
+    condition imposed exactly): then :meth:`physical` adds that lifting, and errors are measured
+    on the physical field.
+    """
+    name = None
+    options = {}
+    n_params = 0
+
+    def __init__(self, **options):
+        unknown = sorted(set(options) - set(self.options))
+        if unknown:
+            raise InputError(f"unknown option(s) {unknown} for PDE {self.name!r}; it takes "
+                             f"{sorted(self.options)}")
+        self.opts = {**self.options, **options}
+
+    # ---------------------------------------------------------------- to implement
+    def mesh(self, comm):
+        """The family's mesh, distributed over ``comm``. Collective."""
+        raise NotImplementedError
+
+    def problem(self, mesh, **kwargs):
+        """The ConstrainedProblem on ``mesh`` (kwargs go to ConstrainedProblem). Collective."""
+        raise NotImplementedError
+
+    def sample(self, rng, n):
+        """``n`` parameter vectors from the input distribution, ``[n, n_params]`` (numpy
+        Generator ``rng``; the same on every rank for the same seed)."""
+        raise NotImplementedError
+
+    def data(self, problem, params):
+        """The data Functions (one per data space of ``problem``) for one parameter vector."""
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- defaults
+    def inputs(self, params):
+        """What the backbone sees for parameter vectors ``[n, n_params]``: by default the
+        parameters themselves."""
+        return np.asarray(params, dtype=np.float64)
+
+    def lifting(self, problem, data):
+        """The field added to the constrained unknown to give the physical field (owned dofs),
+        or None. ``data``: the data Functions."""
+        return None
+
+    def initial_guess(self, problem, data):
+        """Starting point of the classical Newton solve."""
+        return fd.Function(problem.V)
+
+    def classical_solve(self, problem, data, solver_parameters=None):
+        """Firedrake's own Newton solve of the same discrete problem: returns (u Function,
+        seconds, Newton iterations). Collective."""
+        u = self.initial_guess(problem, data)
+        F = problem.residual(u, fd.TestFunction(problem.V), tuple(data))
+        params = {**CLASSICAL_SOLVER_PARAMETERS, **(solver_parameters or {})}
+        solver = fd.NonlinearVariationalSolver(
+            fd.NonlinearVariationalProblem(F, u, bcs=problem.bcs), solver_parameters=params,
+            options_prefix="classical_")
+        t0 = time.perf_counter()
+        solver.solve()
+        seconds = time.perf_counter() - t0
+        return u, seconds, solver.snes.getIterationNumber()
+
+    def describe(self):
+        return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.opts.items())})"
+
+
+def fourier_field(space, coefficients, modes, cache=None):
+    """sum_k c_k sin(pi a_k x) sin(pi b_k y) on ``space``'s mesh, coefficients [len(modes)].
+    The mode fields are interpolated once per space (into ``cache``, a dict): a new expression
+    per sample would compile a new kernel per sample."""
+    cache = {} if cache is None else cache
+    key = (space, tuple(modes))
+    if key not in cache:
+        x = fd.SpatialCoordinate(space.mesh())
+        cache[key] = [fd.Function(space).interpolate(fd.sin(np.pi * a * x[0]) * fd.sin(np.pi * b * x[1]))
+                      for a, b in modes]
+    out = fd.Function(space)
+    for c, mode in zip(coefficients, cache[key]):
+        out.dat.data[:] += float(c) * mode.dat.data_ro
+    return out

@@ -1,0 +1,399 @@
+"""Physics-informed training of a neural PDE solver under mpirun: the loop, its checkpoints and
+metrics, and evaluation against the classical solver.
+
+``Trainer(config)`` (a config file, a dict over :data:`fem_moe.config.DEFAULTS`, or a loaded
+config) is collective over ``comm``: every rank builds the same model, loads its share of the
+dataset and takes part in every step. ``trainer.fit()`` trains, ``trainer.evaluate()`` measures.
+``python -m fem_moe train|evaluate|generate CONFIG`` does the same from the command line.
+
+**Losses** (``train.loss``), all on the *physical* field (the constrained unknown plus the PDE's
+lifting, if it has one):
+
+* ``"physics"`` (default): the squared global residual norm ||P R(u; m)||^2 + ||B(u - g)||^2 of
+  the output (:func:`fem_moe.residual_loss`: assembled on the whole mesh, interface rows between
+  experts included; the boundary misfit is zero for the hard kinds, which impose it), divided by
+  the same norm at the lifting of the boundary data (u = g), so that it is 1 for the trivial
+  prediction whatever the problem's scale. No solution data is used.
+* ``"supervised"``: relative L2 of the dof vector against the classical solution;
+* ``"mixed"``: ``physics_weight * physics + supervised_weight * supervised``.
+
+**Determinism.** The initial weights come from ``train.seed`` (then broadcast from rank 0), the
+batches of step s from a permutation seeded by (seed, epoch of s); nothing else is random. So a
+run resumed from a checkpoint takes the same steps as one that was never interrupted.
+
+**A diverging solve** (an expert's SNES that fails, raised on every rank as
+SolverDivergedError naming expert, sample and reason) is recorded in the metrics with the step,
+then ``train.on_diverge = "skip"`` drops that step's update and goes on, ``"stop"`` writes a
+checkpoint and raises. A non-finite loss always stops.
+"""
+import csv
+import io
+import json
+import math
+import os
+import time
+
+import numpy as np
+import torch
+from mpi4py import MPI
+
+from . import bridge
+from .backbones import DeepONetBasis
+from .config import DEFAULTS, _merge, load_config, validate
+from .data import Dataset
+from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
+from .expert import dirichlet_dofs
+from .layer import residual_loss, residual_rows
+from .losses import relative_l2
+from .model import NeuralSolver
+
+__all__ = ["Trainer", "peak_rss_mb"]
+
+CHECKPOINT = "checkpoint.pt"
+# What a checkpoint must agree on with the config that resumes it.
+RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("train", "loss"),
+               ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
+
+
+def peak_rss_mb():
+    """This process's resident-memory high-water mark, MiB (Linux)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def _write_atomic(path, write):
+    """Write via ``write(file)`` to a temporary file, then rename it over ``path``."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    with open(tmp, "wb") as f:
+        write(f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _as_config(config):
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if not isinstance(config, dict):
+        raise InputError(f"config must be a path or a dict, got {type(config).__name__}")
+    merged = _merge(DEFAULTS, config, (), "config")
+    for section, key in (("data", "path"), ("train", "out")):
+        merged[section][key] = os.path.abspath(merged[section][key])
+    return validate(merged)
+
+
+class Trainer:
+    """Train and evaluate one model on one dataset. Collective over ``comm`` (all methods).
+
+    Attributes: ``config``, ``dataset`` (:class:`fem_moe.data.Dataset`), ``problem``, ``model``
+    (:class:`fem_moe.model.NeuralSolver`), ``optimizer`` (Adam), ``scheduler``, ``step`` (steps
+    taken), ``history`` (per-step dicts), ``validation`` (per-validation dicts), ``diverged``
+    (recorded solver failures), ``device``.
+    """
+
+    def __init__(self, config=None, comm=MPI.COMM_WORLD):
+        self.comm = comm
+        err = None
+        try:
+            self.config = cfg = _as_config(config)
+        except FemMoeError as e:
+            err = e
+        raise_on_all_ranks(comm, err)       # every rank reads the same file; make sure anyway
+        m, t, d = cfg["model"], cfg["train"], cfg["data"]
+        self.dataset = ds = Dataset(d["path"], comm, expect=(cfg["pde"]["name"], cfg["pde"]["options"]),
+                                    problem_kwargs={"solver_parameters": m["solver_parameters"]})
+        need = d["n_train"] + d["n_val"] + d["n_test"]
+        raise_on_all_ranks(comm, None if need <= len(ds) else
+                           f"{d['path']}: the config asks for {d['n_train']} + {d['n_val']} + "
+                           f"{d['n_test']} samples but the dataset holds {len(ds)}")
+        raise_on_all_ranks(comm, None if t["batch_size"] <= d["n_train"] else
+                           f"train.batch_size = {t['batch_size']} exceeds data.n_train = {d['n_train']}")
+        self.splits = {"train": np.arange(d["n_train"]),
+                       "val": d["n_train"] + np.arange(d["n_val"]),
+                       "test": d["n_train"] + d["n_val"] + np.arange(d["n_test"])}
+        self.problem = problem = ds.problem
+        bridge.init_process_group(comm)
+        self.device = bridge.device_for_rank(comm)
+        self.dtype = getattr(torch, t["dtype"])
+        torch.manual_seed(t["seed"])
+        backbone = self._backbone()
+        self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
+                                  n_experts=m["n_experts"], mode=m["mode"])
+        self.model.to(device=self.device, dtype=self.dtype)
+        bridge.broadcast_parameters(self.model, comm=comm)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"])
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        # Per sample: the physical field's offset and the residual at the Dirichlet lifting.
+        _, g = dirichlet_dofs(problem)
+        self._g = g
+        self._tensors = {k: self._tensor(v) for k, v in (("inputs", ds.inputs), ("data", ds.data),
+                                                          ("targets", ds.targets))}
+        self._lift = None if ds.lifting is None else self._tensor(ds.lifting)
+        with torch.no_grad():
+            base = residual_loss(problem, self._tensor(np.broadcast_to(g, ds.targets.shape)),
+                                 self._tensors["data"], reduction="none")
+        self._residual_scale = base.clamp_min(torch.finfo(base.dtype).tiny)
+        self.step, self.history, self.validation, self.diverged = 0, [], [], []
+        self.out = t["out"]
+        if comm.rank == 0:
+            os.makedirs(self.out, exist_ok=True)
+        comm.barrier()
+        if t["resume"] and os.path.isfile(self.checkpoint_path):
+            self.load_checkpoint(self.checkpoint_path)
+
+    # ------------------------------------------------------------------ setup helpers
+    def _tensor(self, a):
+        return torch.tensor(np.ascontiguousarray(a), dtype=self.dtype, device=self.device)
+
+    def _backbone(self):
+        m, problem = self.config["model"], self.problem
+        X = problem.mesh.coordinates.dat.data_ro
+        lo = np.min(self.comm.allgather(X.min(axis=0)), axis=0)
+        hi = np.max(self.comm.allgather(X.max(axis=0)), axis=0)
+        return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
+                             n_components=problem.V.block_size, latent=m["latent"], width=m["width"],
+                             depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
+                             scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)))
+
+    def _lr_factor(self, step):
+        t = self.config["train"]
+        if t["schedule"] == "cosine":
+            floor = t["min_lr"] / t["lr"]
+            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, t["steps"]) / t["steps"]))
+        if t["schedule"] == "step":
+            return t["gamma"] ** (step // t["step_size"])
+        return 1.0
+
+    @property
+    def checkpoint_path(self):
+        return os.path.join(self.out, CHECKPOINT)
+
+    def batch(self, step):
+        """Dataset indices of the training batch of ``step`` (the same on every rank)."""
+        t, n = self.config["train"], len(self.splits["train"])
+        per_epoch = n // t["batch_size"]
+        epoch, i = divmod(step, per_epoch)
+        order = np.random.default_rng([t["seed"], epoch]).permutation(n)
+        return self.splits["train"][order[i * t["batch_size"]:(i + 1) * t["batch_size"]]]
+
+    # ------------------------------------------------------------------ model and losses
+    def predict(self, idx):
+        """The model's physical fields for dataset samples ``idx``: ``[len(idx), n_dofs]``
+        (this rank's owned dofs)."""
+        T = self._tensors
+        u = self.model(T["inputs"][idx], T["data"][idx])
+        return u if self._lift is None else u + self._lift[idx]
+
+    def physical_target(self, idx):
+        t = self._tensors["targets"][idx]
+        return t if self._lift is None else t + self._lift[idx]
+
+    def physics_loss(self, u, idx, reduction="mean"):
+        """Squared global residual of the constrained unknown, relative to the lifting's."""
+        unknown = u if self._lift is None else u - self._lift[idx]
+        vals = residual_loss(self.problem, unknown, self._tensors["data"][idx], reduction="none")
+        vals = vals / self._residual_scale[idx]
+        return vals.mean() if reduction == "mean" else vals
+
+    def losses(self, u, idx):
+        """(total, {"physics": float, "supervised": float}) for predictions u of samples idx."""
+        t = self.config["train"]
+        parts, total = {}, 0.0
+        if t["loss"] in ("physics", "mixed"):
+            phys = self.physics_loss(u, idx)
+            parts["physics"] = phys.item()
+            total = total + (t["physics_weight"] if t["loss"] == "mixed" else 1.0) * phys
+        if t["loss"] in ("supervised", "mixed"):
+            sup = relative_l2(self.comm, u, self.physical_target(idx))
+            parts["supervised"] = sup.item()
+            total = total + (t["supervised_weight"] if t["loss"] == "mixed" else 1.0) * sup
+        return total, parts
+
+    # ------------------------------------------------------------------ training
+    def train_step(self):
+        """One optimisation step on batch ``self.batch(self.step)``; returns its record."""
+        idx = self.batch(self.step)
+        t0 = time.perf_counter()
+        record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
+        self.model.train()
+        self.optimizer.zero_grad()
+        try:
+            u = self.predict(idx)
+            loss, parts = self.losses(u, idx)
+            if not math.isfinite(loss.item()):
+                raise FemMoeError(f"training diverged: the loss is {loss.item()} at step "
+                                  f"{self.step + 1} (batch {idx.tolist()})")
+            loss.backward()
+        except SolverDivergedError as e:
+            sample = None if e.sample is None else int(idx[e.sample])
+            failure = {"step": self.step + 1, "expert": e.expert, "sample": sample,
+                       "reason": e.reason, "message": str(e).splitlines()[0]}
+            self.diverged.append(failure)
+            record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
+            self.step += 1
+            self.scheduler.step()
+            self.history.append(record)
+            if self.config["train"]["on_diverge"] == "stop":
+                self.save_checkpoint()
+                raise SolverDivergedError(
+                    f"step {record['step']}: a constrained solve diverged (expert {e.expert}, "
+                    f"dataset sample {sample}, {e.reason}); train.on_diverge = 'stop'. "
+                    f"Checkpoint written to {self.checkpoint_path}.\n{e}",
+                    expert=e.expert, sample=sample, reason=e.reason) from None
+            return record
+        bridge.allreduce_gradients(self.model)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.step += 1
+        record.update(loss=loss.item(), **parts, skipped=False, time=time.perf_counter() - t0)
+        self.history.append(record)
+        return record
+
+    def fit(self, steps=None):
+        """Train until ``steps`` (default ``train.steps``) steps have been taken in total,
+        validating every ``val_every`` steps and at the end, checkpointing every
+        ``checkpoint_every`` steps and at the end. Returns the history."""
+        from tqdm import tqdm
+        t = self.config["train"]
+        steps = t["steps"] if steps is None else steps
+        bar = tqdm(total=steps, initial=self.step, desc=f"train {self.model.kind}",
+                   disable=not t["progress"] or self.comm.rank != 0, dynamic_ncols=True)
+        with bar:
+            while self.step < steps:
+                rec = self.train_step()
+                bar.update(1)
+                bar.set_postfix(loss=f"{rec['loss']:.3e}")
+                if self.step % t["val_every"] == 0 or self.step == steps:
+                    self.validate()
+                if self.step % t["checkpoint_every"] == 0 or self.step == steps:
+                    self.save_checkpoint()
+        return self.history
+
+    # ------------------------------------------------------------------ evaluation
+    def _predict_split(self, split, batch_size=None):
+        idx = self.splits[split]
+        bs = batch_size or self.config["train"]["batch_size"]
+        self.model.eval()
+        with torch.no_grad():
+            parts = [self.predict(idx[i:i + bs]) for i in range(0, len(idx), bs)]
+        return torch.cat(parts) if parts else None
+
+    def validate(self, split="val"):
+        """Relative L2 and relative residual on ``split``; appended to ``self.validation``."""
+        if not len(self.splits[split]):
+            return None
+        idx = self.splits[split]
+        u = self._predict_split(split)
+        rec = {"step": self.step,
+               "rel_l2": relative_l2(self.comm, u, self.physical_target(idx)).item(),
+               "residual": self.physics_loss(u, idx).item()}
+        self.validation.append(rec)
+        return rec
+
+    def evaluate(self, split="test", write=True):
+        """Measure the model on ``split`` against the classical solver. Returns (and, with
+        ``write``, saves to ``out/evaluation_<split>.json``) a dict: ``rel_l2`` (mean, max),
+        ``residual`` (mean relative squared global residual, as the physics loss),
+        ``residual_interface`` / ``residual_interior`` (RMS residual rows at rows mixing two
+        experts' fields and elsewhere, relative to the lifting's RMS residual; MoE only),
+        ``inference_time`` (seconds per sample, batched, slowest rank), ``classical_time``
+        (the classical solve's seconds per sample when the dataset was made), ``peak_rss_mb``
+        (per rank)."""
+        idx = self.splits[split]
+        if not len(idx):
+            raise InputError(f"the {split} split is empty (data.n_{split} = 0)")
+        self.comm.barrier()
+        t0 = time.perf_counter()
+        u = self._predict_split(split)
+        seconds = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        target = self.physical_target(idx)
+        rel = relative_l2(self.comm, u, target, reduction="none")
+        res = self.physics_loss(u, idx, reduction="none")
+        out = {"split": split, "samples": len(idx), "kind": self.model.kind,
+               "n_experts": getattr(self.model.constraint, "n_experts", 1 if self.model.kind == "pihc" else 0),
+               "ranks": self.comm.size, "dofs": self.problem.V.dim(), "step": self.step,
+               "rel_l2": float(rel.mean()), "rel_l2_max": float(rel.max()),
+               "residual": float(res.mean()),
+               "inference_time": seconds / len(idx),
+               "classical_time": float(np.mean(self.dataset.solve_time[idx])),
+               "peak_rss_mb": self.comm.allgather(peak_rss_mb())}
+        if self.model.kind == "moe":
+            out.update(self._interface_residuals(u, idx))
+        if write and self.comm.rank == 0:
+            _write_atomic(os.path.join(self.out, f"evaluation_{split}.json"),
+                          lambda f: f.write(json.dumps(out, indent=1).encode()))
+        return out
+
+    def _interface_residuals(self, u, idx):
+        unknown = u if self._lift is None else u - self._lift[idx]
+        R = residual_rows(self.problem, unknown, self._tensors["data"][idx])
+        R0 = residual_rows(self.problem, self._tensor(np.broadcast_to(self._g, R.shape)),
+                           self._tensors["data"][idx])
+        mask = self.model.constraint.interface_mask()
+        sums = self.comm.allreduce(np.array([(R[:, mask] ** 2).sum(), mask.sum() * len(idx),
+                                             (R[:, ~mask] ** 2).sum(), (~mask).sum() * len(idx),
+                                             (R0 ** 2).sum(), R0.size]), op=MPI.SUM)
+        scale = math.sqrt(sums[4] / sums[5])
+        rms = [math.sqrt(sums[i] / sums[i + 1]) / scale if sums[i + 1] else 0.0 for i in (0, 2)]
+        return {"residual_interface": rms[0], "residual_interior": rms[1],
+                "interface_dofs": int(sums[1] // len(idx))}
+
+    # ------------------------------------------------------------------ checkpoints and metrics
+    def state(self):
+        return {"step": self.step, "model": self.model.state_dict(),
+                "optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict(),
+                "history": self.history, "validation": self.validation, "diverged": self.diverged,
+                "config": self.config}
+
+    def save_checkpoint(self, path=None):
+        """Write the checkpoint (rank 0, atomically: a temporary file renamed over the old
+        one, so an interruption leaves the previous checkpoint intact) and the metrics.
+        Collective."""
+        path = path or self.checkpoint_path
+        if self.comm.rank == 0:
+            buf = io.BytesIO()
+            torch.save(self.state(), buf)
+            _write_atomic(path, lambda f: f.write(buf.getvalue()))
+            self.write_metrics()
+        self.comm.barrier()
+
+    def load_checkpoint(self, path):
+        """Continue from a checkpoint made with a compatible config (InputError otherwise, on
+        every rank). Collective."""
+        err, state = None, None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)
+            for keys in RESUME_KEYS:
+                old, new = state["config"], self.config
+                for k in keys:
+                    old, new = old[k], new[k]
+                if old != new:
+                    err = (f"checkpoint {path} was made with {'.'.join(keys)} = {old!r}, the config "
+                           f"now says {new!r}: use another train.out or set train.resume = false")
+                    break
+        except (OSError, RuntimeError, KeyError, EOFError) as e:
+            err = f"cannot resume from {path}: {e}"
+        raise_on_all_ranks(self.comm, err)
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.step = state["step"]
+        self.history, self.validation = state["history"], state["validation"]
+        self.diverged = state["diverged"]
+
+    def write_metrics(self):
+        """metrics.json (config, per-step records, validations, failures) and metrics.csv (one
+        row per step) in ``out``. Rank 0 only."""
+        doc = {"config": self.config, "steps": self.history, "validation": self.validation,
+               "diverged": self.diverged}
+        _write_atomic(os.path.join(self.out, "metrics.json"),
+                      lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+        fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped"]
+        text = io.StringIO()
+        w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
+        w.writeheader()
+        w.writerows(self.history)
+        _write_atomic(os.path.join(self.out, "metrics.csv"), lambda f: f.write(text.getvalue().encode()))

@@ -35,10 +35,19 @@ def main(argv=None):
     comm = MPI.COMM_WORLD
     try:
         return _run(args, comm)
-    except FemMoeError as e:
+    except FemMoeError as e:       # raised on every rank alike: report once, exit everywhere
         if comm.rank == 0:
             print(f"fem_moe {args.command}: error: {e}", file=sys.stderr)
         return 2 if type(e).__name__ == "InputError" else 1
+    except Exception:
+        # Anything else may have struck one rank only, leaving the others in a collective:
+        # print it and abort the whole job rather than hang.
+        import traceback
+        traceback.print_exc()
+        sys.stderr.flush()
+        if comm.size > 1:
+            comm.Abort(1)
+        return 1
 
 
 def _split_values(argv):

@@ -54,6 +54,7 @@ DEFAULTS = {
     },
     "train": {
         "loss": "physics",      # physics | supervised | mixed
+        "residual_norm": "dual",    # dual | l2: the physics loss's norm (fem_moe.residual_loss)
         "physics_weight": 1.0,  # mixed: physics_weight * physics + supervised_weight * supervised
         "supervised_weight": 1.0,
         "steps": 100,
@@ -80,6 +81,7 @@ CHOICES = {
     ("model", "backbone"): ("deeponet",),
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),
+    ("train", "residual_norm"): ("dual", "l2"),
     ("train", "on_diverge"): ("skip", "stop"),
     ("train", "dtype"): ("float64", "float32"),
 }

@@ -52,7 +52,7 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
                 f.save_function(m, idx=i)
             u.rename("target")
             f.save_function(u, idx=i)
-        times = comm.allreduce(times, op=MPI.MAX)
+        times = np.max(comm.allgather(times), axis=0)   # the slowest rank sets the time
         h5 = f.h5pyfile
         group = h5.require_group("fem_moe")
         # Dataset creation is collective in parallel HDF5; every rank writes the same values.
@@ -92,16 +92,13 @@ class Dataset:
             err = f"dataset {path!r} not found (make it with `python -m fem_moe generate CONFIG`)"
         raise_on_all_ranks(comm, err)
         self.path = path
-        try:
-            f = fd.CheckpointFile(path, "r", comm=comm)
-        except Exception as e:    # h5py's errors name neither the file nor what it should be
-            f, err = None, f"cannot read {path!r} as a Firedrake CheckpointFile: {e}"
-        raise_on_all_ranks(comm, err)
-        with f:
-            if not f.has_attr("fem_moe", "pde"):
-                err = f"{path!r} is not a fem_moe dataset (no fem_moe/pde attribute)"
-            raise_on_all_ranks(comm, err)
-            meta = json.loads(f.get_attr("fem_moe", "pde"))
+        # Checked with h5py on one rank first: PETSc's HDF5 viewer on a file that is not one
+        # fails later, inside garbage collection.
+        meta = comm.bcast(describe(path) if comm.rank == 0 else None, root=0)
+        raise_on_all_ranks(comm, None if meta else
+                           f"{path!r} is not a fem_moe dataset (cannot read it as HDF5 with a "
+                           "fem_moe/pde attribute)")
+        with fd.CheckpointFile(path, "r", comm=comm) as f:
             if expect is not None:
                 name, options = expect
                 want = get_pde(name, **options).opts
@@ -112,7 +109,7 @@ class Dataset:
             self.pde = get_pde(meta["name"], **meta["options"])
             self.mesh = f.load_mesh(MESH_NAME)
             self.problem = self.pde.problem(self.mesh, **(problem_kwargs or {}))
-            n = int(f.get_attr("fem_moe", "n_samples"))
+            n = meta["n_samples"]
             self.params = f.h5pyfile["fem_moe/params"][...]
             self.solve_time = f.h5pyfile["fem_moe/solve_time"][...]
             n_inputs = len(self.problem.data_spaces)

@@ -31,9 +31,10 @@ class RankDeficientBasisWarning(UserWarning):
 
 def raise_on_all_ranks(comm, error, exc_type=InputError):
     """Collective. ``error`` is this rank's problem: None, a message (str) or a FemMoeError. If
-    any rank has one, every rank raises with all messages, each prefixed by the rank that found
-    it: the first rank's exception type (``exc_type`` for a message) and, for a
-    SolverDivergedError, the first one's ``expert``, ``sample`` and ``reason``."""
+    any rank has one, every rank raises with all messages, each prefixed by the ranks that found
+    it (no prefix when every rank found the same, e.g. a bad config): the first rank's exception
+    type (``exc_type`` for a message) and, for a SolverDivergedError, the first one's
+    ``expert``, ``sample`` and ``reason``."""
     if isinstance(error, FemMoeError):
         error = (type(error), str(error), getattr(error, "expert", None),
                  getattr(error, "sample", None), getattr(error, "reason", None))
@@ -44,7 +45,14 @@ def raise_on_all_ranks(comm, error, exc_type=InputError):
     if not found:
         return
     cls, _, expert, sample, reason = found[0][1]
-    message = "\n".join(f"[rank {r}] {e[1]}" for r, e in found)
+    by_text = {}
+    for r, e in found:
+        by_text.setdefault(e[1], []).append(r)
+    if len(by_text) == 1 and len(found) == comm.size:
+        message = found[0][1][1]
+    else:
+        message = "\n".join(f"[rank{'s' if len(rs) > 1 else ''} {', '.join(map(str, rs))}] {text}"
+                            for text, rs in by_text.items())
     if issubclass(cls, SolverDivergedError):
         raise cls(message, expert=expert, sample=sample, reason=reason)
     raise cls(message)

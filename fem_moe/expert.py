@@ -298,8 +298,10 @@ class Expert:
         params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
         opts = PETSc.Options()
         if prefix != shared:   # command-line options under the shared prefix, e.g. -expert_snes_monitor
-            params.update({name[len(shared):]: value for name, value in opts.getAll().items()
-                           if name.startswith(shared)})
+            given = {name: value for name, value in opts.getAll().items() if name.startswith(shared)}
+            params.update({name[len(shared):]: value for name, value in given.items()})
+            for name in given:     # querying marks them used: PETSc would call them unused
+                opts.hasName(name)
         inserted = []
         for key, value in params.items():
             name = prefix + key
@@ -507,14 +509,48 @@ class ResidualNorm:
     """The squared residual norm of a given field and its gradient: the soft-constraint loss and
     the physics-informed training loss.
 
-    ||P R(u; m)||^2 + ||B (u - g)||^2, with P the non-Dirichlet rows and B the Dirichlet dofs
-    (the boundary misfit, zero for an output of a hard-constraint layer). Collective over
-    ``problem.comm``.
+    ``norm="l2"``: ||P R(u; m)||^2 + ||B (u - g)||^2, with P the non-Dirichlet rows and B the
+    Dirichlet dofs (the boundary misfit, zero for an output of a hard-constraint layer): the
+    Euclidean norm of the assembled residual, as the paper's point residuals.
+
+    ``norm="dual"``: (P R)^T A^{-1} (P R) + ||B (u - g)||^2, A the H1 Gram matrix (grad u . grad v
+    + u . v, Dirichlet rows and columns replaced by the identity): the residual's norm in the dual
+    of H1, which for a linear elliptic PDE is equivalent to the error in the energy norm, on any
+    mesh. The Euclidean norm weighs high frequencies by the square of the stiffness and barely
+    sees smooth errors; the dual norm weighs them alike. It costs one solve with A (factored once,
+    MUMPS/PETSc LU) per sample and evaluation.
+
+    Collective over ``problem.comm``.
     """
 
-    def __init__(self, problem):
+    def __init__(self, problem, norm="l2"):
+        if norm not in ("l2", "dual"):
+            raise InputError(f"norm must be 'l2' or 'dual', got {norm!r}")
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
+        self.norm, self._ksp = norm, None
+        if norm == "dual":
+            V = problem.V
+            u, v = fd.TrialFunction(V), fd.TestFunction(V)
+            A = fd.assemble((fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(u, v)) * fd.dx,
+                            bcs=problem.bcs, mat_type="aij").petscmat
+            self._ksp = PETSc.KSP().create(comm=problem.comm)
+            self._ksp.setOperators(A)
+            self._ksp.setType("preonly")
+            pc = self._ksp.getPC()
+            pc.setType("lu")
+            if problem.comm.size > 1:
+                pc.setFactorSolverType("mumps")
+            self._ksp.setFromOptions()
+            self._X, self._Y = A.createVecs()
+
+    def _weighted(self, r):
+        """A^{-1} r for the dual norm, r itself for l2 (owned dofs)."""
+        if self._ksp is None:
+            return r
+        self._X.setArray(r)
+        self._ksp.solve(self._X, self._Y)
+        return self._Y.getArray(readonly=True).copy()
 
     def _residual_at(self, u, data):
         """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""
@@ -527,13 +563,14 @@ class ResidualNorm:
     def value(self, u, data=None):
         """u [n], data [n_data] or None -> float."""
         r, b = self._residual_at(u, data)
-        return float(self._e._sum(np.array([r @ r + b @ b]))[0])
+        return float(self._e._sum(np.array([r @ self._weighted(r) + b @ b]))[0])
 
     def gradient(self, u, data=None):
         """u [n], data [n_data] or None -> (dvalue/du [n], dvalue/ddata [n_data])."""
         e = self._e
         r, b = self._residual_at(u, data)
+        z = self._weighted(r)
         J = e._assemble_jacobian()
-        du = 2 * e._matvec(J, r, transpose=True) + 2 * b
-        e._set(e.z_fn, r)
+        du = 2 * e._matvec(J, z, transpose=True) + 2 * b
+        e._set(e.z_fn, z)
         return du, 2 * e._data_derivative()

@@ -162,22 +162,24 @@ def residual_rows(problem, u, data=None):
                      for b in range(U.shape[0])])
 
 
-def _residual_norm(problem):
-    norm = problem.__dict__.get("_residual_norm")
-    if norm is None:
-        norm = problem._residual_norm = ResidualNorm(problem)
-    return norm
+def _residual_norm(problem, norm="l2"):
+    """The problem's ResidualNorm of this kind, built once (collective on first use)."""
+    cache = problem.__dict__.setdefault("_residual_norms", {})
+    if norm not in cache:
+        cache[norm] = ResidualNorm(problem, norm)
+    return cache[norm]
 
 
-def residual_loss(problem, u, data=None, reduction="mean"):
+def residual_loss(problem, u, data=None, reduction="mean", norm="l2"):
     """The soft-constraint (and physics-informed) loss: ||P R(u; m)||^2 + ||B(u - g)||^2 per
-    sample, the squared Euclidean norm of the assembled residual on non-Dirichlet rows plus the
-    Dirichlet misfit. Differentiable w.r.t. ``u`` [batch, n_dofs] and ``data``
-    [batch, n_data_dofs]. ``reduction``: "mean" | "sum" | "none" (per sample, [batch]).
+    sample, the squared norm of the assembled residual on non-Dirichlet rows plus the Dirichlet
+    misfit. ``norm``: "l2" (Euclidean, the paper's) or "dual" (the dual norm of H1, see
+    :class:`fem_moe.expert.ResidualNorm`). Differentiable w.r.t. ``u`` [batch, n_dofs] and
+    ``data`` [batch, n_data_dofs]. ``reduction``: "mean" | "sum" | "none" (per sample, [batch]).
     Summed over ranks: every rank gets the same value. Collective over ``problem.comm``."""
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    norm = _residual_norm(problem)
+    norm = _residual_norm(problem, norm)
     data = check_inputs(problem, "u", u, (None, problem.n_dofs), data)
     vals = _ResidualNorm2.apply(norm, u, data)
     return {"mean": vals.mean, "sum": vals.sum, "none": lambda: vals}[reduction]()

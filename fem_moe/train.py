@@ -32,6 +32,7 @@ import json
 import math
 import os
 import time
+import warnings
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ __all__ = ["Trainer", "peak_rss_mb"]
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
 RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("train", "loss"),
-               ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
+               ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
 
 
 def peak_rss_mb():
@@ -134,7 +135,7 @@ class Trainer:
         self._lift = None if ds.lifting is None else self._tensor(ds.lifting)
         with torch.no_grad():
             base = residual_loss(problem, self._tensor(np.broadcast_to(g, ds.targets.shape)),
-                                 self._tensors["data"], reduction="none")
+                                 self._tensors["data"], reduction="none", norm=t["residual_norm"])
         self._residual_scale = base.clamp_min(torch.finfo(base.dtype).tiny)
         self.step, self.history, self.validation, self.diverged = 0, [], [], []
         self.out = t["out"]
@@ -194,7 +195,8 @@ class Trainer:
     def physics_loss(self, u, idx, reduction="mean"):
         """Squared global residual of the constrained unknown, relative to the lifting's."""
         unknown = u if self._lift is None else u - self._lift[idx]
-        vals = residual_loss(self.problem, unknown, self._tensors["data"][idx], reduction="none")
+        vals = residual_loss(self.problem, unknown, self._tensors["data"][idx], reduction="none",
+                             norm=self.config["train"]["residual_norm"])
         vals = vals / self._residual_scale[idx]
         return vals.mean() if reduction == "mean" else vals
 
@@ -234,7 +236,9 @@ class Trainer:
             self.diverged.append(failure)
             record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
             self.step += 1
-            self.scheduler.step()
+            with warnings.catch_warnings():     # the schedule follows the step count, taken or not
+                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                self.scheduler.step()
             self.history.append(record)
             if self.config["train"]["on_diverge"] == "stop":
                 self.save_checkpoint()
@@ -282,11 +286,20 @@ class Trainer:
         return torch.cat(parts) if parts else None
 
     def validate(self, split="val"):
-        """Relative L2 and relative residual on ``split``; appended to ``self.validation``."""
+        """Relative L2 and relative residual on ``split``; appended to ``self.validation``. A
+        diverging solve gives NaN entries under ``on_diverge = "skip"`` and raises otherwise."""
         if not len(self.splits[split]):
             return None
         idx = self.splits[split]
-        u = self._predict_split(split)
+        try:
+            u = self._predict_split(split)
+        except SolverDivergedError as e:
+            if self.config["train"]["on_diverge"] == "stop":
+                raise
+            rec = {"step": self.step, "rel_l2": float("nan"), "residual": float("nan"),
+                   "diverged": str(e).splitlines()[0]}
+            self.validation.append(rec)
+            return rec
         rec = {"step": self.step,
                "rel_l2": relative_l2(self.comm, u, self.physical_target(idx)).item(),
                "residual": self.physics_loss(u, idx).item()}

@@ -99,13 +99,43 @@ def test_batch_dtype_and_float32():
     u32.sum().backward()
 
 
-def test_residual_loss_gradcheck_and_value():
+@pytest.mark.parametrize("norm", ["l2", "dual"])
+def test_residual_loss_gradcheck_and_value(norm):
     problem = nonlinear_diffusion(n=3, degree=1)
     data = source(problem).requires_grad_()
     u = random_basis(problem, 1)[:, 0].requires_grad_()
-    assert torch.autograd.gradcheck(lambda u, d: fem_moe.residual_loss(problem, u, d), (u, data))
+    assert torch.autograd.gradcheck(lambda u, d: fem_moe.residual_loss(problem, u, d, norm=norm),
+                                    (u, data))
     exact = torch.tensor(classical_solution(problem, data[0].detach().numpy()))[None]
-    assert fem_moe.residual_loss(problem, exact, data).item() < 1e-20
+    assert fem_moe.residual_loss(problem, exact, data, norm=norm).item() < 1e-20
+
+
+@pytest.mark.parallel([1, 2])
+def test_dual_residual_norm_is_the_h1_dual_norm():
+    """||R||_* = sup_v R(v)/||v||_H1 over v in V0: R(y) with y the H1 Riesz representative,
+    solved here by Firedrake directly; plus the Dirichlet misfit, zero at a field that meets
+    the boundary values."""
+    from firedrake import (DirichletBC, Function, TestFunction, TrialFunction, assemble, dx, grad,
+                           inner, solve)
+    problem = nonlinear_diffusion(n=6, degree=2)
+    data = source(problem)
+    V = problem.V
+    u = Function(V)
+    x = fd.SpatialCoordinate(V.mesh())
+    u.interpolate(x[0] + x[1] + x[0] * x[1] * (1 - x[0]) * (1 - x[1]))
+    m = Function(problem.data_spaces[0])
+    with m.dat.vec_wo as vec:
+        vec.array[:] = data[0].numpy()
+    F = problem.residual(u, TestFunction(V), (m,))
+    y, w, v = Function(V), TrialFunction(V), TestFunction(V)
+    solve((inner(grad(w), grad(v)) + w * v) * dx == F, y, bcs=DirichletBC(V, 0, "on_boundary"),
+          solver_parameters={"ksp_type": "preonly", "pc_type": "lu",
+                             "pc_factor_mat_solver_type": "mumps"})
+    expected = assemble(fd.replace(F, {v: y}))
+    with u.dat.vec_ro as vec:
+        ut = torch.tensor(vec.array_r.copy())[None]
+    ours = fem_moe.residual_loss(problem, ut, data, norm="dual").item()
+    assert abs(ours - expected) < 1e-10 * abs(expected), (ours, expected)
 
 
 def test_memory_flat_over_500_calls():

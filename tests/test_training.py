@@ -1,0 +1,250 @@
+"""Training (fem_moe.train): each model kind with each loss learns; physics-informed training
+needs no solution data; resume equals uninterrupted training; replicas stay equal; bad configs,
+bad data and diverging experts are reported on every rank; the CLI runs under mpiexec."""
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import fem_moe
+import fem_moe.losses
+from fem_moe import pdes
+from fem_moe.data import Dataset, generate
+from fem_moe.train import Trainer
+
+PDE = ("reaction_diffusion", {"n": 6})
+N_SAMPLES = 8
+
+
+def shared_dir(comm=MPI.COMM_WORLD):
+    """A fresh directory, the same on every rank."""
+    path = tempfile.mkdtemp(prefix="fem_moe_test_") if comm.rank == 0 else None
+    return comm.bcast(path, root=0)
+
+
+_DATA = {}
+
+
+def dataset_path(comm=MPI.COMM_WORLD):
+    """A tiny dataset made once per process and rank count (collective)."""
+    if comm.size not in _DATA:
+        path = os.path.join(shared_dir(comm), "rd.h5")
+        generate(pdes.get(PDE[0], **PDE[1]), path, N_SAMPLES, seed=3, comm=comm, progress=False)
+        _DATA[comm.size] = path
+    return _DATA[comm.size]
+
+
+def config(out, **sections):
+    cfg = {"pde": {"name": PDE[0], "options": dict(PDE[1])},
+           "data": {"path": dataset_path(), "n_train": 4, "n_val": 2, "n_test": 2},
+           "model": {"kind": "moe", "n_basis": 4, "n_experts": 2, "width": 24, "depth": 2,
+                     "latent": 16},
+           "train": {"steps": 8, "batch_size": 4, "lr": 5e-3, "schedule": "none", "val_every": 4,
+                     "checkpoint_every": 4, "out": out, "progress": False}}
+    for section, values in sections.items():
+        cfg[section] = {**cfg.get(section, {}), **values}
+    return cfg
+
+
+def digest(module):
+    h = hashlib.sha256()
+    for p in module.parameters():
+        h.update(p.detach().cpu().numpy().tobytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("kind", ["soft", "pihc", "moe"])
+@pytest.mark.parametrize("loss", ["physics", "supervised", "mixed"])
+def test_each_kind_and_loss_lowers_the_loss(kind, loss):
+    """20 full-batch steps on one batch: the training loss must fall (the soft constraint, whose
+    output starts near zero, needs a larger step to move in 20 steps)."""
+    trainer = Trainer(config(shared_dir(), model={"kind": kind},
+                             train={"loss": loss, "steps": 20, "lr": 3e-2 if kind == "soft" else 5e-3}))
+    history = trainer.fit()
+    losses = [h["loss"] for h in history]
+    assert not any(h["skipped"] for h in history)
+    assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+    parts = {"physics": ["physics"], "supervised": ["supervised"], "mixed": ["physics", "supervised"]}[loss]
+    assert all(all(p in h for p in parts) for h in history)
+
+
+@pytest.mark.parametrize("kind", ["pihc", "moe"])
+def test_physics_informed_training_needs_no_solutions(kind):
+    """Trained with the targets replaced by NaN (the physics loss never reads them), the outputs
+    on the training inputs move towards the classical solutions. (With 6 inputs of a
+    4-parameter family nothing is claimed about held-out inputs; the demos measure those.)"""
+    trainer = Trainer(config(shared_dir(), model={"kind": kind}, data={"n_train": 6, "n_test": 0},
+                             train={"steps": 40, "lr": 3e-3, "batch_size": 3, "val_every": 40}))
+    targets = trainer._tensors["targets"].clone()
+    trainer._tensors["targets"][:] = float("nan")
+
+    def rel_l2():
+        with torch.no_grad():
+            idx = trainer.splits["train"]
+            return fem_moe.losses.relative_l2(trainer.comm, trainer.predict(idx), targets[idx]).item()
+    before = rel_l2()
+    trainer.fit()
+    after = rel_l2()
+    assert np.isfinite(after) and after < 0.8 * before, (before, after)
+
+
+@pytest.mark.parallel([1, 2])
+def test_resume_equals_uninterrupted_training():
+    comm = MPI.COMM_WORLD
+    base = shared_dir()
+    straight = Trainer(config(os.path.join(base, "a"), train={"batch_size": 2, "checkpoint_every": 3,
+                                                              "schedule": "cosine"}))
+    straight.fit(6)
+    interrupted = Trainer(config(os.path.join(base, "b"), train={"batch_size": 2, "checkpoint_every": 3,
+                                                                 "schedule": "cosine"}))
+    interrupted.fit(3)
+    del interrupted
+    resumed = Trainer(config(os.path.join(base, "b"), train={"batch_size": 2, "checkpoint_every": 3,
+                                                             "schedule": "cosine"}))
+    parallel_assert(resumed.step == 3, f"resumed at step {resumed.step}")
+    resumed.fit(6)
+    a = np.array([h["loss"] for h in straight.history])
+    b = np.array([h["loss"] for h in resumed.history])
+    parallel_assert(np.allclose(a, b, rtol=1e-12, atol=0), f"losses differ: {a} vs {b}")
+    # Bitwise equality would need the same mesh distribution in both runs (summation order).
+    for p, q in zip(straight.model.parameters(), resumed.model.parameters()):
+        parallel_assert(torch.allclose(p, q, rtol=1e-10, atol=1e-14), "weights differ after resume")
+    digests = comm.allgather(digest(resumed.model))
+    parallel_assert(len(set(digests)) == 1, f"replicas differ across ranks: {digests}")
+    if comm.rank == 0:
+        metrics = json.load(open(os.path.join(base, "b", "metrics.json")))
+        assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4, 5, 6]
+        assert open(os.path.join(base, "b", "metrics.csv")).read().count("\n") == 7
+
+
+def test_checkpoint_write_is_atomic(monkeypatch):
+    """A crash while writing the checkpoint leaves the previous one whole."""
+    trainer = Trainer(config(shared_dir(), train={"steps": 2, "checkpoint_every": 2}))
+    trainer.fit()
+    before = open(trainer.checkpoint_path, "rb").read()
+
+    def crash(obj, f, *args, **kwargs):
+        f.write(b"partial")
+        raise KeyboardInterrupt("killed while saving")
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        trainer.save_checkpoint()
+    assert open(trainer.checkpoint_path, "rb").read() == before
+    monkeypatch.undo()
+    assert torch.load(trainer.checkpoint_path, weights_only=False)["step"] == 2
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("policy", ["skip", "stop"])
+def test_diverging_expert_policy(policy):
+    """Experts allowed one SNES iteration fail: 'skip' records every failure and drops the
+    updates, 'stop' raises on every rank naming the expert and the dataset sample."""
+    trainer = Trainer(config(shared_dir(), model={"solver_parameters": {"snes_max_it": 1}},
+                             train={"steps": 2, "on_diverge": policy}))
+    before = digest(trainer.model)
+    if policy == "skip":
+        trainer.fit()
+        parallel_assert(len(trainer.diverged) == 2 and all(h["skipped"] for h in trainer.history),
+                        f"{trainer.diverged}")
+        failure = trainer.diverged[0]
+        parallel_assert(failure["reason"] == "DIVERGED_MAX_IT" and failure["expert"] in (0, 1)
+                        and failure["sample"] in range(4), f"{failure}")
+        parallel_assert(digest(trainer.model) == before, "a skipped step changed the weights")
+    else:
+        with pytest.raises(fem_moe.SolverDivergedError, match="on_diverge = 'stop'") as info:
+            trainer.fit()
+        parallel_assert(info.value.expert in (0, 1) and info.value.sample in range(4))
+        parallel_assert(os.path.isfile(trainer.checkpoint_path), "no checkpoint after the stop")
+
+
+@pytest.mark.parallel([1, 2])
+def test_bad_config_and_data_raise_everywhere():
+    out = shared_dir()
+    cases = [
+        ({"model": {"kind": "transformer"}}, "model.kind"),
+        ({"train": {"lr": "fast"}}, "train.lr"),
+        ({"train": {"speed": 3}}, "unknown option 'train.speed'"),
+        ({"data": {"path": os.path.join(out, "missing.h5")}}, "not found"),
+        ({"pde": {"name": PDE[0], "options": {"n": 5}}}, "was made for"),
+        ({"pde": {"name": PDE[0], "options": {"size": 5}}}, "unknown option"),
+        ({"data": {"n_train": 7}}, "dataset holds 8"),
+        ({"train": {"batch_size": 5}}, "exceeds data.n_train"),
+    ]
+    for change, message in cases:
+        with pytest.raises(fem_moe.InputError, match=message):
+            Trainer(config(out, **change))
+    bad = os.path.join(out, "bad.h5")
+    if MPI.COMM_WORLD.rank == 0:
+        open(bad, "w").write("not hdf5")
+    MPI.COMM_WORLD.barrier()
+    with pytest.raises(fem_moe.InputError, match="not a fem_moe dataset"):
+        Trainer(config(out, data={"path": bad}))
+
+
+@pytest.mark.parallel(2)
+def test_dataset_reads_on_another_rank_count():
+    """Made by one rank, read by two: the same fields (norms over all dofs) and parameters."""
+    comm = MPI.COMM_WORLD
+    path = os.path.join(shared_dir(), "serial.h5")
+    ref = None
+    if comm.rank == 0:
+        generate(pdes.get(PDE[0], **PDE[1]), path, 3, seed=5, comm=MPI.COMM_SELF, progress=False)
+        serial = Dataset(path, comm=MPI.COMM_SELF)
+        ref = (serial.params, (serial.targets ** 2).sum(axis=1), (serial.data ** 2).sum(axis=1))
+    ref = comm.bcast(ref, root=0)
+    ds = Dataset(path)
+    parallel_assert(ds.problem.n_dofs < ds.problem.V.dim(), "not distributed")
+    parallel_assert(np.array_equal(ds.params, ref[0]))
+    targets = comm.allreduce((ds.targets ** 2).sum(axis=1))
+    data = comm.allreduce((ds.data ** 2).sum(axis=1))
+    parallel_assert(np.allclose(targets, ref[1], rtol=1e-12) and np.allclose(data, ref[2], rtol=1e-12))
+
+
+def _cli(*args, n=2, cwd=None, timeout=600):
+    env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
+               OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    env.pop("FIREDRAKE_DISABLE_OPTIONS_LEFT", None)
+    cmd = ["mpiexec", "-n", str(n), sys.executable, "-m", "fem_moe", *args]
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def test_cli_under_mpiexec():
+    """generate, train (then resume further) and evaluate under mpiexec -n 2 at a tiny size."""
+    work = tempfile.mkdtemp(prefix="fem_moe_cli_")
+    try:
+        with open(os.path.join(work, "tiny.toml"), "w") as f:
+            f.write('[pde]\nname = "reaction_diffusion"\noptions = { n = 4 }\n'
+                    '[data]\npath = "data/tiny.h5"\nn_train = 4\nn_val = 2\nn_test = 2\n'
+                    '[model]\nkind = "moe"\nn_basis = 4\nn_experts = 2\nwidth = 16\ndepth = 2\nlatent = 8\n'
+                    '[train]\nsteps = 4\nbatch_size = 2\nval_every = 2\ncheckpoint_every = 2\nout = "run"\n')
+        r = _cli("generate", "tiny.toml", cwd=work)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "wrote" in r.stdout and os.path.isfile(os.path.join(work, "data", "tiny.h5"))
+        r = _cli("generate", "tiny.toml", cwd=work)
+        assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
+        r = _cli("train", "tiny.toml", "-expert_snes_monitor", cwd=work)
+        assert r.returncode == 0, r.stdout + r.stderr
+        assert "trained moe: 4 steps" in r.stdout and "SNES Function norm" in r.stdout
+        assert "relative L2" in r.stdout and "interfaces" in r.stdout
+        assert "WARNING! There are options you set that were not used" not in r.stdout + r.stderr
+        r = _cli("train", "tiny.toml", "--set", "train.steps=6", cwd=work)
+        assert r.returncode == 0 and "trained moe: 6 steps" in r.stdout, r.stdout + r.stderr
+        metrics = json.load(open(os.path.join(work, "run", "metrics.json")))
+        assert len(metrics["steps"]) == 6 and metrics["validation"][-1]["step"] == 6
+        r = _cli("evaluate", "tiny.toml", "--split", "val", cwd=work)
+        assert r.returncode == 0 and "val split" in r.stdout, r.stdout + r.stderr
+        evaluation = json.load(open(os.path.join(work, "run", "evaluation_val.json")))
+        assert evaluation["ranks"] == 2 and evaluation["step"] == 6
+        r = _cli("train", "tiny.toml", "--set", "model.kind=hybrid", cwd=work)
+        assert r.returncode == 2 and r.stderr.count("model.kind") == 1, r.stdout + r.stderr
+    finally:
+        shutil.rmtree(work, ignore_errors=True)

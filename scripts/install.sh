@@ -17,6 +17,7 @@ PYADJOINT_VERSION=2026.10.0   # PyPI name pyadjoint-ad ("pyadjoint" is an unrela
 MPI4PY_VERSION=4.1.2
 H5PY_VERSION=3.16.0
 TORCH_VERSION=2.13.0          # the CPU wheel on local disk; any other spec pulls CUDA builds
+VTK_VERSION=9.7.2             # ParaView output (firedrake.VTKFile)
 RECIPE_REVISION=1             # bump when the recipe below changes in a way that needs a rebuild
 PY_TAG=$(python3 -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
 
@@ -141,6 +142,11 @@ tools() {
     pip_ freeze >"$STACK/pip-freeze.txt"
 }
 
+vtk_() {
+    # Firedrake's VTKFile (ParaView output of the demos) needs VTK, which Firedrake leaves out.
+    pip_ install "vtk==$VTK_VERSION"
+}
+
 check() {
     "$VENV/bin/python" - <<'PY'
 import firedrake, pyadjoint, torch, petsc4py, mpi4py, h5py
@@ -163,6 +169,7 @@ step mpi4py-petsc4py mpi_petsc_bindings
 step h5py h5py_parallel
 step firedrake firedrake_
 step tools tools
+step vtk vtk_
 step check check
 
 # The editable install points at this clone; clones differ, so it is redone every time (seconds).

@@ -1,0 +1,247 @@
+"""Side-by-side studies: the same backbone trained as soft constraint, PI-HC and MoE, measured
+against the classical solver, with one table, a JSON file, ParaView files and PNG figures.
+What the demos are made of; collective over ``comm`` unless a function says otherwise."""
+import copy
+import json
+import os
+import statistics
+
+import numpy as np
+import torch
+import firedrake as fd
+from mpi4py import MPI
+
+from .train import Trainer, _write_atomic
+
+__all__ = ["run", "compare", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
+           "plot_losses", "reset_peak_rss"]
+
+COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
+           ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
+           ("residual_interior", "res. elsewhere", "{:.3e}"), ("step_time", "train s/step", "{:.3f}"),
+           ("inference_time", "infer s/sample", "{:.4f}"),
+           ("classical_time", "classical s/sample", "{:.4f}"), ("peak_mb", "peak MiB/rank", "{:.0f}")]
+
+
+def reset_peak_rss():
+    """Restart this process's resident-memory high-water mark (Linux), so the next reading is
+    the peak of what follows."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+
+def compare(config, models, out, comm=MPI.COMM_WORLD):
+    """Train and evaluate each of ``models`` (a list of (label, {model options}) pairs, e.g.
+    ("MoE K=4", {"kind": "moe", "n_experts": 4})) on ``config`` with everything else equal: the
+    same backbone, data, steps and seed. Each trains into ``out/<label>``.
+
+    Returns (rows, trainers): one dict per model with the evaluation on the test split
+    (:meth:`fem_moe.train.Trainer.evaluate`) plus ``step_time`` (median seconds per training
+    step, the first step and its kernel compilation left out), ``peak_mb`` (the largest peak
+    resident memory over the ranks while this model trained and was evaluated), ``label``."""
+    rows, trainers = [], {}
+    for label, options in models:
+        cfg = copy.deepcopy(config)
+        cfg["model"].update(options)
+        cfg["train"]["out"] = os.path.join(out, label.replace(" ", "_").replace("=", ""))
+        reset_peak_rss()
+        trainer = Trainer(cfg, comm)
+        trainer.fit()
+        row = trainer.evaluate("test")
+        times = [h["time"] for h in trainer.history[1:] if not h["skipped"]] or [float("nan")]
+        row.update(label=label, step_time=statistics.median(times), peak_mb=max(row["peak_rss_mb"]),
+                   skipped=sum(h["skipped"] for h in trainer.history))
+        rows.append(row)
+        trainers[label] = trainer
+    return rows, trainers
+
+
+def print_table(rows, title=None, file=None):
+    """The comparison table on stdout (call on one rank)."""
+    cells = [[h for _, h, _ in COLUMNS]]
+    for r in rows:
+        line = []
+        for key, _, fmt in COLUMNS:
+            v = r.get(key)
+            line.append("-" if v is None else fmt.format(v))
+        cells.append(line)
+    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
+    if title:
+        print(title, file=file)
+    for j, line in enumerate(cells):
+        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=file)
+        if j == 0:
+            print("  ".join("-" * w for w in widths), file=file)
+
+
+def write_json(path, rows, **meta):
+    """Rows and metadata to ``path`` atomically (rank 0 only)."""
+    doc = {"meta": meta, "rows": rows}
+    _write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+
+
+def _function(V, values, name):
+    f = fd.Function(V, name=name)
+    with f.dat.vec_wo as vec:
+        vec.array[:] = values
+    return f
+
+
+def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
+    """For test sample ``sample``: the classical solution, each model's prediction and error,
+    the MoE partition (DG0, expert per cell) and the first basis fields of each hard model, to
+    ``out/fields.h5`` (a Firedrake CheckpointFile with the mesh: :func:`plot_fields` reads it on
+    one rank) and to ParaView files ``out/fields.pvd`` and ``out/partition.pvd``. Returns the
+    CheckpointFile's path."""
+    first = next(iter(trainers.values()))
+    V, idx = first.problem.V, first.splits["test"][sample:sample + 1]
+    truth = _function(V, first.physical_target(idx)[0].cpu().numpy(), "classical")
+    fields, partition, basis = [truth], None, []
+    for label, tr in trainers.items():
+        tag = label.replace(" ", "_").replace("=", "")
+        tr.model.eval()
+        with torch.no_grad():
+            u = tr.predict(idx)[0].cpu().numpy()
+            phi = tr.model.basis(tr._tensors["inputs"][idx])[0, :n_basis_shown].cpu().numpy()
+        fields.append(_function(V, u, f"prediction_{tag}"))
+        fields.append(_function(V, u - _owned(truth), f"error_{tag}"))
+        if tr.model.kind != "soft":
+            basis += [_function(V, p, f"basis{i}_{tag}") for i, p in enumerate(phi)]
+        if tr.model.kind == "moe" and partition is None:
+            partition = tr.model.constraint.partition.expert_indicator()
+    if comm.rank == 0:
+        os.makedirs(out, exist_ok=True)
+    comm.barrier()
+    fd.VTKFile(os.path.join(out, "fields.pvd"), comm=comm).write(*fields)
+    if partition is not None:
+        fd.VTKFile(os.path.join(out, "partition.pvd"), comm=comm).write(partition)
+    path = os.path.join(out, "fields.h5")
+    mesh = V.mesh()
+    with fd.CheckpointFile(path, "w", comm=comm) as f:
+        f.save_mesh(mesh)
+        for fn in fields + basis + ([partition] if partition is not None else []):
+            f.save_function(fn)
+        f.set_attr("/", "fem_moe_fields", json.dumps([fn.name() for fn in fields]))
+        f.set_attr("/", "fem_moe_basis", json.dumps([fn.name() for fn in basis]))
+        f.set_attr("/", "fem_moe_partition", partition is not None)
+        f.set_attr("/", "fem_moe_mesh", mesh.name)
+    return path
+
+
+def _owned(f):
+    with f.dat.vec_ro as vec:
+        return vec.array_r.copy()
+
+
+def plot_fields(path, out, labels=None):
+    """PNG figures from :func:`write_fields`'s file: ``solutions.png`` (classical solution, then
+    per model prediction and error), ``partition.png`` (the experts' subdomains), ``basis.png``
+    (basis fields). Call on ONE rank (it reads the file on COMM_SELF)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from firedrake.pyplot import tripcolor
+    with fd.CheckpointFile(path, "r", comm=MPI.COMM_SELF) as f:
+        mesh = f.load_mesh(f.get_attr("/", "fem_moe_mesh"))
+        names = json.loads(f.get_attr("/", "fem_moe_fields"))
+        basis_names = json.loads(f.get_attr("/", "fem_moe_basis"))
+        fields = {n: f.load_function(mesh, n) for n in names}
+        basis = [f.load_function(mesh, n) for n in basis_names]
+        partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None
+    models = [n[len("prediction_"):] for n in names if n.startswith("prediction_")]
+    aspect = 1
+    fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) * aspect + 0.5),
+                             squeeze=False)
+    truth = fields["classical"]
+    lo, hi = truth.dat.data_ro.min(), truth.dat.data_ro.max()
+    for i, m in enumerate(models):
+        err = fields[f"error_{m}"]
+        e = max(abs(err.dat.data_ro).max(), 1e-300)
+        for ax, fn, title, kw in ((axes[i, 0], truth, "classical solver", dict(vmin=lo, vmax=hi)),
+                                  (axes[i, 1], fields[f"prediction_{m}"], f"{m}: prediction",
+                                   dict(vmin=lo, vmax=hi)),
+                                  (axes[i, 2], err, f"{m}: error", dict(vmin=-e, vmax=e, cmap="RdBu_r"))):
+            c = tripcolor(fn, axes=ax, **kw)
+            fig.colorbar(c, ax=ax)
+            ax.set_title(title, fontsize=9)
+            ax.set_aspect("equal")
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, "solutions.png"), dpi=110)
+    plt.close(fig)
+    if partition is not None:
+        fig, ax = plt.subplots(figsize=(5, 4.5))
+        c = tripcolor(partition, axes=ax, cmap="tab10")
+        fig.colorbar(c, ax=ax, label="expert")
+        ax.set_title("the experts' subdomains")
+        fig.savefig(os.path.join(out, "partition.png"), dpi=110)
+        plt.close(fig)
+    if basis:
+        cols = min(4, len(basis))
+        rows = (len(basis) + cols - 1) // cols
+        fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows), squeeze=False)
+        for ax, fn in zip(axes.ravel(), basis):
+            tripcolor(fn, axes=ax)
+            ax.set_title(fn.name(), fontsize=8)
+            ax.set_xticks([]), ax.set_yticks([])
+        for ax in axes.ravel()[len(basis):]:
+            ax.axis("off")
+        fig.tight_layout()
+        fig.savefig(os.path.join(out, "basis.png"), dpi=100)
+        plt.close(fig)
+
+
+def plot_losses(trainers, path, key="loss"):
+    """Training loss per step (and validation relative L2) for each model, to ``path`` (PNG).
+    Call on one rank (the histories are the same on every rank)."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, (a, b) = plt.subplots(1, 2, figsize=(10, 3.6))
+    for label, tr in trainers.items():
+        steps = [h["step"] for h in tr.history]
+        a.semilogy(steps, [h[key] for h in tr.history], label=label)
+        v = [r for r in tr.validation if np.isfinite(r["rel_l2"])]
+        b.semilogy([r["step"] for r in v], [r["rel_l2"] for r in v], "o-", label=label)
+    a.set_xlabel("step"), a.set_ylabel("training loss"), a.legend()
+    b.set_xlabel("step"), b.set_ylabel("validation relative L2"), b.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True):
+    """Make ``config``'s dataset with the classical solver unless an identical one (same PDE,
+    options, sample count and seed) is already there. Collective."""
+    from .data import describe, generate
+    from .pdes import get
+    pde = get(config["pde"]["name"], **config["pde"]["options"])
+    d = config["data"]
+    n = d["n_train"] + d["n_val"] + d["n_test"]
+    want = {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": d["seed"]}
+    have = comm.bcast(describe(d["path"]) if comm.rank == 0 and os.path.isfile(d["path"]) else None)
+    if have != want:
+        generate(pde, d["path"], n, seed=d["seed"], comm=comm, progress=progress)
+
+
+def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
+    """The whole study of a demo: the dataset (made if missing), every model trained and
+    evaluated (:func:`compare`), the table printed and written to ``out/results.json``, and
+    with ``figures`` the ParaView files and PNGs (``solutions.png``, ``partition.png``,
+    ``basis.png``, ``losses.png``) in ``out``. Returns (rows, trainers)."""
+    ensure_dataset(config, comm, progress=config["train"]["progress"])
+    rows, trainers = compare(config, models, out, comm)
+    if comm.rank == 0:
+        print()
+        print_table(rows, title)
+        write_json(os.path.join(out, "results.json"), rows, title=title, ranks=comm.size,
+                   config=config)
+    if figures:
+        path = write_fields(trainers, out, comm=comm)
+        if comm.rank == 0:
+            plot_fields(path, out)
+            plot_losses(trainers, os.path.join(out, "losses.png"))
+        comm.barrier()
+    return rows, trainers

@@ -14,7 +14,7 @@ from mpi4py import MPI
 from .train import Trainer, _write_atomic
 
 __all__ = ["run", "compare", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
-           "plot_losses", "reset_peak_rss"]
+           "plot_losses", "reset_peak_rss", "transfer", "relative_l2_where"]
 
 COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
@@ -245,3 +245,46 @@ def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
             plot_losses(trainers, os.path.join(out, "losses.png"))
         comm.barrier()
     return rows, trainers
+
+
+def transfer(trainer, problem):
+    """The trained model of ``trainer`` on another problem of its PDE family (another mesh, a
+    longer time window): the same backbone (shared, not copied) and soft weights, a new
+    constraint layer built on ``problem``. Collective over ``problem.comm``."""
+    from .model import NeuralSolver
+    m, old = trainer.config["model"], trainer.model
+    model = NeuralSolver(problem, old.backbone, kind=old.kind, n_basis=m["n_basis"],
+                         n_experts=m["n_experts"], mode=m["mode"])
+    if old.kind == "soft":
+        model.weights = old.weights
+    return model.to(device=trainer.device, dtype=trainer.dtype)
+
+
+def relative_l2_where(trainer, dataset, region, batch_size=4):
+    """Apply ``trainer``'s model to every sample of ``dataset`` (a :class:`fem_moe.data.Dataset`
+    of the same PDE family, e.g. a longer window) and return the relative L2 error per sample
+    over the dofs whose coordinates satisfy ``region`` (callable: [n, gdim] -> bool [n]), and
+    the relative squared residual per sample over the whole dataset's mesh. Collective."""
+    from .layer import residual_loss
+    from .losses import relative_l2
+    from .expert import dirichlet_dofs
+    model = transfer(trainer, dataset.problem)
+    t = trainer._tensor
+    keep = t(region(dataset.problem.dof_coordinates()).astype(np.float64))
+    errors, residuals = [], []
+    _, g = dirichlet_dofs(dataset.problem)
+    model.eval()
+    for i in range(0, len(dataset), batch_size):
+        sl = slice(i, i + batch_size)
+        inputs, data = t(dataset.inputs[sl]), t(dataset.data[sl])
+        with torch.no_grad():
+            u = model(inputs, data)
+            lift = 0 if dataset.lifting is None else t(dataset.lifting[sl])
+            target = t(dataset.targets[sl]) + lift
+            errors.append(relative_l2(trainer.comm, (u + lift) * keep, target * keep, reduction="none"))
+            norm = trainer.config["train"]["residual_norm"]
+            r = residual_loss(dataset.problem, u, data, reduction="none", norm=norm)
+            r0 = residual_loss(dataset.problem, t(np.broadcast_to(g, u.shape)), data,
+                               reduction="none", norm=norm)
+            residuals.append(r / r0)
+    return torch.cat(errors).cpu().numpy(), torch.cat(residuals).cpu().numpy()

@@ -13,30 +13,38 @@ class DiffusionSorption(PDE):
     is the boundary term + u v; u(x, 0) = u0 ~ U(0, 0.2), a constant per sample as in PDEBench's
     generator (the parameter; the backbone sees u0 / 0.2).
 
-    **Space-time.** The mesh is the rectangle (x, tau) in [0, 1]^2 with tau = t / T, and the
-    residual is the continuous Galerkin space-time form
-    int R(u) du/dtau v / T + D du/dx dv/dx dx dtau + int_{x=1} u v dtau,
+    **Space-time.** The mesh is the rectangle (x, tau) in [0, 1] x [0, T / 500], tau = t / 500
+    (PDEBench's horizon is the time unit, so a window [0, 2T] is a longer mesh, and a backbone
+    trained on [0, T] sees later times as larger tau), and the residual is the continuous
+    Galerkin space-time form
+    int R(u) du/dtau v / 500 + D du/dx dv/dx dx dtau + int_{x=1} u v dtau,
     so a hard constraint holds over the whole window at once, as the paper constrains its whole
     (x, t) grid. The initial and left boundary values are imposed exactly through a lifting: the
     data is the field ``ell`` = 1 on x = 0 and u0 elsewhere, the constrained unknown is
     u - ell (zero on tau = 0 and x = 0) and :meth:`lifting` adds ``ell`` back.
 
     **The singular retardation.** u^(n_f - 1) = u^-0.126 is infinite at u = 0 and undefined
-    below; we use (u^2 + eps^2)^((n_f - 1)/2), eps = ``eps`` (default 1e-6), equal to
-    |u|^(n_f - 1) to within 1e-10 relative for |u| > 1e-2 and finite and smooth everywhere, so
-    Newton and the reduced solves may pass through u <= 0 (space-time Galerkin undershoots
-    slightly near the initial jump at x = 0).
+    below; we use (u^2 + eps^2)^((n_f - 1)/2), eps = ``eps`` (default 1e-3), equal to
+    |u|^(n_f - 1) to within 0.07 % for |u| > 1e-2 (4 % at |u| = 1e-3) and finite and smooth
+    everywhere, so Newton and the reduced solves may pass through u <= 0 (space-time Galerkin
+    undershoots slightly near the initial jump at x = 0). Why not smaller: with eps = 1e-6 the
+    retardation's curvature near u = 0 is ~1e12, the reduced least-squares objective is then
+    nonsmooth at round-off scale and its trust region collapses (measured: most reduced solves
+    of a fresh backbone stopped with DIVERGED_TR_DELTA while the quadratic model still
+    promised a 0.3 % decrease); with 1e-3 they converge.
 
     Options: ``nx``, ``nt`` (cells in x and in t), ``t_end`` (T, default 500), ``eps``,
     ``degree``.
     """
     name = "diffusion_sorption"
-    options = dict(nx=32, nt=16, t_end=500.0, eps=1e-6, degree=1)
+    options = dict(nx=32, nt=16, t_end=500.0, eps=1e-3, degree=1)
     n_params = 1
     D, phi, rho_s, k_f, n_f = 5e-4, 0.29, 2880.0, 3.5e-4, 0.874
+    time_unit = 500.0
 
     def mesh(self, comm):
-        return fd.RectangleMesh(self.opts["nx"], self.opts["nt"], 1.0, 1.0, comm=comm)
+        o = self.opts
+        return fd.RectangleMesh(o["nx"], o["nt"], 1.0, o["t_end"] / self.time_unit, comm=comm)
 
     def retardation(self, u):
         c = (1 - self.phi) / self.phi * self.rho_s * self.k_f * self.n_f
@@ -44,14 +52,14 @@ class DiffusionSorption(PDE):
 
     def problem(self, mesh, **kwargs):
         V = fd.FunctionSpace(mesh, "CG", self.opts["degree"])
-        T, D = self.opts["t_end"], self.D
+        T, D = self.time_unit, self.D
 
         def residual(du, v, m):
             u = m[0] + du
             return ((self.retardation(u) * u.dx(1) / T) * v + D * u.dx(0) * v.dx(0)) * fd.dx \
                 + u * v * fd.ds(2)
 
-        # RectangleMesh tags: 1 x = 0, 2 x = 1, 3 tau = 0, 4 tau = 1.
+        # RectangleMesh tags: 1 x = 0, 2 x = 1, 3 tau = 0, 4 tau = T / 500.
         bcs = [fd.DirichletBC(V, 0.0, 1), fd.DirichletBC(V, 0.0, 3)]
         return ConstrainedProblem(V, residual, bcs=bcs, data_spaces=V, **kwargs)
 

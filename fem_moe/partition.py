@@ -125,6 +125,11 @@ class Partition:
             if not markers:
                 continue
             plex.createLabel(name)
+            # Every marker of the whole mesh exists on every submesh, empty where the subdomain
+            # does not touch it, so that a form with ds(id) or dx(id) is valid on each expert.
+            label = plex.getLabel(name)
+            for value in sorted({v for values in markers.values() for v in values}):
+                label.addStratum(value)
             h0, h1 = plex.getHeightStratum(height)
             for point in range(h0, h1):
                 if height == 1 and plex.getSupportSize(point) != 1:

@@ -2,6 +2,7 @@
 import os
 import runpy
 import sys
+import tempfile
 
 import pytest
 
@@ -24,6 +25,25 @@ def test_nonlinear_poisson():
     run_demo("nonlinear_poisson.py", "--degree", "1")
 
 
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("name", ["reaction_diffusion.py", "diffusion_sorption.py"])
+def test_study_demo_tiny(name):
+    """The comparison demos at a seconds-long size: table, JSON, ParaView files, PNG figures."""
+    import json
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    out = comm.bcast(tempfile.mkdtemp(prefix="fem_moe_demo_") if comm.rank == 0 else None)
+    run_demo(name, "--tiny", "--out", out)
+    if comm.rank == 0:
+        rows = json.load(open(os.path.join(out, "results.json")))["rows"]
+        assert [r["kind"] for r in rows] == ["soft", "pihc", "moe"]
+        assert all(r["ranks"] == comm.size and r["rel_l2"] > 0 for r in rows)
+        assert "residual_interface" in rows[2]
+        for f in ("solutions.png", "partition.png", "basis.png", "losses.png", "fields.pvd",
+                  "partition.pvd"):
+            assert os.path.getsize(os.path.join(out, f)) > 0, f
+
+
 def test_no_demo_left_untested():
-    tested = {"nonlinear_poisson.py"}
+    tested = {"nonlinear_poisson.py", "reaction_diffusion.py", "diffusion_sorption.py"}
     assert {f for f in os.listdir(DEMOS) if f.endswith(".py")} == tested

@@ -27,11 +27,9 @@ class DiffusionSorption(PDE):
     below; we use (u^2 + eps^2)^((n_f - 1)/2), eps = ``eps`` (default 1e-3), equal to
     |u|^(n_f - 1) to within 0.07 % for |u| > 1e-2 (4 % at |u| = 1e-3) and finite and smooth
     everywhere, so Newton and the reduced solves may pass through u <= 0 (space-time Galerkin
-    undershoots slightly near the initial jump at x = 0). Why not smaller: with eps = 1e-6 the
-    retardation's curvature near u = 0 is ~1e12, the reduced least-squares objective is then
-    nonsmooth at round-off scale and its trust region collapses (measured: most reduced solves
-    of a fresh backbone stopped with DIVERGED_TR_DELTA while the quadratic model still
-    promised a 0.3 % decrease); with 1e-3 they converge.
+    undershoots slightly near the initial jump at x = 0). A smaller eps makes R's curvature near
+    u = 0 grow like eps^(n_f - 3) (1e12 at 1e-6), which the reduced Newton solves then have to
+    resolve wherever an output crosses 0; 1e-3 keeps it at 1e6.
 
     Options: ``nx``, ``nt`` (cells in x and in t), ``t_end`` (T, default 500), ``eps``,
     ``degree``.

@@ -2,7 +2,11 @@
 
     python benchmarks/moe_scaling.py [--sizes 48 96] [--n-basis 16] [--batch 2] [--repeat 3]
                                      [--experts 1 2 4] [--ranks 1 2]
-                                     [--out benchmarks/results/moe_scaling.json]
+                                     [--out benchmarks/results/moe_scaling.json] [--plot PNG]
+
+Inference is the forward pass (the constrained solves); a training step of the constraint is the
+forward plus the backward (the IFT solves). ``--plot`` draws both against dofs, per layer, K and
+rank count.
 
 For each mesh size (P1 on an n x n unit square, -div((1 + u^2) grad u) = m, least squares) and
 each rank count P, a fresh ``mpiexec -n P`` process measures the global layer (HardConstraint on
@@ -76,6 +80,7 @@ def main():
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "moe_scaling.json"))
+    parser.add_argument("--plot", help="a PNG of the step and inference times against dofs")
     parser.add_argument("--single", nargs=3, help=argparse.SUPPRESS)
     args, _ = parser.parse_known_args()
     if args.single:
@@ -114,6 +119,31 @@ def main():
                        ("mean_snes_iterations", "SNES its", "{:.1f}"), ("setup_s", "setup s", "{:.2f}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_json(args.out, "moe_scaling", rows, n_basis=args.n_basis, batch=args.batch, repeat=args.repeat)
+    if args.plot:
+        plot(rows, args.plot)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4))
+    series = sorted({(r["kind"], r["experts"], r["ranks"]) for r in rows})
+    for ax, key, title in ((axes[0], "step_s", "training step (forward + backward)"),
+                           (axes[1], "forward_s", "inference (forward)")):
+        for kind, K, P in series:
+            pts = sorted((r["dofs"], r[key]) for r in rows
+                         if (r["kind"], r["experts"], r["ranks"]) == (kind, K, P))
+            label = ("PI-HC (global)" if kind == "global" else f"MoE K={K}") + f", {P} rank(s)"
+            ax.loglog(*zip(*pts), "o-" if P == 1 else "s--", label=label)
+        ax.set_xlabel("dofs")
+        ax.set_ylabel("seconds (batch of %d)" % rows[0]["batch"])
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -45,6 +45,7 @@ DEFAULTS = {
         "kind": "moe",          # soft | pihc | moe
         "n_basis": 16,
         "n_experts": 2,         # moe only
+        "partitioner": "ptscotch",  # moe only: ptscotch | strips (slabs across x) | random (a control)
         "mode": "lstsq",        # lstsq | galerkin
         "backbone": "deeponet",
         "width": 64,
@@ -78,6 +79,7 @@ DEFAULTS = {
 CHOICES = {
     ("model", "kind"): ("soft", "pihc", "moe"),
     ("model", "mode"): ("lstsq", "galerkin"),
+    ("model", "partitioner"): ("ptscotch", "strips", "random"),
     ("model", "backbone"): ("deeponet",),
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),

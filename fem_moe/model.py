@@ -34,7 +34,7 @@ class NeuralSolver(nn.Module):
     """
 
     def __init__(self, problem, backbone, kind="moe", n_basis=16, n_experts=None, mode="lstsq",
-                 **layer_kwargs):
+                 partitioner_type=None, **layer_kwargs):
         super().__init__()
         if kind not in KINDS:
             raise InputError(f"model kind must be one of {KINDS}, got {kind!r}")
@@ -52,7 +52,7 @@ class NeuralSolver(nn.Module):
             self.constraint = HardConstraint(problem, n_basis, mode=mode, **layer_kwargs)
         else:
             self.constraint = MoEHardConstraint(problem, n_basis, n_experts=n_experts, mode=mode,
-                                                **layer_kwargs)
+                                                partitioner_type=partitioner_type, **layer_kwargs)
 
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)

@@ -67,6 +67,12 @@ class MoEHardConstraint(torch.nn.Module):
     samples: list of SampleInfo, solve_time, backward_time); ``layer.all_diagnostics()`` gathers
     them from every rank (collective).
 
+    ``partitioner_type``: PETSc's MatPartitioning type for the subdomains (default "ptscotch");
+    "strips": K slabs of equal cell counts across the first coordinate (on a space-time mesh,
+    experts that each span the whole time window); or "random": cells dealt to the experts at
+    random (a control experiment: the same sizes, no spatial locality; each dof then belongs to
+    the expert of its first cell).
+
     The residual callable is called on each expert's submesh: it must build its form from its
     arguments only (use ``SpatialCoordinate(u.function_space().mesh())``, not the global mesh's).
     """
@@ -83,8 +89,15 @@ class MoEHardConstraint(torch.nn.Module):
         self.data_layouts = [SpaceLayout(Vd, p) for Vd in problem.data_spaces]
         cell_dofs = self.layout.cell_dofs()
         n_global = self.layout.n_global
-        owner = np.full(n_global, K, dtype=np.int64)
-        np.minimum.at(owner, cell_dofs.ravel(), np.repeat(p.cell_expert, cell_dofs.shape[1]))
+        if partitioner_type == "random":
+            # Scattered cells: "lowest expert among the dof's cells" would hand nearly every dof
+            # to expert 0; take the expert of the dof's first canonical cell instead (balanced).
+            first = np.full(n_global, len(cell_dofs), dtype=np.int64)
+            np.minimum.at(first, cell_dofs.ravel(), np.repeat(np.arange(len(cell_dofs)), cell_dofs.shape[1]))
+            owner = p.cell_expert[first]
+        else:
+            owner = np.full(n_global, K, dtype=np.int64)
+            np.minimum.at(owner, cell_dofs.ravel(), np.repeat(p.cell_expert, cell_dofs.shape[1]))
         self.owner = owner
         p.place(np.bincount(owner, minlength=K))    # balance the ranks by the dofs experts own
         # Rows whose stencil (the dofs of the cells around them) holds dofs of another expert:

@@ -146,6 +146,19 @@ class Partition:
         K, C = self.n_experts, len(self.cell_vertices)
         if K == 1:
             return np.zeros(C, dtype=np.int64)
+        if partitioner_type == "random":
+            # The control for "are spatial subdomains what matters?": the same number of cells
+            # per expert, scattered at random (seeded: the same on every rank and run).
+            return np.random.default_rng(0).permutation(C) % K
+        if partitioner_type == "strips":
+            # K slabs of equal cell counts across the first coordinate: on a space-time mesh
+            # (x, t) every expert then spans the whole time window and holds its own initial
+            # values, instead of inheriting them through interface rows it does not see.
+            centres = self.vertex_coords[self.cell_vertices].mean(axis=1)[:, 0]
+            order = np.argsort(centres, kind="stable")
+            labels = np.empty(C, dtype=np.int64)
+            labels[order] = np.arange(C) * K // C
+            return labels
         labels = np.empty(C, dtype=np.int64)
         if self.comm.rank == 0:
             nv = self.cell_vertices.shape[1]

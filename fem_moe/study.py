@@ -20,7 +20,8 @@ COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
            ("residual_interior", "res. elsewhere", "{:.3e}"), ("step_time", "train s/step", "{:.3f}"),
            ("inference_time", "infer s/sample", "{:.4f}"),
-           ("classical_time", "classical s/sample", "{:.4f}"), ("peak_mb", "peak MiB/rank", "{:.0f}")]
+           ("classical_time", "classical s/sample", "{:.4f}"), ("peak_mb", "peak MiB/rank", "{:.0f}"),
+           ("failed", "failed", "{:d}")]
 
 
 def reset_peak_rss():
@@ -254,7 +255,7 @@ def transfer(trainer, problem):
     from .model import NeuralSolver
     m, old = trainer.config["model"], trainer.model
     model = NeuralSolver(problem, old.backbone, kind=old.kind, n_basis=m["n_basis"],
-                         n_experts=m["n_experts"], mode=m["mode"])
+                         n_experts=m["n_experts"], mode=m["mode"], partitioner_type=m["partitioner"])
     if old.kind == "soft":
         model.weights = old.weights
     return model.to(device=trainer.device, dtype=trainer.dtype)
@@ -264,10 +265,12 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
     """Apply ``trainer``'s model to every sample of ``dataset`` (a :class:`fem_moe.data.Dataset`
     of the same PDE family, e.g. a longer window) and return the relative L2 error per sample
     over the dofs whose coordinates satisfy ``region`` (callable: [n, gdim] -> bool [n]), and
-    the relative squared residual per sample over the whole dataset's mesh. Collective."""
+    the relative squared residual per sample over the whole dataset's mesh (NaN for samples
+    whose constrained solve diverged). Collective."""
     from .layer import residual_loss
     from .losses import relative_l2
     from .expert import dirichlet_dofs
+    from .errors import SolverDivergedError
     model = transfer(trainer, dataset.problem)
     t = trainer._tensor
     keep = t(region(dataset.problem.dof_coordinates()).astype(np.float64))
@@ -277,8 +280,15 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
     for i in range(0, len(dataset), batch_size):
         sl = slice(i, i + batch_size)
         inputs, data = t(dataset.inputs[sl]), t(dataset.data[sl])
+        try:
+            with torch.no_grad():
+                u = model(inputs, data)
+        except SolverDivergedError:     # on every rank alike: these samples count as failed
+            n = len(dataset.inputs[sl])
+            errors.append(torch.full((n,), float("nan"), dtype=trainer.dtype))
+            residuals.append(torch.full((n,), float("nan"), dtype=trainer.dtype))
+            continue
         with torch.no_grad():
-            u = model(inputs, data)
             lift = 0 if dataset.lifting is None else t(dataset.lifting[sl])
             target = t(dataset.targets[sl]) + lift
             errors.append(relative_l2(trainer.comm, (u + lift) * keep, target * keep, reduction="none"))

@@ -122,7 +122,8 @@ class Trainer:
         torch.manual_seed(t["seed"])
         backbone = self._backbone()
         self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
-                                  n_experts=m["n_experts"], mode=m["mode"])
+                                  n_experts=m["n_experts"], mode=m["mode"],
+                                  partitioner_type=m["partitioner"])
         self.model.to(device=self.device, dtype=self.dtype)
         bridge.broadcast_parameters(self.model, comm=comm)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"])
@@ -231,7 +232,7 @@ class Trainer:
             loss.backward()
         except SolverDivergedError as e:
             sample = None if e.sample is None else int(idx[e.sample])
-            failure = {"step": self.step + 1, "expert": e.expert, "sample": sample,
+            failure = {"step": self.step + 1, "phase": "train", "expert": e.expert, "sample": sample,
                        "reason": e.reason, "message": str(e).splitlines()[0]}
             self.diverged.append(failure)
             record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
@@ -278,31 +279,51 @@ class Trainer:
 
     # ------------------------------------------------------------------ evaluation
     def _predict_split(self, split, batch_size=None):
+        """Predictions for ``split``, ``[n, n_dofs]``. A batch whose constrained solve diverges
+        is NaN (and recorded in ``self.diverged``) under ``on_diverge = "skip"``; raises under
+        "stop". The same rows are NaN on every rank."""
         idx = self.splits[split]
         bs = batch_size or self.config["train"]["batch_size"]
         self.model.eval()
-        with torch.no_grad():
-            parts = [self.predict(idx[i:i + bs]) for i in range(0, len(idx), bs)]
-        return torch.cat(parts) if parts else None
+        parts = []
+        for i in range(0, len(idx), bs):
+            batch = idx[i:i + bs]
+            try:
+                with torch.no_grad():
+                    parts.append(self.predict(batch))
+            except SolverDivergedError as e:
+                if self.config["train"]["on_diverge"] == "stop":
+                    raise
+                sample = None if e.sample is None else int(batch[e.sample])
+                self.diverged.append({"step": self.step, "phase": split, "expert": e.expert,
+                                      "sample": sample, "reason": e.reason,
+                                      "message": str(e).splitlines()[0]})
+                parts.append(torch.full((len(batch), self.problem.n_dofs), float("nan"),
+                                        dtype=self.dtype, device=self.device))
+        return torch.cat(parts)
+
+    def _measure(self, u, idx):
+        """(relative L2 [n], relative squared residual [n]) of predictions u of samples idx;
+        NaN for the samples whose solve diverged."""
+        ok = torch.isfinite(u).all(dim=1)
+        rel = torch.full((len(idx),), float("nan"), dtype=u.dtype, device=u.device)
+        res = rel.clone()
+        if ok.any():
+            good = idx[ok.cpu().numpy()]
+            rel[ok] = relative_l2(self.comm, u[ok], self.physical_target(good), reduction="none")
+            res[ok] = self.physics_loss(u[ok], good, reduction="none")
+        return rel, res
 
     def validate(self, split="val"):
-        """Relative L2 and relative residual on ``split``; appended to ``self.validation``. A
-        diverging solve gives NaN entries under ``on_diverge = "skip"`` and raises otherwise."""
+        """Relative L2 and relative residual on ``split`` (means over the samples whose solves
+        converged; ``failed`` counts the others); appended to ``self.validation``."""
         if not len(self.splits[split]):
             return None
         idx = self.splits[split]
-        try:
-            u = self._predict_split(split)
-        except SolverDivergedError as e:
-            if self.config["train"]["on_diverge"] == "stop":
-                raise
-            rec = {"step": self.step, "rel_l2": float("nan"), "residual": float("nan"),
-                   "diverged": str(e).splitlines()[0]}
-            self.validation.append(rec)
-            return rec
-        rec = {"step": self.step,
-               "rel_l2": relative_l2(self.comm, u, self.physical_target(idx)).item(),
-               "residual": self.physics_loss(u, idx).item()}
+        rel, res = self._measure(self._predict_split(split), idx)
+        rec = {"step": self.step, "rel_l2": float(np.nanmean(rel.cpu())) if torch.isfinite(rel).any()
+               else float("nan"), "residual": float(np.nanmean(res.cpu())) if torch.isfinite(res).any()
+               else float("nan"), "failed": int((~torch.isfinite(rel)).sum())}
         self.validation.append(rec)
         return rec
 
@@ -314,7 +335,8 @@ class Trainer:
         experts' fields and elsewhere, relative to the lifting's RMS residual; MoE only),
         ``inference_time`` (seconds per sample, batched, slowest rank), ``classical_time``
         (the classical solve's seconds per sample when the dataset was made), ``peak_rss_mb``
-        (per rank)."""
+        (per rank), ``failed`` (samples whose constrained solve diverged, under
+        ``on_diverge = "skip"``: left out of the means, listed in ``self.diverged``)."""
         idx = self.splits[split]
         if not len(idx):
             raise InputError(f"the {split} split is empty (data.n_{split} = 0)")
@@ -322,19 +344,23 @@ class Trainer:
         t0 = time.perf_counter()
         u = self._predict_split(split)
         seconds = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
-        target = self.physical_target(idx)
-        rel = relative_l2(self.comm, u, target, reduction="none")
-        res = self.physics_loss(u, idx, reduction="none")
-        out = {"split": split, "samples": len(idx), "kind": self.model.kind,
+        rel, res = self._measure(u, idx)
+        ok = torch.isfinite(rel)
+        if not ok.any():
+            raise SolverDivergedError(f"every {split} sample's constrained solve diverged: "
+                                      f"{self.diverged[-1]['message']}")
+        out = {"split": split, "samples": len(idx), "failed": int((~ok).sum()),
+               "kind": self.model.kind,
                "n_experts": getattr(self.model.constraint, "n_experts", 1 if self.model.kind == "pihc" else 0),
                "ranks": self.comm.size, "dofs": self.problem.V.dim(), "step": self.step,
-               "rel_l2": float(rel.mean()), "rel_l2_max": float(rel.max()),
-               "residual": float(res.mean()),
+               "rel_l2": float(rel[ok].mean()), "rel_l2_max": float(rel[ok].max()),
+               "residual": float(res[ok].mean()),
                "inference_time": seconds / len(idx),
                "classical_time": float(np.mean(self.dataset.solve_time[idx])),
                "peak_rss_mb": self.comm.allgather(peak_rss_mb())}
         if self.model.kind == "moe":
-            out.update(self._interface_residuals(u, idx))
+            good = ok.cpu().numpy()
+            out.update(self._interface_residuals(u[ok], idx[good]))
         if write and self.comm.rank == 0:
             _write_atomic(os.path.join(self.out, f"evaluation_{split}.json"),
                           lambda f: f.write(json.dumps(out, indent=1).encode()))

@@ -7,7 +7,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
-from problems import nonlinear_diffusion, source, random_basis, distributed_matches_serial
+from problems import nonlinear_diffusion, source, random_basis, smooth_basis, distributed_matches_serial
 
 
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
@@ -63,6 +63,40 @@ def test_k_experts_on_the_global_layer_problem_reduce_residual_per_expert():
     moe(basis, data), glob(basis, data)
     for d in moe.all_diagnostics():
         assert d["samples"][0].residual_after <= glob.diagnostics[0].residual_after + 1e-12
+
+
+def test_strips_are_slabs_across_x():
+    problem = nonlinear_diffusion(n=8, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=4, partitioner_type="strips")
+    p = layer.partition
+    x = p.vertex_coords[p.cell_vertices].mean(axis=1)[:, 0]
+    ranges = [(x[p.cell_expert == k].min(), x[p.cell_expert == k].max()) for k in range(4)]
+    assert all(ranges[k][1] <= ranges[k + 1][0] for k in range(3)), ranges
+    assert np.bincount(p.cell_expert).tolist() == [32] * 4
+    u = layer(smooth_basis(problem, 4), source(problem))
+    assert torch.isfinite(u).all()
+
+
+@pytest.mark.parallel([1, 2])
+def test_random_subdomains_are_balanced_and_scattered():
+    """The control partition: cells dealt at random, each dof owned by exactly one expert,
+    owned dofs balanced; the subdomains are not spatial (each expert's submesh spans most of
+    the mesh); outputs on 1 and 2 ranks agree (partition seeded)."""
+    problem = nonlinear_diffusion(n=8, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=4, partitioner_type="random")
+    u = layer(smooth_basis(problem, 4), source(problem))
+    diags = layer.all_diagnostics()
+    owned = [d["owned_dofs"] for d in diags]
+    parallel_assert(sum(owned) == problem.V.dim() and min(owned) > 0.6 * np.mean(owned), f"{owned}")
+    n_cells = len(layer.partition.cell_expert)
+    parallel_assert(all(d["cells"] > 0.4 * n_cells for d in diags),
+                    f"random subdomains look spatial: {[d['cells'] for d in diags]} of {n_cells} cells")
+    norm = problem.comm.allreduce(float((u ** 2).sum()))
+    serial = fem_moe.MoEHardConstraint(nonlinear_diffusion(n=8, degree=1, comm=MPI.COMM_SELF), 4,
+                                       n_experts=4, partitioner_type="random")
+    problem1 = serial.problem
+    u1 = serial(smooth_basis(problem1, 4), source(problem1))
+    parallel_assert(abs(norm - float((u1 ** 2).sum())) < 1e-10 * norm)
 
 
 @pytest.mark.parallel([2, 3])

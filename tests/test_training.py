@@ -153,8 +153,10 @@ def test_diverging_expert_policy(policy):
     before = digest(trainer.model)
     if policy == "skip":
         trainer.fit()
-        parallel_assert(len(trainer.diverged) == 2 and all(h["skipped"] for h in trainer.history),
+        in_training = [d for d in trainer.diverged if d["phase"] == "train"]
+        parallel_assert(len(in_training) == 2 and all(h["skipped"] for h in trainer.history),
                         f"{trainer.diverged}")
+        parallel_assert(trainer.validation[-1]["failed"] == 2, f"{trainer.validation}")
         failure = trainer.diverged[0]
         parallel_assert(failure["reason"] == "DIVERGED_MAX_IT" and failure["expert"] in (0, 1)
                         and failure["sample"] in range(4), f"{failure}")

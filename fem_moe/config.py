@@ -47,10 +47,12 @@ DEFAULTS = {
         "n_experts": 2,         # moe only
         "partitioner": "ptscotch",  # moe only: ptscotch | strips (slabs across x) | random (a control)
         "mode": "lstsq",        # lstsq | galerkin
-        "backbone": "deeponet",
-        "width": 64,
-        "depth": 3,
-        "latent": 64,
+        "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
+        "width": 64,            # hidden width (deeponet MLPs; fno channels)
+        "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
+        "latent": 64,           # deeponet: branch/trunk latent size
+        "grid": 32,             # fno: grid nodes per axis over the mesh's bounding box
+        "modes": 8,             # fno: Fourier modes kept per axis
         "solver_parameters": {},    # the reduced SNES's (fem_moe.DEFAULT_SOLVER_PARAMETERS)
     },
     "train": {
@@ -80,7 +82,7 @@ CHOICES = {
     ("model", "kind"): ("soft", "pihc", "moe"),
     ("model", "mode"): ("lstsq", "galerkin"),
     ("model", "partitioner"): ("ptscotch", "strips", "random"),
-    ("model", "backbone"): ("deeponet",),
+    ("model", "backbone"): ("deeponet", "fno"),
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),
     ("train", "residual_norm"): ("dual", "l2"),

@@ -39,7 +39,7 @@ import torch
 from mpi4py import MPI
 
 from . import bridge
-from .backbones import DeepONetBasis
+from .backbones import DeepONetBasis, ParametricFNOBasis
 from .config import DEFAULTS, _merge, load_config, validate
 from .data import Dataset
 from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
@@ -155,6 +155,15 @@ class Trainer:
         X = problem.mesh.coordinates.dat.data_ro
         lo = np.min(self.comm.allgather(X.min(axis=0)), axis=0)
         hi = np.max(self.comm.allgather(X.max(axis=0)), axis=0)
+        if m["backbone"] == "fno":
+            if problem.V.block_size > 1:
+                raise InputError("model.backbone = 'fno' outputs scalar fields; use 'deeponet' "
+                                 "for a vector-valued space")
+            if 2 * m["modes"] > m["grid"] + 1:
+                raise InputError(f"model.modes = {m['modes']} needs model.grid >= {2 * m['modes'] - 1}")
+            return ParametricFNOBasis(self.dataset.inputs.shape[1], m["n_basis"], lo, hi,
+                                      grid=m["grid"], modes=m["modes"], width=m["width"],
+                                      layers=m["depth"])
         return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
                              n_components=problem.V.block_size, latent=m["latent"], width=m["width"],
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),

@@ -77,6 +77,15 @@ def test_each_kind_and_loss_lowers_the_loss(kind, loss):
     assert all(all(p in h for p in parts) for h in history)
 
 
+def test_fno_backbone_trains():
+    """The paper's backbone: an FNO on a grid over the mesh's box, interpolated to the dofs."""
+    trainer = Trainer(config(shared_dir(), model={"kind": "pihc", "backbone": "fno", "grid": 16,
+                                                  "modes": 4, "width": 8, "depth": 2},
+                             train={"steps": 15, "lr": 5e-3}))
+    losses = [h["loss"] for h in trainer.fit()]
+    assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
+
+
 @pytest.mark.parametrize("kind", ["pihc", "moe"])
 def test_physics_informed_training_needs_no_solutions(kind):
     """Trained with the targets replaced by NaN (the physics loss never reads them), the outputs

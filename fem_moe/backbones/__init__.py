@@ -5,6 +5,6 @@ space the hard-constraint layer works on (``problem.dof_coordinates()``), so one
 any mesh, degree or partition.
 """
 from .deeponet import DeepONetBasis, MLP  # noqa: F401
-from .fno import FNO, FNOBasis, GridToPoints  # noqa: F401
+from .fno import FNO, FNOBasis, GridToPoints, ParametricFNOBasis  # noqa: F401
 
-__all__ = ["MLP", "DeepONetBasis", "FNO", "FNOBasis", "GridToPoints"]
+__all__ = ["MLP", "DeepONetBasis", "FNO", "FNOBasis", "GridToPoints", "ParametricFNOBasis"]

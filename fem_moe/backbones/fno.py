@@ -109,3 +109,31 @@ class FNOBasis(nn.Module):
 
     def forward(self, inputs, points):
         return self.to_points(self.fno(inputs), points)
+
+
+class ParametricFNOBasis(nn.Module):
+    """An FNO basis network conditioned on a parameter vector: the FNO's input channels are the
+    parameters (constant over the grid) and the grid coordinates.
+
+    ``basis = net(inputs, points)``: ``inputs [batch, n_inputs]``, ``points [n_points, d]`` in the
+    box ``[lower, upper]`` -> ``[batch, n_basis, n_points]``; the grid has ``grid`` nodes per
+    axis over the box (points outside it get zero: an FNO does not extrapolate in space).
+    """
+
+    def __init__(self, n_inputs, n_basis, lower, upper, grid=32, modes=8, width=32, layers=4):
+        super().__init__()
+        lower = torch.as_tensor(lower, dtype=torch.get_default_dtype()).reshape(-1)
+        upper = torch.as_tensor(upper, dtype=torch.get_default_dtype()).reshape(-1)
+        d = lower.numel()
+        axes = [torch.linspace(0.0, 1.0, grid) for _ in range(d)]
+        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))          # [d, grid, ..]
+        self.register_buffer("coords", coords)
+        self.basis = FNOBasis(n_inputs + d, n_basis, lower, upper, modes=(modes,) * d,
+                              width=width, layers=layers)
+
+    def forward(self, inputs, points):
+        B, d = inputs.shape[0], self.coords.shape[0]
+        grid = self.coords.shape[1:]
+        params = inputs[(...,) + (None,) * d].expand(B, inputs.shape[1], *grid)
+        coords = self.coords.to(inputs.dtype).expand(B, d, *grid)
+        return self.basis(torch.cat([params, coords], dim=1), points)

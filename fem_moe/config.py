@@ -53,6 +53,8 @@ DEFAULTS = {
         "latent": 64,           # deeponet: branch/trunk latent size
         "grid": 32,             # fno: grid nodes per axis over the mesh's bounding box
         "modes": 8,             # fno: Fourier modes kept per axis
+        "ridge": "rank_deficient",  # rank_deficient | always: when the reduced solve adds rho w
+        "ridge_factor": 1e-4,   # rho = ridge_factor x mean diagonal of the Gauss-Newton matrix
         "solver_parameters": {},    # the reduced SNES's (fem_moe.DEFAULT_SOLVER_PARAMETERS)
     },
     "train": {
@@ -82,6 +84,7 @@ CHOICES = {
     ("model", "kind"): ("soft", "pihc", "moe"),
     ("model", "mode"): ("lstsq", "galerkin"),
     ("model", "partitioner"): ("ptscotch", "strips", "random"),
+    ("model", "ridge"): ("rank_deficient", "always"),
     ("model", "backbone"): ("deeponet", "fno"),
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),

@@ -97,6 +97,11 @@ class Expert:
     on_rank_deficient : "ridge" or "raise"
         A rank-deficient basis either gets the ridge rho = ``ridge`` times the mean diagonal of
         the Gauss-Newton matrix at w = 0 (warned, recorded in the diagnostics) or raises.
+    ridge_always : bool
+        Add that ridge to every solve, as the paper's objective does (its 1e-4 w term): w is then
+        unique even where the constraint rows leave directions free (an expert whose subdomain
+        holds no boundary or initial values), so SNES converges and the backbone, through the
+        training loss, decides those directions. The backward holds rho fixed.
     expert_id : int or None
         Named in error messages.
     dirichlet : (bool array [n_dofs], float array [n_dofs]), optional
@@ -110,7 +115,8 @@ class Expert:
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
-                 ridge=1e-4, expert_id=None, dirichlet=None, options_prefix=None):
+                 ridge=1e-4, expert_id=None, dirichlet=None, options_prefix=None,
+                 ridge_always=False):
         if mode not in ("lstsq", "galerkin"):
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
         if on_rank_deficient not in ("ridge", "raise"):
@@ -119,6 +125,7 @@ class Expert:
             raise InputError(f"n_basis must be a positive integer, got {n_basis}")
         self.problem, self.mode, self.N = problem, mode, int(n_basis)
         self.on_rank_deficient, self.ridge_factor, self.expert_id = on_rank_deficient, ridge, expert_id
+        self.ridge_always = bool(ridge_always)
         V = problem.V
         self.comm = problem.comm
         self.n = problem.n_dofs
@@ -442,7 +449,7 @@ class Expert:
             # SNES works in the coefficients c of the basis orthonormalised in the dof inner
             # product, w = T c: nearly collinear fields (smooth fields on a small subdomain) then
             # cost no extra Newton iterations. The solution u, hence w, is the same.
-            return rank, 0.0, eig_vec / np.sqrt(eig)
+            return rank, self._ridge(Phi) if self.ridge_always else 0.0, eig_vec / np.sqrt(eig)
         who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
         if rank < self.N:
             msg = (f"{who}, sample {sample}: the {self.N} basis fields (restricted to the "
@@ -453,15 +460,19 @@ class Expert:
                    f"(numerical rank {rows})")
         if self.on_rank_deficient == "raise" or rank == 0:
             raise InputError(msg + " (on_rank_deficient='raise')" if rank else msg + ": all zero")
-        state = self._evaluate(np.zeros(self.N), Phi, self._Phi_petsc, True)
-        diag = np.trace(state.get("GN", state["A"])) / self.N
-        rho = self.ridge_factor * max(abs(diag), 1e-300)
+        rho = self._ridge(Phi)
         warnings.warn(msg + f"; regularised with the ridge term rho*w, rho = {rho:.3e} "
                       f"({self.ridge_factor:g} x mean diagonal of the reduced Jacobian); the "
                       "backward holds rho fixed: it is the exact gradient of the problem "
                       "regularised with this rho", RankDeficientBasisWarning,
                       stacklevel=4)
         return rank, rho, np.eye(self.N)
+
+    def _ridge(self, Phi):
+        """rho = ridge factor x the mean diagonal of the Gauss-Newton matrix at w = 0."""
+        state = self._evaluate(np.zeros(self.N), Phi, self._Phi_petsc, True)
+        diag = np.trace(state.get("GN", state["A"])) / self.N
+        return self.ridge_factor * max(abs(diag), 1e-300)
 
     def vjp(self, Phi, data, w, u_bar, rho=0.0):
         """The IFT backward of one sample. Collective over ``problem.comm``.

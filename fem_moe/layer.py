@@ -115,11 +115,12 @@ class HardConstraint(torch.nn.Module):
     with the same batch size; each passes and receives its owned dofs.
     """
 
-    def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4):
+    def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4,
+                 ridge_always=False):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
         self.expert = Expert(problem, n_basis, mode=mode, on_rank_deficient=on_rank_deficient,
-                             ridge=ridge)
+                             ridge=ridge, ridge_always=ridge_always)
         self.diagnostics = []
 
     def forward(self, basis, data=None):

@@ -37,6 +37,7 @@ class _ExpertSpace:
                                  options_prefix="expert_")
         self.expert = Expert(sub, kwargs["n_basis"], mode=kwargs["mode"], row_mask=self.rows,
                              on_rank_deficient=kwargs["on_rank_deficient"], ridge=kwargs["ridge"],
+                             ridge_always=kwargs["ridge_always"],
                              expert_id=k, dirichlet=(bc[self.ids], g[self.ids]),
                              options_prefix=f"expert{k}_")
         self.k, self.n_cells = k, len(cells)
@@ -78,7 +79,7 @@ class MoEHardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
-                 ridge=1e-4, partitioner_type=None):
+                 ridge=1e-4, partitioner_type=None, ridge_always=False):
         super().__init__()
         comm = problem.comm
         K = comm.size if n_experts is None else int(n_experts)
@@ -110,7 +111,8 @@ class MoEHardConstraint(torch.nn.Module):
         bc, gg = np.zeros(n_global, dtype=bool), np.zeros(n_global)
         for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):
             bc[ids], gg[ids] = m, v
-        kwargs = dict(n_basis=n_basis, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge)
+        kwargs = dict(n_basis=n_basis, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
+                      ridge_always=ridge_always)
         self.experts, err = {}, None
         try:
             for k in p.my_experts:

@@ -255,7 +255,8 @@ def transfer(trainer, problem):
     from .model import NeuralSolver
     m, old = trainer.config["model"], trainer.model
     model = NeuralSolver(problem, old.backbone, kind=old.kind, n_basis=m["n_basis"],
-                         n_experts=m["n_experts"], mode=m["mode"], partitioner_type=m["partitioner"])
+                         n_experts=m["n_experts"], mode=m["mode"], partitioner_type=m["partitioner"],
+                         **trainer._layer_options())
     if old.kind == "soft":
         model.weights = old.weights
     return model.to(device=trainer.device, dtype=trainer.dtype)

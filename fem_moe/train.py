@@ -123,7 +123,7 @@ class Trainer:
         backbone = self._backbone()
         self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
                                   n_experts=m["n_experts"], mode=m["mode"],
-                                  partitioner_type=m["partitioner"])
+                                  partitioner_type=m["partitioner"], **self._layer_options())
         self.model.to(device=self.device, dtype=self.dtype)
         bridge.broadcast_parameters(self.model, comm=comm)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"])
@@ -149,6 +149,12 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _tensor(self, a):
         return torch.tensor(np.ascontiguousarray(a), dtype=self.dtype, device=self.device)
+
+    def _layer_options(self):
+        m = self.config["model"]
+        if m["kind"] == "soft":
+            return {}
+        return {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always"}
 
     def _backbone(self):
         m, problem = self.config["model"], self.problem

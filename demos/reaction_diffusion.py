@@ -67,6 +67,10 @@ config = {
 models = [("soft", {"kind": "soft"}),
           ("PI-HC", {"kind": "pihc"}),
           (f"MoE K={args.experts}", {"kind": "moe", "n_experts": args.experts}),
+          # The paper's objective adds a small ridge rho |w|^2 to every solve: an expert's
+          # rows leave some directions of w free, the ridge settles them (model.ridge).
+          (f"MoE K={args.experts} ridge", {"kind": "moe", "n_experts": args.experts,
+                                           "ridge": "always"}),
           # The control: the same K, cells dealt to the experts at random. Is the gain (or loss)
           # of the mixture from *spatial* subdomains, or just from K independent smaller solves?
           (f"MoE K={args.experts} random", {"kind": "moe", "n_experts": args.experts,

@@ -25,6 +25,8 @@ Tensors here are numpy float64 arrays of this rank's owned dofs. For a distribut
 global layer under mpirun) all reduced quantities (N-vectors, N x N matrices) are summed over the
 mesh communicator and broadcast from its rank 0, so every rank runs the identical SNES sequence.
 """
+import contextlib
+import logging
 import time
 import warnings
 
@@ -214,10 +216,11 @@ class Expert:
         """Assemble ``form`` with an assembler built once per form: UFL preprocessing costs more
         than the assembly itself on small meshes (DESIGN.md section 6)."""
         key = id(form)
-        if key not in self._assemblers:
-            kwargs.setdefault("form_compiler_parameters", {"quadrature_degree": self._quadrature})
-            self._assemblers[key] = get_assembler(form, **kwargs)
-        return self._assemblers[key].assemble(tensor=tensor)
+        with _expert_subdomains_may_be_empty(self.expert_id is not None):
+            if key not in self._assemblers:
+                kwargs.setdefault("form_compiler_parameters", {"quadrature_degree": self._quadrature})
+                self._assemblers[key] = get_assembler(form, **kwargs)
+            return self._assemblers[key].assemble(tensor=tensor)
 
     def _assemble_residual(self):
         self._assemble(self.F, tensor=self._R)
@@ -538,6 +541,27 @@ def dirichlet_dofs(problem):
         for c in (range(bs) if comp is None else [comp]):
             mask[nodes * bs + c] = True
     return mask, Expert._get(g)
+
+
+class _EmptySubdomainFilter(logging.Filter):
+    def filter(self, record):
+        return "is empty. This is likely an error" not in record.getMessage()
+
+
+@contextlib.contextmanager
+def _expert_subdomains_may_be_empty(active):
+    """An expert's submesh carries every marker of the whole mesh, most of them empty there
+    (ds(2) on an expert far from boundary 2): Firedrake's warning about empty subdomains is
+    expected for it, and silenced while it assembles. Other meshes keep the warning."""
+    if not active:
+        yield
+        return
+    log, quiet = logging.getLogger("firedrake"), _EmptySubdomainFilter()
+    log.addFilter(quiet)
+    try:
+        yield
+    finally:
+        log.removeFilter(quiet)
 
 
 def residual_quadrature_degree(F):

@@ -36,7 +36,7 @@ def test_study_demo_tiny(name):
     run_demo(name, "--tiny", "--out", out)
     if comm.rank == 0:
         rows = json.load(open(os.path.join(out, "results.json")))["rows"]
-        assert [r["kind"] for r in rows] == ["soft", "pihc", "moe", "moe"]
+        assert [r["kind"] for r in rows] == ["soft", "pihc", "moe", "moe", "moe"]
         assert all(r["ranks"] == comm.size and r["rel_l2"] > 0 for r in rows)
         assert "residual_interface" in rows[2]
         for f in ("solutions.png", "partition.png", "basis.png", "losses.png", "fields.pvd",

@@ -1,6 +1,6 @@
 """The headline figure: forward+backward cost of the mixture of experts versus the global layer.
 
-    python benchmarks/moe_scaling.py [--sizes 24 48 72 96] [--n-basis 16] [--batch 2] [--repeat 3]
+    python benchmarks/moe_scaling.py [--sizes 32 64 128 192] [--n-basis 16] [--batch 2] [--repeat 3]
                                      [--experts 1 2 4] [--ranks 1 2]
                                      [--out benchmarks/results/moe_scaling.json] [--plot PNG]
 
@@ -73,7 +73,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--sizes", type=int, nargs="+", default=[24, 48, 72, 96])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 192])
     parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4])
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--n-basis", type=int, default=16)

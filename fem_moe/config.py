@@ -185,5 +185,5 @@ def load_config(path=None, overrides=(), base_dir=None):
     config = apply_overrides(config, overrides)
     base_dir = base_dir or os.getcwd()
     for section, key in PATHS:
-        config[section][key] = os.path.join(base_dir, os.path.expanduser(config[section][key]))
+        config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
     return validate(config, path or "config")

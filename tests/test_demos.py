@@ -47,3 +47,14 @@ def test_study_demo_tiny(name):
 def test_no_demo_left_untested():
     tested = {"nonlinear_poisson.py", "reaction_diffusion.py", "diffusion_sorption.py"}
     assert {f for f in os.listdir(DEMOS) if f.endswith(".py")} == tested
+
+
+@pytest.mark.parametrize("name", ["reaction_diffusion.toml", "diffusion_sorption.toml"])
+def test_demo_configs_are_valid_and_match_their_demo(name):
+    """The configs that reproduce the demos' runs with the CLI load, and name real PDE options."""
+    from fem_moe import pdes
+    from fem_moe.config import load_config
+    config = load_config(os.path.join(DEMOS, "configs", name))
+    pdes.get(config["pde"]["name"], **config["pde"]["options"])
+    assert config["pde"]["name"] == name[:-len(".toml")]
+    assert config["train"]["loss"] == "physics" and config["model"]["n_basis"] == 16

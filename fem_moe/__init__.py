@@ -20,6 +20,9 @@ _EXPORTS = {
     "constrained_solve": "adjoint",
     "MoEHardConstraint": "moe",
     "Partition": "partition",
+    "NeuralSolver": "model",
+    "Trainer": "train",
+    "relative_l2": "losses",
 }
 __all__ = sorted(_EXPORTS)
 

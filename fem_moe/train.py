@@ -26,6 +26,7 @@ SolverDivergedError naming expert, sample and reason) is recorded in the metrics
 then ``train.on_diverge = "skip"`` drops that step's update and goes on, ``"stop"`` writes a
 checkpoint and raises. A non-finite loss always stops.
 """
+import contextlib
 import csv
 import io
 import json
@@ -42,7 +43,8 @@ from . import bridge
 from .backbones import DeepONetBasis, ParametricFNOBasis
 from .config import DEFAULTS, _merge, load_config, validate
 from .data import Dataset
-from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
+from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
+                     raise_on_all_ranks)
 from .expert import dirichlet_dofs
 from .layer import residual_loss, residual_rows
 from .losses import relative_l2
@@ -139,6 +141,7 @@ class Trainer:
                                  self._tensors["data"], reduction="none", norm=t["residual_norm"])
         self._residual_scale = base.clamp_min(torch.finfo(base.dtype).tiny)
         self.step, self.history, self.validation, self.diverged = 0, [], [], []
+        self._rank_warned = False
         self.out = t["out"]
         if comm.rank == 0:
             os.makedirs(self.out, exist_ok=True)
@@ -231,6 +234,28 @@ class Trainer:
         return total, parts
 
     # ------------------------------------------------------------------ training
+    @contextlib.contextmanager
+    def _rank_deficiency_counted(self, record):
+        """Rank-deficient bases are common while a backbone is young: count them into
+        ``record["rank_deficient"]`` (and the metrics) and show only the first warning of the
+        run, instead of one per sample and step. Other warnings pass through."""
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", RankDeficientBasisWarning)
+            try:
+                yield
+            finally:
+                record["rank_deficient"] = 0
+        for w in caught:
+            if issubclass(w.category, RankDeficientBasisWarning):
+                record["rank_deficient"] += 1
+                if not self._rank_warned:
+                    self._rank_warned = True
+                    warnings.warn(f"{w.message} (rank-deficient samples are counted in the "
+                                  "metrics as rank_deficient; no further warnings)",
+                                  RankDeficientBasisWarning, stacklevel=3)
+            else:
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+
     def train_step(self):
         """One optimisation step on batch ``self.batch(self.step)``; returns its record."""
         idx = self.batch(self.step)
@@ -239,7 +264,8 @@ class Trainer:
         self.model.train()
         self.optimizer.zero_grad()
         try:
-            u = self.predict(idx)
+            with self._rank_deficiency_counted(record):
+                u = self.predict(idx)
             loss, parts = self.losses(u, idx)
             if not math.isfinite(loss.item()):
                 raise FemMoeError(f"training diverged: the loss is {loss.item()} at step "
@@ -304,7 +330,7 @@ class Trainer:
         for i in range(0, len(idx), bs):
             batch = idx[i:i + bs]
             try:
-                with torch.no_grad():
+                with torch.no_grad(), self._rank_deficiency_counted({}):
                     parts.append(self.predict(batch))
             except SolverDivergedError as e:
                 if self.config["train"]["on_diverge"] == "stop":
@@ -445,7 +471,7 @@ class Trainer:
                "diverged": self.diverged}
         _write_atomic(os.path.join(self.out, "metrics.json"),
                       lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
-        fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped"]
+        fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped", "rank_deficient"]
         text = io.StringIO()
         w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
         w.writeheader()

@@ -331,3 +331,19 @@ def test_reduced_gradient_is_the_derivative_of_the_objective_for_non_polynomial_
     assert abs(slope - s["G"] @ d) < 1e-10 * abs(slope)
     dG = (state(w + h * d)["G"] - state(w - h * d)["G"]) / (2 * h)
     assert np.linalg.norm(dG - s["A"] @ d) < 1e-9 * np.linalg.norm(dG)
+
+
+def test_stall_test_tells_the_round_off_floor_from_a_real_stop():
+    """stall_rtol accepts a collapsed trust region only where the Newton step promises no
+    decrease above round-off: true at the solution of a solved sample, false at its start."""
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.HardConstraint(problem, 4)
+    basis, data = random_basis(problem, 4), source(problem)
+    layer(basis, data)
+    expert = layer.expert
+    assert layer.diagnostics[0].reason.startswith("CONVERGED")
+    g_start = 1.0
+    assert expert._stalled(g_start)                     # at the converged coefficients
+    expert._wvec.set(0.0)                               # back at w = 0: far from the minimum
+    expert._cache = None
+    assert not expert._stalled(g_start)

@@ -56,6 +56,9 @@ class ConstrainedProblem:
                  options_prefix=None):
         if not callable(residual):
             raise InputError(f"residual must be a callable (u, v, m) -> form, got {type(residual).__name__}")
+        if len(V) > 1:
+            raise InputError("mixed function spaces (e.g. velocity-pressure) are not supported yet: "
+                             "V must be a scalar or vector FunctionSpace")
         self.V = V
         self.residual = residual
         self.bcs = _as_tuple(bcs)

@@ -347,3 +347,10 @@ def test_stall_test_tells_the_round_off_floor_from_a_real_stop():
     expert._wvec.set(0.0)                               # back at w = 0: far from the minimum
     expert._cache = None
     assert not expert._stalled(g_start)
+
+
+def test_mixed_space_is_refused_clearly():
+    mesh = fd.UnitSquareMesh(2, 2)
+    W = fd.VectorFunctionSpace(mesh, "CG", 2) * fd.FunctionSpace(mesh, "CG", 1)
+    with pytest.raises(fem_moe.InputError, match="mixed function spaces"):
+        fem_moe.ConstrainedProblem(W, lambda u, v, m: fd.inner(u, v) * fd.dx)

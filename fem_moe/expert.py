@@ -38,7 +38,7 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
-from .problem import owned_size
+from .problem import owned_size, subspaces
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"]
 
@@ -534,12 +534,17 @@ def dirichlet_dofs(problem):
     for bc in problem.bcs:
         bc.apply(g)
     mask = np.zeros(problem.n_dofs, dtype=bool)
-    bs, n_nodes = V.block_size, V.dof_dset.size
+    subs = subspaces(V)
+    offsets = np.cumsum([0] + [owned_size(S) for S in subs])
     for bc in problem.bcs:
+        fs = bc.function_space()
+        comp = getattr(fs, "component", None)
+        holder = fs.parent if comp is not None else fs       # the space whose nodes bc.nodes number
+        i = holder.index if len(subs) > 1 else 0
+        bs, n_nodes = subs[i].block_size, subs[i].dof_dset.size
         nodes = bc.nodes[bc.nodes < n_nodes]
-        comp = getattr(bc.function_space(), "component", None)
         for c in (range(bs) if comp is None else [comp]):
-            mask[nodes * bs + c] = True
+            mask[offsets[i] + nodes * bs + c] = True
     return mask, Expert._get(g)
 
 

@@ -43,7 +43,7 @@ class NeuralSolver(nn.Module):
         dtype = next(backbone.parameters()).dtype
         # Plain attributes, not buffers: they differ in size from rank to rank.
         self._points = torch.tensor(problem.dof_coordinates(), dtype=dtype)
-        self._components = (torch.tensor(problem.dof_components()) if problem.V.block_size > 1
+        self._components = (torch.tensor(problem.dof_components()) if problem.n_components > 1
                             else None)
         if kind == "soft":
             self.weights = nn.Parameter(torch.full((self.n_basis,), 1.0 / self.n_basis, dtype=dtype))

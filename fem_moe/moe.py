@@ -82,6 +82,9 @@ class MoEHardConstraint(torch.nn.Module):
                  ridge=1e-4, partitioner_type=None, ridge_always=False):
         super().__init__()
         comm = problem.comm
+        if len(problem.V) > 1:
+            raise InputError("the mixture of experts does not support mixed function spaces yet "
+                             "(dofs are matched by coordinates per space); HardConstraint does")
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()

@@ -15,6 +15,11 @@ def owned_size(V):
     return V.dof_dset.layout_vec.getLocalSize()
 
 
+def subspaces(V):
+    """V's subspaces if V is mixed, else (V,)."""
+    return tuple(V[i] for i in range(len(V))) if len(V) > 1 else (V,)
+
+
 def _as_tuple(x):
     if x is None:
         return ()
@@ -29,7 +34,9 @@ class ConstrainedProblem:
     Parameters
     ----------
     V : firedrake.FunctionSpace
-        The space of the constrained output u (scalar or vector valued, any degree).
+        The space of the constrained output u (scalar or vector valued, any degree, or mixed,
+        e.g. velocity-pressure: a tensor then holds the subspaces' owned dofs one after the
+        other; the mixture of experts does not take mixed spaces yet).
     residual : callable ``(u, v, m) -> ufl.Form``
         Returns the residual form: nonlinear in the Function ``u``, linear in the test function
         ``v``. ``m`` is a tuple of Functions, one per entry of ``data_spaces`` (empty if none):
@@ -56,20 +63,18 @@ class ConstrainedProblem:
                  options_prefix=None):
         if not callable(residual):
             raise InputError(f"residual must be a callable (u, v, m) -> form, got {type(residual).__name__}")
-        if len(V) > 1:
-            raise InputError("mixed function spaces (e.g. velocity-pressure) are not supported yet: "
-                             "V must be a scalar or vector FunctionSpace")
         self.V = V
+        self._mesh = subspaces(V)[0].mesh()   # a mixed space's mesh() is a mesh sequence
         self.residual = residual
         self.bcs = _as_tuple(bcs)
         for bc in self.bcs:
             if not isinstance(bc, fd.DirichletBC):
                 raise InputError(f"bcs must be DirichletBCs, got {type(bc).__name__}")
-            if bc.function_space().mesh() is not V.mesh():
+            if bc.function_space().mesh().topology is not self._mesh.topology:
                 raise InputError("a boundary condition is on another mesh than V")
         self.data_spaces = _as_tuple(data_spaces)
         for Vd in self.data_spaces:
-            if Vd.mesh() is not V.mesh():
+            if Vd.mesh().topology is not self._mesh.topology:
                 raise InputError("a data space is on another mesh than V: data must live on the mesh of V")
         self.solver_parameters = dict(solver_parameters or {})
         self.options_prefix = "fem_moe_" if options_prefix is None else options_prefix
@@ -83,11 +88,11 @@ class ConstrainedProblem:
     # ----------------------------------------------------------------- sizes and layout
     @property
     def mesh(self):
-        return self.V.mesh()
+        return self._mesh
 
     @property
     def comm(self):
-        return self.V.mesh().comm
+        return self._mesh.comm
 
     @property
     def n_dofs(self):
@@ -105,22 +110,43 @@ class ConstrainedProblem:
         bounds = np.cumsum([0] + [owned_size(Vd) for Vd in self.data_spaces])
         return [data[a:b] for a, b in zip(bounds[:-1], bounds[1:])]
 
+    @property
+    def subspaces(self):
+        """The spaces whose owned dofs make up a tensor, in order: V itself, or the subspaces of
+        a mixed V (e.g. velocity then pressure)."""
+        return subspaces(self.V)
+
+    @property
+    def n_components(self):
+        """Field components in a tensor: 1 for a scalar V, the block size for a vector V, their
+        sum over the subspaces of a mixed V (e.g. 3 for a 2D velocity-pressure pair)."""
+        return sum(S.block_size for S in self.subspaces)
+
     def dof_coordinates(self, space=None):
         """Coordinates of this rank's owned dofs of ``space`` (default V), ``[n_dofs, gdim]``, in
         the order of the tensors (for a vector space each node's coordinates repeat per
-        component). Backbones that act on coordinates use this. Collective over the mesh comm."""
+        component; for a mixed space the subspaces follow each other). Backbones that act on
+        coordinates use this. Collective over the mesh comm."""
         space = self.V if space is None else space
-        mesh = space.mesh()
-        Vc = fd.VectorFunctionSpace(mesh, space.ufl_element().sub_elements[0]
-                                    if space.block_size > 1 else space.ufl_element())
-        X = fd.Function(Vc).interpolate(fd.SpatialCoordinate(mesh))
-        xy = X.dat.data_ro.reshape(-1, mesh.geometric_dimension)
-        return np.repeat(xy, space.block_size, axis=0)
+        mesh = subspaces(space)[0].mesh()
+        parts = []
+        for S in subspaces(space):
+            element = S.ufl_element()
+            Vc = fd.VectorFunctionSpace(mesh, element.sub_elements[0] if S.block_size > 1 else element)
+            X = fd.Function(Vc).interpolate(fd.SpatialCoordinate(mesh))
+            parts.append(np.repeat(X.dat.data_ro.reshape(-1, mesh.geometric_dimension),
+                                   S.block_size, axis=0))
+        return np.concatenate(parts)
 
     def dof_components(self):
-        """Component (0 .. block size - 1) of each of this rank's owned dofs of V, ``[n_dofs]``:
-        with :meth:`dof_coordinates`, what a backbone needs to output a vector field."""
-        return np.tile(np.arange(self.V.block_size), self.n_dofs // self.V.block_size)
+        """Component of each of this rank's owned dofs of V, ``[n_dofs]``, numbered over all
+        subspaces (2D velocity-pressure: 0, 1 for the velocity, 2 for the pressure): with
+        :meth:`dof_coordinates`, what a backbone needs to output a vector or mixed field."""
+        parts, first = [], 0
+        for S in self.subspaces:
+            parts.append(np.tile(first + np.arange(S.block_size), owned_size(S) // S.block_size))
+            first += S.block_size
+        return np.concatenate(parts)
 
     def __repr__(self):
         return (f"ConstrainedProblem(V={self.V.ufl_element()}, dofs={self.V.dim()}, "

@@ -120,7 +120,7 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     if partition is not None:
         fd.VTKFile(os.path.join(out, "partition.pvd"), comm=comm).write(partition)
     path = os.path.join(out, "fields.h5")
-    mesh = V.mesh()
+    mesh = first.problem.mesh
     with fd.CheckpointFile(path, "w", comm=comm) as f:
         f.save_mesh(mesh)
         for fn in fields + basis + ([partition] if partition is not None else []):

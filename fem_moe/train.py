@@ -165,16 +165,16 @@ class Trainer:
         lo = np.min(self.comm.allgather(X.min(axis=0)), axis=0)
         hi = np.max(self.comm.allgather(X.max(axis=0)), axis=0)
         if m["backbone"] == "fno":
-            if problem.V.block_size > 1:
+            if problem.n_components > 1:
                 raise InputError("model.backbone = 'fno' outputs scalar fields; use 'deeponet' "
-                                 "for a vector-valued space")
+                                 "for a vector-valued or mixed space")
             if 2 * m["modes"] > m["grid"] + 1:
                 raise InputError(f"model.modes = {m['modes']} needs model.grid >= {2 * m['modes'] - 1}")
             return ParametricFNOBasis(self.dataset.inputs.shape[1], m["n_basis"], lo, hi,
                                       grid=m["grid"], modes=m["modes"], width=m["width"],
                                       layers=m["depth"])
         return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
-                             n_components=problem.V.block_size, latent=m["latent"], width=m["width"],
+                             n_components=problem.n_components, latent=m["latent"], width=m["width"],
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
                              scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)))
 

@@ -58,7 +58,7 @@ def classical_solution(problem, data):
     u = fd.Function(V)
     fd.solve(problem.residual(u, fd.TestFunction(V), m) == 0, u, bcs=problem.bcs,
              solver_parameters={"snes_rtol": 1e-14, "snes_atol": 1e-15, "ksp_type": "preonly",
-                                "pc_type": "lu"})
+                                "pc_type": "lu", "pc_factor_mat_solver_type": "mumps"})
     with u.dat.vec_ro as vec:
         return vec.array_r.copy()
 
@@ -98,3 +98,23 @@ def distributed_matches_serial(make_layer, n=8, degree=2, n_basis=5, tol=1e-10):
                        ("data gradients", gdp, gds[match])):
         err = np.abs(a - b).max() / max(1.0, np.abs(b).max())
         parallel_assert(err < tol, f"{name} differ by {err:.2e} (relative)")
+
+
+def channel_flow(n=3, nu=0.5, comm=MPI.COMM_WORLD):
+    """Steady Navier-Stokes in the unit square as a channel (Taylor-Hood P2-P1, a mixed space):
+    parabolic inflow at x = 0, no slip at y = 0, 1, natural outflow at x = 1 (which fixes the
+    pressure); the data is a scalar body force along x."""
+    mesh = fd.UnitSquareMesh(n, n, comm=comm)
+    W = fd.VectorFunctionSpace(mesh, "CG", 2) * fd.FunctionSpace(mesh, "CG", 1)
+    Vd = fd.FunctionSpace(mesh, "CG", 1)
+    x, y = fd.SpatialCoordinate(mesh)
+
+    def residual(w, t, m):
+        u, p = fd.split(w)
+        v, q = fd.split(t)
+        return (nu * fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(fd.dot(fd.grad(u), u), v)
+                - p * fd.div(v) - q * fd.div(u) - fd.inner(fd.as_vector([m[0], 0]), v)) * fd.dx
+
+    bcs = [fd.DirichletBC(W.sub(0), fd.as_vector([4 * y * (1 - y), 0]), 1),
+           fd.DirichletBC(W.sub(0), fd.Constant((0, 0)), (3, 4))]
+    return fem_moe.ConstrainedProblem(W, residual, bcs=bcs, data_spaces=Vd)

@@ -7,8 +7,10 @@ import firedrake as fd
 from pytest_mpi import parallel_assert
 
 import fem_moe
+from fem_moe.expert import dirichlet_dofs
+from fem_moe.problem import owned_size
 from mpi4py import MPI
-from problems import (nonlinear_diffusion, source, random_basis, classical_solution,
+from problems import (nonlinear_diffusion, channel_flow, source, random_basis, classical_solution,
                       distributed_matches_serial)
 
 
@@ -349,8 +351,42 @@ def test_stall_test_tells_the_round_off_floor_from_a_real_stop():
     assert not expert._stalled(g_start)
 
 
-def test_mixed_space_is_refused_clearly():
-    mesh = fd.UnitSquareMesh(2, 2)
-    W = fd.VectorFunctionSpace(mesh, "CG", 2) * fd.FunctionSpace(mesh, "CG", 1)
+def test_mixed_space_layout():
+    """Velocity-pressure: coordinates and components per owned dof, Dirichlet dofs only in the
+    velocity block."""
+    problem = channel_flow(n=2)
+    X, comp = problem.dof_coordinates(), problem.dof_components()
+    nu = owned_size(problem.V[0])
+    assert X.shape == (problem.n_dofs, 2) and comp.shape == (problem.n_dofs,)
+    assert problem.n_components == 3 and set(comp[:nu]) == {0, 1} and set(comp[nu:]) == {2}
+    mask, g = dirichlet_dofs(problem)
+    assert mask[:nu].any() and not mask[nu:].any()
+    inflow = mask & (np.abs(X[:, 0]) < 1e-12) & (comp == 0)
+    assert np.allclose(g[inflow], 4 * X[inflow, 1] * (1 - X[inflow, 1]))
+
+
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_mixed_space_gradcheck(mode):
+    problem = channel_flow(n=2)
+    layer = fem_moe.HardConstraint(problem, 3, mode=mode)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = (0.5 * source(problem)).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parallel([1, 2])
+def test_mixed_space_spanning_basis_recovers_navier_stokes():
+    """With the classical (u, p) among the basis fields, the constrained output is it."""
+    problem = channel_flow(n=4)
+    data = source(problem)
+    exact = classical_solution(problem, data[0].numpy())
+    _, g = dirichlet_dofs(problem)
+    basis = torch.cat([torch.tensor(exact - g)[None, None], random_basis(problem, 2)], dim=1)
+    u = fem_moe.HardConstraint(problem, 3)(basis, data)
+    err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
+    parallel_assert(err < 1e-8, f"max error {err}")
+
+
+def test_mixture_refuses_mixed_spaces_clearly():
     with pytest.raises(fem_moe.InputError, match="mixed function spaces"):
-        fem_moe.ConstrainedProblem(W, lambda u, v, m: fd.inner(u, v) * fd.dx)
+        fem_moe.MoEHardConstraint(channel_flow(n=2), 3, n_experts=2)

@@ -106,16 +106,13 @@ def _run(args, comm):
 
 
 def _generate(config, comm, force):
-    import os
-    from .data import generate, describe
+    from .data import generate, is_current
     from .pdes import get
     pde = get(config["pde"]["name"], **config["pde"]["options"])
     d = config["data"]
     n = d["n_train"] + d["n_val"] + d["n_test"]
     path = d["path"]
-    current = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None)
-    want = {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": d["seed"]}
-    if current == want and not force:
+    if is_current(path, pde, n, d["seed"], comm) and not force:
         if comm.rank == 0:
             print(f"{path} is up to date ({n} samples of {pde.describe()}); --force remakes it")
         return 0

@@ -1,8 +1,8 @@
 """Datasets on disk: inputs, classical solutions and their mesh in one Firedrake CheckpointFile.
 
 A dataset file holds the mesh (so it loads on any number of ranks: Firedrake redistributes it),
-for every sample the data Functions ``input<j>`` and the classical solution ``target`` (saved
-with ``idx`` = the sample number), and under ``fem_moe/`` the parameter vectors
+for every sample i the data Functions ``input<j>_<i>`` and the classical solution
+``target_<i>``, and under ``fem_moe/`` the parameter vectors
 (``params`` [n, n_params]), the classical solve's time and Newton iterations per sample, and
 the PDE's name and options (JSON) so that a file is checked against the config that reads it.
 """
@@ -20,6 +20,7 @@ from .pdes import get as get_pde
 __all__ = ["generate", "Dataset", "describe"]
 
 MESH_NAME = "fem_moe_mesh"
+FORMAT = 2      # 1: fields saved with idx (one name per field); 2: one name per sample
 
 
 def _vec(f):
@@ -47,11 +48,13 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
         for i in tqdm(range(n), desc=f"generate {pde.name}", disable=not progress or comm.rank != 0):
             data = pde.data(problem, params[i])
             u, times[i], iterations[i] = pde.classical_solve(problem, data)
+            # One name per sample rather than save_function's idx: with idx, Firedrake kept only
+            # the last sample of a mixed (velocity-pressure) Function (measured, 2026.10.0).
             for j, m in enumerate(data):
-                m.rename(f"input{j}")
-                f.save_function(m, idx=i)
-            u.rename("target")
-            f.save_function(u, idx=i)
+                m.rename(f"input{j}_{i}")
+                f.save_function(m)
+            u.rename(f"target_{i}")
+            f.save_function(u)
         times = np.max(comm.allgather(times), axis=0)   # the slowest rank sets the time
         h5 = f.h5pyfile
         group = h5.require_group("fem_moe")
@@ -65,6 +68,7 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
         f.set_attr("fem_moe", "pde", json.dumps({"name": pde.name, "options": pde.opts}))
         f.set_attr("fem_moe", "n_samples", n)
         f.set_attr("fem_moe", "seed", seed)
+        f.set_attr("fem_moe", "format", FORMAT)
         f.set_attr("fem_moe", "created", time.strftime("%Y-%m-%dT%H:%M:%S"))
     if comm.rank == 0:
         os.replace(tmp, path)
@@ -115,8 +119,12 @@ class Dataset:
             n_inputs = len(self.problem.data_spaces)
             data, targets, lifts = [], [], []
             for i in range(n):
-                fields = [f.load_function(self.mesh, f"input{j}", idx=i) for j in range(n_inputs)]
-                target = f.load_function(self.mesh, "target", idx=i)
+                if meta["format"] >= 2:
+                    fields = [f.load_function(self.mesh, f"input{j}_{i}") for j in range(n_inputs)]
+                    target = f.load_function(self.mesh, f"target_{i}")
+                else:
+                    fields = [f.load_function(self.mesh, f"input{j}", idx=i) for j in range(n_inputs)]
+                    target = f.load_function(self.mesh, "target", idx=i)
                 if target.function_space().ufl_element() != self.problem.V.ufl_element():
                     err = (f"{path!r}: the stored solution is in {target.function_space().ufl_element()}"
                            f" but the problem's space is {self.problem.V.ufl_element()}")
@@ -143,6 +151,15 @@ def describe(path):
             attrs = f["fem_moe"].attrs
             meta = json.loads(attrs["pde"])
             return {"name": meta["name"], "options": meta["options"],
-                    "n_samples": int(attrs["n_samples"]), "seed": int(attrs["seed"])}
+                    "n_samples": int(attrs["n_samples"]), "seed": int(attrs["seed"]),
+                    "format": int(attrs.get("format", 1))}
     except (OSError, KeyError, ValueError):
         return None
+
+
+def is_current(path, pde, n, seed, comm=MPI.COMM_WORLD):
+    """Does ``path`` hold the dataset ``generate(pde, path, n, seed)`` would make, in the
+    current format? Collective (rank 0 reads the file)."""
+    have = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None, root=0)
+    return have == {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": seed,
+                    "format": FORMAT}

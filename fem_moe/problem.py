@@ -74,7 +74,7 @@ class ConstrainedProblem:
                 raise InputError("a boundary condition is on another mesh than V")
         self.data_spaces = _as_tuple(data_spaces)
         for Vd in self.data_spaces:
-            if Vd.mesh().topology is not self._mesh.topology:
+            if subspaces(Vd)[0].mesh().topology is not self._mesh.topology:
                 raise InputError("a data space is on another mesh than V: data must live on the mesh of V")
         self.solver_parameters = dict(solver_parameters or {})
         self.options_prefix = "fem_moe_" if options_prefix is None else options_prefix

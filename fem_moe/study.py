@@ -116,7 +116,7 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     if comm.rank == 0:
         os.makedirs(out, exist_ok=True)
     comm.barrier()
-    fd.VTKFile(os.path.join(out, "fields.pvd"), comm=comm).write(*fields)
+    fd.VTKFile(os.path.join(out, "fields.pvd"), comm=comm).write(*[g for f in fields for g in _parts(f)])
     if partition is not None:
         fd.VTKFile(os.path.join(out, "partition.pvd"), comm=comm).write(partition)
     path = os.path.join(out, "fields.h5")
@@ -130,6 +130,28 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
         f.set_attr("/", "fem_moe_partition", partition is not None)
         f.set_attr("/", "fem_moe_mesh", mesh.name)
     return path
+
+
+def _parts(f):
+    """A mixed Function's components as named Functions (VTK takes no mixed functions)."""
+    if len(f.function_space()) == 1:
+        return [f]
+    parts = []
+    for i, sub in enumerate(f.subfunctions):
+        sub.rename(f"{f.name()}_{i}")
+        parts.append(sub)
+    return parts
+
+
+def _plottable(f):
+    """What a plot shows of f: f itself, or the first component of a mixed field (the
+    velocity of a velocity-pressure pair; tripcolor draws a vector field's magnitude)."""
+    return f.subfunctions[0] if len(f.function_space()) > 1 else f
+
+
+def _values(f):
+    data = f.dat.data_ro
+    return np.linalg.norm(data, axis=1) if data.ndim == 2 else data
 
 
 def _owned(f):
@@ -149,18 +171,18 @@ def plot_fields(path, out, labels=None):
         mesh = f.load_mesh(f.get_attr("/", "fem_moe_mesh"))
         names = json.loads(f.get_attr("/", "fem_moe_fields"))
         basis_names = json.loads(f.get_attr("/", "fem_moe_basis"))
-        fields = {n: f.load_function(mesh, n) for n in names}
-        basis = [f.load_function(mesh, n) for n in basis_names]
+        fields = {n: _plottable(f.load_function(mesh, n)) for n in names}
+        basis = [_plottable(f.load_function(mesh, n)) for n in basis_names]
         partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None
     models = [n[len("prediction_"):] for n in names if n.startswith("prediction_")]
     aspect = 1
     fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) * aspect + 0.5),
                              squeeze=False)
     truth = fields["classical"]
-    lo, hi = truth.dat.data_ro.min(), truth.dat.data_ro.max()
+    lo, hi = _values(truth).min(), _values(truth).max()
     for i, m in enumerate(models):
         err = fields[f"error_{m}"]
-        e = max(abs(err.dat.data_ro).max(), 1e-300)
+        e = max(abs(_values(err)).max(), 1e-300)
         for ax, fn, title, kw in ((axes[i, 0], truth, "classical solver", dict(vmin=lo, vmax=hi)),
                                   (axes[i, 1], fields[f"prediction_{m}"], f"{m}: prediction",
                                    dict(vmin=lo, vmax=hi)),
@@ -216,14 +238,12 @@ def plot_losses(trainers, path, key="loss"):
 def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True):
     """Make ``config``'s dataset with the classical solver unless an identical one (same PDE,
     options, sample count and seed) is already there. Collective."""
-    from .data import describe, generate
+    from .data import generate, is_current
     from .pdes import get
     pde = get(config["pde"]["name"], **config["pde"]["options"])
     d = config["data"]
     n = d["n_train"] + d["n_val"] + d["n_test"]
-    want = {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": d["seed"]}
-    have = comm.bcast(describe(d["path"]) if comm.rank == 0 and os.path.isfile(d["path"]) else None)
-    if have != want:
+    if not is_current(d["path"], pde, n, d["seed"], comm):
         generate(pde, d["path"], n, seed=d["seed"], comm=comm, progress=progress)
 
 

@@ -220,6 +220,19 @@ def test_dataset_reads_on_another_rank_count():
     parallel_assert(np.allclose(targets, ref[1], rtol=1e-12) and np.allclose(data, ref[2], rtol=1e-12))
 
 
+@pytest.mark.parallel([1, 2])
+def test_mixed_space_dataset_keeps_every_sample():
+    """Velocity-pressure samples written and read back, each its own (a save with idx kept
+    only the last mixed sample)."""
+    path = os.path.join(shared_dir(), "flow.h5")
+    generate(pdes.get("flow_past_obstacle"), path, 3, seed=1, progress=False)
+    ds = Dataset(path)
+    norms = MPI.COMM_WORLD.allreduce((ds.targets ** 2).sum(axis=1))
+    data = MPI.COMM_WORLD.allreduce((ds.data ** 2).sum(axis=1))
+    parallel_assert(np.all(norms > 0) and np.all(data > 0) and len(set(np.round(norms, 8))) == 3,
+                    f"{norms} {data}")
+
+
 def _cli(*args, n=2, cwd=None, timeout=600):
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")

@@ -5,12 +5,13 @@
 from ..errors import InputError
 from .base import PDE, CLASSICAL_SOLVER_PARAMETERS
 from .diffusion_sorption import DiffusionSorption
+from .navier_stokes import FlowPastObstacle
 from .reaction_diffusion import ReactionDiffusion
 
-__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DiffusionSorption", "ReactionDiffusion",
-           "REGISTRY", "get"]
+__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DiffusionSorption", "FlowPastObstacle",
+           "ReactionDiffusion", "REGISTRY", "get"]
 
-REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption)}
+REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption, FlowPastObstacle)}
 
 
 def get(name, **options):

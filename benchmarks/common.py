@@ -1,8 +1,11 @@
 """Helpers of the benchmark scripts: memory readings, timing, the table and the JSON file."""
 import json
+import math
 import os
 import platform
 import time
+
+from fem_moe.report import peak_rss_mb, print_table, reset_peak_rss, write_atomic  # noqa: F401
 
 
 def rss_mb():
@@ -13,17 +16,16 @@ def rss_mb():
 
 def reset_peak():
     """Reset the kernel's resident high-water mark (VmHWM) of this process (Linux >= 4.0)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
+    if not reset_peak_rss():
+        raise OSError("cannot reset the resident high-water mark (/proc/self/clear_refs)")
 
 
 def peak_mb():
     """Resident high-water mark of this process since the last reset_peak(), MiB."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
+    peak = peak_rss_mb()
+    if math.isnan(peak):
+        raise RuntimeError("no VmHWM in /proc/self/status")
+    return peak
 
 
 def peak_above(base):
@@ -40,23 +42,11 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
-def print_table(rows, columns):
-    """rows: list of dicts; columns: list of (key, header, format)."""
-    cells = [[h for _, h, _ in columns]]
-    cells += [[fmt.format(r[k]) for k, _, fmt in columns] for r in rows]
-    widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
-    for j, line in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)))
-        if j == 0:
-            print("  ".join("-" * w for w in widths))
-
-
 def write_json(path, name, rows, **meta):
     meta.update(machine=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"))
-    with open(path + ".tmp", "w") as f:
-        json.dump({"benchmark": name, "meta": meta, "rows": rows}, f, indent=1)
-    os.replace(path + ".tmp", path)
+    doc = {"benchmark": name, "meta": meta, "rows": rows}
+    write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     print(f"wrote {path}")
 
 

@@ -106,19 +106,12 @@ def _run(args, comm):
 
 
 def _generate(config, comm, force):
-    from .data import generate, is_current
-    from .pdes import get
-    pde = get(config["pde"]["name"], **config["pde"]["options"])
-    d = config["data"]
-    n = d["n_train"] + d["n_val"] + d["n_test"]
-    path = d["path"]
-    if is_current(path, pde, n, d["seed"], comm) and not force:
-        if comm.rank == 0:
-            print(f"{path} is up to date ({n} samples of {pde.describe()}); --force remakes it")
-        return 0
-    generate(pde, path, n, seed=d["seed"], comm=comm, progress=config["train"]["progress"])
+    from .data import ensure_dataset
+    pde, n, made = ensure_dataset(config, comm, progress=config["train"]["progress"], force=force)
     if comm.rank == 0:
-        print(f"wrote {path}: {n} samples of {pde.describe()} on {comm.size} rank(s)")
+        path = config["data"]["path"]
+        print(f"wrote {path}: {n} samples of {pde.describe()} on {comm.size} rank(s)" if made else
+              f"{path} is up to date ({n} samples of {pde.describe()}); --force remakes it")
     return 0
 
 

@@ -16,16 +16,12 @@ from mpi4py import MPI
 
 from .errors import raise_on_all_ranks
 from .pdes import get as get_pde
+from .problem import owned_values
 
-__all__ = ["generate", "Dataset", "describe"]
+__all__ = ["generate", "ensure_dataset", "Dataset", "describe", "is_current"]
 
 MESH_NAME = "fem_moe_mesh"
 FORMAT = 2      # 1: fields saved with idx (one name per field); 2: one name per sample
-
-
-def _vec(f):
-    with f.dat.vec_ro as v:
-        return v.array_r.copy()
 
 
 def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
@@ -129,8 +125,8 @@ class Dataset:
                     err = (f"{path!r}: the stored solution is in {target.function_space().ufl_element()}"
                            f" but the problem's space is {self.problem.V.ufl_element()}")
                 raise_on_all_ranks(comm, err)
-                data.append(np.concatenate([_vec(m) for m in fields]) if fields else np.zeros(0))
-                targets.append(_vec(target))
+                data.append(np.concatenate([owned_values(m) for m in fields]) if fields else np.zeros(0))
+                targets.append(owned_values(target))
                 lift = self.pde.lifting(self.problem, fields)
                 if lift is not None:
                     lifts.append(lift)
@@ -163,3 +159,16 @@ def is_current(path, pde, n, seed, comm=MPI.COMM_WORLD):
     have = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None, root=0)
     return have == {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": seed,
                     "format": FORMAT}
+
+
+def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True, force=False):
+    """Make ``config``'s dataset (its ``pde`` and ``data`` sections) with the classical solver,
+    unless an identical one (same PDE, options, sample count, seed and format) is already there
+    and not ``force``. Returns (pde, number of samples, whether it was made). Collective."""
+    pde = get_pde(config["pde"]["name"], **config["pde"]["options"])
+    d = config["data"]
+    n = d["n_train"] + d["n_val"] + d["n_test"]
+    if is_current(d["path"], pde, n, d["seed"], comm) and not force:
+        return pde, n, False
+    generate(pde, d["path"], n, seed=d["seed"], comm=comm, progress=progress)
+    return pde, n, True

@@ -38,7 +38,7 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
-from .problem import owned_size, subspaces
+from .problem import owned_size, owned_values, subspaces
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"]
 
@@ -177,8 +177,7 @@ class Expert:
     # ---------------------------------------------------------------- dof-vector helpers
     @staticmethod
     def _get(f):
-        with f.dat.vec_ro as x:
-            return x.array_r.copy()
+        return owned_values(f)
 
     @staticmethod
     def _set(f, values):

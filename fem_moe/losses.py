@@ -1,10 +1,11 @@
 """Losses over fields distributed across ranks (each rank holds its owned dofs)."""
+import numpy as np
 import torch
 from mpi4py import MPI
 
 from .layer import residual_loss
 
-__all__ = ["global_sum", "relative_l2", "residual_loss"]
+__all__ = ["global_sum", "relative_l2", "residual_loss", "lifting_residual"]
 
 
 class _GlobalSum(torch.autograd.Function):
@@ -35,3 +36,15 @@ def relative_l2(comm, u, target, reduction="mean"):
     ref = global_sum((target.detach() ** 2).sum(dim=1), comm)
     vals = torch.sqrt(err / ref.clamp_min(torch.finfo(ref.dtype).tiny))
     return vals.mean() if reduction == "mean" else vals
+
+
+def lifting_residual(problem, data, norm="l2"):
+    """:func:`residual_loss` per sample (``reduction="none"``, no gradient) at the lifting of the
+    Dirichlet data, u = g, for data ``[batch, n_data_dofs]``: the scale relative residuals are
+    measured against (1 for the trivial prediction). Collective."""
+    from .expert import dirichlet_dofs
+    _, g = dirichlet_dofs(problem)
+    lifting = torch.as_tensor(np.broadcast_to(g, (data.shape[0], len(g))).copy(), dtype=data.dtype,
+                              device=data.device)
+    with torch.no_grad():
+        return residual_loss(problem, lifting, data, reduction="none", norm=norm)

@@ -20,6 +20,18 @@ def subspaces(V):
     return tuple(V[i] for i in range(len(V))) if len(V) > 1 else (V,)
 
 
+def mesh_of(V):
+    """The mesh of a space, mixed or not (a mixed space's mesh() is a mesh sequence)."""
+    return subspaces(V)[0].mesh()
+
+
+def owned_values(f):
+    """A copy of the values of this rank's owned dofs of Function or Cofunction ``f``, in the
+    order of the tensors."""
+    with f.dat.vec_ro as vec:
+        return vec.array_r.copy()
+
+
 def _as_tuple(x):
     if x is None:
         return ()
@@ -64,7 +76,7 @@ class ConstrainedProblem:
         if not callable(residual):
             raise InputError(f"residual must be a callable (u, v, m) -> form, got {type(residual).__name__}")
         self.V = V
-        self._mesh = subspaces(V)[0].mesh()   # a mixed space's mesh() is a mesh sequence
+        self._mesh = mesh_of(V)
         self.residual = residual
         self.bcs = _as_tuple(bcs)
         for bc in self.bcs:
@@ -74,7 +86,7 @@ class ConstrainedProblem:
                 raise InputError("a boundary condition is on another mesh than V")
         self.data_spaces = _as_tuple(data_spaces)
         for Vd in self.data_spaces:
-            if subspaces(Vd)[0].mesh().topology is not self._mesh.topology:
+            if mesh_of(Vd).topology is not self._mesh.topology:
                 raise InputError("a data space is on another mesh than V: data must live on the mesh of V")
         self.solver_parameters = dict(solver_parameters or {})
         self.options_prefix = "fem_moe_" if options_prefix is None else options_prefix
@@ -128,7 +140,7 @@ class ConstrainedProblem:
         component; for a mixed space the subspaces follow each other). Backbones that act on
         coordinates use this. Collective over the mesh comm."""
         space = self.V if space is None else space
-        mesh = subspaces(space)[0].mesh()
+        mesh = mesh_of(space)
         parts = []
         for S in subspaces(space):
             element = S.ufl_element()

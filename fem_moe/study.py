@@ -11,10 +11,14 @@ import torch
 import firedrake as fd
 from mpi4py import MPI
 
-from .train import Trainer, _write_atomic
+from . import report
+from .data import ensure_dataset
+from .report import write_atomic
+from .problem import owned_values
+from .train import Trainer
 
 __all__ = ["run", "compare", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
-           "plot_losses", "reset_peak_rss", "transfer", "relative_l2_where"]
+           "plot_losses", "transfer", "relative_l2_where"]
 
 COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
@@ -22,16 +26,6 @@ COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
            ("inference_time", "infer s/sample", "{:.4f}"),
            ("classical_time", "classical s/sample", "{:.4f}"), ("peak_mb", "peak MiB/rank", "{:.0f}"),
            ("failed", "failed", "{:d}")]
-
-
-def reset_peak_rss():
-    """Restart this process's resident-memory high-water mark (Linux), so the next reading is
-    the peak of what follows."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
 
 
 def compare(config, models, out, comm=MPI.COMM_WORLD):
@@ -47,8 +41,8 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
     for label, options in models:
         cfg = copy.deepcopy(config)
         cfg["model"].update(options)
-        cfg["train"]["out"] = os.path.join(out, label.replace(" ", "_").replace("=", ""))
-        reset_peak_rss()
+        cfg["train"]["out"] = os.path.join(out, _tag(label))
+        report.reset_peak_rss()
         trainer = Trainer(cfg, comm)
         trainer.fit()
         row = trainer.evaluate("test")
@@ -60,28 +54,20 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
     return rows, trainers
 
 
+def _tag(label):
+    """A model's label as a file and field name ("MoE K=4" -> "MoE_K4")."""
+    return label.replace(" ", "_").replace("=", "")
+
+
 def print_table(rows, title=None, file=None):
-    """The comparison table on stdout (call on one rank)."""
-    cells = [[h for _, h, _ in COLUMNS]]
-    for r in rows:
-        line = []
-        for key, _, fmt in COLUMNS:
-            v = r.get(key)
-            line.append("-" if v is None else fmt.format(v))
-        cells.append(line)
-    widths = [max(len(c[i]) for c in cells) for i in range(len(COLUMNS))]
-    if title:
-        print(title, file=file)
-    for j, line in enumerate(cells):
-        print("  ".join(c.rjust(w) for c, w in zip(line, widths)), file=file)
-        if j == 0:
-            print("  ".join("-" * w for w in widths), file=file)
+    """The comparison table (:data:`COLUMNS`) on stdout. Call on one rank."""
+    report.print_table(rows, COLUMNS, title, file)
 
 
 def write_json(path, rows, **meta):
     """Rows and metadata to ``path`` atomically (rank 0 only)."""
     doc = {"meta": meta, "rows": rows}
-    _write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+    write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
 
 
 def _function(V, values, name):
@@ -102,13 +88,13 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     truth = _function(V, first.physical_target(idx)[0].cpu().numpy(), "classical")
     fields, partition, basis = [truth], None, []
     for label, tr in trainers.items():
-        tag = label.replace(" ", "_").replace("=", "")
+        tag = _tag(label)
         tr.model.eval()
         with torch.no_grad():
             u = tr.predict(idx)[0].cpu().numpy()
             phi = tr.model.basis(tr._tensors["inputs"][idx])[0, :n_basis_shown].cpu().numpy()
         fields.append(_function(V, u, f"prediction_{tag}"))
-        fields.append(_function(V, u - _owned(truth), f"error_{tag}"))
+        fields.append(_function(V, u - owned_values(truth), f"error_{tag}"))
         if tr.model.kind != "soft":
             basis += [_function(V, p, f"basis{i}_{tag}") for i, p in enumerate(phi)]
         if tr.model.kind == "moe" and partition is None:
@@ -154,12 +140,7 @@ def _values(f):
     return np.linalg.norm(data, axis=1) if data.ndim == 2 else data
 
 
-def _owned(f):
-    with f.dat.vec_ro as vec:
-        return vec.array_r.copy()
-
-
-def plot_fields(path, out, labels=None):
+def plot_fields(path, out):
     """PNG figures from :func:`write_fields`'s file: ``solutions.png`` (classical solution, then
     per model prediction and error), ``partition.png`` (the experts' subdomains), ``basis.png``
     (basis fields). Call on ONE rank (it reads the file on COMM_SELF)."""
@@ -175,8 +156,7 @@ def plot_fields(path, out, labels=None):
         basis = [_plottable(f.load_function(mesh, n)) for n in basis_names]
         partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None
     models = [n[len("prediction_"):] for n in names if n.startswith("prediction_")]
-    aspect = 1
-    fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) * aspect + 0.5),
+    fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) + 0.5),
                              squeeze=False)
     truth = fields["classical"]
     lo, hi = _values(truth).min(), _values(truth).max()
@@ -235,18 +215,6 @@ def plot_losses(trainers, path, key="loss"):
     plt.close(fig)
 
 
-def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True):
-    """Make ``config``'s dataset with the classical solver unless an identical one (same PDE,
-    options, sample count and seed) is already there. Collective."""
-    from .data import generate, is_current
-    from .pdes import get
-    pde = get(config["pde"]["name"], **config["pde"]["options"])
-    d = config["data"]
-    n = d["n_train"] + d["n_val"] + d["n_test"]
-    if not is_current(d["path"], pde, n, d["seed"], comm):
-        generate(pde, d["path"], n, seed=d["seed"], comm=comm, progress=progress)
-
-
 def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
     """The whole study of a demo: the dataset (made if missing), every model trained and
     evaluated (:func:`compare`), the table printed and written to ``out/results.json``, and
@@ -289,14 +257,12 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
     the relative squared residual per sample over the whole dataset's mesh (NaN for samples
     whose constrained solve diverged). Collective."""
     from .layer import residual_loss
-    from .losses import relative_l2
-    from .expert import dirichlet_dofs
+    from .losses import lifting_residual, relative_l2
     from .errors import SolverDivergedError
     model = transfer(trainer, dataset.problem)
     t = trainer._tensor
     keep = t(region(dataset.problem.dof_coordinates()).astype(np.float64))
     errors, residuals = [], []
-    _, g = dirichlet_dofs(dataset.problem)
     model.eval()
     for i in range(0, len(dataset), batch_size):
         sl = slice(i, i + batch_size)
@@ -315,7 +281,5 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
             errors.append(relative_l2(trainer.comm, (u + lift) * keep, target * keep, reduction="none"))
             norm = trainer.config["train"]["residual_norm"]
             r = residual_loss(dataset.problem, u, data, reduction="none", norm=norm)
-            r0 = residual_loss(dataset.problem, t(np.broadcast_to(g, u.shape)), data,
-                               reduction="none", norm=norm)
-            residuals.append(r / r0)
+            residuals.append(r / lifting_residual(dataset.problem, data, norm))
     return torch.cat(errors).cpu().numpy(), torch.cat(residuals).cpu().numpy()

@@ -47,10 +47,11 @@ from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverD
                      raise_on_all_ranks)
 from .expert import dirichlet_dofs
 from .layer import residual_loss, residual_rows
-from .losses import relative_l2
+from .losses import lifting_residual, relative_l2
 from .model import NeuralSolver
+from .report import peak_rss_mb, write_atomic
 
-__all__ = ["Trainer", "peak_rss_mb"]
+__all__ = ["Trainer"]
 
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
@@ -58,23 +59,10 @@ RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("tr
                ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
 
 
-def peak_rss_mb():
-    """This process's resident-memory high-water mark, MiB (Linux)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    return float("nan")
-
-
-def _write_atomic(path, write):
-    """Write via ``write(file)`` to a temporary file, then rename it over ``path``."""
-    tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+def _finite_mean(values):
+    """The mean of the finite entries of a tensor (NaN if there are none)."""
+    values = values[torch.isfinite(values)]
+    return float(values.mean()) if len(values) else float("nan")
 
 
 def _as_config(config):
@@ -136,9 +124,7 @@ class Trainer:
         self._tensors = {k: self._tensor(v) for k, v in (("inputs", ds.inputs), ("data", ds.data),
                                                           ("targets", ds.targets))}
         self._lift = None if ds.lifting is None else self._tensor(ds.lifting)
-        with torch.no_grad():
-            base = residual_loss(problem, self._tensor(np.broadcast_to(g, ds.targets.shape)),
-                                 self._tensors["data"], reduction="none", norm=t["residual_norm"])
+        base = lifting_residual(problem, self._tensors["data"], norm=t["residual_norm"])
         self._residual_scale = base.clamp_min(torch.finfo(base.dtype).tiny)
         self.step, self.history, self.validation, self.diverged = 0, [], [], []
         self._rank_warned = False
@@ -362,9 +348,8 @@ class Trainer:
             return None
         idx = self.splits[split]
         rel, res = self._measure(self._predict_split(split), idx)
-        rec = {"step": self.step, "rel_l2": float(np.nanmean(rel.cpu())) if torch.isfinite(rel).any()
-               else float("nan"), "residual": float(np.nanmean(res.cpu())) if torch.isfinite(res).any()
-               else float("nan"), "failed": int((~torch.isfinite(rel)).sum())}
+        rec = {"step": self.step, "rel_l2": _finite_mean(rel), "residual": _finite_mean(res),
+               "failed": int((~torch.isfinite(rel)).sum())}
         self.validation.append(rec)
         return rec
 
@@ -403,7 +388,7 @@ class Trainer:
             good = ok.cpu().numpy()
             out.update(self._interface_residuals(u[ok], idx[good]))
         if write and self.comm.rank == 0:
-            _write_atomic(os.path.join(self.out, f"evaluation_{split}.json"),
+            write_atomic(os.path.join(self.out, f"evaluation_{split}.json"),
                           lambda f: f.write(json.dumps(out, indent=1).encode()))
         return out
 
@@ -436,7 +421,7 @@ class Trainer:
         if self.comm.rank == 0:
             buf = io.BytesIO()
             torch.save(self.state(), buf)
-            _write_atomic(path, lambda f: f.write(buf.getvalue()))
+            write_atomic(path, lambda f: f.write(buf.getvalue()))
             self.write_metrics()
         self.comm.barrier()
 
@@ -469,11 +454,11 @@ class Trainer:
         row per step) in ``out``. Rank 0 only."""
         doc = {"config": self.config, "steps": self.history, "validation": self.validation,
                "diverged": self.diverged}
-        _write_atomic(os.path.join(self.out, "metrics.json"),
+        write_atomic(os.path.join(self.out, "metrics.json"),
                       lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
         fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped", "rank_deficient"]
         text = io.StringIO()
         w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(self.history)
-        _write_atomic(os.path.join(self.out, "metrics.csv"), lambda f: f.write(text.getvalue().encode()))
+        write_atomic(os.path.join(self.out, "metrics.csv"), lambda f: f.write(text.getvalue().encode()))

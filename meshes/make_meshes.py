@@ -17,64 +17,53 @@ import gmsh
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def plate_with_holes(path, h=0.05):
+def _cut_and_mesh(path, name, h, rectangle, disks, marker):
+    """Mesh a rectangle (x, y, width, height) minus disks (x, y, radius) with gmsh: physical
+    surface 1; each boundary curve in the physical line group ``marker(x0, y0, x1, y1)`` returns
+    for its bounding box (which gmsh pads by its geometric tolerance, ~1e-7); element size at
+    most ``h``; written to ``path`` as MSH 2.2."""
     gmsh.initialize(["", "-v", "0"])
     try:
-        gmsh.model.add("plate_with_holes")
+        gmsh.model.add(name)
         occ = gmsh.model.occ
-        plate = occ.addRectangle(0, 0, 0, 1, 1)
-        holes = [occ.addDisk(0.3, 0.35, 0, 0.12, 0.12), occ.addDisk(0.68, 0.62, 0, 0.15, 0.15)]
-        occ.cut([(2, plate)], [(2, d) for d in holes])
+        outer = occ.addRectangle(rectangle[0], rectangle[1], 0, rectangle[2], rectangle[3])
+        occ.cut([(2, outer)], [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in disks])
         occ.synchronize()
         surfaces = [tag for _, tag in gmsh.model.getEntities(2)]
         gmsh.model.addPhysicalGroup(2, surfaces, 1)
-        outer, circles = [], []
+        groups = {}
         for _, tag in gmsh.model.getBoundary([(2, s) for s in surfaces], oriented=False):
             x0, y0, _, x1, y1, _ = gmsh.model.getBoundingBox(1, tag)
-            on_square = min(x0, y0) < 1e-8 or max(x1, y1) > 1 - 1e-8
-            (outer if on_square else circles).append(tag)
-        gmsh.model.addPhysicalGroup(1, outer, 1)
-        gmsh.model.addPhysicalGroup(1, circles, 2)
+            groups.setdefault(marker(x0, y0, x1, y1), []).append(tag)
+        for group, tags in sorted(groups.items()):
+            gmsh.model.addPhysicalGroup(1, tags, group)
         gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
         gmsh.option.setNumber("Mesh.MshFileVersion", 2.2)
         gmsh.model.mesh.generate(2)
         gmsh.write(path)
     finally:
         gmsh.finalize()
+
+
+def plate_with_holes(path, h=0.05):
+    def marker(x0, y0, x1, y1):
+        return 1 if min(x0, y0) < 1e-8 or max(x1, y1) > 1 - 1e-8 else 2
+    _cut_and_mesh(path, "plate_with_holes", h, (0, 0, 1, 1),
+                  [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)], marker)
 
 
 def channel_with_cylinder(path, h=0.06):
-    gmsh.initialize(["", "-v", "0"])
-    try:
-        gmsh.model.add("channel_with_cylinder")
-        occ = gmsh.model.occ
-        L, H = 2.2, 0.41
-        channel = occ.addRectangle(0, 0, 0, L, H)
-        cylinder = occ.addDisk(0.2, 0.2, 0, 0.05, 0.05)
-        occ.cut([(2, channel)], [(2, cylinder)])
-        occ.synchronize()
-        surfaces = [tag for _, tag in gmsh.model.getEntities(2)]
-        gmsh.model.addPhysicalGroup(2, surfaces, 1)
-        groups = {1: [], 2: [], 3: [], 4: []}
-        for _, tag in gmsh.model.getBoundary([(2, s) for s in surfaces], oriented=False):
-            x0, y0, _, x1, y1, _ = gmsh.model.getBoundingBox(1, tag)
-            # gmsh pads bounding boxes by its geometric tolerance (~1e-7).
-            if x1 < 1e-5:
-                groups[1].append(tag)
-            elif x0 > L - 1e-5:
-                groups[2].append(tag)
-            elif y1 < 1e-5 or y0 > H - 1e-5:
-                groups[3].append(tag)
-            else:
-                groups[4].append(tag)
-        for marker, tags in groups.items():
-            gmsh.model.addPhysicalGroup(1, tags, marker)
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
-        gmsh.option.setNumber("Mesh.MshFileVersion", 2.2)
-        gmsh.model.mesh.generate(2)
-        gmsh.write(path)
-    finally:
-        gmsh.finalize()
+    L, H = 2.2, 0.41
+
+    def marker(x0, y0, x1, y1):
+        if x1 < 1e-5:
+            return 1            # inlet
+        if x0 > L - 1e-5:
+            return 2            # outlet
+        if y1 < 1e-5 or y0 > H - 1e-5:
+            return 3            # walls
+        return 4                # cylinder
+    _cut_and_mesh(path, "channel_with_cylinder", h, (0, 0, L, H), [(0.2, 0.2, 0.05)], marker)
 
 
 if __name__ == "__main__":

@@ -6,6 +6,7 @@ import numpy as np
 import firedrake as fd
 
 from ..errors import InputError
+from ..problem import owned_values
 
 __all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS"]
 
@@ -38,6 +39,7 @@ class PDE:
     name = None
     options = {}
     n_params = 0
+    lifted = False      # True: the first data field is the lifting the unknown is relative to
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))
@@ -72,8 +74,9 @@ class PDE:
 
     def lifting(self, problem, data):
         """The field added to the constrained unknown to give the physical field (owned dofs),
-        or None. ``data``: the data Functions."""
-        return None
+        or None. ``data``: the data Functions; for a family with ``lifted = True`` the first is
+        the lifting itself."""
+        return owned_values(data[0]) if self.lifted else None
 
     def initial_guess(self, problem, data):
         """Starting point of the classical Newton solve."""

@@ -37,6 +37,7 @@ class DiffusionSorption(PDE):
     name = "diffusion_sorption"
     options = dict(nx=32, nt=16, t_end=500.0, eps=1e-3, degree=1)
     n_params = 1
+    lifted = True
     D, phi, rho_s, k_f, n_f = 5e-4, 0.29, 2880.0, 3.5e-4, 0.874
     time_unit = 500.0
 
@@ -71,7 +72,3 @@ class DiffusionSorption(PDE):
         ell = fd.Function(problem.data_spaces[0]).assign(float(params[0]))
         fd.DirichletBC(ell.function_space(), 1.0, 1).apply(ell)
         return (ell,)
-
-    def lifting(self, problem, data):
-        with data[0].dat.vec_ro as vec:
-            return vec.array_r.copy()

@@ -29,6 +29,7 @@ class FlowPastObstacle(PDE):
     name = "flow_past_obstacle"
     options = dict(mesh="channel_with_cylinder", nu=0.02)
     n_params = 2
+    lifted = True
     height = 0.41
 
     def mesh(self, comm):
@@ -64,7 +65,3 @@ class FlowPastObstacle(PDE):
         ell = fd.Function(W)
         fd.DirichletBC(W.sub(0), inflow, 1).apply(ell)
         return (ell,)
-
-    def lifting(self, problem, data):
-        with data[0].dat.vec_ro as vec:
-            return vec.array_r.copy()

@@ -4,8 +4,6 @@ import time
 import numpy as np
 import torch
 import firedrake as fd
-from firedrake.petsc import PETSc
-from mpi4py import MPI
 
 from .errors import FemMoeError, InputError, raise_on_all_ranks
 from .expert import Expert, dirichlet_dofs
@@ -20,13 +18,7 @@ class _ExpertSpace:
     """What one expert holds: its subdomain mesh and spaces, its Expert, its dof maps."""
 
     def __init__(self, k, cells, partition, layout, data_layouts, problem, owner, bc, g, kwargs):
-        verts = partition.cell_vertices[cells]
-        used, local = np.unique(verts, return_inverse=True)
-        plex = PETSc.DMPlex().createFromCellList(
-            partition.tdim, local.reshape(verts.shape).astype(PETSc.IntType),
-            partition.vertex_coords[used], comm=PETSc.COMM_SELF)
-        partition.label_submesh(plex, used)
-        self.mesh = fd.Mesh(plex, comm=MPI.COMM_SELF, name=f"expert{k}")
+        self.mesh = partition.submesh(cells, f"expert{k}")
         V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
         data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
         self.ids = layout.space_ids(V)
@@ -82,9 +74,6 @@ class MoEHardConstraint(torch.nn.Module):
                  ridge=1e-4, partitioner_type=None, ridge_always=False):
         super().__init__()
         comm = problem.comm
-        if len(problem.V) > 1:
-            raise InputError("the mixture of experts does not support mixed function spaces yet "
-                             "(dofs are matched by coordinates per space); HardConstraint does")
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()

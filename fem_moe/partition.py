@@ -9,7 +9,10 @@ rank holds the cell list and the canonical dof tables of the whole mesh (O(cells
 is cheap next to the solves at the mesh sizes the layers are for; the solves themselves are local.
 
 Dof identity is by coordinates (and component), so the spaces must have one dof per point and
-component: continuous Lagrange of any degree, or DG0 (checked).
+component: continuous Lagrange of any degree, or DG0 (checked); a mixed space is numbered
+subspace by subspace. On a periodic mesh (Firedrake's, or a periodic gmsh mesh: discontinuous
+coordinates) the periods are found from the coordinates, keys are taken modulo them, and an
+expert's submesh is periodic where its cells wrap around.
 
 Interface dofs: each dof belongs to exactly one expert, the lowest-numbered expert among the
 cells that contain it. Expert k's residual rows are the dofs it owns; they need u_k on every cell
@@ -27,8 +30,9 @@ from firedrake.petsc import PETSc
 from mpi4py import MPI
 
 from .errors import InputError
+from .problem import subspaces
 
-__all__ = ["Partition", "SpaceLayout", "ExchangePlan"]
+__all__ = ["Partition", "SpaceLayout", "ExchangePlan", "mesh_periods"]
 
 _DIGITS = 1e9   # coordinates are keyed to 1e-9 of the mesh's extent
 
@@ -63,9 +67,12 @@ class Partition:
         if self.n_experts < 1:
             raise InputError(f"n_experts must be >= 1, got {n_experts}")
         element = mesh.coordinates.function_space().ufl_element()
-        if element.embedded_superdegree != 1 or "Lagrange" not in element.family():
-            raise InputError("mixture of experts needs affine meshes with continuous P1/Q1 "
-                             f"coordinates (periodic and curved meshes are not supported); got {element}")
+        scalar = element.sub_elements[0]
+        if scalar.embedded_superdegree != 1 or not ("Lagrange" in scalar.family()
+                                                    or "Discontinuous" in scalar.family()
+                                                    or scalar.family() in ("Q", "DQ")):
+            raise InputError("mixture of experts needs affine meshes (P1/Q1 coordinates, or their "
+                             f"DG1 version on a periodic mesh; curved meshes are not supported); got {element}")
         self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
         X = mesh.coordinates.dat.data_ro_with_halos
         n_owned = mesh.cell_set.size
@@ -75,12 +82,16 @@ class Partition:
             raise InputError(f"{self.n_experts} experts for a mesh of {len(cells)} cells")
         self.lower = cells.reshape(-1, self.gdim).min(axis=0)
         self.extent = float(np.ptp(cells.reshape(-1, self.gdim), axis=0).max())
+        self.periods = mesh_periods(mesh)
+        # On a periodic mesh a cell's coordinates are its own (unwrapped) copy; keys are taken
+        # modulo the periods, so a vertex on the seam is one vertex, as it is in the topology.
         vkeys = self.keys(cells.reshape(-1, self.gdim))
         ukeys, first, inverse = np.unique(_void(vkeys), return_index=True, return_inverse=True)
-        self.vertex_coords = cells.reshape(-1, self.gdim)[first]
+        self.vertex_coords = self.wrap(cells.reshape(-1, self.gdim)[first])
         cell_vertices = inverse.reshape(len(cells), -1)
         order = np.argsort(_void(self.keys(cells.mean(axis=1))), kind="stable")
         self.cell_vertices = cell_vertices[order]
+        self.cell_centres = self.wrap(cells.mean(axis=1)[order])
         self.cell_keys = _void(self.keys(cells.mean(axis=1)))[order]
         self.cell_expert = self._partition(partitioner_type)
         sizes = np.bincount(self.cell_expert, minlength=self.n_experts)
@@ -140,7 +151,43 @@ class Partition:
                     plex.setLabelValue(name, point, value)
 
     def keys(self, points):
+        """Integer keys of points [n, gdim] (1e-9 of the mesh's extent; modulo the periods)."""
+        keys = self._raw_keys(points)
+        for d in np.flatnonzero(self.periods):
+            keys[:, d] %= self._period_keys[d]
+        return keys
+
+    def _raw_keys(self, points):
         return np.rint((np.asarray(points) - self.lower) / self.extent * _DIGITS).astype(np.int64)
+
+    @property
+    def _period_keys(self):
+        return np.rint(self.periods / self.extent * _DIGITS).astype(np.int64)
+
+    def wrap(self, points):
+        """Points [n, gdim] moved by whole periods into the mesh's box [lower, lower + period)."""
+        points = np.array(points, dtype=float)
+        raw = self._raw_keys(points)
+        for d in np.flatnonzero(self.periods):
+            points[:, d] -= (raw[:, d] // self._period_keys[d]) * self.periods[d]
+        return points
+
+    def submesh(self, cells, name):
+        """The Firedrake mesh (COMM_SELF) of canonical cells ``cells``, with the whole mesh's
+        markers; on a periodic mesh its cells connect across the seam as the whole mesh's do
+        (PETSc localizes the coordinates of the cells that cross it)."""
+        verts = self.cell_vertices[cells]
+        used, local = np.unique(verts, return_inverse=True)
+        plex = PETSc.DMPlex().createFromCellList(
+            self.tdim, local.reshape(verts.shape).astype(PETSc.IntType), self.vertex_coords[used],
+            comm=PETSc.COMM_SELF)
+        self.label_submesh(plex, used)
+        if self.periods.any():
+            periodic = self.periods > 0
+            plex.setPeriodicity(np.where(periodic, 0.5 * self.periods, -1.0), self.lower,
+                                np.where(periodic, self.periods, -1.0))
+            plex.localizeCoordinates()
+        return fd.Mesh(plex, comm=MPI.COMM_SELF, name=name)
 
     def _partition(self, partitioner_type):
         K, C = self.n_experts, len(self.cell_vertices)
@@ -154,8 +201,7 @@ class Partition:
             # K slabs of equal cell counts across the first coordinate: on a space-time mesh
             # (x, t) every expert then spans the whole time window and holds its own initial
             # values, instead of inheriting them through interface rows it does not see.
-            centres = self.vertex_coords[self.cell_vertices].mean(axis=1)[:, 0]
-            order = np.argsort(centres, kind="stable")
+            order = np.argsort(self.cell_centres[:, 0], kind="stable")
             labels = np.empty(C, dtype=np.int64)
             labels[order] = np.arange(C) * K // C
             return labels
@@ -222,6 +268,29 @@ class Partition:
         return f
 
 
+def mesh_periods(mesh):
+    """The period of ``mesh`` along each coordinate, [gdim] (0 where it is not periodic).
+    Firedrake's periodic meshes have discontinuous coordinates: each cell holds its own copy of
+    its vertices, and the copies of a seam vertex differ by the period. Collective."""
+    gdim = mesh.geometric_dimension
+    coords = mesh.coordinates
+    family = coords.function_space().ufl_element().sub_elements[0].family()
+    if "Discontinuous" not in family and family != "DQ":
+        return np.zeros(gdim)
+    vertices = fd.FunctionSpace(mesh, "CG", 1).cell_node_map().values_with_halo
+    # The DG1 and CG1 dofs of a cell both sit at its vertices, in the same reference order.
+    X = coords.dat.data_ro_with_halos[coords.cell_node_map().values_with_halo].reshape(-1, gdim)
+    n = vertices.max() + 1 if vertices.size else 0
+    lo, hi = np.full((n, gdim), np.inf), np.full((n, gdim), -np.inf)
+    np.minimum.at(lo, vertices.ravel(), X)
+    np.maximum.at(hi, vertices.ravel(), X)
+    local = (hi - lo).max(axis=0) if n else np.zeros(gdim)
+    spread = np.empty(gdim)
+    mesh.comm.Allreduce(np.ascontiguousarray(local, dtype=float), spread, op=MPI.MAX)
+    extent = mesh.comm.allreduce(float(np.ptp(X, axis=0).max()) if len(X) else 0.0, op=MPI.MAX)
+    return np.where(spread > 1e-9 * extent, spread, 0.0)
+
+
 def _make_scotch_deterministic():
     """(PT-)Scotch partitions with threads and a random generator whose state carries over from
     call to call: the same graph then gets other partitions in another process, or later in the
@@ -260,20 +329,15 @@ def _dof_keys(node_keys, bs):
     return np.column_stack([np.repeat(node_keys, bs, axis=0), np.tile(np.arange(bs), n)])
 
 
-class SpaceLayout:
-    """Canonical numbering of the dofs of a space on the partitioned (distributed) mesh.
-
-    ``owned_ids`` [n_owned]: canonical ids of this rank's owned dofs, in tensor order;
-    ``owner_rank``, ``owner_index`` [n_global]: the rank owning each canonical dof and its index
-    there. ``lookup(keys)``: canonical ids of dof keys. Collective over the mesh comm.
-    """
+class _SingleLayout:
+    """Canonical numbering of the dofs of one (non-mixed) space; see SpaceLayout."""
 
     def __init__(self, V, partition):
         comm = partition.comm
         self.V, self.partition, self.bs = V, partition, V.block_size
         keys = _dof_keys(_node_keys(V, partition, False), self.bs)
         all_keys = comm.allgather(keys)
-        counts = [len(k) for k in all_keys]
+        self.counts = [len(k) for k in all_keys]
         self.sorted_keys = _void(np.concatenate(all_keys))
         order = np.argsort(self.sorted_keys, kind="stable")
         self.sorted_keys = self.sorted_keys[order]
@@ -286,24 +350,21 @@ class SpaceLayout:
         self.owner_rank = np.empty(self.n_global, dtype=np.int64)
         self.owner_index = np.empty(self.n_global, dtype=np.int64)
         start = 0
-        for r, c in enumerate(counts):
+        for r, c in enumerate(self.counts):
             self.owner_rank[ids[start:start + c]] = r
             self.owner_index[ids[start:start + c]] = np.arange(c)
             start += c
-        offset = sum(counts[:comm.rank])
-        self.owned_ids = ids[offset:offset + counts[comm.rank]]
+        offset = sum(self.counts[:comm.rank])
+        self.owned_ids = ids[offset:offset + self.counts[comm.rank]]
 
     def lookup(self, keys):
-        v = _void(keys)
-        return _find(self.sorted_keys, v, "a dof of an expert's space has no match in the global space")
+        return _find(self.sorted_keys, _void(keys),
+                     "a dof of an expert's space has no match in the global space")
 
     def space_ids(self, Vk):
-        """Canonical ids of the dofs of a space ``Vk`` on an expert's submesh (same element)."""
         return self.lookup(_dof_keys(_node_keys(Vk, self.partition, False), Vk.block_size))
 
     def cell_dofs(self):
-        """Canonical dof ids of every canonical cell's nodes (all components), gathered on every
-        rank: [C, dofs per cell]."""
         V, p = self.V, self.partition
         node_ids = self.lookup(_dof_keys(_node_keys(V, p, True), self.bs)).reshape(-1, self.bs)
         cnm = V.cell_node_map().values[:V.mesh().cell_set.size]
@@ -314,6 +375,41 @@ class SpaceLayout:
         for c, d in gathered:
             out[c] = d
         return out
+
+
+class SpaceLayout:
+    """Canonical numbering of the dofs of a space on the partitioned (distributed) mesh.
+
+    ``owned_ids`` [n_owned]: canonical ids of this rank's owned dofs, in tensor order;
+    ``owner_rank``, ``owner_index`` [n_global]: the rank owning each canonical dof and its index
+    there. A mixed space is numbered subspace after subspace, as its tensors are (each
+    subspace's dofs by their points and components). Collective over the mesh comm.
+    """
+
+    def __init__(self, V, partition):
+        self.V, self.partition = V, partition
+        self.parts = [_SingleLayout(S, partition) for S in subspaces(V)]
+        self._offsets = np.cumsum([0] + [part.n_global for part in self.parts])
+        self.n_global = int(self._offsets[-1])
+        # A rank's tensor holds its owned dofs of each subspace one after the other.
+        before = np.cumsum([[0] * partition.comm.size] + [part.counts for part in self.parts], axis=0)
+        self.owner_rank = np.concatenate([part.owner_rank for part in self.parts])
+        self.owner_index = np.concatenate([part.owner_index + before[i][part.owner_rank]
+                                           for i, part in enumerate(self.parts)])
+        self.owned_ids = np.concatenate([part.owned_ids + off
+                                         for part, off in zip(self.parts, self._offsets)])
+
+    def space_ids(self, Vk):
+        """Canonical ids of the dofs of a space ``Vk`` on an expert's submesh (same element),
+        in the order of Vk's tensors."""
+        return np.concatenate([part.space_ids(S) + off for part, S, off
+                               in zip(self.parts, subspaces(Vk), self._offsets)])
+
+    def cell_dofs(self):
+        """Canonical dof ids of every canonical cell's nodes (all components and subspaces),
+        gathered on every rank: [C, dofs per cell]."""
+        return np.concatenate([part.cell_dofs() + off
+                               for part, off in zip(self.parts, self._offsets)], axis=1)
 
 
 class ExchangePlan:

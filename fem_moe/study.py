@@ -115,6 +115,7 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
         f.set_attr("/", "fem_moe_basis", json.dumps([fn.name() for fn in basis]))
         f.set_attr("/", "fem_moe_partition", partition is not None)
         f.set_attr("/", "fem_moe_mesh", mesh.name)
+        f.set_attr("/", "fem_moe_plot", json.dumps(first.dataset.pde.plot_field))
     return path
 
 
@@ -129,10 +130,17 @@ def _parts(f):
     return parts
 
 
-def _plottable(f):
-    """What a plot shows of f: f itself, or the first component of a mixed field (the
-    velocity of a velocity-pressure pair; tripcolor draws a vector field's magnitude)."""
-    return f.subfunctions[0] if len(f.function_space()) > 1 else f
+def _plottable(f, subspace=0, component=None):
+    """What a plot shows of f (see PDE.plot_field): f, or a subspace of a mixed field (e.g. the
+    velocity of a velocity-pressure pair: tripcolor draws a vector field's magnitude), or one
+    component of it as a scalar field (e.g. the vorticity's last time level)."""
+    f = f.subfunctions[subspace] if len(f.function_space()) > 1 else f
+    if component is None:
+        return f
+    V = f.function_space()
+    scalar = fd.Function(fd.FunctionSpace(V.mesh(), V.ufl_element().sub_elements[0]), name=f.name())
+    scalar.dat.data[:] = f.dat.data_ro[:, component]
+    return scalar
 
 
 def _values(f):
@@ -152,8 +160,10 @@ def plot_fields(path, out):
         mesh = f.load_mesh(f.get_attr("/", "fem_moe_mesh"))
         names = json.loads(f.get_attr("/", "fem_moe_fields"))
         basis_names = json.loads(f.get_attr("/", "fem_moe_basis"))
-        fields = {n: _plottable(f.load_function(mesh, n)) for n in names}
-        basis = [_plottable(f.load_function(mesh, n)) for n in basis_names]
+        shown = json.loads(f.get_attr("/", "fem_moe_plot")) if f.has_attr("/", "fem_moe_plot") \
+            else (0, None, "")
+        fields = {n: _plottable(f.load_function(mesh, n), *shown[:2]) for n in names}
+        basis = [_plottable(f.load_function(mesh, n), *shown[:2]) for n in basis_names]
         partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None
     models = [n[len("prediction_"):] for n in names if n.startswith("prediction_")]
     fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) + 0.5),
@@ -169,7 +179,7 @@ def plot_fields(path, out):
                                   (axes[i, 2], err, f"{m}: error", dict(vmin=-e, vmax=e, cmap="RdBu_r"))):
             c = tripcolor(fn, axes=ax, **kw)
             fig.colorbar(c, ax=ax)
-            ax.set_title(title, fontsize=9)
+            ax.set_title(f"{title}{', ' + shown[2] if shown[2] else ''}", fontsize=9)
             ax.set_aspect("equal")
     fig.tight_layout()
     fig.savefig(os.path.join(out, "solutions.png"), dpi=110)

@@ -49,6 +49,7 @@ from .expert import dirichlet_dofs
 from .layer import residual_loss, residual_rows
 from .losses import lifting_residual, relative_l2
 from .model import NeuralSolver
+from .partition import mesh_periods
 from .report import peak_rss_mb, write_atomic
 
 __all__ = ["Trainer"]
@@ -162,7 +163,8 @@ class Trainer:
         return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
                              n_components=problem.n_components, latent=m["latent"], width=m["width"],
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
-                             scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)))
+                             scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
+                             periods=torch.tensor(mesh_periods(problem.mesh)))
 
     def _lr_factor(self, step):
         t = self.config["train"]

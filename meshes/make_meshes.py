@@ -8,6 +8,10 @@ Physical groups: surface 1; boundary lines 1 = outer square, 2 = the holes' circ
 channel_with_cylinder.msh: the channel [0, 2.2] x [0, 0.41] with a cylinder of radius 0.05 at
 (0.2, 0.2) (the DFG benchmark's geometry). Physical groups: surface 1; boundary lines 1 = inlet
 (x = 0), 2 = outlet (x = 2.2), 3 = walls (y = 0, 0.41), 4 = cylinder.
+
+periodic_square.msh: the unit square, unstructured, periodic in x and y (gmsh's periodic
+meshing: the right side's nodes are the left side's moved by (1, 0), the top's the bottom's
+moved by (0, 1)). Physical group: surface 1 (it has no boundary).
 """
 import os
 import sys
@@ -66,7 +70,34 @@ def channel_with_cylinder(path, h=0.06):
     _cut_and_mesh(path, "channel_with_cylinder", h, (0, 0, L, H), [(0.2, 0.2, 0.05)], marker)
 
 
+def periodic_square(path, h=0.0625):
+    gmsh.initialize(["", "-v", "0"])
+    try:
+        gmsh.model.add("periodic_square")
+        surface = gmsh.model.occ.addRectangle(0, 0, 0, 1, 1)
+        gmsh.model.occ.synchronize()
+        gmsh.model.addPhysicalGroup(2, [surface], 1)
+        sides = {}
+        for _, tag in gmsh.model.getBoundary([(2, surface)], oriented=False):
+            x0, y0, _, x1, y1, _ = gmsh.model.getBoundingBox(1, tag)
+            sides[("left" if x1 < 1e-5 else "right") if x1 - x0 < 1e-5 else
+                  ("bottom" if y1 < 1e-5 else "top")] = tag
+
+        def shift(dx, dy):      # a 4x4 affine map, row-major, as gmsh wants it
+            return [1, 0, 0, dx, 0, 1, 0, dy, 0, 0, 1, 0, 0, 0, 0, 1]
+        gmsh.model.mesh.setPeriodic(1, [sides["right"]], [sides["left"]], shift(1, 0))
+        gmsh.model.mesh.setPeriodic(1, [sides["top"]], [sides["bottom"]], shift(0, 1))
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
+        # MSH 4.1: PETSc reads its $Periodic section (node pairs) and makes the mesh periodic.
+        gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
+        gmsh.model.mesh.generate(2)
+        gmsh.write(path)
+    finally:
+        gmsh.finalize()
+
+
 if __name__ == "__main__":
     h = float(sys.argv[1]) if len(sys.argv) > 1 else 0.05
     plate_with_holes(os.path.join(HERE, "plate_with_holes.msh"), h)
     channel_with_cylinder(os.path.join(HERE, "channel_with_cylinder.msh"))
+    periodic_square(os.path.join(HERE, "periodic_square.msh"))

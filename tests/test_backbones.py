@@ -89,3 +89,16 @@ def test_parametric_fno_basis_shapes_and_gradients(d):
     assert all(p.grad is not None for p in net.parameters())
     # Different parameters give different fields: the conditioning reaches the output.
     assert not torch.allclose(out[0], out[1])
+
+
+def test_deeponet_periodic_trunk_sees_one_point_on_the_seam():
+    """With periods, x and x + P are the same point to the trunk; without, they are not."""
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 5, dtype=torch.float64)
+    points = torch.rand(9, 2, dtype=torch.float64)
+    shifted = points + torch.tensor([1.0, 0.0], dtype=torch.float64)
+    periodic = DeepONetBasis(5, 4, dim=2, periods=[1.0, 0.0]).double()
+    assert torch.allclose(periodic(inputs, points), periodic(inputs, shifted), atol=1e-12)
+    assert "periods" not in periodic.state_dict()     # from the mesh, not a learned state
+    plain = DeepONetBasis(5, 4, dim=2).double()
+    assert not torch.allclose(plain(inputs, points), plain(inputs, shifted), atol=1e-6)

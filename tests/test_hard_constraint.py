@@ -385,8 +385,3 @@ def test_mixed_space_spanning_basis_recovers_navier_stokes():
     u = fem_moe.HardConstraint(problem, 3)(basis, data)
     err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
     parallel_assert(err < 1e-8, f"max error {err}")
-
-
-def test_mixture_refuses_mixed_spaces_clearly():
-    with pytest.raises(fem_moe.InputError, match="mixed function spaces"):
-        fem_moe.MoEHardConstraint(channel_flow(n=2), 3, n_experts=2)

@@ -29,20 +29,30 @@ class DeepONetBasis(nn.Module):
     * returns ``[batch, n_basis, n_points]``: basis_i(x) = sum_k b_ik(inputs) t_k(x, component).
 
     The trunk sees coordinates scaled by ``scale`` (and shifted by ``shift``) so that a mesh of any
-    size maps to about [-1, 1].
+    size maps to about [-1, 1]. Along a coordinate with a period P > 0 (``periods`` [dim], 0 where
+    not periodic) it sees (cos 2 pi x / P, sin 2 pi x / P) instead, so that every basis field is
+    periodic and the two copies of a seam point are one point to it.
     """
 
     def __init__(self, n_inputs, n_basis, dim, n_components=1, latent=64, width=64, depth=3,
-                 shift=0.0, scale=1.0):
+                 shift=0.0, scale=1.0, periods=None):
         super().__init__()
         self.n_basis, self.latent, self.n_components = n_basis, latent, n_components
+        periods = torch.zeros(dim) if periods is None else torch.as_tensor(periods)
+        n_periodic = int((periods > 0).sum())
         self.branch = MLP(n_inputs, n_basis * latent, width, depth)
-        self.trunk = MLP(dim + (n_components if n_components > 1 else 0), latent, width, depth)
+        self.trunk = MLP(dim + n_periodic + (n_components if n_components > 1 else 0), latent, width, depth)
         self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.get_default_dtype()))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.get_default_dtype()))
+        # Not saved: it comes from the mesh, and checkpoints stay loadable across versions.
+        self.register_buffer("periods", periods.to(torch.get_default_dtype()), persistent=False)
 
     def forward(self, inputs, points, components=None):
         x = (points.to(self.scale.dtype) - self.shift) / self.scale
+        periodic = self.periods > 0
+        if periodic.any():
+            angle = 2 * torch.pi * points[:, periodic].to(x.dtype) / self.periods[periodic]
+            x = torch.cat([x[:, ~periodic], torch.cos(angle), torch.sin(angle)], -1)
         if self.n_components > 1:
             if components is None:
                 raise ValueError("a vector-valued DeepONetBasis needs the components of the points")

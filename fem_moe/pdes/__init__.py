@@ -7,11 +7,13 @@ from .base import PDE, CLASSICAL_SOLVER_PARAMETERS
 from .diffusion_sorption import DiffusionSorption
 from .navier_stokes import FlowPastObstacle
 from .reaction_diffusion import ReactionDiffusion
+from .turbulence import DecayingTurbulence
 
-__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DiffusionSorption", "FlowPastObstacle",
+__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DecayingTurbulence", "DiffusionSorption", "FlowPastObstacle",
            "ReactionDiffusion", "REGISTRY", "get"]
 
-REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption, FlowPastObstacle)}
+REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption, FlowPastObstacle,
+                                        DecayingTurbulence)}
 
 
 def get(name, **options):

@@ -40,6 +40,9 @@ class PDE:
     options = {}
     n_params = 0
     lifted = False      # True: the first data field is the lifting the unknown is relative to
+    #: What the figures show of a solution: (subspace of a mixed space, component or None for a
+    #: vector's magnitude, a caption).
+    plot_field = (0, None, "")
 
     def __init__(self, **options):
         unknown = sorted(set(options) - set(self.options))

@@ -1,0 +1,165 @@
+"""The paper's 2D decaying turbulence: vorticity form on a periodic square, over a window of
+implicit time steps."""
+import time
+
+import numpy as np
+import firedrake as fd
+
+from ..problem import ConstrainedProblem, mesh_of
+from .base import PDE, CLASSICAL_SOLVER_PARAMETERS
+from .reaction_diffusion import find_mesh
+
+
+class DecayingTurbulence(PDE):
+    r"""Incompressible Navier-Stokes in vorticity-streamfunction form on the periodic unit
+    square, unforced, from a random initial vorticity (the paper's 2D Navier-Stokes problem)::
+
+        dw/dt + u . grad w = nu lap w,   -lap psi = w,   u = (dpsi/dy, -dpsi/dx)
+
+    with nu = 1 / Re (Re = 1e4 by default: unit length and a velocity of order one).
+
+    **Window of implicit steps.** The horizon [0, T] (T = 5 by default) is cut into ``steps``
+    backward-Euler steps of dt = T / steps, and the constrained unknown is the whole trajectory:
+    (w_1, ..., w_n, psi_1, ..., psi_n), two vector-valued P1 fields with one component per time
+    level (a mixed space of 2 n components). The residual is the sum of the n steps' Galerkin
+    forms, so a hard constraint makes the output satisfy every step at once, as the paper
+    constrains its whole space-time grid. Backward Euler damps what the mesh cannot resolve: at
+    Re = 1e4 the physical viscosity is far below the mesh's (h = 1/16) resolution, and the
+    discrete dynamics are those of the large scales with the scheme's own dissipation.
+
+    **Gauge.** On a periodic domain psi is defined up to a constant; the residual uses
+    -lap psi + gauge psi = w with ``gauge`` = 1e-2, which fixes psi's mean to that of w (zero: the
+    discrete dynamics conserve the mean vorticity) and changes the velocity of the slowest mode
+    (|k| = 2 pi) by gauge / (4 pi^2) = 2.5e-4 relative.
+
+    **Initial vorticity.** w_0 = sum_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) / |k|^2 over the
+    wavevectors k of the half plane with max(|k_x|, |k_y|) <= ``modes`` (12 of them for modes =
+    2), a_k, b_k ~ N(0, amplitude^2): a smooth random field of zero mean, energy decaying with
+    the wavenumber. The backbone sees (a, b) / amplitude. The lifting is w_0 held constant in
+    time, with its streamfunction: the constrained unknown is the change from it.
+
+    Options: ``mesh`` (default "periodic_square", a gmsh mesh periodic in x and y), ``refine``,
+    ``re``, ``t_end``, ``steps``, ``modes``, ``amplitude`` (default 2: velocities up to about
+    0.5), ``gauge``.
+    """
+    name = "decaying_turbulence"
+    options = dict(mesh="periodic_square", refine=0, re=1e4, t_end=5.0, steps=10, modes=2,
+                   amplitude=2.0, gauge=1e-2)
+    lifted = True
+
+    @property
+    def wavevectors(self):
+        m = self.opts["modes"]
+        return [(kx, ky) for kx in range(-m, m + 1) for ky in range(-m, m + 1)
+                if (kx, ky) > (0, 0)]         # one of each +-k pair: cos and sin cover both
+
+    @property
+    def plot_field(self):
+        return (0, self.opts["steps"] - 1, f"vorticity at t = {self.opts['t_end']:g}")
+
+    @property
+    def n_params(self):
+        return 2 * len(self.wavevectors)
+
+    def mesh(self, comm):
+        mesh = fd.Mesh(find_mesh(self.opts["mesh"]), comm=comm)
+        if self.opts["refine"]:
+            mesh = fd.MeshHierarchy(mesh, self.opts["refine"])[-1]
+        return mesh
+
+    def spaces(self, mesh):
+        n = self.opts["steps"]
+        Q = fd.VectorFunctionSpace(mesh, "CG", 1, dim=n)
+        return Q * Q
+
+    @property
+    def dt(self):
+        return self.opts["t_end"] / self.opts["steps"]
+
+    def step_form(self, w, w_previous, p, phi, chi):
+        """One backward-Euler step's residual: vorticity w and streamfunction p at the new time
+        level, tested by phi and chi."""
+        nu, gauge = 1.0 / self.opts["re"], self.opts["gauge"]
+        u = fd.as_vector([p.dx(1), -p.dx(0)])
+        return ((w - w_previous) / self.dt * phi + fd.dot(u, fd.grad(w)) * phi
+                + nu * fd.inner(fd.grad(w), fd.grad(phi))
+                + fd.inner(fd.grad(p), fd.grad(chi)) + gauge * p * chi - w * chi) * fd.dx
+
+    def problem(self, mesh, **kwargs):
+        W = self.spaces(mesh)
+
+        def residual(dz, t, m):
+            (w0, p0), (dw, dp) = fd.split(m[0]), fd.split(dz)
+            w, p = w0 + dw, p0 + dp
+            phi, chi = fd.split(t)
+            return sum(self.step_form(w[i], w0[0] if i == 0 else w[i - 1], p[i], phi[i], chi[i])
+                       for i in range(self.opts["steps"]))
+
+        return ConstrainedProblem(W, residual, data_spaces=W, **kwargs)
+
+    def classical_solve(self, problem, data, solver_parameters=None):
+        """Time marching: one Newton solve (MUMPS) per step, from the previous step: the same
+        discrete equations as the window's residual (whose Jacobian is block lower triangular
+        in time), solved as a classical code would. Returns the window's unknown (the change
+        from the lifting)."""
+        mesh, ell = mesh_of(problem.V), data[0]
+        V = fd.FunctionSpace(mesh, "CG", 1)
+        z, w_previous = fd.Function(V * V), fd.Function(V)
+        w_previous.dat.data[:] = ell.subfunctions[0].dat.data_ro[:, 0]
+        z.subfunctions[0].assign(w_previous)
+        z.subfunctions[1].dat.data[:] = ell.subfunctions[1].dat.data_ro[:, 0]
+        w, p = fd.split(z)
+        phi, chi = fd.TestFunctions(V * V)
+        params = {**CLASSICAL_SOLVER_PARAMETERS, **(solver_parameters or {})}
+        solver = fd.NonlinearVariationalSolver(
+            fd.NonlinearVariationalProblem(self.step_form(w, w_previous, p, phi, chi), z),
+            solver_parameters=params, options_prefix="classical_")
+        out, iterations = fd.Function(problem.V), 0
+        t0 = time.perf_counter()
+        for i in range(self.opts["steps"]):
+            solver.solve()
+            iterations += solver.snes.getIterationNumber()
+            for j in range(2):
+                out.subfunctions[j].dat.data[:, i] = (z.subfunctions[j].dat.data_ro
+                                                      - ell.subfunctions[j].dat.data_ro[:, i])
+            w_previous.assign(z.subfunctions[0])
+        return out, time.perf_counter() - t0, iterations
+
+    def sample(self, rng, n):
+        return rng.normal(0.0, self.opts["amplitude"], size=(n, self.n_params))
+
+    def inputs(self, params):
+        return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
+
+    def initial_vorticity(self, mesh, params):
+        """w_0 for one parameter vector, a P1 Function on ``mesh``. The mode fields are
+        interpolated once per mesh, by one kernel (the wavevector is a Constant)."""
+        V = fd.FunctionSpace(mesh, "CG", 1)
+        cache = self.__dict__.setdefault("_mode_cache", {})
+        if V not in cache:
+            x, k = fd.SpatialCoordinate(mesh), fd.Constant((0.0, 0.0))
+            phase, modes = 2 * np.pi * fd.dot(k, x), []
+            for trig in (fd.cos, fd.sin):
+                mode = fd.Function(V)
+                for kx, ky in self.wavevectors:
+                    k.assign((kx, ky))
+                    modes.append(mode.interpolate(trig(phase) / fd.dot(k, k)).dat.data_ro.copy())
+            cache[V] = np.array(modes)
+        w0 = fd.Function(V, name="initial vorticity")
+        w0.dat.data[:] = np.asarray(params, dtype=float) @ cache[V]
+        return w0
+
+    def data(self, problem, params):
+        W = problem.data_spaces[0]
+        w0 = self.initial_vorticity(mesh_of(W), params)
+        V = w0.function_space()
+        psi0 = fd.Function(V)
+        p, q = fd.TrialFunction(V), fd.TestFunction(V)
+        fd.solve((fd.inner(fd.grad(p), fd.grad(q)) + self.opts["gauge"] * p * q) * fd.dx == w0 * q * fd.dx,
+                 psi0, solver_parameters={"ksp_type": "preonly", "pc_type": "lu",
+                                          "pc_factor_mat_solver_type": "mumps"})
+        ell = fd.Function(W)
+        n = self.opts["steps"]
+        ell.subfunctions[0].dat.data[:] = np.repeat(w0.dat.data_ro[:, None], n, axis=1)
+        ell.subfunctions[1].dat.data[:] = np.repeat(psi0.dat.data_ro[:, None], n, axis=1)
+        return (ell,)

@@ -1,0 +1,78 @@
+"""The shipped PDE families: their discrete problems, data and classical solvers."""
+import numpy as np
+import pytest
+import torch
+import firedrake as fd
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import fem_moe
+from fem_moe import pdes
+from fem_moe.problem import owned_values
+
+
+def _turbulence(steps=2):
+    # dt = 0.5, as in the demo (much longer steps make Newton's line search fail).
+    pde = pdes.get("decaying_turbulence", steps=steps, t_end=0.5 * steps)
+    problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
+    params = pde.sample(np.random.default_rng(4), 1)[0]
+    return pde, problem, pde.data(problem, params)
+
+
+def _residual_norm(problem, u, data):
+    F = problem.residual(u, fd.TestFunction(problem.V), tuple(data))
+    with fd.assemble(F).dat.vec_ro as r:
+        return r.norm()
+
+
+@pytest.mark.parallel([1, 2])
+def test_turbulence_marching_solves_the_whole_window():
+    """The classical solver marches step by step; its trajectory is the root of the window's
+    residual (all steps at once), which the hard constraints enforce."""
+    pde, problem, data = _turbulence(steps=3)
+    u, seconds, iterations = pde.classical_solve(problem, data)
+    start = _residual_norm(problem, fd.Function(problem.V), data)
+    end = _residual_norm(problem, u, data)
+    parallel_assert(end < 1e-9 * start and iterations >= 3 and seconds > 0,
+                    f"residual {end:.2e} of {start:.2e} after {iterations} Newton iterations")
+    # Something happened: the trajectory moved away from the initial vorticity.
+    change = np.sqrt(problem.comm.allreduce((owned_values(u) ** 2).sum()))
+    parallel_assert(change > 1e-2 * np.sqrt(problem.comm.allreduce((owned_values(data[0]) ** 2).sum())),
+                    f"the flow did not evolve: change {change:.2e}")
+
+
+@pytest.mark.parallel([1, 2])
+def test_turbulence_data_is_a_periodic_zero_mean_vorticity_and_its_streamfunction():
+    pde, problem, data = _turbulence()
+    ell = data[0]
+    assert np.allclose(fem_moe.Partition(problem.mesh, 1).periods, [1.0, 1.0])
+    V = fd.FunctionSpace(problem.mesh, "CG", 1)
+    w0, psi0 = fd.Function(V), fd.Function(V)
+    w0.dat.data[:] = ell.subfunctions[0].dat.data_ro[:, 0]
+    psi0.dat.data[:] = ell.subfunctions[1].dat.data_ro[:, 0]
+    for j in range(2):      # the lifting holds the initial state at every time level
+        levels = ell.subfunctions[j].dat.data_ro
+        assert np.array_equal(levels, np.repeat(levels[:, :1], levels.shape[1], axis=1))
+    size = np.sqrt(fd.assemble(w0 * w0 * fd.dx))
+    assert abs(fd.assemble(w0 * fd.dx)) < 1e-3 * size, "the initial vorticity has a mean"
+    q = fd.TestFunction(V)
+    r = fd.assemble((fd.inner(fd.grad(psi0), fd.grad(q)) + pde.opts["gauge"] * psi0 * q - w0 * q) * fd.dx)
+    with r.dat.vec_ro as vec:
+        assert vec.norm() < 1e-10 * size, "the streamfunction lifting does not solve its equation"
+
+
+@pytest.mark.parallel([1, 2])
+def test_turbulence_experts_recover_the_trajectory():
+    """Mixed, vector-valued, periodic, nonlinear: where the basis spans the classical trajectory,
+    K = 3 experts on subdomains of the periodic square (some crossing the seam) find it."""
+    pde, problem, data = _turbulence(steps=2)
+    u, _, _ = pde.classical_solve(problem, data)
+    exact = owned_values(u)
+    gen = torch.Generator().manual_seed(problem.comm.rank)
+    basis = torch.cat([torch.tensor(exact)[None, None],
+                       torch.randn(1, 2, problem.n_dofs, generator=gen, dtype=torch.float64)], dim=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3)
+    out = layer(basis, torch.tensor(owned_values(data[0]))[None])
+    err = problem.comm.allreduce(float((out[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
+    scale = problem.comm.allreduce(float(np.abs(exact).max()), op=MPI.MAX)
+    parallel_assert(err < 1e-8 * scale, f"max error {err:.2e} (scale {scale:.2e})")

@@ -58,5 +58,11 @@ models = [("soft", {"kind": "soft"}), ("PI-HC", {"kind": "pihc"}),
           (f"MoE K={K} ridge", {"kind": "moe", "n_experts": K, "ridge": "always"})]
 rows, trainers = study.run(config, models, out, "decaying turbulence, Re 1e4, periodic square "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)
+
+# How good could the output be? The trained models are compared below with the hard-constraint
+# layers given the best fixed basis of the same size for this data: the POD modes of the
+# training trajectories (and with the truth's projection on them, an oracle). A model far above
+# its row there is limited by what its backbone learned, not by its constraint.
+study.pod_check(trainers["PI-HC"], args.n_basis, K, out)
 if MPI.COMM_WORLD.rank == 0:
     print(f"results, figures and ParaView files in {out}")

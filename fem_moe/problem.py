@@ -48,7 +48,7 @@ class ConstrainedProblem:
     V : firedrake.FunctionSpace
         The space of the constrained output u (scalar or vector valued, any degree, or mixed,
         e.g. velocity-pressure: a tensor then holds the subspaces' owned dofs one after the
-        other; the mixture of experts does not take mixed spaces yet).
+        other).
     residual : callable ``(u, v, m) -> ufl.Form``
         Returns the residual form: nonlinear in the Function ``u``, linear in the test function
         ``v``. ``m`` is a tuple of Functions, one per entry of ``data_spaces`` (empty if none):

@@ -18,7 +18,7 @@ from .problem import owned_values
 from .train import Trainer
 
 __all__ = ["run", "compare", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
-           "plot_losses", "transfer", "relative_l2_where"]
+           "plot_losses", "transfer", "relative_l2_where", "pod_basis", "pod_check"]
 
 COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
@@ -120,13 +120,19 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
 
 
 def _parts(f):
-    """A mixed Function's components as named Functions (VTK takes no mixed functions)."""
-    if len(f.function_space()) == 1:
-        return [f]
+    """What VTK can take of ``f``: a mixed Function's subspaces as named Functions, and a vector
+    of more than 3 components (e.g. one per time level) as one scalar Function per component."""
+    subs = [f] if len(f.function_space()) == 1 else list(f.subfunctions)
     parts = []
-    for i, sub in enumerate(f.subfunctions):
-        sub.rename(f"{f.name()}_{i}")
-        parts.append(sub)
+    for i, sub in enumerate(subs):
+        name = f.name() if len(subs) == 1 else f"{f.name()}_{i}"
+        if sub.function_space().block_size <= 3:
+            sub.rename(name)
+            parts.append(sub)
+            continue
+        for c in range(sub.function_space().block_size):
+            parts.append(_plottable(sub, component=c))
+            parts[-1].rename(f"{name}_{c}")
     return parts
 
 
@@ -293,3 +299,56 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
             r = residual_loss(dataset.problem, u, data, reduction="none", norm=norm)
             residuals.append(r / lifting_residual(dataset.problem, data, norm))
     return torch.cat(errors).cpu().numpy(), torch.cat(residuals).cpu().numpy()
+
+
+def pod_basis(trainer, n_basis, split="train"):
+    """The first ``n_basis`` POD modes of the constrained unknowns of ``split`` (the classical
+    solutions, less the lifting): ``[n_basis, n_dofs]`` on this rank's owned dofs, orthonormal
+    in the Euclidean inner product of all ranks' dofs. The best fixed basis of that size for
+    the data in the least-squares sense. Collective (the snapshots' Gram matrix is summed over
+    the ranks)."""
+    T = trainer._tensors["targets"][trainer.splits[split]].cpu().numpy()
+    G = trainer.comm.allreduce(T @ T.T)
+    values, vectors = np.linalg.eigh(G)
+    keep = np.argsort(values)[::-1][:n_basis]
+    keep = keep[values[keep] > 1e-12 * values.max()]
+    return (vectors[:, keep].T @ T) / np.sqrt(values[keep])[:, None]
+
+
+def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
+    """How good can the constrained output be? The hard-constraint layers given the best fixed
+    basis for the data (:func:`pod_basis` of the training split) instead of a trained
+    backbone, on ``split``: rel. L2 of PI-HC and of the mixture of ``n_experts`` experts, and of
+    the orthogonal projection of the truth on the same basis (an oracle: it uses the truth).
+    A model that is far from its row here is limited by its backbone, not by its constraint.
+    Prints a table on rank 0, writes ``out/pod_basis.json``; returns the rows. Collective."""
+    from .errors import SolverDivergedError
+    from .layer import HardConstraint
+    from .losses import global_sum, relative_l2
+    from .moe import MoEHardConstraint
+    comm, problem, t = trainer.comm, trainer.problem, trainer._tensor
+    modes = pod_basis(trainer, n_basis)
+    idx = trainer.splits[split]
+    data, target = trainer._tensors["data"][idx], trainer.physical_target(idx)
+    lift = 0 if trainer._lift is None else trainer._lift[idx]
+    basis = t(modes)[None].expand(len(idx), -1, -1).contiguous()
+    coefficients = global_sum((target - lift) @ basis[0].T, comm)
+    oracle = relative_l2(comm, coefficients @ basis[0] + lift, target, reduction="none")
+    rows = [dict(label="projection (oracle)", rel_l2=float(oracle.mean()), failed=0)]
+    layers = [("PI-HC", HardConstraint(problem, len(modes))),
+              (f"MoE K={n_experts}", MoEHardConstraint(problem, len(modes), n_experts=n_experts))]
+    for label, layer in layers:
+        try:
+            with torch.no_grad():
+                err = relative_l2(comm, layer(basis, data) + lift, target, reduction="none")
+            rows.append(dict(label=label, rel_l2=float(err.mean()), failed=0))
+        except SolverDivergedError:        # raised on every rank alike
+            rows.append(dict(label=label, rel_l2=float("nan"), failed=len(idx)))
+    if comm.rank == 0:
+        print()
+        report.print_table(rows, [("label", "with the POD basis", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
+                                  ("failed", "failed", "{:d}")],
+                           f"{len(modes)} POD modes of the training solutions, on the {split} inputs")
+        if out is not None:
+            write_json(os.path.join(out, "pod_basis.json"), rows, n_basis=len(modes), split=split)
+    return rows

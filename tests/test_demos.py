@@ -52,7 +52,8 @@ def test_no_demo_left_untested():
     assert {f for f in os.listdir(DEMOS) if f.endswith(".py")} == tested
 
 
-@pytest.mark.parametrize("name", ["reaction_diffusion.toml", "diffusion_sorption.toml"])
+@pytest.mark.parametrize("name", ["reaction_diffusion.toml", "diffusion_sorption.toml",
+                                  "decaying_turbulence.toml"])
 def test_demo_configs_are_valid_and_match_their_demo(name):
     """The configs that reproduce the demos' runs with the CLI load, and name real PDE options."""
     from fem_moe import pdes

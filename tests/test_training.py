@@ -272,3 +272,25 @@ def test_cli_under_mpiexec():
         assert r.returncode == 2 and r.stderr.count("model.kind") == 1, r.stdout + r.stderr
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+@pytest.mark.parallel([1, 2])
+def test_pod_basis_is_orthonormal_and_the_constraint_check_is_sane():
+    """POD modes of the training solutions: orthonormal over all ranks' dofs, spanning the
+    training solutions when there are as many modes; in pod_check the truth's projection is
+    at least as close as PI-HC's output (both lie in the lifting + the modes' span)."""
+    from fem_moe import study
+    trainer = Trainer(config(shared_dir(), train={"steps": 1}))
+    comm = trainer.comm
+    modes = study.pod_basis(trainer, 8)
+    n_train = len(trainer.splits["train"])
+    gram = comm.allreduce(modes @ modes.T)
+    parallel_assert(len(modes) == n_train and np.allclose(gram, np.eye(n_train), atol=1e-10),
+                    f"{len(modes)} modes, Gram off by {np.abs(gram - np.eye(len(modes))).max():.1e}")
+    T = trainer._tensors["targets"][trainer.splits["train"]].numpy()
+    rest = T - comm.allreduce(T @ modes.T) @ modes
+    parallel_assert(np.sqrt(comm.allreduce((rest ** 2).sum())) < 1e-10 * np.sqrt(comm.allreduce((T ** 2).sum())),
+                    "the modes do not span the training solutions")
+    rows = {r["label"]: r["rel_l2"] for r in study.pod_check(trainer, 2, 2)}
+    parallel_assert(rows["projection (oracle)"] <= rows["PI-HC"] + 1e-12 and np.isfinite(rows["MoE K=2"]),
+                    f"{rows}")

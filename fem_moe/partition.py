@@ -89,10 +89,12 @@ class Partition:
         ukeys, first, inverse = np.unique(_void(vkeys), return_index=True, return_inverse=True)
         self.vertex_coords = self.wrap(cells.reshape(-1, self.gdim)[first])
         cell_vertices = inverse.reshape(len(cells), -1)
-        order = np.argsort(_void(self.keys(cells.mean(axis=1))), kind="stable")
+        centres = cells.mean(axis=1)
+        centre_keys = _void(self.keys(centres))
+        order = np.argsort(centre_keys, kind="stable")
         self.cell_vertices = cell_vertices[order]
-        self.cell_centres = self.wrap(cells.mean(axis=1)[order])
-        self.cell_keys = _void(self.keys(cells.mean(axis=1)))[order]
+        self.cell_centres = self.wrap(centres[order])
+        self.cell_keys = centre_keys[order]
         self.cell_expert = self._partition(partitioner_type)
         sizes = np.bincount(self.cell_expert, minlength=self.n_experts)
         if (sizes == 0).any():

@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 from . import report
 from .data import ensure_dataset
+from .pdes import PDE
 from .report import write_atomic
 from .problem import owned_values
 from .train import Trainer
@@ -167,7 +168,7 @@ def plot_fields(path, out):
         names = json.loads(f.get_attr("/", "fem_moe_fields"))
         basis_names = json.loads(f.get_attr("/", "fem_moe_basis"))
         shown = json.loads(f.get_attr("/", "fem_moe_plot")) if f.has_attr("/", "fem_moe_plot") \
-            else (0, None, "")
+            else PDE.plot_field
         fields = {n: _plottable(f.load_function(mesh, n), *shown[:2]) for n in names}
         basis = [_plottable(f.load_function(mesh, n), *shown[:2]) for n in basis_names]
         partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None

@@ -244,6 +244,14 @@ class Trainer:
             else:
                 warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
+    def _record_divergence(self, error, batch, step, phase):
+        """Append a SolverDivergedError of ``batch`` (dataset indices) to ``self.diverged``;
+        returns the dataset index of the diverged sample (None if unknown)."""
+        sample = None if error.sample is None else int(batch[error.sample])
+        self.diverged.append({"step": step, "phase": phase, "expert": error.expert, "sample": sample,
+                              "reason": error.reason, "message": str(error).splitlines()[0]})
+        return sample
+
     def train_step(self):
         """One optimisation step on batch ``self.batch(self.step)``; returns its record."""
         idx = self.batch(self.step)
@@ -260,10 +268,7 @@ class Trainer:
                                   f"{self.step + 1} (batch {idx.tolist()})")
             loss.backward()
         except SolverDivergedError as e:
-            sample = None if e.sample is None else int(idx[e.sample])
-            failure = {"step": self.step + 1, "phase": "train", "expert": e.expert, "sample": sample,
-                       "reason": e.reason, "message": str(e).splitlines()[0]}
-            self.diverged.append(failure)
+            sample = self._record_divergence(e, idx, self.step + 1, "train")
             record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
             self.step += 1
             with warnings.catch_warnings():     # the schedule follows the step count, taken or not
@@ -323,10 +328,7 @@ class Trainer:
             except SolverDivergedError as e:
                 if self.config["train"]["on_diverge"] == "stop":
                     raise
-                sample = None if e.sample is None else int(batch[e.sample])
-                self.diverged.append({"step": self.step, "phase": split, "expert": e.expert,
-                                      "sample": sample, "reason": e.reason,
-                                      "message": str(e).splitlines()[0]})
+                self._record_divergence(e, batch, self.step, split)
                 parts.append(torch.full((len(batch), self.problem.n_dofs), float("nan"),
                                         dtype=self.dtype, device=self.device))
         return torch.cat(parts)
@@ -391,7 +393,7 @@ class Trainer:
             out.update(self._interface_residuals(u[ok], idx[good]))
         if write and self.comm.rank == 0:
             write_atomic(os.path.join(self.out, f"evaluation_{split}.json"),
-                          lambda f: f.write(json.dumps(out, indent=1).encode()))
+                         lambda f: f.write(json.dumps(out, indent=1).encode()))
         return out
 
     def _interface_residuals(self, u, idx):
@@ -457,7 +459,7 @@ class Trainer:
         doc = {"config": self.config, "steps": self.history, "validation": self.validation,
                "diverged": self.diverged}
         write_atomic(os.path.join(self.out, "metrics.json"),
-                      lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+                     lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
         fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped", "rank_deficient"]
         text = io.StringIO()
         w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")

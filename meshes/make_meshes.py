@@ -13,6 +13,7 @@ periodic_square.msh: the unit square, unstructured, periodic in x and y (gmsh's 
 meshing: the right side's nodes are the left side's moved by (1, 0), the top's the bottom's
 moved by (0, 1)). Physical group: surface 1 (it has no boundary).
 """
+import contextlib
 import os
 import sys
 
@@ -21,14 +22,29 @@ import gmsh
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
+@contextlib.contextmanager
+def _meshed(path, name, h, msh_version):
+    """gmsh started with a model ``name``; after the body (the geometry and physical groups)
+    the mesh is generated with element size at most ``h`` and written to ``path`` in MSH
+    ``msh_version``; gmsh is finalized whatever happens."""
+    gmsh.initialize(["", "-v", "0"])
+    try:
+        gmsh.model.add(name)
+        yield
+        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
+        gmsh.option.setNumber("Mesh.MshFileVersion", msh_version)
+        gmsh.model.mesh.generate(2)
+        gmsh.write(path)
+    finally:
+        gmsh.finalize()
+
+
 def _cut_and_mesh(path, name, h, rectangle, disks, marker):
     """Mesh a rectangle (x, y, width, height) minus disks (x, y, radius) with gmsh: physical
     surface 1; each boundary curve in the physical line group ``marker(x0, y0, x1, y1)`` returns
     for its bounding box (which gmsh pads by its geometric tolerance, ~1e-7); element size at
     most ``h``; written to ``path`` as MSH 2.2."""
-    gmsh.initialize(["", "-v", "0"])
-    try:
-        gmsh.model.add(name)
+    with _meshed(path, name, h, 2.2):
         occ = gmsh.model.occ
         outer = occ.addRectangle(rectangle[0], rectangle[1], 0, rectangle[2], rectangle[3])
         occ.cut([(2, outer)], [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in disks])
@@ -41,12 +57,6 @@ def _cut_and_mesh(path, name, h, rectangle, disks, marker):
             groups.setdefault(marker(x0, y0, x1, y1), []).append(tag)
         for group, tags in sorted(groups.items()):
             gmsh.model.addPhysicalGroup(1, tags, group)
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
-        gmsh.option.setNumber("Mesh.MshFileVersion", 2.2)
-        gmsh.model.mesh.generate(2)
-        gmsh.write(path)
-    finally:
-        gmsh.finalize()
 
 
 def plate_with_holes(path, h=0.05):
@@ -71,9 +81,8 @@ def channel_with_cylinder(path, h=0.06):
 
 
 def periodic_square(path, h=0.0625):
-    gmsh.initialize(["", "-v", "0"])
-    try:
-        gmsh.model.add("periodic_square")
+    # MSH 4.1: PETSc reads its $Periodic section (node pairs) and makes the mesh periodic.
+    with _meshed(path, "periodic_square", h, 4.1):
         surface = gmsh.model.occ.addRectangle(0, 0, 0, 1, 1)
         gmsh.model.occ.synchronize()
         gmsh.model.addPhysicalGroup(2, [surface], 1)
@@ -87,13 +96,6 @@ def periodic_square(path, h=0.0625):
             return [1, 0, 0, dx, 0, 1, 0, dy, 0, 0, 1, 0, 0, 0, 0, 1]
         gmsh.model.mesh.setPeriodic(1, [sides["right"]], [sides["left"]], shift(1, 0))
         gmsh.model.mesh.setPeriodic(1, [sides["top"]], [sides["bottom"]], shift(0, 1))
-        gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
-        # MSH 4.1: PETSc reads its $Periodic section (node pairs) and makes the mesh periodic.
-        gmsh.option.setNumber("Mesh.MshFileVersion", 4.1)
-        gmsh.model.mesh.generate(2)
-        gmsh.write(path)
-    finally:
-        gmsh.finalize()
 
 
 if __name__ == "__main__":

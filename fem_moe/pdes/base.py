@@ -99,21 +99,24 @@ class PDE:
         seconds = time.perf_counter() - t0
         return u, seconds, solver.snes.getIterationNumber()
 
+    def mode_sum(self, space, coefficients, key, make_modes, name=None):
+        """sum_k c_k f_k, a Function on ``space``, for ``coefficients`` [n_modes]. The mode fields
+        (``make_modes(space)``: their node values, a list) are made once per space and ``key``
+        and kept on the PDE: an expression per sample would compile a kernel per sample."""
+        cache = self.__dict__.setdefault("_mode_fields", {})
+        if (space, key) not in cache:
+            cache[(space, key)] = [np.array(m) for m in make_modes(space)]
+        out = fd.Function(space, name=name)
+        for c, mode in zip(coefficients, cache[(space, key)]):
+            out.dat.data[:] += float(c) * mode
+        return out
+
     def describe(self):
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.opts.items())})"
 
 
-def fourier_field(space, coefficients, modes, cache=None):
-    """sum_k c_k sin(pi a_k x) sin(pi b_k y) on ``space``'s mesh, coefficients [len(modes)].
-    The mode fields are interpolated once per space (into ``cache``, a dict): a new expression
-    per sample would compile a new kernel per sample."""
-    cache = {} if cache is None else cache
-    key = (space, tuple(modes))
-    if key not in cache:
-        x = fd.SpatialCoordinate(space.mesh())
-        cache[key] = [fd.Function(space).interpolate(fd.sin(np.pi * a * x[0]) * fd.sin(np.pi * b * x[1]))
-                      for a, b in modes]
-    out = fd.Function(space)
-    for c, mode in zip(coefficients, cache[key]):
-        out.dat.data[:] += float(c) * mode.dat.data_ro
-    return out
+def sine_modes(space, modes):
+    """sin(pi a x) sin(pi b y) on ``space`` for each (a, b) in ``modes``: node values, a list."""
+    x = fd.SpatialCoordinate(space.mesh())
+    return [fd.Function(space).interpolate(fd.sin(np.pi * a * x[0]) * fd.sin(np.pi * b * x[1])).dat.data_ro
+            for a, b in modes]

@@ -6,7 +6,7 @@ import firedrake as fd
 
 from ..errors import InputError
 from ..problem import ConstrainedProblem
-from .base import PDE, fourier_field
+from .base import PDE, sine_modes
 
 MESH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "meshes")
@@ -73,4 +73,5 @@ class ReactionDiffusion(PDE):
         return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
     def data(self, problem, params):
-        return (fourier_field(problem.data_spaces[0], params, self._modes, self.__dict__.setdefault("_cache", {})),)
+        return (self.mode_sum(problem.data_spaces[0], params, "sines",
+                              lambda V: sine_modes(V, self._modes)),)

@@ -131,23 +131,21 @@ class DecayingTurbulence(PDE):
     def inputs(self, params):
         return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
+    def _fourier_modes(self, V):
+        """cos and sin of 2 pi k.x / |k|^2 for every wavevector, by one kernel (the wavevector
+        is a Constant)."""
+        x, k = fd.SpatialCoordinate(V.mesh()), fd.Constant((0.0, 0.0))
+        phase, mode, modes = 2 * np.pi * fd.dot(k, x), fd.Function(V), []
+        for trig in (fd.cos, fd.sin):
+            for kx, ky in self.wavevectors:
+                k.assign((kx, ky))
+                modes.append(mode.interpolate(trig(phase) / fd.dot(k, k)).dat.data_ro.copy())
+        return modes
+
     def initial_vorticity(self, mesh, params):
-        """w_0 for one parameter vector, a P1 Function on ``mesh``. The mode fields are
-        interpolated once per mesh, by one kernel (the wavevector is a Constant)."""
-        V = fd.FunctionSpace(mesh, "CG", 1)
-        cache = self.__dict__.setdefault("_mode_cache", {})
-        if V not in cache:
-            x, k = fd.SpatialCoordinate(mesh), fd.Constant((0.0, 0.0))
-            phase, modes = 2 * np.pi * fd.dot(k, x), []
-            for trig in (fd.cos, fd.sin):
-                mode = fd.Function(V)
-                for kx, ky in self.wavevectors:
-                    k.assign((kx, ky))
-                    modes.append(mode.interpolate(trig(phase) / fd.dot(k, k)).dat.data_ro.copy())
-            cache[V] = np.array(modes)
-        w0 = fd.Function(V, name="initial vorticity")
-        w0.dat.data[:] = np.asarray(params, dtype=float) @ cache[V]
-        return w0
+        """w_0 for one parameter vector, a P1 Function on ``mesh``."""
+        return self.mode_sum(fd.FunctionSpace(mesh, "CG", 1), params, "fourier", self._fourier_modes,
+                             name="initial vorticity")
 
     def data(self, problem, params):
         W = problem.data_spaces[0]

@@ -47,6 +47,9 @@ DEFAULTS = {
         "n_experts": 2,         # moe only
         "partitioner": "ptscotch",  # moe only: ptscotch | strips (slabs across x) | random (a control)
         "mode": "lstsq",        # lstsq | galerkin
+        "coupled": True,        # moe only: experts solved together on the stitched field (False: the paper's independent experts)
+        "coupling_parameters": {},
+        "norm": "euclidean",    # euclidean | lumped: the least-squares residual's norm (fem_moe.HardConstraint)  # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
         "width": 64,            # hidden width (deeponet MLPs; fno channels)
         "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
@@ -59,7 +62,7 @@ DEFAULTS = {
     },
     "train": {
         "loss": "physics",      # physics | supervised | mixed
-        "residual_norm": "dual",    # dual | l2: the physics loss's norm (fem_moe.residual_loss)
+        "residual_norm": "dual",    # dual | l2 (= euclidean) | lumped: the physics loss's norm (fem_moe.residual_loss)
         "physics_weight": 1.0,  # mixed: physics_weight * physics + supervised_weight * supervised
         "supervised_weight": 1.0,
         "steps": 100,
@@ -88,12 +91,13 @@ CHOICES = {
     ("model", "backbone"): ("deeponet", "fno"),
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),
-    ("train", "residual_norm"): ("dual", "l2"),
+    ("train", "residual_norm"): ("dual", "l2", "euclidean", "lumped"),
+    ("model", "norm"): ("euclidean", "lumped"),
     ("train", "on_diverge"): ("skip", "stop"),
     ("train", "dtype"): ("float64", "float32"),
 }
 # Free-form tables (checked by their owners: the PDE, the SNES).
-FREE = {("pde", "options"), ("model", "solver_parameters")}
+FREE = {("pde", "options"), ("model", "solver_parameters"), ("model", "coupling_parameters")}
 PATHS = (("data", "path"), ("train", "out"))
 
 

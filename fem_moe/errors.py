@@ -30,7 +30,8 @@ class RankDeficientBasisWarning(UserWarning):
 
 
 def raise_on_all_ranks(comm, error, exc_type=InputError):
-    """Collective. ``error`` is this rank's problem: None, a message (str) or a FemMoeError. If
+    """Collective. ``error`` is this rank's problem: None, a message (str), a FemMoeError or any
+    other exception (raised as a FemMoeError naming its type). If
     any rank has one, every rank raises with all messages, each prefixed by the ranks that found
     it (no prefix when every rank found the same, e.g. a bad config): the first rank's exception
     type (``exc_type`` for a message) and, for a SolverDivergedError, the first one's
@@ -38,6 +39,8 @@ def raise_on_all_ranks(comm, error, exc_type=InputError):
     if isinstance(error, FemMoeError):
         error = (type(error), str(error), getattr(error, "expert", None),
                  getattr(error, "sample", None), getattr(error, "reason", None))
+    elif isinstance(error, BaseException):     # numpy's LinAlgError, PETSc.Error, ...
+        error = (FemMoeError, f"{type(error).__name__}: {error}", None, None, None)
     elif error is not None:
         error = (exc_type, str(error), None, None, None)
     errors = comm.allgather(error)

@@ -40,7 +40,7 @@ from ufl.algorithms import expand_derivatives
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
 from .problem import owned_size, owned_values, subspaces
 
-__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs"]
+__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
 
 #: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 |r|^2 (in lstsq mode),
 #: Gauss-Newton Jacobians far from the solution and the exact Hessian near it (Levenberg-Marquardt
@@ -118,9 +118,10 @@ class Expert:
 
     def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
                  ridge=1e-4, expert_id=None, dirichlet=None, options_prefix=None,
-                 ridge_always=False):
+                 ridge_always=False, norm="euclidean"):
         if mode not in ("lstsq", "galerkin"):
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
+        norm = check_norm(norm, mode)
         if on_rank_deficient not in ("ridge", "raise"):
             raise InputError(f"on_rank_deficient must be 'ridge' or 'raise', got {on_rank_deficient!r}")
         if int(n_basis) < 1:
@@ -165,6 +166,10 @@ class Expert:
         if rows.shape != (self.n,):
             raise InputError(f"row_mask has shape {rows.shape}, expected ({self.n},)")
         self.row_mask = rows & ~self.bc_mask
+        # The residual's rows as the objective weighs them: r = d * P R, d = sqrt of the norm's
+        # row weights on the constraint rows, 0 elsewhere.
+        self.norm = norm
+        self.row_weight = np.where(self.row_mask, row_scale(problem, norm), 0.0)
 
         self._R = fd.Cofunction(V.dual())
         self._assemblers = {}
@@ -223,7 +228,7 @@ class Expert:
 
     def _assemble_residual(self):
         self._assemble(self.F, tensor=self._R)
-        return np.where(self.row_mask, self._get(self._R), 0.0)
+        return self.row_weight * self._get(self._R)
 
     def _assemble_jacobian(self):
         self._J = self._assemble(self.dF, tensor=self._J, mat_type="aij")
@@ -262,8 +267,7 @@ class Expert:
         w, r, I = state["w"], state["r"], np.eye(self.N)
         if self.mode == "lstsq":
             if "JPhi" not in state:
-                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
-                JPhi[~self.row_mask] = 0.0
+                JPhi = self.row_weight[:, None] * self._times_phi(self._assemble_jacobian(), Phi_mat)
                 state["JPhi"] = JPhi
                 state["G"] = self._sum(JPhi.T @ r) + self.rho * w
             if jacobian and "A" not in state:
@@ -271,7 +275,7 @@ class Expert:
                 GN = JPhi.T @ JPhi
                 S = np.zeros_like(GN)
                 if self.H is not None and self._exact_hessian(state["G"]):
-                    self._set(self.r_fn, r)
+                    self._set(self.r_fn, self.row_weight * r)
                     S = Phi @ self._times_phi(self._assemble_hessian(), Phi_mat)
                 GN, S = np.split(self._sum(np.concatenate([GN, S])), 2)
                 state["GN"], state["A"] = GN, GN + S + self.rho * I
@@ -311,26 +315,11 @@ class Expert:
         snes.setJacobian(self._snes_jacobian, self._Amat)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
-        # Options: the defaults, then solver_parameters, then the command line (which wins, as in
-        # Firedrake), all under this expert's prefix.
         params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
-        opts = PETSc.Options()
-        if prefix != shared:   # command-line options under the shared prefix, e.g. -expert_snes_monitor
-            given = {name: value for name, value in opts.getAll().items() if name.startswith(shared)}
-            params.update({name[len(shared):]: value for name, value in given.items()})
-            for name in given:     # querying marks them used: PETSc would call them unused
-                opts.hasName(name)
-        inserted = []
-        for key, value in params.items():
-            name = prefix + key
-            if not opts.hasName(name):
-                opts[name] = "" if value is None else value
-                inserted.append(name)
-        snes.setFromOptions()
-        self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
-        self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
-        for name in inserted:
-            opts.delValue(name)
+        with solver_options(prefix, params, shared) as opts:
+            snes.setFromOptions()
+            self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
+            self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
         self.snes = snes
         self._g0 = None
         # PETSc's fixed initial trust region (0.2) knows nothing of the size of w: unless it was
@@ -408,7 +397,7 @@ class Expert:
         reason = self.snes.getConvergedReason()
         w = self._T @ self._wvec.getArray(readonly=True)
         after = self._state_at(self._wvec, "objective")["rnorm"]
-        name = _reason_name(reason)
+        name = reason_name(reason)
         if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA and self._stalled(g_start):
             reason, name = 1, "CONVERGED_STALLED"
         info = SampleInfo(residual_before=before, residual_after=after,
@@ -476,11 +465,12 @@ class Expert:
         diag = np.trace(state.get("GN", state["A"])) / self.N
         return self.ridge_factor * max(abs(diag), 1e-300)
 
-    def vjp(self, Phi, data, w, u_bar, rho=0.0):
+    def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None):
         """The IFT backward of one sample. Collective over ``problem.comm``.
 
         Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
-        owned dofs). Returns (Phi_bar [N, n], data_bar [n_data]).
+        owned dofs). Returns (Phi_bar [N, n], data_bar [n_data]). Raises SolverDivergedError if
+        the reduced Jacobian is singular or too ill-conditioned for a meaningful gradient.
         """
         Phi = np.where(self.col_mask, Phi, 0.0)
         if data is not None:
@@ -489,24 +479,40 @@ class Expert:
         Phi_mat = self._phi_mat(Phi)
         state = self._evaluate(w, Phi, Phi_mat, True)
         r = state["r"]
-        lam = np.linalg.solve(state["A"].T, self._sum(Phi @ u_bar))
+        lam = self._backward_solve(state["A"], Phi, self._sum(Phi @ u_bar), sample)
         z = lam @ Phi
         J = self._J.petscmat
         Jt = lambda x: self._matvec(J, x, transpose=True)
         if self.mode == "lstsq":
-            y = np.where(self.row_mask, self._matvec(J, z), 0.0)
+            y = self.row_weight ** 2 * self._matvec(J, z)
             q = Jt(y)
             if self.H is not None:
                 q = q + self._matvec(self._H.petscmat, z)
-            Phi_bar = np.outer(w, u_bar - q) - np.outer(lam, Jt(r))
+            Phi_bar = np.outer(w, u_bar - q) - np.outer(lam, Jt(self.row_weight * r))
             self._set(self.y_fn, y)
         else:
             z = np.where(self.row_mask, z, 0.0)    # the test function of <lam, G> is P z
             Phi_bar = np.outer(w, u_bar - Jt(z)) - np.outer(lam, r)
         Phi_bar[:, ~self.col_mask] = 0.0
         self._set(self.z_fn, z)
-        self._set(self.r_fn, r)
+        self._set(self.r_fn, self.row_weight * r)
         return Phi_bar, -self._data_derivative()
+
+    def _backward_solve(self, A, Phi, b, sample):
+        """lam = A^-T b, refusing a singular or ill-conditioned A: its condition number in the
+        coordinates of the orthonormalised basis (those of the forward's SNES, where nearly
+        collinear fields cost nothing) above 1e12 leaves the gradient few correct digits."""
+        eig, vec = np.linalg.eigh(self._sum(Phi @ Phi.T))
+        T = vec / np.sqrt(eig) if eig[0] > RANK_TOL * max(eig[-1], 0.0) > 0 else np.eye(self.N)
+        cond = np.linalg.cond(T.T @ A @ T)
+        if not np.isfinite(cond) or cond > 1e12:
+            who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
+            raise SolverDivergedError(
+                f"{who}, sample {sample}: the reduced Jacobian of the backward is singular or "
+                f"ill-conditioned (condition number {cond:.2e} in orthonormalised coordinates); "
+                "the gradient would be meaningless", expert=self.expert_id, sample=sample,
+                reason="BACKWARD_ILL_CONDITIONED")
+        return np.linalg.solve(A.T, b)
 
     def _data_derivative(self):
         """d<lam, G>/dm (with z_fn, r_fn, y_fn, u and m set): the data spaces' dofs concatenated,
@@ -523,6 +529,64 @@ class Expert:
 
     def destroy(self):
         self.snes.destroy()
+
+
+@contextlib.contextmanager
+def solver_options(prefix, params, shared=None):
+    """The PETSc options database with ``params`` (name without prefix: value) set under
+    ``prefix`` where the command line does not set them already, for the duration of the block
+    (call ``setFromOptions`` inside it); yields the database. Command-line options given under
+    the ``shared`` prefix (e.g. ``-expert_snes_monitor`` for every ``expert<k>_``) apply too,
+    unless set under ``prefix``. Precedence as in Firedrake: command line, then ``params``."""
+    opts = PETSc.Options()
+    params = dict(params)
+    if shared is not None and prefix != shared:
+        given = {name: value for name, value in opts.getAll().items() if name.startswith(shared)}
+        params.update({name[len(shared):]: value for name, value in given.items()})
+        for name in given:     # querying marks them used: PETSc would call them unused
+            opts.hasName(name)
+    inserted = []
+    for key, value in params.items():
+        name = prefix + key
+        if not opts.hasName(name):
+            opts[name] = "" if value is None else value
+            inserted.append(name)
+    try:
+        yield opts
+    finally:
+        for name in inserted:
+            opts.delValue(name)
+
+
+NORMS = ("euclidean", "lumped")
+
+
+def check_norm(norm, mode="lstsq"):
+    """The norm's canonical name ("l2" is "euclidean"); InputError for an unknown one, or for a
+    weighted norm in Galerkin mode (whose test functions are the basis: no norm enters)."""
+    norm = "euclidean" if norm == "l2" else norm
+    if norm not in NORMS:
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if mode == "galerkin" and norm != "euclidean":
+        raise InputError(f"norm={norm!r} applies to least squares; the Galerkin mode has none")
+    return norm
+
+
+def row_scale(problem, norm):
+    """Square roots of the norm's weights of the residual's rows, [n_dofs] (owned dofs):
+    "euclidean", ones (the assembled residual's dof vector, as the paper's point residuals);
+    "lumped", 1/sqrt(M_ii), M the mass matrix of V (its diagonal: a lumped mass that stays
+    positive for P2): the residual's rows then weigh as the L2 norm of the strong residual, the
+    same on fine and coarse cells of a graded mesh. Row-local, so an expert's rows get the
+    weights the whole mesh gives them. Collective."""
+    if norm == "euclidean":
+        return np.ones(problem.n_dofs)
+    V = problem.V
+    mass = fd.assemble(fd.inner(fd.TrialFunction(V), fd.TestFunction(V)) * fd.dx,
+                       mat_type="aij").petscmat
+    diag = mass.getDiagonal().getArray(readonly=True).copy()
+    mass.destroy()
+    return 1.0 / np.sqrt(diag)
 
 
 def dirichlet_dofs(problem):
@@ -581,7 +645,7 @@ def residual_quadrature_degree(F):
     return max(degrees) if degrees else 2
 
 
-def _reason_name(reason):
+def reason_name(reason):
     names = {v: k for k, v in vars(PETSc.SNES.ConvergedReason).items() if isinstance(v, int)}
     return names.get(reason, str(reason))
 
@@ -594,6 +658,9 @@ class ResidualNorm:
     Dirichlet dofs (the boundary misfit, zero for an output of a hard-constraint layer): the
     Euclidean norm of the assembled residual, as the paper's point residuals.
 
+    ``norm="lumped"``: (P R)^T D^{-1} (P R) + ||B (u - g)||^2, D the diagonal of the mass
+    matrix: the L2 norm of the strong residual (see :func:`row_scale`).
+
     ``norm="dual"``: (P R)^T A^{-1} (P R) + ||B (u - g)||^2, A the H1 Gram matrix (grad u . grad v
     + u . v, Dirichlet rows and columns replaced by the identity): the residual's norm in the dual
     of H1, which for a linear elliptic PDE is equivalent to the error in the energy norm, on any
@@ -605,11 +672,13 @@ class ResidualNorm:
     """
 
     def __init__(self, problem, norm="l2"):
-        if norm not in ("l2", "dual"):
-            raise InputError(f"norm must be 'l2' or 'dual', got {norm!r}")
+        norm = "l2" if norm == "euclidean" else norm
+        if norm not in ("l2", "lumped", "dual"):
+            raise InputError(f"norm must be 'l2' (or 'euclidean'), 'lumped' or 'dual', got {norm!r}")
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
         self.norm, self._ksp = norm, None
+        self._weights = row_scale(problem, "lumped") ** 2 if norm == "lumped" else None
         if norm == "dual":
             V = problem.V
             u, v = fd.TrialFunction(V), fd.TestFunction(V)
@@ -626,7 +695,10 @@ class ResidualNorm:
             self._X, self._Y = A.createVecs()
 
     def _weighted(self, r):
-        """A^{-1} r for the dual norm, r itself for l2 (owned dofs)."""
+        """A^{-1} r for the dual norm, r / M_ii for the lumped one, r itself for l2 (owned
+        dofs)."""
+        if self._weights is not None:
+            return self._weights * r
         if self._ksp is None:
             return r
         self._X.setArray(r)

@@ -1,6 +1,7 @@
 """Hard-constraint layers as torch modules, and the soft-constraint residual loss."""
 import numpy as np
 import torch
+from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
@@ -69,26 +70,36 @@ class _ConstrainedSolve(torch.autograd.Function):
     def forward(ctx, layer, basis, data):
         Phi, D = _to_numpy(basis), _to_numpy(data)
         has_data = D.shape[1] > 0
-        ws, rhos, us, infos = [], [], [], []
-        for b in range(Phi.shape[0]):
-            w, u, info = layer.expert.solve(Phi[b], D[b] if has_data else None, sample=b)
-            ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
+        ws, rhos, us, infos, err = [], [], [], [], None
+        try:
+            for b in range(Phi.shape[0]):
+                w, u, info = layer.expert.solve(Phi[b], D[b] if has_data else None, sample=b)
+                ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
+        except Exception as exc:     # noqa: BLE001 -- reaches every rank
+            err = exc
+        raise_on_all_ranks(layer.problem.comm, err)
         layer.diagnostics = infos
         ctx.layer, ctx.ws, ctx.rhos = layer, ws, rhos
         ctx.save_for_backward(basis, data)
         return _like(np.stack(us), basis)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, u_bar):
         basis, data = ctx.saved_tensors
         Phi, D, Ub = _to_numpy(basis), _to_numpy(data), _to_numpy(u_bar)
         has_data = D.shape[1] > 0
         gPhi, gD = np.zeros_like(Phi), np.zeros_like(D)
-        for b in range(Phi.shape[0]):
-            gPhi[b], gd = ctx.layer.expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b],
-                                               Ub[b], rho=ctx.rhos[b])
-            if has_data:
-                gD[b] = gd
+        err = None
+        try:
+            for b in range(Phi.shape[0]):
+                gPhi[b], gd = ctx.layer.expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b],
+                                                   Ub[b], rho=ctx.rhos[b], sample=b)
+                if has_data:
+                    gD[b] = gd
+        except Exception as exc:     # noqa: BLE001 -- reaches every rank
+            err = exc
+        raise_on_all_ranks(ctx.layer.problem.comm, err)
         return None, _like(gPhi, basis), _like(gD, data)
 
 
@@ -107,6 +118,10 @@ class HardConstraint(torch.nn.Module):
       least-squares (``mode="lstsq"``) or Galerkin (``"galerkin"``) sense. Same dtype and device
       as ``basis``. Computation is in float64 on the CPU.
 
+    ``norm`` (least squares): the residual's norm, "euclidean" (its dof vector, the paper's) or
+    "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the
+    strong residual, mesh-grading independent); see :func:`fem_moe.expert.row_scale`.
+
     Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
     N x N linear solve per sample, no unrolled iterations. ``layer.diagnostics`` holds a
     :class:`fem_moe.expert.SampleInfo` per sample of the last forward.
@@ -116,11 +131,12 @@ class HardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4,
-                 ridge_always=False):
+                 ridge_always=False, norm="euclidean"):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
         self.expert = Expert(problem, n_basis, mode=mode, on_rank_deficient=on_rank_deficient,
-                             ridge=ridge, ridge_always=ridge_always)
+                             ridge=ridge, ridge_always=ridge_always, norm=norm)
+        self.norm = self.expert.norm
         self.diagnostics = []
 
     def forward(self, basis, data=None):
@@ -128,7 +144,7 @@ class HardConstraint(torch.nn.Module):
         return _ConstrainedSolve.apply(self, basis, data)
 
     def extra_repr(self):
-        return f"{self.problem}, n_basis={self.n_basis}, mode={self.mode!r}"
+        return f"{self.problem}, n_basis={self.n_basis}, mode={self.mode!r}, norm={self.norm!r}"
 
 
 class _ResidualNorm2(torch.autograd.Function):
@@ -141,6 +157,7 @@ class _ResidualNorm2(torch.autograd.Function):
         return _like(np.array(vals), u)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, g):
         u, data = ctx.saved_tensors
         U, D, G = _to_numpy(u), _to_numpy(data), _to_numpy(g)
@@ -174,7 +191,8 @@ def _residual_norm(problem, norm="l2"):
 def residual_loss(problem, u, data=None, reduction="mean", norm="l2"):
     """The soft-constraint (and physics-informed) loss: ||P R(u; m)||^2 + ||B(u - g)||^2 per
     sample, the squared norm of the assembled residual on non-Dirichlet rows plus the Dirichlet
-    misfit. ``norm``: "l2" (Euclidean, the paper's) or "dual" (the dual norm of H1, see
+    misfit. ``norm``: "l2" (= "euclidean", the paper's), "lumped" (rows weighted by the inverse
+    mass diagonal) or "dual" (the dual norm of H1, see
     :class:`fem_moe.expert.ResidualNorm`). Differentiable w.r.t. ``u`` [batch, n_dofs] and
     ``data`` [batch, n_data_dofs]. ``reduction``: "mean" | "sum" | "none" (per sample, [batch]).
     Summed over ranks: every rank gets the same value. Collective over ``problem.comm``."""

@@ -4,38 +4,89 @@ import time
 import numpy as np
 import torch
 import firedrake as fd
+import ufl
+from ufl.algorithms.analysis import extract_type
+from ufl.domain import extract_unique_domain
+from ufl.geometry import GeometricQuantity
 
-from .errors import FemMoeError, InputError, raise_on_all_ranks
-from .expert import Expert, dirichlet_dofs
+from torch.autograd.function import once_differentiable
+
+from .coupling import CoupledRows, CoupledSolver
+from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
+from .expert import Expert, SampleInfo, check_norm, dirichlet_dofs
 from .layer import check_inputs, _like, _to_numpy
 from .partition import ExchangePlan, Partition, SpaceLayout
-from .problem import ConstrainedProblem
+from .problem import ConstrainedProblem, owned_values
 
 __all__ = ["MoEHardConstraint"]
 
 
 class _ExpertSpace:
-    """What one expert holds: its subdomain mesh and spaces, its Expert, its dof maps."""
+    """What one expert holds: its subdomain mesh and spaces, its dof maps, and (after
+    ``build``) its Expert."""
 
-    def __init__(self, k, cells, partition, layout, data_layouts, problem, owner, bc, g, kwargs):
+    def __init__(self, k, cells, partition, layout, data_layouts, problem, owner):
         self.mesh = partition.submesh(cells, f"expert{k}")
-        V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
-        data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
-        self.ids = layout.space_ids(V)
-        self.data_ids = [dl.space_ids(Vd) for dl, Vd in zip(data_layouts, data_spaces)]
+        self.V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
+        self.data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
+        self.ids = layout.space_ids(self.V)
+        self.data_ids = [dl.space_ids(Vd) for dl, Vd in zip(data_layouts, self.data_spaces)]
         self.rows = owner[self.ids] == k
-        sub = ConstrainedProblem(V, problem.residual, data_spaces=data_spaces,
+        self.k, self.n_cells = k, len(cells)
+
+    def build(self, problem, bc, g, functions, kwargs):
+        """The expert's Expert; ``functions``: {Function on the whole mesh: its copy on this
+        submesh}, for the residual's fixed coefficients."""
+        k = self.k
+        residual = _OntoSubmesh(problem.residual, problem.mesh, self.mesh, functions)
+        sub = ConstrainedProblem(self.V, residual, data_spaces=self.data_spaces,
                                  solver_parameters=problem.solver_parameters,
                                  options_prefix="expert_")
         self.expert = Expert(sub, kwargs["n_basis"], mode=kwargs["mode"], row_mask=self.rows,
                              on_rank_deficient=kwargs["on_rank_deficient"], ridge=kwargs["ridge"],
-                             ridge_always=kwargs["ridge_always"],
+                             ridge_always=kwargs["ridge_always"], norm=kwargs["norm"],
                              expert_id=k, dirichlet=(bc[self.ids], g[self.ids]),
                              options_prefix=f"expert{k}_")
-        self.k, self.n_cells = k, len(cells)
         if not self.expert.row_mask.any():
             raise InputError(f"expert {k} owns no residual rows (its {int(self.rows.sum())} dofs "
                              "are all Dirichlet dofs): use fewer experts or a finer mesh")
+
+
+class _OntoSubmesh:
+    """The user's residual callable on an expert's submesh, written as Firedrake users write
+    forms: what it takes from the whole mesh -- its SpatialCoordinate and other geometric
+    quantities, fixed Functions on it (``functions``: {whole-mesh Function: submesh copy}),
+    integrals over it (``dx(domain=mesh)``) -- is mapped onto the submesh. (Constants belong to
+    no mesh.)"""
+
+    def __init__(self, residual, mesh, submesh, functions):
+        self.residual, self.mesh, self.submesh, self.functions = residual, mesh, submesh, functions
+
+    def __call__(self, u, v, m):
+        F = self.residual(u, v, m)
+        whole = self.mesh
+        mapping = dict(self.functions)
+        for q in extract_type(F, GeometricQuantity):
+            if extract_unique_domain(q) is whole:
+                mapping[q] = type(q)(self.submesh)
+        if mapping:
+            F = ufl.replace(F, mapping)
+        if any(itg.ufl_domain() is whole for itg in F.integrals()):
+            F = ufl.Form([itg.reconstruct(domain=self.submesh) if itg.ufl_domain() is whole
+                          else itg for itg in F.integrals()])
+        return F
+
+
+def _whole_mesh_functions(problem):
+    """The Functions on the whole mesh that the residual holds besides u and m (a material
+    field, a fixed velocity): each expert needs its own copy. Collective (forms the residual)."""
+    u = fd.Function(problem.V)
+    m = tuple(fd.Function(Vd) for Vd in problem.data_spaces)
+    F = problem.residual(u, fd.TestFunction(problem.V), m)
+    mine = {u, *m}
+    topology = problem.mesh.topology
+    return [c for c in F.coefficients() if isinstance(c, fd.Function) and c not in mine
+            and c.function_space().mesh().topology is topology]
 
 
 class MoEHardConstraint(torch.nn.Module):
@@ -44,21 +95,38 @@ class MoEHardConstraint(torch.nn.Module):
 
     The mesh is split into ``n_experts`` = K subdomains (default: one per rank of the mesh
     communicator) by :class:`fem_moe.partition.Partition`: the same subdomains on any number of
-    ranks. Each expert lives on one rank (by owned dofs, largest first onto the least loaded rank) and
-    solves its *own* coefficients w_k on its subdomain mesh (COMM_SELF), with its own SNES (options
-    prefix ``expert<k>_``; options given as ``-expert_...`` apply to every expert), from the
-    residual rows of the dofs it owns. Each dof is owned by one expert; the output takes every dof's
-    value from its owner (see :mod:`fem_moe.partition` for why this is well defined). K = 1 is the
-    global layer. The backward of each expert is its own IFT solve.
+    ranks. Each expert lives on one rank (by owned dofs, largest first onto the least loaded
+    rank) and owns the dofs of its subdomain (each dof is owned by one expert, see
+    :mod:`fem_moe.partition`); the output is u = g + sum_k P_k Phi^T w_k, each dof's value from
+    its owner's coefficients w_k. K = 1 is the global layer.
 
-    Collectives: construction, forward and backward are collective over the mesh communicator
-    (two all-to-all exchanges and one error check each); the expert solves in between are local,
-    so no expert waits on another. A diverging expert raises SolverDivergedError on every rank,
-    naming the expert, the sample and PETSc's reason.
+    ``coupled=True`` (the default): the coefficients of all experts are solved together, so that
+    the *stitched* field minimises the global residual (lstsq) or makes it orthogonal to every
+    expert's block basis (galerkin): see :mod:`fem_moe.coupling`. Each expert first solves its
+    own problem with its own SNES (options prefix ``expert<k>_``; ``-expert_...`` applies to
+    every expert; ``local_first=False`` skips this first stage and starts from w = 0), which
+    gives the initial guess; then one SNES on the mesh communicator (options prefix ``moe_``:
+    ``-moe_snes_monitor``, ``-moe_ksp_type``, ``-moe_pc_type``; ``coupling_parameters``
+    updates its defaults, :data:`fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS`) solves the
+    block-sparse coupled problem, each rank holding its experts' rows. The coupled least
+    squares nests the global layer: its residual is never larger than the global layer's with
+    the same basis. The backward is one block-sparse transposed solve per sample.
+
+    ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s.
+
+    ``coupled=False``: the paper's independent experts. Each solves its own coefficients from
+    the residual rows of the dofs it owns, evaluated on its own field, with no interface
+    condition; its backward is its own IFT solve.
+
+    Collectives: construction, forward and backward are collective over the mesh communicator.
+    A diverging solve raises SolverDivergedError on every rank, naming the expert (or the
+    coupled solve), the sample and PETSc's reason; any other exception inside a forward or
+    backward reaches every rank too.
 
     ``layer.diagnostics``: per expert on this rank, a dict (expert, rank, cells, dofs, owned_dofs,
-    samples: list of SampleInfo, solve_time, backward_time); ``layer.all_diagnostics()`` gathers
-    them from every rank (collective).
+    samples: list of SampleInfo of its own solves, solve_time, backward_time);
+    ``layer.all_diagnostics()`` gathers them from every rank (collective), with ``.coupling``:
+    the coupled solve's SampleInfo per sample.
 
     ``partitioner_type``: PETSc's MatPartitioning type for the subdomains (default "ptscotch");
     "strips": K slabs of equal cell counts across the first coordinate (on a space-time mesh,
@@ -66,13 +134,17 @@ class MoEHardConstraint(torch.nn.Module):
     random (a control experiment: the same sizes, no spatial locality; each dof then belongs to
     the expert of its first cell).
 
-    The residual callable is called on each expert's submesh: it must build its form from its
-    arguments only (use ``SpatialCoordinate(u.function_space().mesh())``, not the global mesh's).
+    The residual callable is called on each expert's submesh. It may use the whole mesh's
+    ``SpatialCoordinate``, Constants and fixed Functions (continuous Lagrange or DG0: copied onto
+    each submesh at construction; later changes to them are not seen), as Firedrake users write
+    forms.
     """
 
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
-                 ridge=1e-4, partitioner_type=None, ridge_always=False):
+                 ridge=1e-4, partitioner_type=None, ridge_always=False, coupled=True,
+                 local_first=True, coupling_parameters=None, norm="euclidean"):
         super().__init__()
+        self.coupled, self.local_first = bool(coupled), bool(local_first)
         comm = problem.comm
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
@@ -104,25 +176,68 @@ class MoEHardConstraint(torch.nn.Module):
         for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):
             bc[ids], gg[ids] = m, v
         kwargs = dict(n_basis=n_basis, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
-                      ridge_always=ridge_always)
+                      ridge_always=ridge_always, norm=check_norm(norm, mode))
+        self.norm = kwargs["norm"]
         self.experts, err = {}, None
         try:
             for k in p.my_experts:
                 cells = np.flatnonzero((owner[cell_dofs] == k).any(axis=1))
                 self.experts[k] = _ExpertSpace(k, cells, p, self.layout, self.data_layouts,
-                                               problem, owner, bc, gg, kwargs)
-        except FemMoeError as e:
+                                               problem, owner)
+        except Exception as e:     # noqa: BLE001 -- reaches every rank
             err = e
         raise_on_all_ranks(comm, err)
-        needs = {k: (e.ids, e.data_ids) for k, e in self.experts.items()}
-        gathered = {}
-        for d in comm.allgather(needs):
-            gathered.update(d)
-        self.plan = ExchangePlan(self.layout, [gathered[k][0] for k in range(K)], p.expert_rank)
-        self.data_plans = [ExchangePlan(dl, [gathered[k][1][j] for k in range(K)], p.expert_rank)
+        self.plan = self._plan(self.layout, lambda e: e.ids)
+        self.data_plans = [self._plan(dl, lambda e, j=j: e.data_ids[j])
                            for j, dl in enumerate(self.data_layouts)]
+        functions = {k: {} for k in self.experts}
+        for f in _whole_mesh_functions(problem):
+            for k, copy in self._copies(f).items():
+                functions[k][f] = copy
+        try:
+            for k, e in self.experts.items():
+                e.build(problem, bc, gg, functions[k], kwargs)
+        except Exception as e:     # noqa: BLE001
+            err = e
+        raise_on_all_ranks(comm, err)
+        self.coupling = None
+        if self.coupled:
+            self.coupling = CoupledSolver(
+                comm, {k: CoupledRows(e, owner) for k, e in self.experts.items()}, p.expert_rank,
+                n_basis, mode, solver_parameters=coupling_parameters, ridge_always=ridge_always,
+                ridge_factor=ridge)
         self.setup_time = time.perf_counter() - t0
-        self.diagnostics = []
+        self.diagnostics = Diagnostics()
+        self.coupling_diagnostics = []
+
+    def _plan(self, layout, ids):
+        """The exchange plan between ``layout``'s owners and each expert's dofs ``ids(e)``."""
+        gathered = {}
+        for d in self.problem.comm.allgather({k: ids(e) for k, e in self.experts.items()}):
+            gathered.update(d)
+        return ExchangePlan(layout, [gathered[k] for k in range(self.n_experts)],
+                            self.partition.expert_rank)
+
+    def _copies(self, f):
+        """{k: f's copy on expert k's submesh} for a Function ``f`` on the whole mesh (its values
+        copied now). Collective."""
+        V = f.function_space()
+        try:
+            layout = SpaceLayout(V, self.partition)
+        except InputError as exc:
+            raise InputError(f"the residual uses the Function {f.name()!r} on the whole mesh, in "
+                             f"{V.ufl_element()}, which cannot be copied onto the experts' "
+                             f"submeshes ({exc}); make it a data space of the problem, or use "
+                             "a continuous Lagrange or DG0 space") from exc
+        spaces = {k: fd.FunctionSpace(e.mesh, V.ufl_element()) for k, e in self.experts.items()}
+        plan = self._plan(layout, lambda e: layout.space_ids(spaces[e.k]))
+        values = plan.scatter(owned_values(f)[:, None])
+        copies = {}
+        for k, Vk in spaces.items():
+            copies[k] = fd.Function(Vk, name=f.name())
+            with copies[k].dat.vec_wo as vec:
+                vec.array[:] = values[k][:, 0]
+        return copies
 
     # ------------------------------------------------------------------ tensors
     def _scatter_data(self, D):
@@ -150,62 +265,155 @@ class MoEHardConstraint(torch.nn.Module):
         return _MoESolve.apply(self, basis, data)
 
     def all_diagnostics(self):
-        """Every expert's diagnostics, gathered on every rank (collective), sorted by expert."""
-        out = [d for part in self.problem.comm.allgather(self.diagnostics) for d in part]
-        return sorted(out, key=lambda d: d["expert"])
+        """Every expert's diagnostics, gathered on every rank (collective), sorted by expert;
+        ``.coupling``: the coupled solve's SampleInfo per sample (iterations, reason, the global
+        residual before and after coupling, its time), the same on every rank."""
+        out = [d for part in self.problem.comm.allgather(list(self.diagnostics)) for d in part]
+        out = Diagnostics(sorted(out, key=lambda d: d["expert"]))
+        out.coupling = list(self.coupling_diagnostics)
+        return out
 
     def extra_repr(self):
         return (f"{self.problem}, n_basis={self.n_basis}, n_experts={self.n_experts}, "
-                f"mode={self.mode!r}")
+                f"mode={self.mode!r}, coupled={self.coupled}")
+
+
+class Diagnostics(list):
+    """Per expert, a dict (see MoEHardConstraint); ``coupling``: per sample of the last forward,
+    the coupled solve's SampleInfo (iterations, global residual before/after coupling, time), or
+    an empty list for independent experts."""
+    coupling = ()
 
 
 class _MoESolve(torch.autograd.Function):
     @staticmethod
     def forward(ctx, layer, basis, data):
         B, N, n = basis.shape
-        comm = layer.problem.comm
         Phi = layer.plan.scatter(_to_numpy(basis).transpose(2, 0, 1).reshape(n, B * N))
         D = layer._scatter_data(_to_numpy(data))
-        outputs, saved, diagnostics, err = {}, {}, [], None
-        try:
-            for k, e in layer.experts.items():
-                t0 = time.perf_counter()
-                Pk = Phi[k].reshape(-1, B, N).transpose(1, 2, 0)          # [B, N, n_k]
-                has_data = D[k].shape[1] > 0
-                sols = [e.expert.solve(Pk[b], D[k][b] if has_data else None, sample=b)
-                        for b in range(B)]
-                outputs[k] = np.where(e.rows[:, None], np.stack([u for _, u, _ in sols], axis=1), 0.0)
-                saved[k] = (Pk, D[k], [w for w, _, _ in sols], [i.ridge for _, _, i in sols])
-                diagnostics.append(dict(expert=k, rank=comm.rank, cells=e.n_cells, dofs=len(e.ids),
-                                        owned_dofs=int(e.rows.sum()), samples=[i for *_, i in sols],
-                                        solve_time=time.perf_counter() - t0, backward_time=0.0))
-        except FemMoeError as exc:
-            err = exc
-        raise_on_all_ranks(comm, err)
-        layer.diagnostics = diagnostics
-        ctx.layer, ctx.saved = layer, saved
+        Pk = {k: Phi[k].reshape(-1, B, N).transpose(1, 2, 0) for k in layer.experts}   # [B, N, n_k]
+        Dk = {k: D[k] if D[k].shape[1] > 0 else None for k in layer.experts}
+        solve = _solve_coupled if layer.coupled else _solve_independent
+        outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B)
+        layer.diagnostics, layer.coupling_diagnostics = diagnostics, coupling
+        outputs = {k: np.where(layer.experts[k].rows[:, None], outputs[k], 0.0) for k in outputs}
+        ctx.layer, ctx.saved = layer, (Pk, Dk, ws)
         ctx.shape = (B, N, n)
         ctx.save_for_backward(basis)
         return _like(layer.plan.gather_sum(outputs, B).T, basis)
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, u_bar):
         layer, (B, N, n) = ctx.layer, ctx.shape
+        Pk, Dk, ws = ctx.saved
         Ub = layer.plan.scatter(_to_numpy(u_bar).T.copy())
-        g_Phi, g_D = {}, {}
-        by_expert = {d["expert"]: d for d in layer.diagnostics}
-        for k, e in layer.experts.items():
-            t0 = time.perf_counter()
-            Pk, Dk, ws, rhos = ctx.saved[k]
-            has_data = Dk.shape[1] > 0
-            ub = np.where(e.rows[:, None], Ub[k], 0.0)    # only the owned rows reach the output
-            grads = [e.expert.vjp(Pk[b], Dk[b] if has_data else None, ws[b], ub[:, b], rho=rhos[b])
-                     for b in range(B)]
-            g_Phi[k] = np.stack([gp for gp, _ in grads]).transpose(2, 0, 1).reshape(-1, B * N)
-            g_D[k] = np.stack([gd for _, gd in grads]) if has_data else np.zeros((B, 0))
-            if k in by_expert:
-                by_expert[k]["backward_time"] = time.perf_counter() - t0
+        # Only the owned rows reach the output.
+        Ub = {k: np.where(e.rows[:, None], Ub[k], 0.0) for k, e in layer.experts.items()}
+        vjp = _vjp_coupled if layer.coupled else _vjp_independent
+        g_Phi, g_D = vjp(layer, Pk, Dk, ws, Ub, B)
+        g_Phi = {k: np.stack(g_Phi[k]).transpose(2, 0, 1).reshape(-1, B * N) for k in g_Phi}
+        g_D = {k: np.stack(g_D[k]) if Dk[k] is not None else np.zeros((B, 0)) for k in g_D}
         gb = layer.plan.gather_sum(g_Phi, B * N).reshape(n, B, N).transpose(1, 2, 0)
         gd = layer._gather_data(g_D, B)
         basis, = ctx.saved_tensors
         return None, _like(gb, basis), _like(gd, basis)
+
+
+def _expert_record(layer, k, samples, solve_time):
+    e = layer.experts[k]
+    return dict(expert=k, rank=layer.problem.comm.rank, cells=e.n_cells, dofs=len(e.ids),
+                owned_dofs=int(e.rows.sum()), samples=samples, solve_time=solve_time,
+                backward_time=0.0)
+
+
+def _solve_independent(layer, Pk, Dk, B):
+    """Each expert solves its own rows on its own field; no communication."""
+    outputs, ws, diagnostics, err = {}, {}, [], None
+    try:
+        for k, e in layer.experts.items():
+            t0 = time.perf_counter()
+            sols = [e.expert.solve(Pk[k][b], None if Dk[k] is None else Dk[k][b], sample=b)
+                    for b in range(B)]
+            outputs[k] = np.stack([u for _, u, _ in sols], axis=1)
+            ws[k] = [(w, i.ridge) for w, _, i in sols]
+            diagnostics.append(_expert_record(layer, k, [i for *_, i in sols],
+                                              time.perf_counter() - t0))
+    except Exception as exc:     # noqa: BLE001 -- any error reaches every rank
+        err = exc
+    raise_on_all_ranks(layer.problem.comm, err)
+    return outputs, ws, Diagnostics(diagnostics), []
+
+
+def _solve_coupled(layer, Pk, Dk, B):
+    """Per sample: the experts' own solves (the first stage: the initial guess; an expert whose
+    own problem has no solution, e.g. free directions in Galerkin mode, starts from 0), then the
+    coupled solve over every expert's coefficients."""
+    comm, N = layer.problem.comm, layer.n_basis
+    outputs = {k: np.zeros((len(e.ids), B)) for k, e in layer.experts.items()}
+    ws = {k: [] for k in layer.experts}
+    samples = {k: [] for k in layer.experts}
+    times = {k: 0.0 for k in layer.experts}
+    coupling = []
+    for b in range(B):
+        w0, err = {}, None
+        try:
+            for k, e in layer.experts.items():
+                t0 = time.perf_counter()
+                d = None if Dk[k] is None else Dk[k][b]
+                if layer.local_first:
+                    try:
+                        w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b)
+                    except SolverDivergedError as exc:
+                        w0[k], info = np.zeros(N), SampleInfo(reason=exc.reason, failed=str(exc))
+                    samples[k].append(info)
+                else:
+                    w0[k] = np.zeros(N)
+                times[k] += time.perf_counter() - t0
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        raise_on_all_ranks(comm, err)
+        solver = layer.coupling
+        solver.prepare({k: Pk[k][b] for k in layer.experts},
+                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
+        result, info = solver.solve(w0, sample=b)
+        coupling.append(info)
+        for k, (w, u) in result.items():
+            outputs[k][:, b] = u
+            ws[k].append((w, 0.0))
+    diagnostics = Diagnostics(_expert_record(layer, k, samples[k], times[k]) for k in layer.experts)
+    return outputs, ws, diagnostics, coupling
+
+
+def _vjp_independent(layer, Pk, Dk, ws, Ub, B):
+    g_Phi, g_D, err = {}, {}, None
+    by_expert = {d["expert"]: d for d in layer.diagnostics}
+    try:
+        for k, e in layer.experts.items():
+            t0 = time.perf_counter()
+            grads = [e.expert.vjp(Pk[k][b], None if Dk[k] is None else Dk[k][b], ws[k][b][0],
+                                  Ub[k][:, b], rho=ws[k][b][1], sample=b) for b in range(B)]
+            g_Phi[k], g_D[k] = [g for g, _ in grads], [g for _, g in grads]
+            if k in by_expert:
+                by_expert[k]["backward_time"] = time.perf_counter() - t0
+    except Exception as exc:     # noqa: BLE001 -- a failing backward on one rank reaches all
+        err = exc
+    raise_on_all_ranks(layer.problem.comm, err)
+    return g_Phi, g_D
+
+
+def _vjp_coupled(layer, Pk, Dk, ws, Ub, B):
+    g_Phi = {k: [] for k in layer.experts}
+    g_D = {k: [] for k in layer.experts}
+    solver = layer.coupling
+    t0 = time.perf_counter()
+    for b in range(B):
+        solver.prepare({k: Pk[k][b] for k in layer.experts},
+                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
+        gp, gd = solver.vjp({k: ws[k][b][0] for k in layer.experts},
+                            {k: Ub[k][:, b] for k in layer.experts}, sample=b)
+        for k in layer.experts:
+            g_Phi[k].append(gp[k]), g_D[k].append(gd[k])
+    for d in layer.diagnostics:
+        d["backward_time"] = time.perf_counter() - t0
+    return g_Phi, g_D

@@ -144,7 +144,11 @@ class Trainer:
         m = self.config["model"]
         if m["kind"] == "soft":
             return {}
-        return {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always"}
+        options = {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always",
+                   "norm": m["norm"]}
+        if m["kind"] == "moe":
+            options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"])
+        return options
 
     def _backbone(self):
         m, problem = self.config["model"], self.problem

@@ -10,15 +10,16 @@ import fem_moe
 from problems import nonlinear_diffusion, source, random_basis, smooth_basis, distributed_matches_serial
 
 
+@pytest.mark.parametrize("coupled", [True, False])
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 @pytest.mark.parametrize("degree", [1, 2])
-def test_one_expert_is_the_global_layer(mode, degree):
+def test_one_expert_is_the_global_layer(mode, degree, coupled):
     problem = nonlinear_diffusion(n=6, degree=degree)
     basis, data = random_basis(problem, 4, batch=2), source(problem).repeat(2, 1)
     basis.requires_grad_(), data.requires_grad_()
     outs = []
     for layer in (fem_moe.HardConstraint(problem, 4, mode=mode),
-                  fem_moe.MoEHardConstraint(problem, 4, n_experts=1, mode=mode)):
+                  fem_moe.MoEHardConstraint(problem, 4, n_experts=1, mode=mode, coupled=coupled)):
         u = layer(basis, data)
         gb, gd = torch.autograd.grad((u ** 3).sum(), (basis, data))
         outs.append((u.detach(), gb, gd))
@@ -28,9 +29,9 @@ def test_one_expert_is_the_global_layer(mode, degree):
 
 @pytest.mark.parametrize("n_experts", [2, 3])
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
-def test_gradcheck(n_experts, mode):
+def test_gradcheck_independent(n_experts, mode):
     problem = nonlinear_diffusion(n=7, degree=1)
-    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, mode=mode)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, mode=mode, coupled=False)
     basis = random_basis(problem, 3).requires_grad_()
     data = source(problem).requires_grad_()
     assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
@@ -58,7 +59,7 @@ def test_k_experts_on_the_global_layer_problem_reduce_residual_per_expert():
     global layer's output restricted to the same rows."""
     problem = nonlinear_diffusion(n=8, degree=1)
     basis, data = random_basis(problem, 5), source(problem, 4.0)
-    moe = fem_moe.MoEHardConstraint(problem, 5, n_experts=3)
+    moe = fem_moe.MoEHardConstraint(problem, 5, n_experts=3, coupled=False)
     glob = fem_moe.HardConstraint(problem, 5)
     moe(basis, data), glob(basis, data)
     for d in moe.all_diagnostics():
@@ -102,9 +103,10 @@ def test_random_subdomains_are_balanced_and_scattered():
 @pytest.mark.parallel([2, 3])
 @pytest.mark.parametrize("n_experts", [2, 4])
 def test_rank_count_does_not_matter(n_experts):
-    """Fixed K: the distributed run equals the run on one rank (each rank alone), outputs and
-    gradients to 1e-10."""
-    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts))
+    """Fixed K, independent experts: the distributed run equals the run on one rank (each rank
+    alone), outputs and gradients to 1e-10 (the coupled mixture: test_coupled.py)."""
+    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts,
+                                                                         coupled=False))
 
 
 @pytest.mark.parallel(2)
@@ -127,7 +129,7 @@ def test_diverging_expert_raises_everywhere():
     opts["expert1_snes_max_it"] = 1
     try:
         problem = nonlinear_diffusion(n=6, degree=1)
-        layer = fem_moe.MoEHardConstraint(problem, 3)
+        layer = fem_moe.MoEHardConstraint(problem, 3, coupled=False)
     finally:
         opts.delValue("expert1_snes_max_it")
     with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
@@ -210,7 +212,7 @@ def test_interface_rows_are_the_only_rows_mixing_experts(degree):
     """Away from the interface rows the stitched output's residual is its owner expert's own
     residual; at interface rows it is not (the price of the mixture, which this measures)."""
     problem = nonlinear_diffusion(n=8, degree=degree)
-    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=3)
+    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=3, coupled=False)
     assert not fem_moe.MoEHardConstraint(problem, 4, n_experts=1).interface_mask().any()
     data = source(problem, 3.0)
     u = layer(random_basis(problem, 4), data)

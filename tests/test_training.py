@@ -154,11 +154,15 @@ def test_checkpoint_write_is_atomic(monkeypatch):
 
 @pytest.mark.parallel([1, 2])
 @pytest.mark.parametrize("policy", ["skip", "stop"])
-def test_diverging_expert_policy(policy):
-    """Experts allowed one SNES iteration fail: 'skip' records every failure and drops the
-    updates, 'stop' raises on every rank naming the expert and the dataset sample."""
-    trainer = Trainer(config(shared_dir(), model={"solver_parameters": {"snes_max_it": 1}},
-                             train={"steps": 2, "on_diverge": policy}))
+@pytest.mark.parametrize("coupled", [False, True])
+def test_diverging_expert_policy(policy, coupled):
+    """Reduced solves allowed one SNES iteration fail (the experts' own, or the coupled solve):
+    'skip' records every failure and drops the updates, 'stop' raises on every rank naming the
+    expert (None for the coupled solve) and the dataset sample."""
+    starved = ({"coupling_parameters": {"snes_max_it": 1}} if coupled
+               else {"coupled": False, "solver_parameters": {"snes_max_it": 1}})
+    experts = (None,) if coupled else (0, 1)
+    trainer = Trainer(config(shared_dir(), model=starved, train={"steps": 2, "on_diverge": policy}))
     before = digest(trainer.model)
     if policy == "skip":
         trainer.fit()
@@ -167,13 +171,13 @@ def test_diverging_expert_policy(policy):
                         f"{trainer.diverged}")
         parallel_assert(trainer.validation[-1]["failed"] == 2, f"{trainer.validation}")
         failure = trainer.diverged[0]
-        parallel_assert(failure["reason"] == "DIVERGED_MAX_IT" and failure["expert"] in (0, 1)
+        parallel_assert(failure["reason"] == "DIVERGED_MAX_IT" and failure["expert"] in experts
                         and failure["sample"] in range(4), f"{failure}")
         parallel_assert(digest(trainer.model) == before, "a skipped step changed the weights")
     else:
         with pytest.raises(fem_moe.SolverDivergedError, match="on_diverge = 'stop'") as info:
             trainer.fit()
-        parallel_assert(info.value.expert in (0, 1) and info.value.sample in range(4))
+        parallel_assert(info.value.expert in experts and info.value.sample in range(4))
         parallel_assert(os.path.isfile(trainer.checkpoint_path), "no checkpoint after the stop")
 
 

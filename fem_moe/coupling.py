@@ -1,0 +1,572 @@
+"""The coupled mixture of experts: one reduced problem over every expert's coefficients.
+
+The stitched output is u(w) = g + sum_k P_k Phi^T w_k (P_k keeps the dofs expert k owns), with
+w = (w_1, ..., w_K) in R^{KN}. Independent experts choose each w_k from the rows of the dofs k owns,
+evaluated on k's own field; nothing ties an expert to its neighbours, and an expert far from the
+boundary or initial data has a family of local solutions (DESIGN.md section 7). The coupled
+mixture solves for all of w at once, on the stitched field and every residual row:
+
+* ``"lstsq"``: minimise 1/2 |P R(u(w); m)|^2 + 1/2 sum_k rho_k |w_k|^2 (rho_k = 0 unless block k is
+  rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
+  k is the global layer's output, so the coupled residual is never larger than the global one
+  with the same basis (exactly so for a linear PDE).
+* ``"galerkin"``: the global residual tested against every expert's block basis,
+  G_k = (P_k Phi) P R(u(w); m) + rho_k w_k = 0.
+
+Everything stays row-local. Row i, owned by expert m, involves only the dofs of its stencil, which
+m's submesh holds (one vertex layer of overlap). Given the coefficients of the experts owning
+those dofs (its *neighbours*, N numbers each), expert m evaluates its rows on the stitched field,
+and their derivatives with respect to each neighbour's coefficients. So the reduced Jacobian is
+block sparse (KN x KN, block (k, l) only between experts that share a row's stencil): a PETSc
+matrix with block size N whose rows live on the rank of their expert, assembled from each
+expert's dense contributions (lstsq: (J Phi_nb)^T (J Phi_nb) + Phi_nb^T H Phi_nb over m's
+neighbours; galerkin: block row m only). The coupled SNES runs on the mesh communicator over the
+distributed vector of coefficients, with its own options prefix (``moe_``): ``-moe_snes_monitor``,
+``-moe_ksp_type cg -moe_pc_type bjacobi`` (each block-Jacobi block is then a rank's experts'
+own matrix), or the default direct solver (LU; MUMPS on several ranks).
+
+The SNES works in coefficients c of each block's basis orthonormalised over the dofs the block's
+expert owns (w_k = T_k c_k, T_k from the block's Gram matrix): smooth fields restricted to a small
+subdomain are nearly collinear, and the trust region should not see that.
+
+Backward (implicit function theorem): at the solution, one block-sparse solve with the transpose
+of the Jacobian (exact second-order terms included), A^T lam = (dL/dw); then each expert adds its
+rows' contributions to Phi_bar and m_bar, as the independent experts do, with the stitched
+fields u and z = sum_l P_l Phi^T lam_l in place of its own.
+"""
+import time
+
+import numpy as np
+from firedrake.petsc import PETSc
+
+from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
+from .expert import RANK_TOL, SampleInfo, reason_name, solver_options
+
+__all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
+
+#: Defaults of the coupled SNES (options prefix ``moe_``): the experts' own choices (trust-region
+#: Newton on the objective, Gauss-Newton far from the solution), with a direct solve of the
+#: block-sparse system. ``mat_type`` is that system's (aij or baij, block size N).
+DEFAULT_COUPLING_PARAMETERS = {
+    "snes_type": "newtontr",
+    "snes_rtol": 1e-12,
+    "snes_atol": 1e-13,
+    "snes_stol": 0.0,
+    "snes_max_it": 100,
+    "gauss_newton_rtol": 1e-3,
+    "stall_rtol": 1e-10,
+    "ksp_type": "preonly",
+    "pc_type": "lu",
+    "mat_type": "aij",
+}
+
+
+def _dense_self(array):
+    """A dense sequential PETSc matrix holding a copy of ``array`` [n, M]."""
+    mat = PETSc.Mat().createDense(array.shape, comm=PETSc.COMM_SELF)
+    mat.setUp()
+    mat.getDenseArray()[:] = array
+    mat.assemble()
+    return mat
+
+
+class CoupledRows:
+    """Expert k's rows of the coupled problem: the residual rows of the dofs k owns, on the
+    stitched field over k's submesh, and their derivatives with respect to the coefficients of
+    each neighbour (each expert owning a dof of the submesh, k among them). Local (COMM_SELF).
+
+    ``neighbours``: the neighbours' expert ids, sorted; ``block`` [n_sub]: for each dof of the
+    submesh, the position of its owner in ``neighbours``; ``own`` [n_sub]: the dofs k owns that
+    are not Dirichlet dofs (block k's columns)."""
+
+    def __init__(self, space, owner):
+        self.k, self.expert = space.k, space.expert
+        owners = owner[space.ids]
+        self.neighbours = np.unique(owners)
+        self.block = np.searchsorted(self.neighbours, owners)
+        self.me = int(np.searchsorted(self.neighbours, self.k))
+        self.own = space.rows & self.expert.col_mask
+        self.N = self.expert.N
+
+    # ------------------------------------------------------------------ per sample
+    def set_sample(self, Phi, data):
+        """Phi [N, n_sub] (raw basis on the submesh) and data [n_data_sub] or None."""
+        e = self.expert
+        self.Phi = np.where(e.col_mask, Phi, 0.0)
+        if data is not None:
+            e.set_data(data)
+
+    def block_transform(self, ridge_always, ridge_factor):
+        """T_k and rho_k of block k (w_k = T_k c_k): the basis orthonormalised over the dofs k
+        owns; the identity and a ridge if it is rank deficient there. Returns (T, rho, rank)."""
+        P = self.Phi[:, self.own]
+        eig, vec = np.linalg.eigh(P @ P.T)
+        top = max(eig[-1], 0.0)
+        rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
+        full = rank == self.N
+        rho = self._ridge(ridge_factor) if (ridge_always or not full) else 0.0
+        return (vec / np.sqrt(eig) if full else np.eye(self.N)), rho, rank
+
+    def _ridge(self, factor):
+        """factor x the mean diagonal of block k's own Gauss-Newton matrix at w = 0 (the
+        independent expert's ridge)."""
+        e = self.expert
+        e.rho = 0.0
+        e._g0 = None
+        state = e._evaluate(np.zeros(self.N), self.Phi, e._phi_mat(self.Phi), True)
+        diag = np.trace(state.get("GN", state["A"])) / self.N
+        return factor * max(abs(diag), 1e-300)
+
+    def set_transforms(self, T_nb):
+        """The neighbours' T [L, N, N]: the basis in c coordinates, Phi_c[:, i] = T_l^T Phi[:, i]
+        for dof i owned by neighbour l, and the block basis [n_sub, L N] (column block l: Phi_c
+        on l's dofs, zero elsewhere)."""
+        N, L = self.N, len(self.neighbours)
+        self.T_nb = T_nb
+        self.Phi_c = np.empty_like(self.Phi)
+        blk = np.zeros((self.Phi.shape[1], L * N))
+        for l in range(L):
+            idx = self.block == l
+            self.Phi_c[:, idx] = T_nb[l].T @ self.Phi[:, idx]
+            blk[idx, l * N:(l + 1) * N] = self.Phi_c[:, idx].T
+        self.blk = blk
+        if getattr(self, "_blk_mat", None) is not None:
+            self._blk_mat.destroy()
+        self._blk_mat = _dense_self(blk)
+
+    def field(self, C_nb):
+        """The stitched field on the submesh from the neighbours' coefficients C_nb [L, N] (in
+        c coordinates, with Phi_c): sum_i Phi_c[:, i] . C_nb[block[i]]."""
+        return np.einsum("ni,in->i", self.Phi_c, C_nb[self.block])
+
+    # ------------------------------------------------------------------ evaluation
+    def residual(self, C_nb):
+        """Sets the expert's u to the stitched field; its owned rows r (zero elsewhere)."""
+        e = self.expert
+        e._set(e.u, e.g_vec + self.field(C_nb))
+        return e._assemble_residual()
+
+    def jacobian_times_blocks(self):
+        """(P J Phi_blk) [n_sub, L N] at the expert's current u."""
+        e = self.expert
+        return e.row_weight[:, None] * e._times_phi(e._assemble_jacobian(), self._blk_mat)
+
+    def hessian_term(self, r):
+        """Phi_blk^T H(r) Phi_blk [L N, L N], H(r) = d^2 <r, R(u)>/du^2; None if R is linear."""
+        e = self.expert
+        if e.H is None:
+            return None
+        e._set(e.r_fn, e.row_weight * r)
+        return self.blk.T @ e._times_phi(e._assemble_hessian(), self._blk_mat)
+
+    def destroy(self):
+        if getattr(self, "_blk_mat", None) is not None:
+            self._blk_mat.destroy()
+            self._blk_mat = None
+
+
+class CoupledSolver:
+    """The coupled reduced problem of a mixture, its SNES on the mesh communicator and its IFT
+    backward. ``rows``: {k: CoupledRows} of this rank's experts; ``expert_rank`` [K].
+
+    The distributed vector of coefficients holds the blocks in the order of (rank, expert), so
+    each rank owns its experts' blocks contiguously. Each rank scatters in the blocks of its
+    experts' neighbours (a PETSc Scatter: N numbers per neighbour). Collective over ``comm``
+    (construction, ``solve``, ``vjp``)."""
+
+    def __init__(self, comm, rows, expert_rank, n_basis, mode, solver_parameters=None,
+                 ridge_always=False, ridge_factor=1e-4, options_prefix="moe_"):
+        self.comm, self.rows, self.mode, self.N = comm, rows, mode, int(n_basis)
+        self.ridge_always, self.ridge_factor = ridge_always, ridge_factor
+        K, N = len(expert_rank), self.N
+        order = sorted(range(K), key=lambda k: (expert_rank[k], k))
+        self.position = np.empty(K, dtype=np.int64)
+        self.position[order] = np.arange(K)
+        self.mine = [k for k in order if expert_rank[k] == comm.rank]
+        neighbours = {}
+        for part in comm.allgather({k: r.neighbours for k, r in rows.items()}):
+            neighbours.update(part)
+        needed = sorted({int(self.position[l]) for k in self.mine for l in rows[k].neighbours})
+        self.needed = np.array(needed, dtype=np.int64)
+        # Where each of my experts finds its neighbours' blocks in the scattered local vector.
+        self.slots = {k: np.searchsorted(self.needed, self.position[rows[k].neighbours])
+                      for k in self.mine}
+        n_local = len(self.mine) * N
+        self.x = PETSc.Vec().createMPI((n_local, PETSc.DECIDE), bsize=N, comm=comm)
+        self.first_block = self.x.getOwnershipRange()[0] // N
+        self.local = PETSc.Vec().createSeq(len(needed) * N, bsize=N, comm=PETSc.COMM_SELF)
+        is_from = PETSc.IS().createBlock(N, self.needed.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+        self.scatter = PETSc.Scatter().create(self.x, is_from, self.local, None)
+        is_from.destroy()
+        # The transforms T_k travel the same way, N^2 numbers per block.
+        self.tx = PETSc.Vec().createMPI((len(self.mine) * N * N, PETSc.DECIDE), bsize=N * N, comm=comm)
+        self.tlocal = PETSc.Vec().createSeq(len(needed) * N * N, bsize=N * N, comm=PETSc.COMM_SELF)
+        is_t = PETSc.IS().createBlock(N * N, self.needed.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+        self.tscatter = PETSc.Scatter().create(self.tx, is_t, self.tlocal, None)
+        is_t.destroy()
+        self.G = self.x.duplicate()      # the SNES's residual vector
+        self._acc = self.x.duplicate()   # where the experts' contributions are summed
+        self._build_matrix(neighbours, K, options_prefix, solver_parameters or {})
+        self._build_snes(options_prefix, solver_parameters or {})
+        self.diagnostics = []
+
+    # ------------------------------------------------------------------ setup
+    def _pattern(self, neighbours, K):
+        """Column blocks of each block row: lstsq, pairs of neighbours of any expert (its rows
+        couple them); galerkin, block row k holds the neighbours of k."""
+        cols = [set() for _ in range(K)]
+        for m, nb in neighbours.items():
+            for k in (nb if self.mode == "lstsq" else [m]):
+                cols[k].update(int(l) for l in nb)
+        return cols
+
+    def _build_matrix(self, neighbours, K, prefix, parameters):
+        N, n_local = self.N, len(self.mine) * self.N
+        A = PETSc.Mat().create(comm=self.comm)
+        A.setSizes(((n_local, PETSc.DECIDE), (n_local, PETSc.DECIDE)), bsize=N)
+        A.setOptionsPrefix(prefix)
+        params = {**DEFAULT_COUPLING_PARAMETERS, **parameters}
+        with solver_options(prefix, params):
+            A.setFromOptions()
+        cols = self._pattern(neighbours, K)
+        lo, hi = self.first_block, self.first_block + len(self.mine)
+        d_nnz, o_nnz = [], []
+        for k in self.mine:
+            pos = self.position[sorted(cols[k])]
+            d_nnz.append(int(((pos >= lo) & (pos < hi)).sum()))
+            o_nnz.append(len(pos) - d_nnz[-1])
+        if "baij" not in A.getType():       # AIJ counts scalar rows
+            d_nnz, o_nnz = np.repeat(d_nnz, N) * N, np.repeat(o_nnz, N) * N
+        A.setPreallocationNNZ((np.asarray(d_nnz, dtype=PETSc.IntType),
+                               np.asarray(o_nnz, dtype=PETSc.IntType)))
+        A.setOption(PETSc.Mat.Option.NEW_NONZERO_ALLOCATION_ERR, True)
+        A.setUp()
+        self.A = A
+
+    def _build_snes(self, prefix, parameters):
+        snes = PETSc.SNES().create(comm=self.comm)
+        snes.setOptionsPrefix(prefix)
+        snes.setFunction(self._snes_function, self.G)
+        snes.setJacobian(self._snes_jacobian, self.A)
+        if self.mode == "lstsq":
+            snes.setObjective(self._snes_objective)
+        params = {**DEFAULT_COUPLING_PARAMETERS, **parameters}
+        if self.comm.size > 1 and params.get("pc_type") in ("lu", "cholesky"):
+            params.setdefault("pc_factor_mat_solver_type", "mumps")
+        with solver_options(prefix, params) as opts:
+            snes.setFromOptions()
+            self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
+            self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
+        self._auto_delta0 = snes.getType() == "newtontr" and "snes_tr_delta0" not in params
+        self.snes, self.prefix = snes, prefix
+
+    # ------------------------------------------------------------------ collective helpers
+    def _agree(self, error):
+        """Every rank raises if any rank has an error (an exception, a message or None)."""
+        raise_on_all_ranks(self.comm, error, exc_type=FemMoeError)
+
+    def _neighbour_blocks(self, vec, local, scatter, shape):
+        """The blocks of each of my experts' neighbours from distributed ``vec``: {k: [L, *shape]}."""
+        scatter.scatter(vec, local, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
+        arr = local.getArray(readonly=True).reshape((-1,) + shape)
+        return {k: arr[self.slots[k]].copy() for k in self.mine}
+
+    def _set_own_blocks(self, vec, blocks):
+        arr = vec.getArray()
+        size = arr.size // max(len(self.mine), 1)
+        for i, k in enumerate(self.mine):
+            arr[i * size:(i + 1) * size] = np.ravel(blocks[k])
+
+    # ------------------------------------------------------------------ the reduced problem
+    def _state_at(self, X, what):
+        """The state at the SNES iterate X (c, distributed), completed with ``what``
+        ("objective", "G" or "A"). Collective: every rank takes the same branches."""
+        c = X.getArray(readonly=True)
+        state = self._cache
+        changed = state is None or not np.array_equal(state["c"], c)
+        if self.comm.allreduce(bool(changed), op=_LOR):
+            state = self._cache = self._evaluate_residual(X)
+        if what == "objective":
+            return state
+        if "G" not in state:
+            self._gradient(state)
+        if what == "A" and "A" not in state:
+            self._jacobian(state)
+        return state
+
+    def _evaluate_residual(self, X):
+        err, local = None, 0.0
+        state = {"c": X.getArray(readonly=True).copy(), "r": {}, "C": {}}
+        try:
+            C = self._neighbour_blocks(X, self.local, self.scatter, (self.N,))
+            for k in self.mine:
+                state["C"][k] = C[k]
+                state["r"][k] = r = self.rows[k].residual(C[k])
+                w = self.T[k] @ C[k][self.rows[k].me]
+                local += r @ r + self.rho[k] * (w @ w)
+                state.setdefault("rr", 0.0)
+                state["rr"] += r @ r
+        except Exception as exc:     # noqa: BLE001 -- reaches every rank below
+            err = exc
+        self._agree(err)
+        total = self.comm.allreduce(np.array([local, state.get("rr", 0.0)]))
+        state["objective"], state["rnorm"] = 0.5 * total[0], np.sqrt(total[1])
+        return state
+
+    def _ridge_terms(self, k, C):
+        """Block k's ridge in c coordinates: gradient T^T rho T c and matrix rho T^T T."""
+        T, rho = self.T[k], self.rho[k]
+        M = rho * T.T @ T
+        return M @ C[self.rows[k].me], M
+
+    def _gradient(self, state):
+        """G (distributed Vec) into state["G"]; lstsq keeps each expert's J Phi_blk."""
+        err, N = None, self.N
+        self._acc.zeroEntries()
+        state["JPhi"] = {}
+        try:
+            for k in self.mine:
+                rows = self.rows[k]
+                # The expert's u is this state's: the cache holds the last point evaluated.
+                r = state["r"][k]
+                JPhi = rows.jacobian_times_blocks()
+                state["JPhi"][k] = JPhi
+                if self.mode == "lstsq":
+                    g, idx = JPhi.T @ r, self.position[rows.neighbours]
+                else:
+                    g, idx = rows.Phi_c @ r, self.position[[k]]
+                g = g.reshape(-1, N)
+                g[list(idx).index(self.position[k])] += self._ridge_terms(k, state["C"][k])[0]
+                self._acc.setValuesBlocked(idx.astype(PETSc.IntType), g.ravel(),
+                                        addv=PETSc.InsertMode.ADD_VALUES)
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        self._acc.assemble()
+        state["G"] = self._acc.copy()
+        state["gnorm"] = state["G"].norm()
+
+    def _jacobian(self, state, exact=None):
+        """The block-sparse Jacobian into self.A: lstsq GN (+ the second-order term where
+        ``exact``, default by the Gauss-Newton switch), galerkin Phi_c P J Phi_blk."""
+        if exact is None:
+            exact = self._exact_hessian(state["gnorm"])
+        err = None
+        A = self.A
+        A.zeroEntries()
+        try:
+            for k in self.mine:
+                rows = self.rows[k]
+                JPhi = state["JPhi"][k]
+                if self.mode == "lstsq":
+                    M = JPhi.T @ JPhi
+                    if exact:
+                        S = rows.hessian_term(state["r"][k])
+                        if S is not None:
+                            M = M + S
+                    idx_r = idx_c = self.position[rows.neighbours]
+                else:
+                    M = rows.Phi_c @ JPhi
+                    idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
+                me = list(idx_c).index(self.position[k])
+                mi = list(idx_r).index(self.position[k])
+                M = M.copy()
+                N = self.N
+                M[mi * N:(mi + 1) * N, me * N:(me + 1) * N] += self._ridge_terms(k, state["C"][k])[1]
+                A.setValuesBlocked(idx_r.astype(PETSc.IntType), idx_c.astype(PETSc.IntType),
+                                   M.ravel(), addv=PETSc.InsertMode.ADD_VALUES)
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        A.assemble()
+        state["A"] = exact
+
+    def _exact_hessian(self, gnorm):
+        """As the experts' switch: Gauss-Newton until |G| <= gauss_newton_rtol |G0| or
+        Gauss-Newton stalls, then the exact Hessian (always in the backward)."""
+        if self.mode != "lstsq":
+            return False
+        if self._g0 is None:
+            return True
+        last, self._last_norm = self._last_norm, gnorm
+        if gnorm <= self.gauss_newton_rtol * self._g0 or (last is not None and gnorm > 0.5 * last):
+            self._g0 = None
+        return self._g0 is None
+
+    # ------------------------------------------------------------------ SNES callbacks
+    def _snes_objective(self, snes, X):
+        return self._state_at(X, "objective")["objective"]
+
+    def _snes_function(self, snes, X, G):
+        self._state_at(X, "G")["G"].copy(G)
+
+    def _snes_jacobian(self, snes, X, A, P):
+        self._state_at(X, "A")
+        if A != P:
+            A.assemble()
+
+    # ------------------------------------------------------------------ one sample
+    def prepare(self, Phi, data):
+        """Set one sample's basis {k: [N, n_sub]} and data {k: [n_data_sub] or None} on my
+        experts, compute and exchange the block transforms. Collective."""
+        err, N = None, self.N
+        self.T, self.rho, self.block_rank = {}, {}, {}
+        try:
+            for k in self.mine:
+                self.rows[k].set_sample(Phi[k], data[k])
+                self.T[k], self.rho[k], self.block_rank[k] = self.rows[k].block_transform(
+                    self.ridge_always, self.ridge_factor)
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        self._set_own_blocks(self.tx, self.T)
+        T_nb = self._neighbour_blocks(self.tx, self.tlocal, self.tscatter, (N, N))
+        for k in self.mine:
+            self.rows[k].set_transforms(T_nb[k])
+        self._cache = None
+        self._g0 = None
+
+    def solve(self, w0, sample=None):
+        """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
+        {k: u on k's submesh}, info). Raises SolverDivergedError on every rank."""
+        t0 = time.perf_counter()
+        self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
+        start = self._state_at(self.x, "G")
+        before, g_start = start["rnorm"], start["gnorm"]
+        if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
+            self._g0, self._last_norm = g_start, None
+        if self._auto_delta0:
+            # The first Gauss-Newton step's length starts the trust region (the experts' rule).
+            self._state_at(self.x, "A")
+            step = self.x.duplicate()
+            self.snes.getKSP().setOperators(self.A)
+            self.snes.getKSP().solve(start["G"], step)
+            self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
+            step.destroy()
+        err = None
+        try:
+            self.snes.solve(None, self.x)
+        except PETSc.Error as exc:
+            err = exc
+        finally:
+            self._g0 = None
+        self._agree(err)
+        reason = self.snes.getConvergedReason()
+        name = reason_name(reason)
+        end = self._state_at(self.x, "G")
+        if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA and self._stalled(g_start):
+            reason, name = 1, "CONVERGED_STALLED"
+        info = SampleInfo(residual_before=before, residual_after=end["rnorm"],
+                          iterations=self.snes.getIterationNumber(), reason=name,
+                          rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
+                          ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
+                          time=time.perf_counter() - t0)
+        finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
+        if reason < 0 or not finite:
+            raise SolverDivergedError(
+                f"coupled mixture: the coupled SNES diverged on sample {sample} ({name}) after "
+                f"{info.iterations} iterations; ||r|| {before:.3e} -> {info.residual_after:.3e}. "
+                f"Options prefix {self.prefix!r}.", sample=sample, reason=name)
+        return self._coefficients(), info
+
+    def _coefficients(self):
+        """{k: (w_k, u_k)} for my experts at the current iterate: w_k = T_k c_k, and the
+        stitched field on k's submesh."""
+        C = self._neighbour_blocks(self.x, self.local, self.scatter, (self.N,))
+        out = {}
+        for k in self.mine:
+            rows = self.rows[k]
+            out[k] = (self.T[k] @ C[k][rows.me], rows.expert.g_vec + rows.field(C[k]))
+        return out
+
+    def _stalled(self, g_start):
+        """The objective at its round-off floor (the experts' rule, see stall_rtol)?"""
+        state = self._state_at(self.x, "G")
+        g = state["G"]
+        if self.mode != "lstsq":
+            return g.norm() <= self.stall_rtol * g_start
+        self._jacobian(state, exact=False)   # Gauss-Newton: positive definite
+        step = g.duplicate()
+        ksp = self.snes.getKSP()
+        ksp.setOperators(self.A)
+        ksp.solve(g, step)
+        decrease = 0.5 * g.dot(step)
+        step.destroy()
+        return decrease <= self.stall_rtol * state["objective"]
+
+    def vjp(self, w, u_bar, sample=None):
+        """The IFT backward of one sample (after ``prepare`` with the forward's basis and data).
+        w {k: [N]} the forward's coefficients; u_bar {k: [n_sub]} dL/du on k's owned dofs (zero
+        elsewhere). Returns ({k: Phi_bar [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
+        over the experts sharing a dof. Collective."""
+        N = self.N
+        self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w[k]) for k in self.mine})
+        state = self._state_at(self.x, "G")
+        self._jacobian(state, exact=True)
+        b = self.x.duplicate()
+        self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, self.rows[k].own] @ u_bar[k][self.rows[k].own]
+                                 for k in self.mine})
+        lam = self.x.duplicate()
+        ksp = self.snes.getKSP()
+        ksp.setOperators(self.A)
+        err = None
+        try:
+            ksp.solveTranspose(b, lam)
+        except PETSc.Error as exc:
+            err = exc
+        if err is None and ksp.getConvergedReason() < 0:
+            err = (f"coupled mixture, sample {sample}: the backward's block-sparse solve failed "
+                   f"({ksp.getConvergedReason()}); options prefix {self.prefix!r}")
+        if err is None and not self.comm.allreduce(bool(np.all(np.isfinite(lam.getArray(readonly=True)))), op=_LAND):
+            err = f"coupled mixture, sample {sample}: the backward's solve gave non-finite values (singular reduced Jacobian)"
+        self._agree(err)
+        Lam = self._neighbour_blocks(lam, self.local, self.scatter, (N,))
+        W = self._neighbour_blocks(self.x, self.local, self.scatter, (N,))
+        b.destroy(), lam.destroy()
+        grads, err = {}, None
+        try:
+            for k in self.mine:
+                grads[k] = self._expert_vjp(k, W[k], Lam[k], u_bar[k])
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        return {k: g[0] for k, g in grads.items()}, {k: g[1] for k, g in grads.items()}
+
+    def _expert_vjp(self, k, C_nb, Lam_c, u_bar):
+        """Expert k's rows' share of (Phi_bar, data_bar), with the neighbours' c and lam."""
+        rows = self.rows[k]
+        e = rows.expert
+        r = rows.residual(C_nb)
+        J = e._assemble_jacobian()
+        Jt = lambda x: e._matvec(J, x, transpose=True)
+        # w-space coefficients and multipliers per dof (the dof's owner's).
+        W = np.einsum("lnm,lm->ln", rows.T_nb, C_nb)[rows.block]          # [n_sub, N]
+        Lam = np.einsum("lnm,lm->ln", rows.T_nb, Lam_c)[rows.block]
+        z = rows.field(Lam_c)
+        ub = np.where(rows.own, u_bar, 0.0)
+        if self.mode == "lstsq":
+            y = e.row_weight ** 2 * e._matvec(J, z)
+            q = Jt(y)
+            if e.H is not None:
+                e._set(e.r_fn, e.row_weight * r)
+                q = q + e._matvec(e._assemble_hessian(), z)
+            Phi_bar = (W * (ub - q)[:, None]).T - (Lam * Jt(e.row_weight * r)[:, None]).T
+            e._set(e.y_fn, y)
+        else:
+            z = np.where(e.row_mask, z, 0.0)
+            Phi_bar = (W * (ub - Jt(z))[:, None]).T - (Lam * r[:, None]).T
+        Phi_bar[:, ~e.col_mask] = 0.0
+        e._set(e.z_fn, z)
+        e._set(e.r_fn, e.row_weight * r)
+        return Phi_bar, -e._data_derivative()
+
+    def destroy(self):
+        for obj in (self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
+                    self.tlocal, self.tscatter):
+            obj.destroy()
+        for rows in self.rows.values():
+            rows.destroy()
+
+
+from mpi4py import MPI  # noqa: E402
+_LOR, _LAND, _MAX = MPI.LOR, MPI.LAND, MPI.MAX

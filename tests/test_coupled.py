@@ -1,0 +1,193 @@
+"""The coupled mixture: it is the global layer given the experts' block basis, so it nests the
+global layer (never a larger residual), recovers what every block spans, does not depend on the
+number of ranks, has exact gradients, and fails on every rank at once."""
+import numpy as np
+import pytest
+import torch
+import firedrake as fd
+from mpi4py import MPI
+from pytest_mpi import parallel_assert
+
+import fem_moe
+from problems import nonlinear_diffusion, source, random_basis, smooth_basis, distributed_matches_serial
+
+
+def inflow_channel(nx=16, ny=8, comm=MPI.COMM_WORLD):
+    """Linear advection-diffusion in [0, 2] x [0, 1] driven only by its inflow: u = sin(pi y) at
+    x = 0, u = 0 on the walls, natural outflow at x = 2; no source. Experts downstream see no
+    boundary data: independent experts there have nothing tying them to the inflow."""
+    mesh = fd.RectangleMesh(nx, ny, 2.0, 1.0, comm=comm)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    x, y = fd.SpatialCoordinate(mesh)
+
+    def residual(u, v, m):
+        return (0.05 * fd.inner(fd.grad(u), fd.grad(v)) + u.dx(0) * v) * fd.dx
+
+    bcs = [fd.DirichletBC(V, fd.sin(np.pi * y), 1), fd.DirichletBC(V, 0, (3, 4))]
+    return fem_moe.ConstrainedProblem(V, residual, bcs=bcs)
+
+
+def _residual_norm(problem, u, data=None):
+    r = fem_moe.residual_rows(problem, u, data)
+    return np.sqrt(problem.comm.allreduce(float((r ** 2).sum())))
+
+
+def _block_basis(layer, basis):
+    """The experts' block basis [batch, K N, n]: block k is the basis on the dofs k owns."""
+    owner = torch.tensor(layer.owner[layer.layout.owned_ids])
+    return torch.cat([basis * (owner == k) for k in range(layer.n_experts)], dim=1)
+
+
+@pytest.mark.parallel([1, 2, 3])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_coupled_is_the_global_layer_on_the_block_basis(mode):
+    """For a linear PDE (a unique solution of the reduced problem) the coupled mixture's output
+    and gradients are those of the global layer fed the K N block fields."""
+    problem = inflow_channel()
+    N, K = 3, 4
+    basis = smooth_basis(problem, N).requires_grad_()
+    layer = fem_moe.MoEHardConstraint(problem, N, n_experts=K, mode=mode)
+    u = layer(basis)
+    weight = torch.tensor(np.cos(3 * problem.dof_coordinates()[:, 0]))
+    g, = torch.autograd.grad((u[0] * weight).pow(2).sum(), basis)
+    glob = fem_moe.HardConstraint(problem, K * N, mode=mode)
+    u_ref = glob(_block_basis(layer, basis))
+    g_ref, = torch.autograd.grad((u_ref[0] * weight).pow(2).sum(), basis)
+    err_u = problem.comm.allreduce(float((u - u_ref).abs().max()), op=MPI.MAX)
+    scale = problem.comm.allreduce(float(g_ref.abs().max()), op=MPI.MAX)
+    err_g = problem.comm.allreduce(float((g - g_ref).abs().max()), op=MPI.MAX) / scale
+    parallel_assert(err_u < 1e-8 and err_g < 1e-7, f"output differs by {err_u:.2e}, gradient by {err_g:.2e}")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("n_experts", [2, 4, 8])
+def test_coupled_nests_the_global_layer(n_experts):
+    """Any fixed basis, a linear PDE driven only by an inflow: the coupled mixture's global
+    residual is no larger than the global layer's (w_k = w for all k is one of its choices);
+    independent experts, which nothing ties to the inflow, do worse than both."""
+    problem = inflow_channel()
+    basis = smooth_basis(problem, 4)
+    glob = _residual_norm(problem, fem_moe.HardConstraint(problem, 4)(basis))
+    coupled = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts)
+    r_coupled = _residual_norm(problem, coupled(basis))
+    independent = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts, coupled=False, ridge_always=True)
+    r_independent = _residual_norm(problem, independent(basis))
+    parallel_assert(r_coupled <= glob * (1 + 1e-10),
+                    f"coupled residual {r_coupled:.6e} > global layer's {glob:.6e}")
+    parallel_assert(r_independent > glob, f"independent {r_independent:.3e}, global {glob:.3e}: "
+                    "the problem does not discriminate")
+    info = coupled.all_diagnostics().coupling[0]
+    parallel_assert(info.reason.startswith("CONVERGED") and info.residual_after <= info.residual_before,
+                    f"{info}")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_coupled_recovers_what_every_block_spans(mode):
+    """Nonlinear PDE; the classical solution in every block's span: recovered to 1e-8, also
+    without the experts' first stage (from w = 0)."""
+    from problems import classical_solution
+    from fem_moe.expert import dirichlet_dofs
+    problem = nonlinear_diffusion(n=8, degree=2)
+    data = source(problem, 3.0)
+    exact = classical_solution(problem, data[0].numpy())
+    _, g = dirichlet_dofs(problem)
+    basis = torch.cat([torch.tensor(exact - g)[None, None], smooth_basis(problem, 2)], dim=1)
+    for local_first in (True, False):
+        layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, mode=mode, local_first=local_first)
+        u = layer(basis, data)
+        err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
+        parallel_assert(err < 1e-8, f"local_first={local_first}: max error {err:.2e}")
+
+
+@pytest.mark.parallel([2, 3])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+@pytest.mark.parametrize("n_experts", [2, 4])
+def test_coupled_rank_count_does_not_matter(n_experts, mode):
+    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts,
+                                                                         mode=mode))
+
+
+@pytest.mark.parametrize("n_experts", [2, 3])
+@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
+def test_coupled_gradcheck_nonlinear(n_experts, mode):
+    problem = nonlinear_diffusion(n=7, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, mode=mode)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def test_coupled_block_sparse_system_and_options():
+    """The coupled matrix has a block only between experts sharing a row's stencil (no dense
+    K N x K N matrix), and the coupled SNES/KSP take their options from the ``moe_`` prefix."""
+    from firedrake.petsc import PETSc
+    problem = inflow_channel(nx=32, ny=4)
+    opts = PETSc.Options()
+    opts["moe_ksp_type"] = "cg"
+    opts["moe_pc_type"] = "bjacobi"
+    opts["moe_ksp_rtol"] = 1e-14
+    try:
+        layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=8, partitioner_type="strips")
+    finally:
+        for name in ("moe_ksp_type", "moe_pc_type", "moe_ksp_rtol"):
+            opts.delValue(name)
+    solver = layer.coupling
+    assert solver.snes.getKSP().getType() == "cg"
+    assert solver.snes.getKSP().getPC().getType() == "bjacobi"
+    u = layer(smooth_basis(problem, 2))
+    A = solver.A
+    nnz_blocks = A.getInfo()["nz_used"] / 4
+    # Strips in x: each expert's rows couple it to itself and its two neighbours (lstsq: and
+    # their neighbours' through shared rows), far fewer than the 64 blocks of a dense matrix.
+    assert nnz_blocks <= 8 + 2 * 7 + 2 * 6, nnz_blocks
+    exact_ref = fem_moe.HardConstraint(problem, 16)(_block_basis(layer, smooth_basis(problem, 2)))
+    assert (u - exact_ref).abs().max() < 1e-8
+
+
+def test_double_backward_is_refused():
+    problem = nonlinear_diffusion(n=4, degree=1)
+    for layer in (fem_moe.HardConstraint(problem, 2), fem_moe.MoEHardConstraint(problem, 2, n_experts=2)):
+        basis = random_basis(problem, 2).requires_grad_()
+        u = layer(basis, source(problem))
+        g, = torch.autograd.grad(u.pow(2).sum(), basis, create_graph=True)
+        with pytest.raises(RuntimeError, match="once_differentiable|twice"):
+            g.sum().backward()
+
+
+@pytest.mark.parallel(2)
+@pytest.mark.parametrize("coupled", [True, False])
+def test_failing_backward_on_one_rank_raises_everywhere(coupled, monkeypatch):
+    """A numpy LinAlgError in one expert's backward on rank 1 only: every rank raises (before the
+    collective error check, rank 0 waited in the next exchange for ever)."""
+    from fem_moe.coupling import CoupledSolver
+    from fem_moe.expert import Expert
+    problem = nonlinear_diffusion(n=6, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=2, coupled=coupled)
+    basis = random_basis(problem, 3).requires_grad_()
+    u = layer(basis, source(problem))
+
+    def broken(*args, **kwargs):
+        raise np.linalg.LinAlgError("Singular matrix (injected)")
+
+    if MPI.COMM_WORLD.rank == 1:
+        if coupled:
+            monkeypatch.setattr(CoupledSolver, "_expert_vjp", broken)
+        else:
+            monkeypatch.setattr(Expert, "vjp", broken)
+    with pytest.raises(fem_moe.FemMoeError, match=r"\[rank 1\] LinAlgError: Singular matrix \(injected\)"):
+        u.pow(2).sum().backward()
+
+
+@pytest.mark.parallel(2)
+def test_diverging_coupled_solve_raises_everywhere():
+    from firedrake.petsc import PETSc
+    opts = PETSc.Options()
+    opts["moe_snes_max_it"] = 1
+    try:
+        problem = nonlinear_diffusion(n=6, degree=1)
+        layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, local_first=False)
+    finally:
+        opts.delValue("moe_snes_max_it")
+    with pytest.raises(fem_moe.SolverDivergedError, match="coupled .*sample 0 .*DIVERGED_MAX_IT"):
+        layer(random_basis(problem, 3), source(problem, 30.0))

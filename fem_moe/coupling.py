@@ -454,9 +454,14 @@ class CoupledSolver:
         reason = self.snes.getConvergedReason()
         name = reason_name(reason)
         end = self._state_at(self.x, "G")
-        if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA and self._stalled(g_start):
+        rnorm_end = end["rnorm"]
+        if reason in _STALLS and self._stalled(g_start):
             reason, name = 1, "CONVERGED_STALLED"
-        info = SampleInfo(residual_before=before, residual_after=end["rnorm"],
+        elif reason in _STALLS and rnorm_end <= self.stall_rtol * self._zero_residual():
+            # The first stage left the field at the residual's round-off floor (a basis that
+            # spans the solution): |G| cannot fall relative to where it started.
+            reason, name = 1, "CONVERGED_AT_FLOOR"
+        info = SampleInfo(residual_before=before, residual_after=rnorm_end,
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
@@ -478,6 +483,15 @@ class CoupledSolver:
             rows = self.rows[k]
             out[k] = (self.T[k] @ C[k][rows.me], rows.expert.g_vec + rows.field(C[k]))
         return out
+
+    def _zero_residual(self):
+        """|r| of the lifting alone (all coefficients 0): the residual's scale. Collective."""
+        zero = self.x.duplicate()
+        zero.zeroEntries()
+        rnorm = self._evaluate_residual(zero)["rnorm"]
+        self._cache = None
+        zero.destroy()
+        return rnorm
 
     def _stalled(self, g_start):
         """The objective at its round-off floor (the experts' rule, see stall_rtol)?"""
@@ -570,3 +584,4 @@ class CoupledSolver:
 
 from mpi4py import MPI  # noqa: E402
 _LOR, _LAND, _MAX = MPI.LOR, MPI.LAND, MPI.MAX
+_STALLS = (PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA, PETSc.SNES.ConvergedReason.DIVERGED_LINE_SEARCH)

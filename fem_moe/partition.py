@@ -111,7 +111,7 @@ class Partition:
         dm = mesh.topology_dm
         found = []
         if dm.hasLabel(name):
-            coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
+            vertex_coords = self._vertex_coordinates(mesh)
             v0, v1 = dm.getDepthStratum(0)
             for value in dm.getLabelIdIS(name).getIndices():
                 for point in dm.getStratumIS(name, value).getIndices():
@@ -119,8 +119,7 @@ class Partition:
                     if not h0 <= point < h1:
                         continue
                     closure = dm.getTransitiveClosure(point)[0]
-                    xs = [coords[section.getOffset(p):section.getOffset(p) + self.gdim]
-                          for p in closure if v0 <= p < v1]
+                    xs = [vertex_coords(p) for p in closure if v0 <= p < v1]
                     found.append((self.keys(np.array(xs)), int(value)))
         markers = {}
         for part in self.comm.allgather(found):
@@ -128,6 +127,19 @@ class Partition:
                 ids = _find(self._vertex_keys, _void(keys), "a marked point has no vertex of the mesh")
                 markers.setdefault(tuple(sorted(ids.tolist())), set()).add(value)
         return {key: sorted(values) for key, values in markers.items()}
+
+    def _vertex_coordinates(self, mesh):
+        """plex vertex point -> its coordinates [gdim]: Firedrake's coordinate field (which a
+        user may have moved after the mesh was made, e.g. ``mesh.coordinates.interpolate``;
+        the DMPlex keeps the original ones), or on a periodic mesh, whose coordinates are per
+        cell, the DMPlex's own."""
+        dm = mesh.topology_dm
+        if self.periods.any():
+            coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
+            return lambda p: coords[section.getOffset(p):section.getOffset(p) + self.gdim]
+        X = mesh.coordinates.dat.data_ro_with_halos
+        section = mesh.coordinates.function_space().dm.getLocalSection()
+        return lambda p: X[section.getOffset(p)]
 
     def label_submesh(self, plex, vertex_ids):
         """Copy the markers onto a submesh DMPlex made by createFromCellList from canonical

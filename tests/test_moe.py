@@ -326,3 +326,66 @@ def test_periodic_gradcheck(repo):
     basis = random_basis(problem, 3).requires_grad_()
     data = (0.1 * _periodic_source(problem)).requires_grad_()
     assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+def _recovers_classical(problem, data, n_experts=3, tol=1e-8):
+    """K experts, coupled, with the classical solution in the basis: it is recovered."""
+    from problems import classical_solution
+    exact = classical_solution(problem, data[0].numpy())
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts)
+    u = layer(_spanning_basis(problem, exact, 2), data)
+    err = _max_error(problem, u[0], exact)
+    parallel_assert(err < tol, f"max error {err:.2e}")
+
+
+@pytest.mark.parallel([1, 2])
+def test_residual_written_on_the_whole_mesh():
+    """A residual as Firedrake users write it: the whole mesh's SpatialCoordinate, a Constant, a
+    fixed material Function (DG0) and a vector Function (CG1) on the whole mesh, an integral with
+    an explicit domain. The experts map them onto their submeshes."""
+    import firedrake as fd
+    mesh = fd.UnitSquareMesh(8, 8)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    x, y = fd.SpatialCoordinate(mesh)
+    kappa = fd.Function(fd.FunctionSpace(mesh, "DG", 0), name="kappa").interpolate(
+        1 + fd.conditional(fd.gt(x, 0.5), 4.0, 0.0))
+    wind = fd.Function(fd.VectorFunctionSpace(mesh, "CG", 1), name="wind").interpolate(
+        fd.as_vector([y, -x]))
+    c = fd.Constant(2.0)
+
+    def residual(u, v, m):
+        return (kappa * (1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(wind, fd.grad(u)) * v
+                - c * m[0] * (1 + x * y) * v) * fd.dx(domain=mesh)
+
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, "on_boundary"),
+                                         data_spaces=V)
+    _recovers_classical(problem, source(problem, 5.0))
+
+
+def test_whole_mesh_function_that_cannot_be_mapped_is_named():
+    import firedrake as fd
+    mesh = fd.UnitSquareMesh(6, 6)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    field = fd.Function(fd.FunctionSpace(mesh, "DG", 1), name="porosity").assign(1.0)
+    problem = fem_moe.ConstrainedProblem(
+        V, lambda u, v, m: (field * fd.inner(fd.grad(u), fd.grad(v)) - v) * fd.dx,
+        bcs=fd.DirichletBC(V, 0, "on_boundary"))
+    with pytest.raises(fem_moe.InputError, match="'porosity'.*cannot be copied onto the experts"):
+        fem_moe.MoEHardConstraint(problem, 2, n_experts=2)
+
+
+@pytest.mark.parallel([1, 2])
+def test_mesh_with_moved_coordinates():
+    """A skewed, stretched square (coordinates moved after the mesh was made), with a Robin term
+    on one marked side: the markers are found at the moved vertices."""
+    import firedrake as fd
+    mesh = fd.UnitSquareMesh(8, 8)
+    x, y = fd.SpatialCoordinate(mesh)
+    mesh.coordinates.interpolate(fd.as_vector([2 * x + 0.4 * y, y * (1 + 0.3 * x)]))
+    V = fd.FunctionSpace(mesh, "CG", 1)
+
+    def residual(u, v, m):
+        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx + 3 * u * v * fd.ds(2)
+
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, (1, 3)), data_spaces=V)
+    _recovers_classical(problem, source(problem, 5.0))

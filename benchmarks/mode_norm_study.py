@@ -1,0 +1,71 @@
+"""Which reduced problem and which residual norm? Every mode x norm of the hard-constraint
+layers, the global layer (PI-HC) and the coupled mixture, trained the same way on one demo's
+problem (physics-informed loss, no solutions), then evaluated on held-out inputs.
+
+    python benchmarks/mode_norm_study.py --pde reaction_diffusion --steps 150
+    mpiexec -n 2 python benchmarks/mode_norm_study.py --pde diffusion_sorption --experts 4
+
+Prints a table (relative L2 error against the classical solver, residual, step time) and writes
+``benchmarks/results/mode_norm_<pde>.json``. The demos' configurations: ``reaction_diffusion``
+(the gmsh plate with holes), ``diffusion_sorption`` (the space-time window), ``flow_past_obstacle``
+(steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
+"""
+import argparse
+import os
+import sys
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--pde", default="reaction_diffusion",
+                    choices=["reaction_diffusion", "diffusion_sorption", "flow_past_obstacle",
+                             "decaying_turbulence"])
+parser.add_argument("--steps", type=int, default=150)
+parser.add_argument("--experts", type=int, default=4)
+parser.add_argument("--n-basis", type=int, default=16)
+parser.add_argument("--n-train", type=int, default=32)
+parser.add_argument("--n-test", type=int, default=8)
+parser.add_argument("--loss-norm", default="dual", help="the physics loss's norm (train.residual_norm)")
+parser.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+parser.add_argument("--out", default=None)
+args, petsc_options = parser.parse_known_args()
+sys.argv = sys.argv[:1] + petsc_options
+
+from mpi4py import MPI  # noqa: E402
+from fem_moe import study  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+out = os.path.abspath(args.out or os.path.join("results", f"mode_norm_{args.pde}"))
+PDE_OPTIONS = {
+    "reaction_diffusion": {"mesh": "plate_with_holes"},
+    "diffusion_sorption": {"nx": 32, "nt": 16, "t_end": 500.0},
+    "flow_past_obstacle": {},
+    "decaying_turbulence": {},
+}
+config = {
+    "pde": {"name": args.pde, "options": PDE_OPTIONS[args.pde]},
+    "data": {"path": os.path.join(out, "data.h5"), "n_train": args.n_train, "n_val": 4,
+             "n_test": args.n_test, "seed": 0},
+    "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64},
+    "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
+              "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
+              "checkpoint_every": args.steps, "progress": False, "resume": False},
+}
+K = args.experts
+models = []
+for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
+    extra = {"n_experts": K} if kind == "moe" else {}
+    models += [(f"{label} lstsq euclidean", {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
+               (f"{label} lstsq lumped", {"kind": kind, "mode": "lstsq", "norm": "lumped", **extra}),
+               (f"{label} galerkin", {"kind": kind, "mode": "galerkin", **extra})]
+if args.only:
+    wanted = [s.strip() for s in args.only.split(",")]
+    models = [m for m in models if m[0] in wanted]
+
+rows, _ = study.compare(config, models, out)
+if MPI.COMM_WORLD.rank == 0:
+    title = (f"{args.pde}: mode x norm, {args.steps} steps, physics loss ({args.loss_norm} norm), "
+             f"{MPI.COMM_WORLD.size} rank(s)")
+    study.print_table(rows, title)
+    os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
+    study.write_json(os.path.join(HERE, "results", f"mode_norm_{args.pde}.json"), rows,
+                     title=title, command=" ".join(sys.argv), steps=args.steps, experts=K,
+                     ranks=MPI.COMM_WORLD.size)

@@ -60,6 +60,7 @@ if args.only:
     wanted = [s.strip() for s in args.only.split(",")]
     models = [m for m in models if m[0] in wanted]
 
+study.ensure_dataset(config, MPI.COMM_WORLD, progress=False)
 rows, _ = study.compare(config, models, out)
 if MPI.COMM_WORLD.rank == 0:
     title = (f"{args.pde}: mode x norm, {args.steps} steps, physics loss ({args.loss_norm} norm), "

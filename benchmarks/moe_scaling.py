@@ -1,7 +1,7 @@
 """The headline figure: forward+backward cost of the mixture of experts versus the global layer.
 
     python benchmarks/moe_scaling.py [--sizes 32 64 128 192] [--n-basis 16] [--batch 2] [--repeat 3]
-                                     [--experts 1 2 4] [--ranks 1 2]
+                                     [--experts 1 2 4 8] [--ranks 1 2] [--kinds coupled moe]
                                      [--out benchmarks/results/moe_scaling.json] [--plot PNG]
 
 Inference is the forward pass (the constrained solves); a training step of the constraint is the
@@ -13,7 +13,9 @@ each rank count P, a fresh ``mpiexec -n P`` process measures the global layer (H
 the distributed mesh) and, in separate processes, MoEHardConstraint with K experts. Times are the
 slowest rank's, best of ``repeat`` (after a warm-up pass that compiles kernels); memory is each
 rank's resident high-water mark above its level before the timed passes, the largest over ranks.
-Ratios are against K = 1 on 1 rank, measured in the same invocation.
+Ratios are against K = 1 on 1 rank of the first of ``--kinds`` (the coupled mixture by default),
+measured in the same invocation. For the coupled mixture the table adds its coupled SNES
+iterations and the coupled solve's share of the forward.
 """
 import argparse
 import json
@@ -37,7 +39,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
         if kind == "global":
             layer = fem_moe.HardConstraint(problem, n_basis)
         else:
-            layer = fem_moe.MoEHardConstraint(problem, n_basis, n_experts=K)
+            layer = fem_moe.MoEHardConstraint(problem, n_basis, n_experts=K, coupled=kind == "coupled")
     X = problem.dof_coordinates()
     k = np.arange(1, n_basis + 1)[:, None]
     # Smooth, partition-independent basis fields: the same problem on any rank count.
@@ -57,24 +59,41 @@ def measure(n, kind, K, n_basis, batch, repeat):
     run()
     base = rss_mb()
     reset_peak()
-    times = [run() for _ in range(repeat)]
+    times, coupling = [], []
+    for _ in range(repeat):
+        times.append(run())
+        if kind == "coupled":
+            coupling.append(sum(s.time for s in layer.coupling_diagnostics))
     peak = comm.allreduce(peak_above(base), MPI.MAX)
+    coupled_its = float("nan")
     if kind == "global":
         its = [s.iterations for s in layer.diagnostics]
     else:
-        its = [s.iterations for d in layer.all_diagnostics() for s in d["samples"]]
+        diags = layer.all_diagnostics()
+        its = [s.iterations for d in diags for s in d["samples"]]
+        if kind == "coupled":
+            coupled_its = float(np.mean([s.iterations for s in diags.coupling]))
+    best = min(range(repeat), key=lambda i: times[i][0] + times[i][1])
     return {"cells": n, "dofs": problem.V.dim(), "ranks": comm.size, "kind": kind,
             "experts": 1 if kind == "global" else K, "n_basis": n_basis, "batch": batch,
             "setup_s": comm.allreduce(setup.seconds, MPI.MAX),
             "forward_s": min(t[0] for t in times), "backward_s": min(t[1] for t in times),
             "step_s": min(t[0] + t[1] for t in times), "peak_mb_per_rank": peak,
-            "mean_snes_iterations": float(np.mean(its))}
+            "mean_snes_iterations": float(np.mean(its)), "coupled_iterations": coupled_its,
+            # The coupled stage: its forward solve (slowest rank) and its share of the forward;
+            # the coupled backward is all of the backward.
+            "coupling_s": comm.allreduce(coupling[best], MPI.MAX) if coupling else float("nan"),
+            "coupling_share_forward": (comm.allreduce(coupling[best], MPI.MAX) / times[best][0]
+                                       if coupling else float("nan"))}
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 192])
-    parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4])
+    parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8])
+    parser.add_argument("--kinds", nargs="+", default=["coupled", "moe"],
+                        help="mixtures to measure beside the global layer: coupled (the default "
+                             "mixture) and moe (independent experts)")
     parser.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--n-basis", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
@@ -95,7 +114,7 @@ def main():
     rows = []
     for n in args.sizes:
         for P in args.ranks:
-            for kind, K in [("global", 1)] + [("moe", K) for K in args.experts]:
+            for kind, K in [("global", 1)] + [(kind, K) for kind in args.kinds for K in args.experts]:
                 cmd = ["mpiexec", "-n", str(P), "--oversubscribe", "--bind-to", "none",
                        sys.executable, __file__, "--single", str(n), kind, str(K),
                        "--n-basis", str(args.n_basis), "--batch", str(args.batch),
@@ -103,8 +122,8 @@ def main():
                 rows.append(run_child(cmd))
                 print(f"  measured n={n} P={P} {kind} K={K}: {rows[-1]['step_s']:.3f} s", file=sys.stderr)
     for n in args.sizes:
-        ref = next(r for r in rows if r["cells"] == n and r["kind"] == "moe" and r["experts"] == 1
-                   and r["ranks"] == 1)
+        ref = next(r for r in rows if r["cells"] == n and r["kind"] == args.kinds[0]
+                   and r["experts"] == 1 and r["ranks"] == 1)
         glob = {r["ranks"]: r for r in rows if r["cells"] == n and r["kind"] == "global"}
         for r in rows:
             if r["cells"] == n:
@@ -116,7 +135,9 @@ def main():
                        ("time_vs_K1_1rank", "t/t(K=1,P=1)", "{:.2f}"),
                        ("peak_mb_per_rank", "peak MiB/rank", "{:.1f}"),
                        ("memory_vs_global", "mem/global", "{:.2f}"),
-                       ("mean_snes_iterations", "SNES its", "{:.1f}"), ("setup_s", "setup s", "{:.2f}")])
+                       ("mean_snes_iterations", "SNES its", "{:.1f}"),
+                       ("coupled_iterations", "coupled its", "{:.1f}"),
+                       ("coupling_share_forward", "coupling/fwd", "{:.2f}"), ("setup_s", "setup s", "{:.2f}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_json(args.out, "moe_scaling", rows, n_basis=args.n_basis, batch=args.batch, repeat=args.repeat)
     if args.plot:
@@ -134,7 +155,8 @@ def plot(rows, path):
         for kind, K, P in series:
             pts = sorted((r["dofs"], r[key]) for r in rows
                          if (r["kind"], r["experts"], r["ranks"]) == (kind, K, P))
-            label = ("PI-HC (global)" if kind == "global" else f"MoE K={K}") + f", {P} rank(s)"
+            label = {"global": "PI-HC (global)", "moe": f"independent K={K}",
+                     "coupled": f"coupled K={K}"}[kind] + f", {P} rank(s)"
             ax.loglog(*zip(*pts), "o-" if P == 1 else "s--", label=label)
         ax.set_xlabel("dofs")
         ax.set_ylabel("seconds (batch of %d)" % rows[0]["batch"])

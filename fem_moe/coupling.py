@@ -259,6 +259,15 @@ class CoupledSolver:
             self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
         self._auto_delta0 = snes.getType() == "newtontr" and "snes_tr_delta0" not in params
         self.snes, self.prefix = snes, prefix
+        if self.mode == "lstsq":
+            self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
+            ksp = PETSc.KSP().create(comm=self.comm)
+            ksp.setOptionsPrefix(prefix + "inertia_")
+            inertia = {"ksp_type": "preonly", "pc_type": "cholesky",
+                       "pc_factor_mat_solver_type": "mumps"}
+            with solver_options(prefix + "inertia_", inertia):
+                ksp.setFromOptions()
+            self._inertia_ksp = ksp
 
     # ------------------------------------------------------------------ collective helpers
     def _agree(self, error):
@@ -346,9 +355,10 @@ class CoupledSolver:
         state["G"] = self._acc.copy()
         state["gnorm"] = state["G"].norm()
 
-    def _jacobian(self, state, exact=None):
+    def _jacobian(self, state, exact=None, descent=True):
         """The block-sparse Jacobian into self.A: lstsq GN (+ the second-order term where
-        ``exact``, default by the Gauss-Newton switch), galerkin Phi_c P J Phi_blk."""
+        ``exact``, default by the Gauss-Newton switch; with ``descent``, only where that is
+        positive definite), galerkin Phi_c P J Phi_blk."""
         if exact is None:
             exact = self._exact_hessian(state["gnorm"])
         err = None
@@ -380,6 +390,27 @@ class CoupledSolver:
         self._agree(err)
         A.assemble()
         state["A"] = exact
+        if exact and descent and self.mode == "lstsq" and not self._positive_definite():
+            # Newton's step must be a descent direction of the objective: where the exact
+            # Hessian is not positive definite, Gauss-Newton with Levenberg-Marquardt damping
+            # (the experts' rule).
+            self._jacobian(state, exact=False)
+            A.shift(1e-8 * A.getDiagonal().sum() / A.getSize()[0])
+
+    def _positive_definite(self):
+        """Whether the assembled matrix is positive definite: its inertia from a Cholesky
+        factorisation (MUMPS; options prefix ``<prefix>inertia_``). Collective."""
+        ksp = self._inertia_ksp
+        ksp.setOperators(self.A)
+        pc = ksp.getPC()
+        pc.setFactorSetUpSolverType()
+        # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
+        # null-pivot detection.
+        pc.getFactorMatrix().setMumpsIcntl(13, 1)
+        pc.getFactorMatrix().setMumpsIcntl(24, 1)
+        ksp.setUp()
+        negative, zero, _ = ksp.getPC().getFactorMatrix().getInertia()
+        return negative == 0 and zero == 0
 
     def _exact_hessian(self, gnorm):
         """As the experts' switch: Gauss-Newton until |G| <= gauss_newton_rtol |G0| or
@@ -516,7 +547,7 @@ class CoupledSolver:
         N = self.N
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w[k]) for k in self.mine})
         state = self._state_at(self.x, "G")
-        self._jacobian(state, exact=True)
+        self._jacobian(state, exact=True, descent=False)     # the exact gradient's matrix
         b = self.x.duplicate()
         self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, self.rows[k].own] @ u_bar[k][self.rows[k].own]
                                  for k in self.mine})
@@ -575,6 +606,8 @@ class CoupledSolver:
         return Phi_bar, -e._data_derivative()
 
     def destroy(self):
+        if self.mode == "lstsq":
+            self._inertia_ksp.destroy()
         for obj in (self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
                     self.tlocal, self.tscatter):
             obj.destroy()

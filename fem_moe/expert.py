@@ -398,8 +398,14 @@ class Expert:
         w = self._T @ self._wvec.getArray(readonly=True)
         after = self._state_at(self._wvec, "objective")["rnorm"]
         name = reason_name(reason)
-        if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA and self._stalled(g_start):
-            reason, name = 1, "CONVERGED_STALLED"
+        if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA:
+            if self._stalled(g_start):
+                reason, name = 1, "CONVERGED_STALLED"
+            elif after <= self.stall_rtol * before:
+                # The residual itself fell to round-off relative to where it started (a basis
+                # that spans the solution): the objective's floor, where the predicted
+                # decrease is round-off too.
+                reason, name = 1, "CONVERGED_AT_FLOOR"
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=rank, ridge=self.rho, time=time.perf_counter() - t0)

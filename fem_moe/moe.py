@@ -34,11 +34,12 @@ class _ExpertSpace:
         self.rows = owner[self.ids] == k
         self.k, self.n_cells = k, len(cells)
 
-    def build(self, problem, bc, g, functions, kwargs):
-        """The expert's Expert; ``functions``: {Function on the whole mesh: its copy on this
-        submesh}, for the residual's fixed coefficients."""
+    def build(self, problem, bc, g, whole, functions, kwargs):
+        """The expert's Expert; ``whole``: placeholders (u, v, m) on the whole mesh,
+        ``functions``: {Function on the whole mesh: its copy on this submesh}, for the
+        residual's fixed coefficients (see _OntoSubmesh)."""
         k = self.k
-        residual = _OntoSubmesh(problem.residual, problem.mesh, self.mesh, functions)
+        residual = _OntoSubmesh(problem.residual, whole, problem.mesh, self.mesh, functions)
         sub = ConstrainedProblem(self.V, residual, data_spaces=self.data_spaces,
                                  solver_parameters=problem.solver_parameters,
                                  options_prefix="expert_")
@@ -54,35 +55,35 @@ class _ExpertSpace:
 
 class _OntoSubmesh:
     """The user's residual callable on an expert's submesh, written as Firedrake users write
-    forms: what it takes from the whole mesh -- its SpatialCoordinate and other geometric
-    quantities, fixed Functions on it (``functions``: {whole-mesh Function: submesh copy}),
-    integrals over it (``dx(domain=mesh)``) -- is mapped onto the submesh. (Constants belong to
-    no mesh.)"""
+    forms: it may hold the whole mesh's SpatialCoordinate and other geometric quantities,
+    Constants, fixed Functions on the whole mesh and integrals over it (plain ``dx``). The form
+    is made on the whole mesh, with the ``whole`` placeholders (u, v, m) there, then carried
+    onto the submesh: u, v, m and each fixed Function (``functions``: {whole-mesh Function:
+    submesh copy}) replaced by the submesh's, geometric quantities and integration domains by
+    the submesh's."""
 
-    def __init__(self, residual, mesh, submesh, functions):
-        self.residual, self.mesh, self.submesh, self.functions = residual, mesh, submesh, functions
+    def __init__(self, residual, whole, mesh, submesh, functions):
+        self.residual, self.whole, self.mesh, self.submesh = residual, whole, mesh, submesh
+        self.functions = functions
 
     def __call__(self, u, v, m):
-        F = self.residual(u, v, m)
-        whole = self.mesh
-        mapping = dict(self.functions)
+        u0, v0, m0 = self.whole
+        F = self.residual(u0, v0, m0)
+        mapping = {u0: u, v0: v, **dict(zip(m0, m)), **self.functions}
         for q in extract_type(F, GeometricQuantity):
-            if extract_unique_domain(q) is whole:
+            if extract_unique_domain(q) is self.mesh:
                 mapping[q] = type(q)(self.submesh)
-        if mapping:
-            F = ufl.replace(F, mapping)
-        if any(itg.ufl_domain() is whole for itg in F.integrals()):
-            F = ufl.Form([itg.reconstruct(domain=self.submesh) if itg.ufl_domain() is whole
-                          else itg for itg in F.integrals()])
-        return F
+        F = ufl.replace(F, mapping)
+        return ufl.Form([itg.reconstruct(domain=self.submesh) if itg.ufl_domain() is self.mesh
+                         else itg for itg in F.integrals()])
 
 
-def _whole_mesh_functions(problem):
-    """The Functions on the whole mesh that the residual holds besides u and m (a material
-    field, a fixed velocity): each expert needs its own copy. Collective (forms the residual)."""
-    u = fd.Function(problem.V)
-    m = tuple(fd.Function(Vd) for Vd in problem.data_spaces)
-    F = problem.residual(u, fd.TestFunction(problem.V), m)
+def _whole_mesh_functions(problem, whole):
+    """The Functions on the whole mesh that the residual holds besides the placeholders
+    ``whole`` = (u, v, m) (a material field, a fixed velocity): each expert needs its own copy.
+    Collective (forms the residual)."""
+    u, v, m = whole
+    F = problem.residual(u, v, m)
     mine = {u, *m}
     topology = problem.mesh.topology
     return [c for c in F.coefficients() if isinstance(c, fd.Function) and c not in mine
@@ -191,12 +192,14 @@ class MoEHardConstraint(torch.nn.Module):
         self.data_plans = [self._plan(dl, lambda e, j=j: e.data_ids[j])
                            for j, dl in enumerate(self.data_layouts)]
         functions = {k: {} for k in self.experts}
-        for f in _whole_mesh_functions(problem):
+        whole = (fd.Function(problem.V), fd.TestFunction(problem.V),
+                 tuple(fd.Function(Vd) for Vd in problem.data_spaces))
+        for f in _whole_mesh_functions(problem, whole):
             for k, copy in self._copies(f).items():
                 functions[k][f] = copy
         try:
             for k, e in self.experts.items():
-                e.build(problem, bc, gg, functions[k], kwargs)
+                e.build(problem, bc, gg, whole, functions[k], kwargs)
         except Exception as e:     # noqa: BLE001
             err = e
         raise_on_all_ranks(comm, err)

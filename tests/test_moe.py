@@ -341,8 +341,8 @@ def _recovers_classical(problem, data, n_experts=3, tol=1e-8):
 @pytest.mark.parallel([1, 2])
 def test_residual_written_on_the_whole_mesh():
     """A residual as Firedrake users write it: the whole mesh's SpatialCoordinate, a Constant, a
-    fixed material Function (DG0) and a vector Function (CG1) on the whole mesh, an integral with
-    an explicit domain. The experts map them onto their submeshes."""
+    fixed material Function (DG0) and a vector Function (CG1) on the whole mesh, integrals with
+    and without an explicit domain. The experts map them onto their submeshes."""
     import firedrake as fd
     mesh = fd.UnitSquareMesh(8, 8)
     V = fd.FunctionSpace(mesh, "CG", 1)
@@ -355,9 +355,9 @@ def test_residual_written_on_the_whole_mesh():
 
     def residual(u, v, m):
         return (kappa * (1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(wind, fd.grad(u)) * v
-                - c * m[0] * (1 + x * y) * v) * fd.dx(domain=mesh)
+                - c * m[0] * (1 + x * y) * v) * fd.dx + u * v * fd.ds(1, domain=mesh)
 
-    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, "on_boundary"),
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, (2, 3, 4)),
                                          data_spaces=V)
     _recovers_classical(problem, source(problem, 5.0))
 
@@ -366,11 +366,11 @@ def test_whole_mesh_function_that_cannot_be_mapped_is_named():
     import firedrake as fd
     mesh = fd.UnitSquareMesh(6, 6)
     V = fd.FunctionSpace(mesh, "CG", 1)
-    field = fd.Function(fd.FunctionSpace(mesh, "DG", 1), name="porosity").assign(1.0)
+    field = fd.Function(fd.FunctionSpace(mesh, "N1curl", 1), name="wind")
     problem = fem_moe.ConstrainedProblem(
-        V, lambda u, v, m: (field * fd.inner(fd.grad(u), fd.grad(v)) - v) * fd.dx,
+        V, lambda u, v, m: (fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(field, fd.grad(u)) * v - v) * fd.dx,
         bcs=fd.DirichletBC(V, 0, "on_boundary"))
-    with pytest.raises(fem_moe.InputError, match="'porosity'.*cannot be copied onto the experts"):
+    with pytest.raises(fem_moe.InputError, match="'wind'.*cannot be copied onto the experts"):
         fem_moe.MoEHardConstraint(problem, 2, n_experts=2)
 
 
@@ -381,7 +381,9 @@ def test_mesh_with_moved_coordinates():
     import firedrake as fd
     mesh = fd.UnitSquareMesh(8, 8)
     x, y = fd.SpatialCoordinate(mesh)
-    mesh.coordinates.interpolate(fd.as_vector([2 * x + 0.4 * y, y * (1 + 0.3 * x)]))
+    moved = fd.Function(mesh.coordinates.function_space()).interpolate(
+        fd.as_vector([2 * x + 0.4 * y, y * (1 + 0.3 * x)]))
+    mesh.coordinates.assign(moved)
     V = fd.FunctionSpace(mesh, "CG", 1)
 
     def residual(u, v, m):

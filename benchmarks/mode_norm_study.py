@@ -6,7 +6,7 @@ problem (physics-informed loss, no solutions), then evaluated on held-out inputs
     mpiexec -n 2 python benchmarks/mode_norm_study.py --pde diffusion_sorption --experts 4
 
 Prints a table (relative L2 error against the classical solver, residual, step time) and writes
-``benchmarks/results/mode_norm_<pde>.json``. The demos' configurations: ``reaction_diffusion``
+``benchmarks/results/mode_norm_<pde>_K<K>_<steps>steps.json``. The demos' configurations: ``reaction_diffusion``
 (the gmsh plate with holes), ``diffusion_sorption`` (the space-time window), ``flow_past_obstacle``
 (steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
 """
@@ -67,6 +67,7 @@ if MPI.COMM_WORLD.rank == 0:
              f"{MPI.COMM_WORLD.size} rank(s)")
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    study.write_json(os.path.join(HERE, "results", f"mode_norm_{args.pde}.json"), rows,
+    name = f"mode_norm_{args.pde}_K{K}_{args.steps}steps.json"
+    study.write_json(os.path.join(HERE, "results", name), rows,
                      title=title, command=" ".join(sys.argv), steps=args.steps, experts=K,
                      ranks=MPI.COMM_WORLD.size)

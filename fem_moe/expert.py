@@ -22,8 +22,9 @@ residual form, assembled by Firedrake (the same machinery pyadjoint's solve bloc
   where <lam, G> = <r, J z> (lstsq) or <z, P R> (galerkin) is a scalar form differentiated by UFL.
 
 Tensors here are numpy float64 arrays of this rank's owned dofs. For a distributed space (the
-global layer under mpirun) all reduced quantities (N-vectors, N x N matrices) are summed over the
-mesh communicator and broadcast from its rank 0, so every rank runs the identical SNES sequence.
+global layer under mpirun) the reduced SNES is one solver on the mesh communicator: the reduced
+quantities (N-vectors, N x N matrices) are summed over it, and the coefficients live on its
+rank 0.
 """
 import contextlib
 import logging
@@ -304,18 +305,29 @@ class Expert:
     # ---------------------------------------------------------------- SNES
     def _build_snes(self):
         N = self.N
-        snes = PETSc.SNES().create(comm=PETSc.COMM_SELF)
+        # One solver on the mesh communicator: the N coefficients (and the N x N Jacobian's
+        # rows) live on its rank 0, every rank evaluates the distributed residual in the
+        # callbacks. (Identical solvers on each rank would stay in step only as long as every
+        # rank computed bitwise-identical numbers.)
+        comm = self.comm
+        n_local = N if comm.rank == 0 else 0
+        snes = PETSc.SNES().create(comm=comm)
         prefix, shared = self.options_prefix, self.problem.options_prefix
         snes.setOptionsPrefix(prefix)
-        self._wvec = PETSc.Vec().createSeq(N, comm=PETSc.COMM_SELF)
+        self._wvec = PETSc.Vec().createMPI((n_local, N), comm=comm)
         self._Gvec = self._wvec.duplicate()
-        self._Amat = PETSc.Mat().createDense((N, N), comm=PETSc.COMM_SELF)
+        if comm.size == 1:
+            self._Amat = PETSc.Mat().createDense((N, N), comm=comm)
+        else:
+            self._Amat = PETSc.Mat().createAIJ(((n_local, N), (n_local, N)), nnz=(N, 0), comm=comm)
         self._Amat.setUp()
         snes.setFunction(self._snes_function, self._Gvec)
         snes.setJacobian(self._snes_jacobian, self._Amat)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
         params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
+        if comm.size > 1 and params.get("pc_type") in ("lu", "cholesky"):
+            params.setdefault("pc_factor_mat_solver_type", "mumps")
         with solver_options(prefix, params, shared) as opts:
             snes.setFromOptions()
             self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
@@ -330,7 +342,7 @@ class Expert:
     def _state_at(self, X, what):
         """The cached state at the SNES iterate X, completed with ``what`` ("objective", "G" or
         "A"): the line search asks for objectives at trial points, which need no Jacobian."""
-        w = self._T @ X.getArray(readonly=True)
+        w = self._T @ self._coefficients(X)
         state = self._cache
         if state is None or not np.array_equal(state["w"], w):
             state = self._cache = self._evaluate_residual(w, self._Phi)
@@ -338,11 +350,20 @@ class Expert:
             self._complete(state, self._Phi, self._Phi_petsc, what == "A")
         return state
 
+    def _coefficients(self, X):
+        """All N entries of an SNES vector on every rank (they live on rank 0)."""
+        x = X.getArray(readonly=True)
+        return x.copy() if self.comm.size == 1 else self.comm.bcast(x.copy(), root=0)
+
+    def _local(self, values):
+        """This rank's part of an N-vector for the SNES: all on rank 0, none elsewhere."""
+        return values if self.comm.rank == 0 else values[:0]
+
     def _snes_objective(self, snes, X):
         return self._state_at(X, "objective")["objective"]
 
     def _snes_function(self, snes, X, G):
-        G.setArray(self._T.T @ self._state_at(X, "G")["G"])
+        G.setArray(self._local(self._T.T @ self._state_at(X, "G")["G"]))
 
     def _snes_jacobian(self, snes, X, A, P):
         state = self._state_at(X, "A")
@@ -356,7 +377,10 @@ class Expert:
             except np.linalg.LinAlgError:
                 GN = T.T @ state["GN"] @ T
                 M = GN + (1e-8 * np.trace(GN) / self.N) * np.eye(self.N) + self.rho * T.T @ T
-        P.getDenseArray()[:] = M
+        if self.comm.size == 1:
+            P.getDenseArray()[:] = M
+        elif self.comm.rank == 0:
+            P.setValues(range(self.N), range(self.N), M)
         P.assemble()
         if A != P:
             A.assemble()
@@ -379,7 +403,7 @@ class Expert:
         rank, ridge, self._T = self._check_rank(Phi, sample)
         self.rho = ridge
         w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
-        self._wvec.setArray(np.linalg.solve(self._T, w))
+        self._wvec.setArray(self._local(np.linalg.solve(self._T, w)))
         before = self._state_at(self._wvec, "objective")["rnorm"]
         g_start = np.linalg.norm(self._T.T @ self._state_at(self._wvec, "G")["G"])
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
@@ -395,7 +419,7 @@ class Expert:
         finally:
             self._g0 = None
         reason = self.snes.getConvergedReason()
-        w = self._T @ self._wvec.getArray(readonly=True)
+        w = self._T @ self._coefficients(self._wvec)
         after = self._state_at(self._wvec, "objective")["rnorm"]
         name = reason_name(reason)
         if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA:

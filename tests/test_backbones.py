@@ -102,3 +102,52 @@ def test_deeponet_periodic_trunk_sees_one_point_on_the_seam():
     assert "periods" not in periodic.state_dict()     # from the mesh, not a learned state
     plain = DeepONetBasis(5, 4, dim=2).double()
     assert not torch.allclose(plain(inputs, points), plain(inputs, shifted), atol=1e-6)
+
+
+def _complex(w):
+    """A spectral weight as a complex tensor (complex parameters, or real (re, im) pairs)."""
+    w = w.detach()
+    if w.is_complex():
+        return w
+    assert w.shape[-1] == 2, "a complex weight was cast to a real dtype: its imaginary part is lost"
+    return torch.view_as_complex(w.contiguous())
+
+
+def test_fno_weights_survive_dtype_round_trip_and_train():
+    """The spectral weights are complex numbers: casting the model to float64 and back (as the
+    trainer does with ``.to(dtype=...)``) keeps their imaginary parts, the output is the same,
+    and a few Adam steps in float64 lower a loss."""
+    torch.manual_seed(0)
+    net = FNO(2, 1, modes=(4, 4), width=8, layers=2)
+    x = torch.randn(3, 2, 12, 12)
+    before = [_complex(w).clone() for w in net.spectral[0].weights]
+    y32 = net(x)
+    net.to(dtype=torch.float64)
+    after = [_complex(w) for w in net.spectral[0].weights]
+    assert all(b.imag.abs().max() > 0 and torch.allclose(b.to(torch.complex128), a)
+               for b, a in zip(before, after))
+    y64 = net(x.double())
+    assert torch.allclose(y64.float(), y32, atol=1e-5)
+    net.float()
+    assert torch.allclose(net(x), y32, atol=1e-6)
+    net.double()
+    optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
+    target = torch.sin(torch.linspace(0, 3, 12, dtype=torch.float64))[None, None, :, None].expand(3, 1, 12, 12)
+    losses = []
+    for _ in range(20):
+        loss = (net(x.double()) - target).pow(2).mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
+
+
+def test_fno_loads_checkpoints_with_complex_weights():
+    net = FNO(2, 1, modes=(4, 4), width=8, layers=1)
+    old = {k: (_complex(v) if ".weights." in k else v)
+           for k, v in net.state_dict().items()}
+    fresh = FNO(2, 1, modes=(4, 4), width=8, layers=1)
+    fresh.load_state_dict(old)
+    x = torch.randn(1, 2, 10, 10)
+    assert torch.allclose(fresh(x), net(x))

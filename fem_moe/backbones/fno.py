@@ -17,9 +17,20 @@ class SpectralConv(nn.Module):
         scale = 1 / (c_in * c_out)
         # rfftn halves the last dim; the others keep both signs: 2^(d-1) corner blocks.
         self.corners = list(itertools.product((0, 1), repeat=d - 1))
+        # Complex weights stored as real pairs (view_as_real): ``module.to(dtype)`` and
+        # ``.double()`` cast real parameters and keep both parts, where a complex parameter
+        # cast to a real dtype would lose its imaginary part.
         self.weights = nn.ParameterList(
-            nn.Parameter(scale * torch.randn(c_in, c_out, *self.modes, dtype=torch.cfloat))
+            nn.Parameter(torch.view_as_real(scale * torch.randn(c_in, c_out, *self.modes,
+                                                                dtype=torch.cfloat)).clone())
             for _ in self.corners)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        # Checkpoints written when the weights were complex parameters load as real pairs.
+        for key in list(state_dict):
+            if key.startswith(prefix + "weights.") and state_dict[key].is_complex():
+                state_dict[key] = torch.view_as_real(state_dict[key]).clone()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def forward(self, x):
         d = len(self.modes)
@@ -33,7 +44,8 @@ class SpectralConv(nn.Module):
             for sign, m in zip(corner, self.modes[:-1]):
                 index.append(slice(0, m) if sign == 0 else slice(-m, None))
             index.append(slice(0, self.modes[-1]))
-            out[tuple(index)] = torch.einsum("bi...,io...->bo...", xf[tuple(index)], w.to(xf.dtype))
+            out[tuple(index)] = torch.einsum("bi...,io...->bo...", xf[tuple(index)],
+                                             torch.view_as_complex(w.contiguous()).to(xf.dtype))
         return torch.fft.irfftn(out, s=grid, dim=dims)
 
 

@@ -53,9 +53,7 @@ config = {
               "progress": not args.tiny, "resume": False},
 }
 K = args.experts
-models = [("soft", {"kind": "soft"}), ("PI-HC", {"kind": "pihc"}),
-          (f"MoE K={K}", {"kind": "moe", "n_experts": K}),
-          (f"MoE K={K} ridge", {"kind": "moe", "n_experts": K, "ridge": "always"})]
+models = study.standard_models(K)
 rows, trainers = study.run(config, models, out, "decaying turbulence, Re 1e4, periodic square "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)
 

@@ -64,17 +64,14 @@ config = {
               "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
               "progress": not args.tiny, "resume": False},
 }
-models = [("soft", {"kind": "soft"}),
-          ("PI-HC", {"kind": "pihc"}),
-          (f"MoE K={args.experts}", {"kind": "moe", "n_experts": args.experts}),
-          # The paper's objective adds a small ridge rho |w|^2 to every solve: an expert's
-          # rows leave some directions of w free, the ridge settles them (model.ridge).
-          (f"MoE K={args.experts} ridge", {"kind": "moe", "n_experts": args.experts,
-                                           "ridge": "always"}),
-          # The control: the same K, cells dealt to the experts at random. Is the gain (or loss)
-          # of the mixture from *spatial* subdomains, or just from K independent smaller solves?
-          (f"MoE K={args.experts} random", {"kind": "moe", "n_experts": args.experts,
-                                            "partitioner": "random"})]
+# The models: the soft constraint, the global layer (PI-HC) and the coupled mixture of K experts,
+# each in least squares and in Galerkin mode, and the paper's independent experts (least
+# squares with its ridge on w); ``fem_moe.study.standard_models`` lists them.
+models = study.standard_models(args.experts) + [
+    # The control: the same K, cells dealt to the experts at random. Is the gain (or loss) of
+    # the mixture from *spatial* subdomains, or just from K blocks of coefficients?
+    (f"MoE K={args.experts} galerkin random", {"kind": "moe", "n_experts": args.experts,
+                                               "mode": "galerkin", "partitioner": "random"})]
 
 # ``study.run`` makes the dataset if it is missing, trains and evaluates each model on the
 # held-out test inputs, prints the table and writes ``results.json``, ParaView files
@@ -97,7 +94,7 @@ rows, trainers = study.run(config, models, out, "reaction-diffusion on the plate
 # expert's cells are scattered over the whole plate: its submesh (the cells touching its dofs)
 # is most of the mesh, and almost every row is an interface row.
 if MPI.COMM_WORLD.rank == 0:
-    moe = rows[2]
+    moe = next(r for r in rows if r["label"] == f"MoE K={args.experts} galerkin")
     print(f"\nMoE: interface rows {moe['interface_dofs']} of {moe['dofs']} dofs; RMS residual "
           f"there {moe['residual_interface']:.2e} vs {moe['residual_interior']:.2e} elsewhere.")
     print(f"results, figures and ParaView files in {out}")

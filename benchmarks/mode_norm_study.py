@@ -27,6 +27,7 @@ parser.add_argument("--loss-norm", default="dual", help="the physics loss's norm
 parser.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
+command = "python " + " ".join(sys.argv)
 sys.argv = sys.argv[:1] + petsc_options
 
 from mpi4py import MPI  # noqa: E402
@@ -69,5 +70,5 @@ if MPI.COMM_WORLD.rank == 0:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     name = f"mode_norm_{args.pde}_K{K}_{args.steps}steps.json"
     study.write_json(os.path.join(HERE, "results", name), rows,
-                     title=title, command=" ".join(sys.argv), steps=args.steps, experts=K,
+                     title=title, command=command, steps=args.steps, experts=K,
                      ranks=MPI.COMM_WORLD.size)

@@ -10,7 +10,7 @@
 # constraint makes it satisfy all ten steps' discrete equations at once. Run it as::
 #
 #     python demos/decaying_turbulence.py
-#     mpiexec -n 2 python demos/decaying_turbulence.py -expert_snes_monitor
+#     mpiexec -n 2 python demos/decaying_turbulence.py -moe_snes_monitor
 #
 # The classical reference marches the same discrete equations step by step (Newton + MUMPS per
 # step). The mixture's experts are subdomains of the periodic square; a subdomain that crosses

@@ -11,9 +11,11 @@
 #     python demos/flow_past_obstacle.py
 #     mpiexec -n 2 python demos/flow_past_obstacle.py -fem_moe_snes_monitor
 #
-# The comparison is soft constraint vs PI-HC vs the mixture of K experts: each expert solves
-# for its own coefficients of the (u, p) basis on a subdomain of the channel, so its residual
-# rows are momentum *and* continuity rows of the dofs it owns.
+# The comparison is soft constraint vs PI-HC vs the mixture of K experts (coupled, in least
+# squares and Galerkin mode, and the paper's independent experts): each expert owns the (u, p)
+# coefficients of a subdomain of the channel, so its residual rows are momentum *and* continuity
+# rows of the dofs it owns. Independent experts downstream of the inlet see no inflow and output
+# no flow; coupled, every expert's coefficients are chosen for the whole channel's residual.
 import argparse
 import os
 import sys

@@ -11,7 +11,7 @@
 #     mpiexec -n 2 python demos/reaction_diffusion.py    # the same study on 2 ranks
 #     python demos/reaction_diffusion.py --refine 1 --steps 400 --experts 8   # larger
 #
-# PETSc options pass through: ``-expert_snes_monitor`` shows every expert's reduced solves.
+# PETSc options pass through: ``-moe_snes_monitor`` shows the coupled mixture's solves.
 #
 # The PDE
 # -------

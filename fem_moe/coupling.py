@@ -40,25 +40,15 @@ import numpy as np
 from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
-from .expert import RANK_TOL, SampleInfo, reason_name, solver_options
+from .expert import DEFAULT_SOLVER_PARAMETERS, RANK_TOL, SampleInfo, reason_name, solver_options
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
-#: Defaults of the coupled SNES (options prefix ``moe_``): the experts' own choices (trust-region
-#: Newton on the objective, Gauss-Newton far from the solution), with a direct solve of the
-#: block-sparse system. ``mat_type`` is that system's (aij or baij, block size N).
-DEFAULT_COUPLING_PARAMETERS = {
-    "snes_type": "newtontr",
-    "snes_rtol": 1e-12,
-    "snes_atol": 1e-13,
-    "snes_stol": 0.0,
-    "snes_max_it": 100,
-    "gauss_newton_rtol": 1e-3,
-    "stall_rtol": 1e-10,
-    "ksp_type": "preonly",
-    "pc_type": "lu",
-    "mat_type": "aij",
-}
+#: Defaults of the coupled SNES (options prefix ``moe_``): the experts' own choices
+#: (:data:`fem_moe.expert.DEFAULT_SOLVER_PARAMETERS`: trust-region Newton on the objective,
+#: Gauss-Newton far from the solution, a direct solve; MUMPS on several ranks), and the type of
+#: the block-sparse matrix (aij or baij, block size N).
+DEFAULT_COUPLING_PARAMETERS = {**DEFAULT_SOLVER_PARAMETERS, "mat_type": "aij"}
 
 
 def _dense_self(array):

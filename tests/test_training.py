@@ -259,7 +259,7 @@ def test_cli_under_mpiexec():
         assert "wrote" in r.stdout and os.path.isfile(os.path.join(work, "data", "tiny.h5"))
         r = _cli("generate", "tiny.toml", cwd=work)
         assert r.returncode == 0 and "up to date" in r.stdout, r.stdout + r.stderr
-        r = _cli("train", "tiny.toml", "-expert_snes_monitor", cwd=work)
+        r = _cli("train", "tiny.toml", "-moe_snes_monitor", cwd=work)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "trained moe: 4 steps" in r.stdout and "SNES Function norm" in r.stdout
         assert "relative L2" in r.stdout and "interfaces" in r.stdout

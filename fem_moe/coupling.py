@@ -261,8 +261,14 @@ class CoupledSolver:
 
     # ------------------------------------------------------------------ collective helpers
     def _agree(self, error):
-        """Every rank raises if any rank has an error (an exception, a message or None)."""
-        raise_on_all_ranks(self.comm, error, exc_type=FemMoeError)
+        """Every rank raises if any rank has an error (an exception, a message or None). Inside
+        an SNES callback PETSc turns the exception into its own error code: it is kept, to be
+        raised again once the solve has returned."""
+        try:
+            raise_on_all_ranks(self.comm, error, exc_type=FemMoeError)
+        except FemMoeError as exc:
+            self._callback_error = exc
+            raise
 
     def _neighbour_blocks(self, vec, local, scatter, shape):
         """The blocks of each of my experts' neighbours from distributed ``vec``: {k: [L, *shape]}."""
@@ -392,13 +398,11 @@ class CoupledSolver:
         factorisation (MUMPS; options prefix ``<prefix>inertia_``). Collective."""
         ksp = self._inertia_ksp
         ksp.setOperators(self.A)
-        pc = ksp.getPC()
-        pc.setFactorSetUpSolverType()
         # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
-        # null-pivot detection.
-        pc.getFactorMatrix().setMumpsIcntl(13, 1)
-        pc.getFactorMatrix().setMumpsIcntl(24, 1)
-        ksp.setUp()
+        # null-pivot detection; it reads these when it factors.
+        with solver_options(self.prefix + "inertia_", {"mat_mumps_icntl_13": 1,
+                                                       "mat_mumps_icntl_24": 1}):
+            ksp.setUp()
         negative, zero, _ = ksp.getPC().getFactorMatrix().getInertia()
         return negative == 0 and zero == 0
 
@@ -464,14 +468,15 @@ class CoupledSolver:
             self.snes.getKSP().solve(start["G"], step)
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
-        err = None
+        self._callback_error = None
         try:
             self.snes.solve(None, self.x)
         except PETSc.Error as exc:
-            err = exc
+            if self._callback_error is not None:    # already agreed on by every rank
+                raise self._callback_error from exc
+            self._agree(exc)
         finally:
             self._g0 = None
-        self._agree(err)
         reason = self.snes.getConvergedReason()
         name = reason_name(reason)
         end = self._state_at(self.x, "G")

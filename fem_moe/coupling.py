@@ -397,7 +397,10 @@ class CoupledSolver:
         """Whether the assembled matrix is positive definite: its inertia from a Cholesky
         factorisation (MUMPS; options prefix ``<prefix>inertia_``). Collective."""
         ksp = self._inertia_ksp
-        ksp.setOperators(self.A)
+        A = self.A
+        if "baij" in A.getType():     # MUMPS's Cholesky takes AIJ (or SBAIJ), not BAIJ
+            A = self._inertia_mat = A.convert("aij", out=getattr(self, "_inertia_mat", None))
+        ksp.setOperators(A)
         # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
         # null-pivot detection; it reads these when it factors.
         with solver_options(self.prefix + "inertia_", {"mat_mumps_icntl_13": 1,
@@ -603,6 +606,8 @@ class CoupledSolver:
     def destroy(self):
         if self.mode == "lstsq":
             self._inertia_ksp.destroy()
+        if getattr(self, "_inertia_mat", None) is not None:
+            self._inertia_mat.destroy()
         for obj in (self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
                     self.tlocal, self.tscatter):
             obj.destroy()

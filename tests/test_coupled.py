@@ -194,15 +194,17 @@ def test_diverging_coupled_solve_raises_everywhere():
 
 
 @pytest.mark.parallel([1, 2, 3])
+@pytest.mark.parametrize("mat_type", ["aij", "baij"])
 @pytest.mark.parametrize("n_experts", [1, 3])
-def test_exact_hessian_throughout_reaches_the_same_solution(n_experts):
+def test_exact_hessian_throughout_reaches_the_same_solution(n_experts, mat_type):
     """The coupled SNES with the exact Hessian from the first iteration (its inertia checked by a
-    MUMPS Cholesky at every Jacobian, on every rank count) finds what the default
-    Gauss-Newton-then-exact sequence finds."""
+    MUMPS Cholesky at every Jacobian, on every rank count, for an AIJ or a BAIJ matrix) finds
+    what the default Gauss-Newton-then-exact sequence finds."""
     problem = nonlinear_diffusion(n=8, degree=1)
     basis, data = smooth_basis(problem, 4), source(problem, 8.0)
     exact = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts,
-                                      coupling_parameters={"gauss_newton_rtol": 0.0})
+                                      coupling_parameters={"gauss_newton_rtol": 0.0,
+                                                           "mat_type": mat_type})
     default = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts)
     u_exact, u_default = exact(basis, data), default(basis, data)
     err = problem.comm.allreduce(float((u_exact - u_default).abs().max()), op=MPI.MAX)

@@ -300,7 +300,8 @@ class CoupledSolver:
         return state
 
     def _evaluate_residual(self, X):
-        err, local = None, 0.0
+        """The residual rows of my experts at X, the objective and |r| (summed over ranks)."""
+        err, rr, ridge = None, 0.0, 0.0
         state = {"c": X.getArray(readonly=True).copy(), "r": {}, "C": {}}
         try:
             C = self._neighbour_blocks(X, self.local, self.scatter, (self.N,))
@@ -308,14 +309,13 @@ class CoupledSolver:
                 state["C"][k] = C[k]
                 state["r"][k] = r = self.rows[k].residual(C[k])
                 w = self.T[k] @ C[k][self.rows[k].me]
-                local += r @ r + self.rho[k] * (w @ w)
-                state.setdefault("rr", 0.0)
-                state["rr"] += r @ r
+                rr += r @ r
+                ridge += self.rho[k] * (w @ w)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
             err = exc
         self._agree(err)
-        total = self.comm.allreduce(np.array([local, state.get("rr", 0.0)]))
-        state["objective"], state["rnorm"] = 0.5 * total[0], np.sqrt(total[1])
+        total_rr, total_ridge = self.comm.allreduce(np.array([rr, ridge]))
+        state["objective"], state["rnorm"] = 0.5 * (total_rr + total_ridge), np.sqrt(total_rr)
         return state
 
     def _ridge_terms(self, k, C):

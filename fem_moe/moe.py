@@ -106,8 +106,9 @@ class MoEHardConstraint(torch.nn.Module):
     expert's block basis (galerkin): see :mod:`fem_moe.coupling`. With ``local_first=True``
     each expert first solves its own problem with its own SNES (options prefix ``expert<k>_``;
     ``-expert_...`` applies to every expert) for the initial guess; by default the coupled
-    solve starts from w = 0 (measured on the plate, K = 4, batch 4: the same 3-5 coupled
-    iterations either way, and the first stage cost 70 % of a Galerkin step). Then one SNES
+    solve starts from w = 0 (``benchmarks/coupled_step.py``, the plate, K = 4: the same 4-5
+    coupled iterations either way, and the first stage cost more than half of the step). Then
+    one SNES
     on the mesh communicator (options prefix ``moe_``:
     ``-moe_snes_monitor``, ``-moe_ksp_type``, ``-moe_pc_type``; ``coupling_parameters``
     updates its defaults, :data:`fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS`) solves the

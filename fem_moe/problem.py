@@ -52,9 +52,10 @@ class ConstrainedProblem:
     residual : callable ``(u, v, m) -> ufl.Form``
         Returns the residual form: nonlinear in the Function ``u``, linear in the test function
         ``v``. ``m`` is a tuple of Functions, one per entry of ``data_spaces`` (empty if none):
-        the problem data (previous time level, coefficient field, ...). The callable is called
-        once per space the problem is built on (the whole mesh, or each expert's submesh), so it
-        must only use its arguments and the mesh of ``u`` (e.g. ``SpatialCoordinate(u.function_space().mesh())``).
+        the problem data (previous time level, coefficient field, ...). It may also use the
+        mesh's ``SpatialCoordinate``, Constants and fixed Functions on the mesh, as Firedrake
+        users write forms: the mixture of experts carries such a form onto each expert's
+        submesh (see :class:`fem_moe.MoEHardConstraint`).
     bcs : DirichletBC or sequence of them, optional
         Imposed exactly: the output is ``g + sum_i w_i phi_i`` with ``g`` the lifting of these
         values and the basis fields phi_i zeroed on the boundary nodes; the residual rows of those

@@ -40,7 +40,8 @@ import numpy as np
 from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
-from .expert import DEFAULT_SOLVER_PARAMETERS, RANK_TOL, SampleInfo, reason_name, solver_options
+from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
+                     orthonormal_coordinates, reason_name, solver_options)
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
@@ -90,12 +91,9 @@ class CoupledRows:
         """T_k and rho_k of block k (w_k = T_k c_k): the basis orthonormalised over the dofs k
         owns; the identity and a ridge if it is rank deficient there. Returns (T, rho, rank)."""
         P = self.Phi[:, self.own]
-        eig, vec = np.linalg.eigh(P @ P.T)
-        top = max(eig[-1], 0.0)
-        rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
-        full = rank == self.N
-        rho = self._ridge(ridge_factor) if (ridge_always or not full) else 0.0
-        return (vec / np.sqrt(eig) if full else np.eye(self.N)), rho, rank
+        T, rank = orthonormal_coordinates(P @ P.T)
+        rho = self._ridge(ridge_factor) if (ridge_always or rank < self.N) else 0.0
+        return T, rho, rank
 
     def _ridge(self, factor):
         """factor x the mean diagonal of block k's own Gauss-Newton matrix at w = 0 (the
@@ -196,9 +194,9 @@ class CoupledSolver:
         is_t.destroy()
         self.G = self.x.duplicate()      # the SNES's residual vector
         self._acc = self.x.duplicate()   # where the experts' contributions are summed
-        self._build_matrix(neighbours, K, options_prefix, solver_parameters or {})
-        self._build_snes(options_prefix, solver_parameters or {})
-        self.diagnostics = []
+        params = {**DEFAULT_COUPLING_PARAMETERS, **(solver_parameters or {})}
+        self._build_matrix(neighbours, K, options_prefix, params)
+        self._build_snes(options_prefix, params)
 
     # ------------------------------------------------------------------ setup
     def _pattern(self, neighbours, K):
@@ -210,12 +208,11 @@ class CoupledSolver:
                 cols[k].update(int(l) for l in nb)
         return cols
 
-    def _build_matrix(self, neighbours, K, prefix, parameters):
+    def _build_matrix(self, neighbours, K, prefix, params):
         N, n_local = self.N, len(self.mine) * self.N
         A = PETSc.Mat().create(comm=self.comm)
         A.setSizes(((n_local, PETSc.DECIDE), (n_local, PETSc.DECIDE)), bsize=N)
         A.setOptionsPrefix(prefix)
-        params = {**DEFAULT_COUPLING_PARAMETERS, **parameters}
         with solver_options(prefix, params):
             A.setFromOptions()
         cols = self._pattern(neighbours, K)
@@ -233,14 +230,14 @@ class CoupledSolver:
         A.setUp()
         self.A = A
 
-    def _build_snes(self, prefix, parameters):
+    def _build_snes(self, prefix, params):
         snes = PETSc.SNES().create(comm=self.comm)
         snes.setOptionsPrefix(prefix)
         snes.setFunction(self._snes_function, self.G)
         snes.setJacobian(self._snes_jacobian, self.A)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
-        params = {**DEFAULT_COUPLING_PARAMETERS, **parameters}
+        params = dict(params)
         if self.comm.size > 1 and params.get("pc_type") in ("lu", "cholesky"):
             params.setdefault("pc_factor_mat_solver_type", "mumps")
         with solver_options(prefix, params) as opts:
@@ -374,9 +371,8 @@ class CoupledSolver:
                 else:
                     M = rows.Phi_c @ JPhi
                     idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
-                me = list(idx_c).index(self.position[k])
-                mi = list(idx_r).index(self.position[k])
-                M = M.copy()
+                # M is a fresh array: block k's ridge goes into its (k, k) block.
+                mi, me = (list(idx).index(self.position[k]) for idx in (idx_r, idx_c))
                 N = self.N
                 M[mi * N:(mi + 1) * N, me * N:(me + 1) * N] += self._ridge_terms(k, state["C"][k])[1]
                 A.setValuesBlocked(idx_r.astype(PETSc.IntType), idx_c.astype(PETSc.IntType),
@@ -417,7 +413,7 @@ class CoupledSolver:
         if self._g0 is None:
             return True
         last, self._last_norm = self._last_norm, gnorm
-        if gnorm <= self.gauss_newton_rtol * self._g0 or (last is not None and gnorm > 0.5 * last):
+        if gauss_newton_is_done(gnorm, self._g0, last, self.gauss_newton_rtol):
             self._g0 = None
         return self._g0 is None
 

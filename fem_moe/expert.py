@@ -73,6 +73,23 @@ DEFAULT_SOLVER_PARAMETERS = {
 RANK_TOL = 1e-12
 
 
+def orthonormal_coordinates(gram):
+    """(T, rank) for the Gram matrix [N, N] of N basis fields: its numerical rank (eigenvalues
+    above RANK_TOL times the largest) and, at full rank, T = V diag(eig)^-1/2, so that w = T c
+    maps coefficients c of the orthonormalised basis to the basis's own (the identity below
+    full rank)."""
+    eig, vec = np.linalg.eigh(gram)
+    top = max(eig[-1], 0.0)
+    rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
+    return (vec / np.sqrt(eig) if rank == len(eig) else np.eye(len(eig))), rank
+
+
+def gauss_newton_is_done(norm, g0, last, rtol):
+    """The switch from Gauss-Newton to the exact Hessian: |G| <= rtol |G0|, or Gauss-Newton
+    stalls (|G| fell by less than half since the last Jacobian)."""
+    return norm <= rtol * g0 or (last is not None and norm > 0.5 * last)
+
+
 def _is_zero(form):
     return expand_derivatives(form).empty()
 
@@ -298,7 +315,7 @@ class Expert:
             return True
         norm, last = np.linalg.norm(G), self._last_norm
         self._last_norm = norm
-        if norm <= self.gauss_newton_rtol * self._g0 or (last is not None and norm > 0.5 * last):
+        if gauss_newton_is_done(norm, self._g0, last, self.gauss_newton_rtol):
             self._g0 = None    # exact from here on
         return self._g0 is None
 
@@ -462,15 +479,13 @@ class Expert:
         most the number of residual rows. Below N, w is not unique and dG/dw is singular: raise,
         or regularise with a ridge (see on_rank_deficient)."""
         gram = self._sum(np.concatenate([Phi @ Phi.T, [np.full(self.N, self.row_mask.sum())]]))
-        eig, eig_vec = np.linalg.eigh(gram[:-1])
+        T, rank = orthonormal_coordinates(gram[:-1])
         rows = int(gram[-1, 0])
-        top = max(eig[-1], 0.0)
-        rank = int(np.sum(eig > RANK_TOL * top)) if top > 0 else 0
         if rank == self.N and rows >= self.N:
             # SNES works in the coefficients c of the basis orthonormalised in the dof inner
             # product, w = T c: nearly collinear fields (smooth fields on a small subdomain) then
             # cost no extra Newton iterations. The solution u, hence w, is the same.
-            return rank, self._ridge(Phi) if self.ridge_always else 0.0, eig_vec / np.sqrt(eig)
+            return rank, self._ridge(Phi) if self.ridge_always else 0.0, T
         who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
         if rank < self.N:
             msg = (f"{who}, sample {sample}: the {self.N} basis fields (restricted to the "
@@ -532,8 +547,7 @@ class Expert:
         """lam = A^-T b, refusing a singular or ill-conditioned A: its condition number in the
         coordinates of the orthonormalised basis (those of the forward's SNES, where nearly
         collinear fields cost nothing) above 1e12 leaves the gradient few correct digits."""
-        eig, vec = np.linalg.eigh(self._sum(Phi @ Phi.T))
-        T = vec / np.sqrt(eig) if eig[0] > RANK_TOL * max(eig[-1], 0.0) > 0 else np.eye(self.N)
+        T, _ = orthonormal_coordinates(self._sum(Phi @ Phi.T))
         cond = np.linalg.cond(T.T @ A @ T)
         if not np.isfinite(cond) or cond > 1e12:
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"

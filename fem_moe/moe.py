@@ -362,23 +362,22 @@ def _solve_coupled(layer, Pk, Dk, B):
     times = {k: 0.0 for k in layer.experts}
     coupling = []
     for b in range(B):
-        w0, err = {}, None
-        try:
-            for k, e in layer.experts.items():
-                t0 = time.perf_counter()
-                d = None if Dk[k] is None else Dk[k][b]
-                if layer.local_first:
+        w0 = {k: np.zeros(N) for k in layer.experts}
+        if layer.local_first:
+            err = None
+            try:
+                for k, e in layer.experts.items():
+                    t0 = time.perf_counter()
+                    d = None if Dk[k] is None else Dk[k][b]
                     try:
                         w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b)
                     except SolverDivergedError as exc:
-                        w0[k], info = np.zeros(N), SampleInfo(reason=exc.reason, failed=str(exc))
+                        info = SampleInfo(reason=exc.reason, failed=str(exc))
                     samples[k].append(info)
-                else:
-                    w0[k] = np.zeros(N)
-                times[k] += time.perf_counter() - t0
-        except Exception as exc:     # noqa: BLE001
-            err = exc
-        raise_on_all_ranks(comm, err)
+                    times[k] += time.perf_counter() - t0
+            except Exception as exc:     # noqa: BLE001
+                err = exc
+            raise_on_all_ranks(comm, err)
         solver = layer.coupling
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})

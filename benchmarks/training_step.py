@@ -1,81 +1,217 @@
-"""Where a physics-informed training step goes: backbone, constraint layer, loss, bridge.
+"""Where a physics-informed training step goes, per model kind, at a PDE's full size.
 
-    mpiexec -n 2 python benchmarks/training_step.py [--n 48] [--experts 2] [--n-basis 16]
-                                                    [--batch 2] [--steps 5]
-                                                    [--out benchmarks/results/training_step.json]
+    mpiexec -n 2 python benchmarks/training_step.py [--pde diffusion_sorption]
+        [--options nx=1024,nt=100] [--kinds soft pihc moe] [--experts 4] [--n-basis 16]
+        [--batch 4] [--warmup 8] [--steps 4] [--n-train 32] [--no-warm-start]
+        [--training-rtol 1e-8] [--dtype float64] [--label after] [--out benchmarks/results/training_step.json]
 
-One step = DeepONet basis at this rank's dofs -> MoEHardConstraint -> residual_loss (the global
-residual) -> backward -> bridge.allreduce_gradients -> Adam. Each phase is timed on every rank
-after a barrier; the table shows the slowest rank's time per phase (mean over steps after one
-warm-up step) and its share of the step.
+One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
+permutation per epoch, as the trainer; ``--n-train 0``: fresh inputs every step) -> DeepONet
+basis at this rank's dofs -> the model's constraint -> the physics loss (residual_loss, the global residual) -> backward ->
+bridge.allreduce_gradients -> Adam. Each phase is timed on every rank after a barrier; the table
+shows the slowest rank's time per phase (mean over the steps after one warm-up step).
+
+Inside the phases, PETSc's own log events split the time further (summed over the measured
+steps, slowest rank, per step): every Firedrake assembly kernel (``ParLoopExecute``), the
+products of sparse matrices with the dense basis (``MatMatMult``), the reduced and coupled SNES
+(``SNESSolve``), and fem_moe's events (``FemMoe*``: reduced solves, IFT backwards, coupling). The
+script only reads events: it runs unchanged against an older fem_moe (``PYTHONPATH=<checkout>``),
+which is how the "before" rows are measured; events that version lacks are reported as absent.
+
+Rows are appended to ``--out`` under ``--label`` (a row with the same label, kind and size is
+replaced), so before/after rows measured in one session sit in one file.
 """
 import argparse
+import json
 import os
 import sys
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+# This script's flags are not PETSc's: no unused-options report at exit.
+os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
+
+EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "SNESSolve", "FemMoeReducedSolve", "FemMoeReducedVJP",
+          "FemMoeCoupledSolve", "FemMoeCoupledVJP")
+
+
+def parse_options(text):
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, value = item.split("=")
+        out[key] = float(value) if "." in value or "e" in value else int(value)
+    return out
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--n", type=int, default=48)
-    parser.add_argument("--experts", type=int, default=None)
+    parser.add_argument("--pde", default="diffusion_sorption")
+    parser.add_argument("--options", default="nx=1024,nt=100")
+    parser.add_argument("--kinds", nargs="+", default=["soft", "pihc", "moe"])
+    parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--n-basis", type=int, default=16)
-    parser.add_argument("--batch", type=int, default=2)
-    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="measured steps")
+    parser.add_argument("--warmup", type=int, default=8,
+                        help="steps before the measured ones (the first compiles kernels; one "
+                             "epoch stores every sample's warm start)")
+    parser.add_argument("--n-train", type=int, default=32,
+                        help="the fixed training set's size (0: fresh inputs every step)")
+    parser.add_argument("--no-warm-start", action="store_true")
+    parser.add_argument("--training-rtol", type=float, default=1e-8,
+                        help="the constraint's training_rtol (0: the solver options' tolerance)")
+    parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
+                        help="the backbone's (solves are float64)")
+    parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
     args, _ = parser.parse_known_args()
     sys.path.insert(0, HERE)
     import numpy as np
     import torch
+    import firedrake as fd
+    from firedrake.petsc import PETSc
     from mpi4py import MPI
     import fem_moe
-    from fem_moe import bridge
+    from fem_moe import bridge, pdes
     from fem_moe.backbones import DeepONetBasis
-    from common import Timer, nonlinear_diffusion, print_table, write_json
+    from fem_moe.model import NeuralSolver
+    from common import Timer, print_table, write_json
 
     comm = MPI.COMM_WORLD
+    PETSc.Log.begin()
     bridge.init_process_group(comm)
-    problem, data = nonlinear_diffusion(args.n)
-    data = data.repeat(args.batch, 1) * torch.linspace(1, 2, args.batch, dtype=torch.float64)[:, None]
-    params = torch.linspace(1, 2, args.batch, dtype=torch.float64)[:, None]
-    torch.manual_seed(0)
-    net = DeepONetBasis(1, args.n_basis, dim=2, width=64, depth=3).double().to(bridge.device_for_rank(comm))
-    bridge.broadcast_parameters(net)
-    layer = fem_moe.MoEHardConstraint(problem, args.n_basis, n_experts=args.experts)
-    points = torch.tensor(problem.dof_coordinates())
-    optimiser = torch.optim.Adam(net.parameters(), lr=1e-3)
-    phases = ["backbone", "constraint forward", "loss forward", "backward", "bridge all-reduce", "optimiser"]
-    times = {p: [] for p in phases}
+    pde = pdes.get(args.pde, **parse_options(args.options))
+    problem = pde.problem(pde.mesh(comm))
+    rng = np.random.default_rng(0)
+    phases = ["backbone", "constraint forward", "loss forward", "backward", "bridge all-reduce",
+              "optimiser"]
+    dtype = getattr(torch, args.dtype)
 
-    def timed(name, fn):
-        comm.Barrier()
-        with Timer() as t:
-            out = fn()
-        times[name].append(comm.allreduce(t.seconds, MPI.MAX))
-        return out
+    def draw(n):
+        params = comm.bcast(pde.sample(rng, n))
+        inputs = torch.tensor(np.asarray(pde.inputs(params)), dtype=torch.float64)
+        data = torch.tensor(np.stack([
+            np.concatenate([f.dat.data_ro[:fem_moe.problem.owned_size(f.function_space())]
+                            for f in pde.data(problem, p)]) for p in params]))
+        return inputs.to(dtype), data
 
-    for step in range(args.steps + 1):
-        basis = timed("backbone", lambda: net(params, points))
-        u = timed("constraint forward", lambda: layer(basis, data))
-        loss = timed("loss forward", lambda: fem_moe.residual_loss(problem, u, data))
-        optimiser.zero_grad()
-        timed("backward", loss.backward)
-        timed("bridge all-reduce", lambda: bridge.allreduce_gradients(net))
-        timed("optimiser", optimiser.step)
-        if step == 0:
-            times = {p: [] for p in phases}    # the warm-up step compiles kernels
-    total = sum(np.mean(times[p]) for p in phases)
-    rows = [{"phase": p, "seconds": float(np.mean(times[p])), "share": float(np.mean(times[p]) / total)}
-            for p in phases]
+    if args.n_train:
+        train_inputs, train_data = draw(args.n_train)
+    rows = []
+    for kind in args.kinds:
+        torch.manual_seed(0)
+        X = problem.mesh.coordinates.dat.data_ro
+        lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
+        hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
+        backbone = DeepONetBasis(len(pde.inputs(pde.sample(rng, 1))[0]), args.n_basis,
+                                 problem.mesh.geometric_dimension, n_components=problem.n_components,
+                                 shift=torch.tensor((lo + hi) / 2),
+                                 scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12))).to(dtype)
+        bridge.broadcast_parameters(backbone)
+        # Only options the measured version has: the "before" rows pass neither.
+        options = {}
+        if kind != "soft" and not args.no_warm_start:
+            options["warm_start"] = True
+        if kind != "soft" and args.training_rtol:
+            options["training_rtol"] = args.training_rtol
+        model = NeuralSolver(problem, backbone, kind=kind, n_basis=args.n_basis,
+                             n_experts=args.experts if kind == "moe" else None, **options)
+        model.to(dtype=dtype)
+        optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
+        times = {p: [] for p in phases}
+        events = {}
+        iterations = []
+
+        def timed(name, fn):
+            comm.Barrier()
+            with Timer() as t:
+                out = fn()
+            times[name].append(comm.allreduce(t.seconds, MPI.MAX))
+            return out
+
+        def event_seconds():
+            out = {}
+            for name in EVENTS:
+                info = PETSc.Log.Event(name).getPerfInfo()
+                out[name] = (comm.allreduce(info["time"], MPI.MAX), int(info["count"]))
+            return out
+
+        for step in range(args.warmup + args.steps):
+            if step == args.warmup:
+                times = {p: [] for p in phases}
+                iterations = []
+                start = event_seconds()
+            if args.n_train:     # the trainer's batches: a permutation of the set per epoch
+                per_epoch = args.n_train // args.batch
+                epoch, i = divmod(step, per_epoch)
+                idx = np.random.default_rng([0, epoch]).permutation(args.n_train)[i * args.batch:(i + 1) * args.batch]
+                inputs, data = train_inputs[idx], train_data[idx]
+            else:
+                inputs, data = draw(args.batch)
+            basis = timed("backbone", lambda: model.basis(inputs))
+            data = data.to(basis.dtype)
+            if kind == "soft":
+                u = timed("constraint forward", lambda: torch.einsum("bnp,n->bp", basis, model.weights))
+            else:
+                u = timed("constraint forward", lambda: model.constraint(basis, data))
+                iterations += _iterations(model.constraint)
+            loss = timed("loss forward", lambda: fem_moe.residual_loss(problem, u, data))
+            optimiser.zero_grad()
+            timed("backward", loss.backward)
+            timed("bridge all-reduce", lambda: bridge.allreduce_gradients(model))
+            timed("optimiser", optimiser.step)
+        end = event_seconds()
+        total = sum(np.mean(times[p]) for p in phases)
+        row = {"label": args.label, "kind": kind, "ranks": comm.size, "dofs": problem.V.dim(),
+               "experts": model.constraint.n_experts if kind == "moe" else (1 if kind == "pihc" else 0),
+               "n_basis": args.n_basis, "batch": args.batch, "steps": args.steps,
+               "warmup": args.warmup, "n_train": args.n_train, "dtype": args.dtype,
+               "warm_start": bool(options.get("warm_start", False)),
+               "training_rtol": options.get("training_rtol"),
+               "step_seconds": float(total),
+               "phases": {p: float(np.mean(times[p])) for p in phases},
+               "events": {name: {"seconds_per_step": (end[name][0] - start[name][0]) / args.steps,
+                                 "calls_per_step": (end[name][1] - start[name][1]) / args.steps}
+                          for name in EVENTS if end[name][1] > start[name][1]},
+               "iterations_mean": float(np.mean(iterations)) if iterations else None}
+        rows.append(row)
+        if comm.rank == 0:
+            print(f"\n{args.label}: {kind}, {comm.size} ranks, {row['dofs']} dofs, N = {args.n_basis}, "
+                  f"batch {args.batch}: {total:.3f} s per step"
+                  + (f", {row['iterations_mean']:.1f} reduced iterations per solve"
+                     if iterations else ""))
+            table = [{"what": p, "s": row["phases"][p], "share": row["phases"][p] / total} for p in phases]
+            table += [{"what": f"  event {n}", "s": e["seconds_per_step"], "share": e["seconds_per_step"] / total}
+                      for n, e in row["events"].items()]
+            print_table(table, [("what", "phase", "{}"), ("s", "s per step (slowest rank)", "{:.4f}"),
+                                ("share", "share", "{:.1%}")])
     if comm.rank == 0:
-        print(f"{comm.size} ranks, {problem.V.dim()} dofs, K = {layer.n_experts}, N = {args.n_basis}, "
-              f"batch {args.batch}: {total:.3f} s per step")
-        print_table(rows, [("phase", "phase", "{}"), ("seconds", "s (slowest rank)", "{:.4f}"),
-                           ("share", "share", "{:.1%}")])
+        old = []
+        if os.path.exists(args.out):
+            with open(args.out) as f:
+                doc = json.load(f)
+            key = lambda r: (r.get("label"), r.get("kind"), r.get("ranks"), r.get("dofs"),
+                             r.get("dtype"), r.get("warm_start"), r.get("n_train"),
+                             r.get("training_rtol"))
+            new = {key(r) for r in rows}
+            old = [r for r in doc.get("rows", []) if "label" in r and key(r) not in new]
         os.makedirs(os.path.dirname(args.out), exist_ok=True)
-        write_json(args.out, "training_step", rows, ranks=comm.size, dofs=problem.V.dim(),
-                   experts=layer.n_experts, n_basis=args.n_basis, batch=args.batch, steps=args.steps)
+        write_json(args.out, "training_step", old + rows, pde=args.pde, options=args.options)
+
+
+def _iterations(constraint):
+    """Iterations per solve of the last forward: the coupled solve's per sample where there is
+    one, else every reduced solve's (whatever the measured version of fem_moe keeps)."""
+    gather = getattr(constraint, "all_diagnostics", None)
+    diags = gather() if gather is not None else getattr(constraint, "diagnostics", [])
+    coupled = [s["iterations"] for s in getattr(diags, "coupling", ())]
+    if coupled:
+        return coupled
+    found = []
+    for d in diags:
+        for s in (d.get("samples", [d]) if isinstance(d, dict) else [d]):
+            if isinstance(s, dict) and "iterations" in s:
+                found.append(s["iterations"])
+    return found
 
 
 if __name__ == "__main__":

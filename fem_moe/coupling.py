@@ -42,6 +42,7 @@ from firedrake.petsc import PETSc
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
                      orthonormal_coordinates, reason_name, solver_options)
+from .warmstart import tolerances
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
@@ -450,13 +451,18 @@ class CoupledSolver:
         self._cache = None
         self._g0 = None
 
-    def solve(self, w0, sample=None):
+    @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
+    def solve(self, w0, sample=None, reference=None, rtol=None):
         """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
-        {k: u on k's submesh}, info). Raises SolverDivergedError on every rank."""
+        {k: u on k's submesh}, info). ``reference``: a warm start's ``info.reference`` from its
+        sample's cold solve (the initial |G| that tolerances are measured from; default this
+        solve's own); ``rtol``: this solve's SNES relative tolerance (default the options').
+        Raises SolverDivergedError on every rank."""
         t0 = time.perf_counter()
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
         start = self._state_at(self.x, "G")
-        before, g_start = start["rnorm"], start["gnorm"]
+        before = start["rnorm"]
+        g_start = start["gnorm"] if reference is None else reference
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
             self._g0, self._last_norm = g_start, None
         if self._auto_delta0:
@@ -469,7 +475,8 @@ class CoupledSolver:
             step.destroy()
         self._callback_error = None
         try:
-            self.snes.solve(None, self.x)
+            with tolerances(self.snes, reference, rtol):
+                self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank
                 raise self._callback_error from exc
@@ -490,7 +497,8 @@ class CoupledSolver:
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
-                          time=time.perf_counter() - t0)
+                          time=time.perf_counter() - t0, reference=g_start,
+                          warm=reference is not None)
         finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
         if reason < 0 or not finite:
             raise SolverDivergedError(
@@ -533,6 +541,7 @@ class CoupledSolver:
         step.destroy()
         return decrease <= self.stall_rtol * state["objective"]
 
+    @PETSc.Log.EventDecorator("FemMoeCoupledVJP")
     def vjp(self, w, u_bar, sample=None):
         """The IFT backward of one sample (after ``prepare`` with the forward's basis and data).
         w {k: [N]} the forward's coefficients; u_bar {k: [n_sub]} dL/du on k's owned dofs (zero

@@ -40,6 +40,7 @@ from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
 from .problem import owned_size, owned_values, subspaces
+from .warmstart import tolerances
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
 
@@ -97,7 +98,9 @@ def _is_zero(form):
 class SampleInfo(dict):
     """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
-    ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds)."""
+    ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
+    (started from a given w0), ``reference`` (the initial |G| the solve was measured from: a
+    warm start of the same sample passes it on, see :mod:`fem_moe.warmstart`)."""
     __getattr__ = dict.__getitem__
 
 
@@ -403,11 +406,15 @@ class Expert:
             A.assemble()
 
     # ---------------------------------------------------------------- public
-    def solve(self, Phi, data=None, w0=None, sample=None):
+    @PETSc.Log.EventDecorator("FemMoeReducedSolve")
+    def solve(self, Phi, data=None, w0=None, sample=None, reference=None, rtol=None):
         """Solve one sample. Collective over ``problem.comm``.
 
         Phi: [N, n] float64 (this rank's owned dofs); data: [n_data] float64 or None;
-        w0: initial coefficients [N] (default 0). Returns (w [N], u [n], SampleInfo).
+        w0: initial coefficients [N] (default 0); reference: a warm start's ``info.reference``
+        from its sample's cold solve (the initial |G| the tolerances and the Gauss-Newton switch
+        are measured from; default: this solve's own); rtol: the SNES relative tolerance of this
+        solve (default: the options'). Returns (w [N], u [n], SampleInfo).
         Raises SolverDivergedError (every rank) if SNES does not converge.
         """
         t0 = time.perf_counter()
@@ -422,9 +429,12 @@ class Expert:
         w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
         self._wvec.setArray(self._local(np.linalg.solve(self._T, w)))
         before = self._state_at(self._wvec, "objective")["rnorm"]
-        g_start = np.linalg.norm(self._T.T @ self._state_at(self._wvec, "G")["G"])
+        G0 = self._state_at(self._wvec, "G")["G"]
+        # |G| in the SNES's (orthonormalised) coordinates and in the basis's own.
+        own = (np.linalg.norm(self._T.T @ G0), np.linalg.norm(G0))
+        g_start, g_raw = own if reference is None else reference
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
-            self._g0, self._last_norm = np.linalg.norm(self._state_at(self._wvec, "G")["G"]), None
+            self._g0, self._last_norm = g_raw, None
         if self._auto_delta0:
             state = self._state_at(self._wvec, "A")
             T = self._T
@@ -432,7 +442,8 @@ class Expert:
             step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
             self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
         try:
-            self.snes.solve(None, self._wvec)
+            with tolerances(self.snes, None if reference is None else g_start, rtol):
+                self.snes.solve(None, self._wvec)
         finally:
             self._g0 = None
         reason = self.snes.getConvergedReason()
@@ -449,7 +460,8 @@ class Expert:
                 reason, name = 1, "CONVERGED_AT_FLOOR"
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=name,
-                          rank=rank, ridge=self.rho, time=time.perf_counter() - t0)
+                          rank=rank, ridge=self.rho, time=time.perf_counter() - t0,
+                          reference=(g_start, g_raw), warm=w0 is not None)
         if reason < 0 or not np.all(np.isfinite(w)):
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
             raise SolverDivergedError(
@@ -510,6 +522,7 @@ class Expert:
         diag = np.trace(state.get("GN", state["A"])) / self.N
         return self.ridge_factor * max(abs(diag), 1e-300)
 
+    @PETSc.Log.EventDecorator("FemMoeReducedVJP")
     def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None):
         """The IFT backward of one sample. Collective over ``problem.comm``.
 

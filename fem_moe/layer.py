@@ -5,6 +5,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
+from .warmstart import WarmStarts, solve_from
 
 __all__ = ["HardConstraint", "residual_loss", "residual_rows"]
 
@@ -36,6 +37,13 @@ def check_tensor(comm, name, x, shape, dtype=None, device=None):
     sizes = comm.allgather(free)
     if len(set(sizes)) > 1:
         raise_on_all_ranks(comm, f"{name}: batch sizes differ across ranks: {sizes}")
+
+
+def check_rtol(rtol):
+    """A relative tolerance in (0, 1), or None."""
+    if rtol is not None and not 0 < float(rtol) < 1:
+        raise InputError(f"training_rtol must be in (0, 1) or None, got {rtol!r}")
+    return None if rtol is None else float(rtol)
 
 
 def _to_numpy(x):
@@ -72,8 +80,13 @@ class _ConstrainedSolve(torch.autograd.Function):
         has_data = D.shape[1] > 0
         ws, rhos, us, infos, err = [], [], [], [], None
         try:
+            keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
-                w, u, info = layer.expert.solve(Phi[b], D[b] if has_data else None, sample=b)
+                (w, u, info), _ = solve_from(
+                    lambda w0, ref: layer.expert.solve(Phi[b], D[b] if has_data else None, w0=w0,
+                                                       sample=b, reference=ref, rtol=layer._rtol),
+                    layer.warm_starts[keys[b]] if hits[b] else None)
+                layer.warm_starts[keys[b]] = (w, info.reference)
                 ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
@@ -122,6 +135,20 @@ class HardConstraint(torch.nn.Module):
     "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the
     strong residual, mesh-grading independent); see :func:`fem_moe.expert.row_scale`.
 
+    ``warm_start``: start each sample's solve from that sample's last solution (a sample is
+    known by its data; see :mod:`fem_moe.warmstart`): training on a fixed dataset revisits its
+    samples with a slightly changed basis, and a warm start saves most of the SNES iterations.
+    Off by default, so that a layer's output is a function of its inputs alone; the trainer
+    turns it on (``model.warm_start``). ``layer.warm_starts.clear()`` forgets the stored ones.
+
+    ``training_rtol``: the reduced SNES's relative tolerance in a training forward (the module
+    in training mode, autograd recording); other forwards keep the solver options' (1e-12 by
+    default). Training needs the loss and its gradient to a few digits, not to round-off: on
+    diffusion-sorption the last digits cost most of the iterations, where the exact Hessian is
+    indefinite and the trust region crawls (``benchmarks/training_step.py``). The gradient is
+    then the implicit-function gradient at a point where |G| <= training_rtol |G(w0)| instead
+    of 0. Default None: every forward at the options' tolerance.
+
     Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
     N x N linear solve per sample, no unrolled iterations. ``layer.diagnostics`` holds a
     :class:`fem_moe.expert.SampleInfo` per sample of the last forward.
@@ -131,16 +158,24 @@ class HardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4,
-                 ridge_always=False, norm="euclidean"):
+                 ridge_always=False, norm="euclidean", warm_start=False, training_rtol=None):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
+        self.training_rtol = check_rtol(training_rtol)
+        self.warm_starts = WarmStarts(problem.comm, warm_start and bool(problem.data_spaces))
         self.expert = Expert(problem, n_basis, mode=mode, on_rank_deficient=on_rank_deficient,
                              ridge=ridge, ridge_always=ridge_always, norm=norm)
         self.norm = self.expert.norm
         self.diagnostics = []
 
+    @property
+    def rtol_now(self):
+        """The reduced solves' relative tolerance in the current forward (None: the options')."""
+        return self.training_rtol if self.training and torch.is_grad_enabled() else None
+
     def forward(self, basis, data=None):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
+        self._rtol = self.rtol_now    # autograd.Function.forward runs without grad mode
         return _ConstrainedSolve.apply(self, basis, data)
 
     def extra_repr(self):

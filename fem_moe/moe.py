@@ -14,9 +14,10 @@ from torch.autograd.function import once_differentiable
 from .coupling import CoupledRows, CoupledSolver
 from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, check_norm, dirichlet_dofs
-from .layer import check_inputs, _like, _to_numpy
+from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
 from .partition import ExchangePlan, Partition, SpaceLayout
 from .problem import ConstrainedProblem, owned_values
+from .warmstart import WarmStarts, solve_from
 
 __all__ = ["MoEHardConstraint"]
 
@@ -118,6 +119,12 @@ class MoEHardConstraint(torch.nn.Module):
 
     ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s.
 
+    ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
+    independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
+    sample skips the first
+    stage (``local_first``) and starts the coupled solve (or each independent expert) from its
+    last coefficients.
+
     ``coupled=False``: the paper's independent experts. Each solves its own coefficients from
     the residual rows of the dofs it owns, evaluated on its own field, with no interface
     condition; its backward is its own IFT solve.
@@ -146,10 +153,13 @@ class MoEHardConstraint(torch.nn.Module):
 
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
                  ridge=1e-4, partitioner_type=None, ridge_always=False, coupled=True,
-                 local_first=False, coupling_parameters=None, norm="euclidean"):
+                 local_first=False, coupling_parameters=None, norm="euclidean",
+                 warm_start=False, training_rtol=None):
         super().__init__()
+        self.training_rtol = check_rtol(training_rtol)
         self.coupled, self.local_first = bool(coupled), bool(local_first)
         comm = problem.comm
+        self.warm_starts = WarmStarts(comm, warm_start and bool(problem.data_spaces))
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()
@@ -266,8 +276,11 @@ class MoEHardConstraint(torch.nn.Module):
         these rows is what the mixture gives up (measure it with fem_moe.residual_rows)."""
         return self._interface[self.layout.owned_ids].copy()
 
+    rtol_now = HardConstraint.rtol_now
+
     def forward(self, basis, data=None):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
+        self._rtol = self.rtol_now    # autograd.Function.forward runs without grad mode
         return _MoESolve.apply(self, basis, data)
 
     def all_diagnostics(self):
@@ -300,7 +313,11 @@ class _MoESolve(torch.autograd.Function):
         Pk = {k: Phi[k].reshape(-1, B, N).transpose(1, 2, 0) for k in layer.experts}   # [B, N, n_k]
         Dk = {k: D[k] if D[k].shape[1] > 0 else None for k in layer.experts}
         solve = _solve_coupled if layer.coupled else _solve_independent
-        outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B)
+        try:
+            starts = layer.warm_starts.lookup(_to_numpy(data))
+        except Exception as exc:     # noqa: BLE001
+            raise_on_all_ranks(layer.problem.comm, exc)
+        outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B, starts)
         layer.diagnostics, layer.coupling_diagnostics = diagnostics, coupling
         outputs = {k: np.where(layer.experts[k].rows[:, None], outputs[k], 0.0) for k in outputs}
         ctx.layer, ctx.saved = layer, (Pk, Dk, ws)
@@ -333,14 +350,24 @@ def _expert_record(layer, k, samples, solve_time):
                 backward_time=0.0)
 
 
-def _solve_independent(layer, Pk, Dk, B):
-    """Each expert solves its own rows on its own field; no communication."""
+def _solve_independent(layer, Pk, Dk, B, starts):
+    """Each expert solves its own rows on its own field; no communication. A warm start's entry
+    holds each of this rank's experts' (w, reference)."""
     outputs, ws, diagnostics, err = {}, {}, [], None
+    keys, hits = starts
+    stored = [layer.warm_starts[keys[b]] if hits[b] else {} for b in range(B)]
     try:
         for k, e in layer.experts.items():
             t0 = time.perf_counter()
-            sols = [e.expert.solve(Pk[k][b], None if Dk[k] is None else Dk[k][b], sample=b)
-                    for b in range(B)]
+            sols = []
+            for b in range(B):
+                d = None if Dk[k] is None else Dk[k][b]
+                (w, u, info), _ = solve_from(
+                    lambda w0, ref: e.expert.solve(Pk[k][b], d, w0=w0, sample=b, reference=ref,
+                                                   rtol=layer._rtol),
+                    stored[b].get(k))
+                stored[b][k] = (w, info.reference)
+                sols.append((w, u, info))
             outputs[k] = np.stack([u for _, u, _ in sols], axis=1)
             ws[k] = [(w, i.ridge) for w, _, i in sols]
             diagnostics.append(_expert_record(layer, k, [i for *_, i in sols],
@@ -348,10 +375,12 @@ def _solve_independent(layer, Pk, Dk, B):
     except Exception as exc:     # noqa: BLE001 -- any error reaches every rank
         err = exc
     raise_on_all_ranks(layer.problem.comm, err)
+    for b in range(B):
+        layer.warm_starts[keys[b]] = stored[b]
     return outputs, ws, Diagnostics(diagnostics), []
 
 
-def _solve_coupled(layer, Pk, Dk, B):
+def _solve_coupled(layer, Pk, Dk, B, starts):
     """Per sample: the experts' own solves (the first stage: the initial guess; an expert whose
     own problem has no solution, e.g. free directions in Galerkin mode, starts from 0), then the
     coupled solve over every expert's coefficients."""
@@ -361,16 +390,18 @@ def _solve_coupled(layer, Pk, Dk, B):
     samples = {k: [] for k in layer.experts}
     times = {k: 0.0 for k in layer.experts}
     coupling = []
+    keys, hits = starts
     for b in range(B):
         w0 = {k: np.zeros(N) for k in layer.experts}
-        if layer.local_first:
+        warm = layer.warm_starts[keys[b]] if hits[b] else None
+        if layer.local_first and warm is None:
             err = None
             try:
                 for k, e in layer.experts.items():
                     t0 = time.perf_counter()
                     d = None if Dk[k] is None else Dk[k][b]
                     try:
-                        w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b)
+                        w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b, rtol=layer._rtol)
                     except SolverDivergedError as exc:
                         info = SampleInfo(reason=exc.reason, failed=str(exc))
                     samples[k].append(info)
@@ -381,7 +412,11 @@ def _solve_coupled(layer, Pk, Dk, B):
         solver = layer.coupling
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
-        result, info = solver.solve(w0, sample=b)
+        (result, info), _ = solve_from(
+            lambda start, ref: solver.solve(w0 if start is None else start, sample=b, reference=ref,
+                                            rtol=layer._rtol),
+            warm)
+        layer.warm_starts[keys[b]] = ({k: w for k, (w, _) in result.items()}, info.reference)
         coupling.append(info)
         for k, (w, u) in result.items():
             outputs[k][:, b] = u

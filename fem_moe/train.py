@@ -145,7 +145,8 @@ class Trainer:
         if m["kind"] == "soft":
             return {}
         options = {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always",
-                   "norm": m["norm"]}
+                   "norm": m["norm"], "warm_start": m["warm_start"],
+                   "training_rtol": m["training_rtol"] or None}
         if m["kind"] == "moe":
             options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"])
         return options
@@ -426,9 +427,13 @@ class Trainer:
         one, so an interruption leaves the previous checkpoint intact) and the metrics.
         Collective."""
         path = path or self.checkpoint_path
+        # Each rank's warm starts (its part of every stored solution): a resumed run starts its
+        # solves where the uninterrupted one would, and takes the same steps.
+        layer = self.model.constraint
+        warm = self.comm.gather(layer.warm_starts.state() if layer is not None else [], root=0)
         if self.comm.rank == 0:
             buf = io.BytesIO()
-            torch.save(self.state(), buf)
+            torch.save({**self.state(), "warm_starts": warm}, buf)
             write_atomic(path, lambda f: f.write(buf.getvalue()))
             self.write_metrics()
         self.comm.barrier()
@@ -456,6 +461,10 @@ class Trainer:
         self.step = state["step"]
         self.history, self.validation = state["history"], state["validation"]
         self.diverged = state["diverged"]
+        warm, layer = state.get("warm_starts"), self.model.constraint
+        if layer is not None and warm is not None and len(warm) == self.comm.size:
+            # (On another rank count the ranks hold other parts: the solves start cold.)
+            layer.warm_starts.load_state(warm[self.comm.rank])
 
     def write_metrics(self):
         """metrics.json (config, per-step records, validations, failures) and metrics.csv (one

@@ -1,0 +1,107 @@
+"""Warm starts: each sample's reduced solve starts from that sample's last solution.
+
+Training revisits the samples of a fixed dataset every epoch while the basis changes by one
+optimiser step at a time, so the coefficients a sample had at its last visit put its solve near
+its solution: fewer SNES iterations, fewer assemblies (``benchmarks/training_step.py``). A
+sample is recognised by its problem data (the data spaces' dofs, hashed): the same data is the
+same physical problem, whatever the backbone's inputs. Samples of problems without data spaces
+are known by their basis alone, which changes every step: they get no warm starts. Outputs are
+the cold start's to the solver's tolerance: a warm-started solve is held to the tolerance its
+sample's cold start had (relative to that start's |G|, see :func:`tolerances`), and one
+that diverges is repeated from w = 0 before anything is raised.
+"""
+import contextlib
+import hashlib
+from collections import OrderedDict
+
+import numpy as np
+
+from .errors import SolverDivergedError
+
+__all__ = ["WarmStarts"]
+
+
+class WarmStarts:
+    """The last solution of each sample seen, least recently used first out.
+
+    ``keys, hits = starts.lookup(data)`` (collective over ``comm``): per sample of ``data``
+    [batch, n_data] (this rank's dofs), its key (a digest of every rank's dofs of the sample,
+    the same on every rank) and whether an entry is stored for it. ``starts[key]`` is the
+    stored entry, ``starts[key] = entry`` stores one (every rank stores its own part of the
+    solution at the same time, so the ranks agree on what is stored). ``capacity`` 0: nothing
+    is stored, no sample is looked up (as with ``enabled`` False).
+    """
+
+    def __init__(self, comm, enabled=True, capacity=65536):
+        self.comm, self.capacity = comm, int(capacity) if enabled else 0
+        self._entries = OrderedDict()
+        self.hits = self.misses = 0
+
+    def lookup(self, data):
+        batch = data.shape[0]
+        if not self.capacity:
+            return [None] * batch, [False] * batch
+        data = np.ascontiguousarray(data, dtype=np.float64)
+        mine = [hashlib.blake2b(row.tobytes(), digest_size=16).digest() for row in data]
+        everyone = self.comm.allgather(mine)
+        keys = [hashlib.blake2b(b"".join(parts), digest_size=16).digest()
+                for parts in zip(*everyone)]
+        hits = [k in self._entries for k in keys]
+        self.hits += sum(hits)
+        self.misses += batch - sum(hits)
+        return keys, hits
+
+    def __getitem__(self, key):
+        self._entries.move_to_end(key)
+        return self._entries[key]
+
+    def __setitem__(self, key, entry):
+        if key is None or not self.capacity:
+            return
+        self._entries[key] = entry
+        self._entries.move_to_end(key)
+        while len(self._entries) > self.capacity:
+            self._entries.popitem(last=False)
+
+    def state(self):
+        """This rank's entries, least recently used first: [(key, entry)] (for a checkpoint)."""
+        return list(self._entries.items())
+
+    def load_state(self, items):
+        self._entries = OrderedDict(items)
+
+    def __len__(self):
+        return len(self._entries)
+
+    def clear(self):
+        self._entries.clear()
+
+
+def solve_from(solve, entry):
+    """``solve(w0, reference)`` from a stored entry (w0, reference: the |G| its sample's cold
+    start began with, as the solver reports it), or cold (None, None) without one.
+    A warm-started solve that diverges is repeated cold: a poor start must not cost a sample
+    that a cold start solves. Every rank takes the same branch (SolverDivergedError is raised on
+    every rank). Returns (result, warm): whether the returned result is the warm start's."""
+    if entry is None:
+        return solve(None, None), False
+    try:
+        return solve(*entry), True
+    except SolverDivergedError:
+        return solve(None, None), False
+
+
+@contextlib.contextmanager
+def tolerances(snes, g_ref=None, rtol=None):
+    """For the duration of one solve: SNES's relative tolerance ``rtol`` (None: its own), and,
+    for a warm start, measured from ``g_ref`` (the initial |G| of its sample's cold start)
+    rather than from the initial |G|, which a warm start has already made small: SNES then
+    asks the same accuracy of a sample whether it starts warm or cold."""
+    old_rtol, old_atol = snes.getTolerances()[:2]
+    new_rtol = old_rtol if rtol is None else float(rtol)
+    new_atol = old_atol if g_ref is None else max(old_atol, new_rtol * g_ref)
+    snes.setTolerances(rtol=new_rtol, atol=new_atol)
+    try:
+        yield
+    finally:
+        snes.setTolerances(rtol=old_rtol, atol=old_atol)

@@ -1,0 +1,134 @@
+"""Warm starts (each sample's solve from its last solution) and the training tolerance."""
+import numpy as np
+import pytest
+import torch
+
+import fem_moe
+from fem_moe.errors import InputError
+from problems import nonlinear_diffusion, random_basis, source
+
+N = 4
+
+
+def layers(problem, **kwargs):
+    return {"pihc": lambda: fem_moe.HardConstraint(problem, N, **kwargs),
+            "coupled": lambda: fem_moe.MoEHardConstraint(problem, N, n_experts=3, **kwargs),
+            "independent": lambda: fem_moe.MoEHardConstraint(problem, N, n_experts=3, coupled=False,
+                                                             ridge_always=True, **kwargs)}
+
+
+def infos(layer):
+    """Per sample of the last forward: the solves' SampleInfos (the coupled one, or each
+    expert's in turn)."""
+    if isinstance(layer, fem_moe.HardConstraint):
+        return [[i] for i in layer.diagnostics]
+    diags = layer.all_diagnostics()
+    if diags.coupling:
+        return [[i] for i in diags.coupling]
+    return [list(s) for s in zip(*[d["samples"] for d in diags])]
+
+
+def batch(problem, scales):
+    return torch.cat([source(problem, s) for s in scales])
+
+
+@pytest.mark.parallel([1, 2, 3])
+@pytest.mark.parametrize("kind", ["pihc", "coupled", "independent"])
+def test_warm_start_gives_the_cold_solution_in_fewer_iterations(kind):
+    problem = nonlinear_diffusion(n=8)
+    warm, cold = layers(problem, warm_start=True)[kind](), layers(problem)[kind]()
+    data = batch(problem, [1.0, 2.0, 3.0])
+    basis = random_basis(problem, N, batch=3)
+    warm(basis, data)
+    assert all(not i.warm for s in infos(warm) for i in s)
+    # The next step's basis: a small change, as one optimiser step makes; and a new sample.
+    basis2 = basis + 1e-3 * random_basis(problem, N, batch=3, seed=7)
+    data2 = batch(problem, [1.0, 2.0, 4.0])
+    u_warm, u_cold = warm(basis2, data2), cold(basis2, data2)
+    used = infos(warm)
+    assert [all(i.warm for i in s) for s in used] == [True, True, False]
+    assert torch.allclose(u_warm, u_cold, rtol=0, atol=1e-8 * u_cold.abs().max())
+    its = lambda layer: [sum(i.iterations for i in s) for s in infos(layer)]
+    assert all(w < c for w, c in zip(its(warm)[:2], its(cold)[:2])), (its(warm), its(cold))
+    assert warm.warm_starts.hits == 2 and warm.warm_starts.misses == 4
+    # The gradient is the cold one's (the implicit-function gradient at the same solution).
+    b1, b2 = basis2.clone().requires_grad_(), basis2.clone().requires_grad_()
+    warm(b1, data2).square().sum().backward()
+    cold(b2, data2).square().sum().backward()
+    assert torch.allclose(b1.grad, b2.grad, rtol=0, atol=1e-6 * b2.grad.abs().max())
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("kind", ["pihc", "coupled"])
+def test_a_diverging_warm_start_is_repeated_cold(kind, monkeypatch):
+    from fem_moe.coupling import CoupledSolver
+    from fem_moe.errors import SolverDivergedError
+    from fem_moe.expert import Expert
+    problem = nonlinear_diffusion(n=6)
+    layer = layers(problem, warm_start=True)[kind]()
+    data, basis = batch(problem, [1.0]), random_basis(problem, N)
+    u_cold = layer(basis, data)
+    # Every warm-started solve diverges, on every rank, where SNES would report it.
+    cls = Expert if kind == "pihc" else CoupledSolver
+    solve = cls.solve
+
+    def diverging_when_warm(self, *args, reference=None, **kwargs):
+        out = solve(self, *args, reference=reference, **kwargs)
+        if reference is not None:
+            raise SolverDivergedError("injected", sample=kwargs.get("sample"), reason="DIVERGED_MAX_IT")
+        return out
+
+    monkeypatch.setattr(cls, "solve", diverging_when_warm)
+    u = layer(basis, data)
+    assert not infos(layer)[0][0].warm and layer.warm_starts.hits == 1
+    assert torch.allclose(u, u_cold, rtol=0, atol=1e-10 * u_cold.abs().max())
+
+
+def test_no_warm_start_without_data_or_when_off():
+    problem = nonlinear_diffusion(n=4)
+    off = fem_moe.HardConstraint(problem, N)
+    data, basis = batch(problem, [1.0]), random_basis(problem, N)
+    off(basis, data), off(basis, data)
+    assert not off.diagnostics[0].warm and len(off.warm_starts) == 0
+    # A problem whose samples differ only through the basis: nothing to know a sample by.
+    import firedrake as fd
+    V = problem.V
+    plain = fem_moe.ConstrainedProblem(
+        V, lambda u, v, m: (fd.inner(fd.grad(u), fd.grad(v)) - v) * fd.dx,
+        bcs=fd.DirichletBC(V, 0.0, "on_boundary"))
+    layer = fem_moe.HardConstraint(plain, N, warm_start=True)
+    layer(basis), layer(basis)
+    assert not layer.diagnostics[0].warm and len(layer.warm_starts) == 0
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("kind", ["pihc", "coupled"])
+def test_training_rtol_applies_to_training_forwards_only(kind):
+    problem = nonlinear_diffusion(n=6)
+    loose = layers(problem, training_rtol=1e-3)[kind]()
+    tight = layers(problem)[kind]()
+    data, basis = batch(problem, [3.0]), random_basis(problem, N)
+    u_tight = tight(basis, data)
+    its_tight = infos(tight)[0][0].iterations
+    # Training forward: fewer iterations, an answer a loose tolerance away.
+    u = loose(basis.clone().requires_grad_(), data)
+    assert infos(loose)[0][0].iterations < its_tight
+    assert not torch.allclose(u, u_tight, rtol=0, atol=1e-10 * u_tight.abs().max())
+    # Evaluation (no_grad, or eval mode): the options' tolerance, the tight answer.
+    with torch.no_grad():
+        assert torch.allclose(loose(basis, data), u_tight, rtol=0, atol=1e-10 * u_tight.abs().max())
+    loose.eval()
+    assert torch.allclose(loose(basis.clone().requires_grad_(), data), u_tight, rtol=0,
+                          atol=1e-10 * u_tight.abs().max())
+    with pytest.raises(InputError, match="training_rtol"):
+        fem_moe.HardConstraint(problem, N, training_rtol=2.0)
+
+
+def test_trainer_passes_warm_start_and_training_rtol():
+    from fem_moe.train import Trainer
+    from test_training import config, shared_dir
+    layer = Trainer(config(shared_dir(), model={"kind": "pihc"})).model.constraint
+    assert layer.training_rtol == 1e-8 and layer.warm_starts.capacity > 0
+    layer = Trainer(config(shared_dir(), model={"kind": "pihc", "warm_start": False,
+                                                "training_rtol": 0})).model.constraint
+    assert layer.training_rtol is None and layer.warm_starts.capacity == 0

@@ -82,7 +82,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         try:
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
-                (w, u, info), _ = solve_from(
+                w, u, info = solve_from(
                     lambda w0, ref: layer.expert.solve(Phi[b], D[b] if has_data else None, w0=w0,
                                                        sample=b, reference=ref, rtol=layer._rtol),
                     layer.warm_starts[keys[b]] if hits[b] else None)

@@ -121,9 +121,8 @@ class MoEHardConstraint(torch.nn.Module):
 
     ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
     independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
-    sample skips the first
-    stage (``local_first``) and starts the coupled solve (or each independent expert) from its
-    last coefficients.
+    sample skips the first stage (``local_first``) and starts the coupled solve (or each
+    independent expert) from its last coefficients.
 
     ``coupled=False``: the paper's independent experts. Each solves its own coefficients from
     the residual rows of the dofs it owns, evaluated on its own field, with no interface
@@ -313,10 +312,7 @@ class _MoESolve(torch.autograd.Function):
         Pk = {k: Phi[k].reshape(-1, B, N).transpose(1, 2, 0) for k in layer.experts}   # [B, N, n_k]
         Dk = {k: D[k] if D[k].shape[1] > 0 else None for k in layer.experts}
         solve = _solve_coupled if layer.coupled else _solve_independent
-        try:
-            starts = layer.warm_starts.lookup(_to_numpy(data))
-        except Exception as exc:     # noqa: BLE001
-            raise_on_all_ranks(layer.problem.comm, exc)
+        starts = layer.warm_starts.lookup(_to_numpy(data))
         outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B, starts)
         layer.diagnostics, layer.coupling_diagnostics = diagnostics, coupling
         outputs = {k: np.where(layer.experts[k].rows[:, None], outputs[k], 0.0) for k in outputs}
@@ -362,7 +358,7 @@ def _solve_independent(layer, Pk, Dk, B, starts):
             sols = []
             for b in range(B):
                 d = None if Dk[k] is None else Dk[k][b]
-                (w, u, info), _ = solve_from(
+                w, u, info = solve_from(
                     lambda w0, ref: e.expert.solve(Pk[k][b], d, w0=w0, sample=b, reference=ref,
                                                    rtol=layer._rtol),
                     stored[b].get(k))
@@ -412,7 +408,7 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         solver = layer.coupling
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
-        (result, info), _ = solve_from(
+        result, info = solve_from(
             lambda start, ref: solver.solve(w0 if start is None else start, sample=b, reference=ref,
                                             rtol=layer._rtol),
             warm)

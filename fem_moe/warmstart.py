@@ -79,16 +79,16 @@ class WarmStarts:
 
 def solve_from(solve, entry):
     """``solve(w0, reference)`` from a stored entry (w0, reference: the |G| its sample's cold
-    start began with, as the solver reports it), or cold (None, None) without one.
-    A warm-started solve that diverges is repeated cold: a poor start must not cost a sample
-    that a cold start solves. Every rank takes the same branch (SolverDivergedError is raised on
-    every rank). Returns (result, warm): whether the returned result is the warm start's."""
+    start began with, as the solver reports it), or cold (None, None) without one. A
+    warm-started solve that diverges is repeated cold: a poor start must not cost a sample that
+    a cold start solves. Every rank takes the same branch (SolverDivergedError is raised on
+    every rank). Returns what ``solve`` returns."""
     if entry is None:
-        return solve(None, None), False
+        return solve(None, None)
     try:
-        return solve(*entry), True
+        return solve(*entry)
     except SolverDivergedError:
-        return solve(None, None), False
+        return solve(None, None)
 
 
 @contextlib.contextmanager

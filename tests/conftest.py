@@ -32,6 +32,16 @@ def garbage_cleanup():
     PETSc.garbage_cleanup(MPI.COMM_WORLD)
 
 
+# PetscFinalize cleans up the garbage of PETSC_COMM_WORLD collectively, but only on the ranks
+# where that communicator's inner (PETSc) communicator is still alive, i.e. where some object
+# still uses it. Which objects the garbage collector has freed by then differs from rank to
+# rank, so some ranks entered the cleanup's MPI_Allreduce while another went on to
+# MPI_Finalize: the whole -n 3 group hung at exit after its tests passed (seen with every test
+# file, not with any file left out). An object on PETSC_COMM_WORLD kept to the end on every
+# rank makes every rank take part.
+_WORLD_ANCHOR = PETSc.Vec().createMPI((0, PETSc.DECIDE), comm=PETSc.COMM_WORLD)
+
+
 @pytest.fixture
 def repo():
     return REPO

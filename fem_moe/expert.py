@@ -165,6 +165,7 @@ class Expert:
         self._quadrature = residual_quadrature_degree(self.F)
         self.dF = fd.derivative(self.F, self.u)
         F_r = ufl.replace(self.F, {v: self.r_fn})                       # <r, R(u)>
+        self.JT_r = fd.derivative(F_r, self.u)                           # J^T r, a 1-form
         H = fd.derivative(fd.derivative(F_r, self.u), self.u)
         self.H = None if _is_zero(H) else H
         if mode == "lstsq":
@@ -735,6 +736,7 @@ class ResidualNorm:
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
         self.norm, self._ksp = norm, None
+        self._JTz = fd.Cofunction(problem.V.dual())
         self._weights = row_scale(problem, "lumped") ** 2 if norm == "lumped" else None
         if norm == "dual":
             V = problem.V
@@ -780,7 +782,9 @@ class ResidualNorm:
         e = self._e
         r, b = self._residual_at(u, data)
         z = self._weighted(r)
-        J = e._assemble_jacobian()
-        du = 2 * e._matvec(J, z, transpose=True) + 2 * b
+        # J^T z assembled as the 1-form d<z, R(u)>/du: one vector assembly instead of the
+        # Jacobian matrix and a product with it.
+        e._set(e.r_fn, z)
+        du = 2 * e._get(e._assemble(e.JT_r, tensor=self._JTz)) + 2 * b
         e._set(e.z_fn, z)
         return du, 2 * e._data_derivative()

@@ -457,6 +457,11 @@ class ExchangePlan:
         self.send_counts = np.array([len(x) for x in self.send_index])
         self.recv_counts = np.array([sum(len(p) for _, p in x) for x in self.recv_slots])
         self.sizes = {k: len(needs[k]) for k in self.my_experts}
+        # gather_sum's sum of the values sent back for each owned dof, as one sparse product
+        # (np.add.at over [n, batch x N] arrays cost ~50 ms per call at 1e5 dofs).
+        index = np.concatenate(self.send_index)
+        self._summation = scipy.sparse.csr_matrix(
+            (np.ones(len(index)), (index, np.arange(len(index)))), shape=(self.n_owned, len(index)))
 
     def _alltoallv(self, send, send_counts, recv_counts, M):
         recv = np.empty((int(recv_counts.sum()), M))
@@ -480,6 +485,4 @@ class ExchangePlan:
         send = np.concatenate([arrays[k][pos] for s in range(self.size)
                                for k, pos in self.recv_slots[s]] or [np.zeros((0, M))])
         recv = self._alltoallv(send, self.recv_counts, self.send_counts, M)
-        out = np.zeros((self.n_owned, M))
-        np.add.at(out, np.concatenate(self.send_index), recv)
-        return out
+        return self._summation @ recv

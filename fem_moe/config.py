@@ -77,6 +77,7 @@ DEFAULTS = {
         "val_every": 20,
         "checkpoint_every": 20,
         "seed": 0,              # of the initial weights and the batch order
+        "fresh_inputs": False,  # physics loss only: every step a new batch drawn from the PDE's inputs (data.n_train unused)
         "on_diverge": "skip",   # skip | stop: what a diverging expert solve does to the step
         "out": "runs/default",  # relative to the config file: checkpoint.pt, metrics.json/csv
         "resume": True,         # continue from out/checkpoint.pt when it exists

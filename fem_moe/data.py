@@ -125,9 +125,9 @@ class Dataset:
                     err = (f"{path!r}: the stored solution is in {target.function_space().ufl_element()}"
                            f" but the problem's space is {self.problem.V.ufl_element()}")
                 raise_on_all_ranks(comm, err)
-                data.append(np.concatenate([owned_values(m) for m in fields]) if fields else np.zeros(0))
+                row, lift = sample_arrays(self.pde, self.problem, fields)
+                data.append(row)
                 targets.append(owned_values(target))
-                lift = self.pde.lifting(self.problem, fields)
                 if lift is not None:
                     lifts.append(lift)
         self.data, self.targets = np.array(data), np.array(targets)
@@ -136,6 +136,13 @@ class Dataset:
 
     def __len__(self):
         return len(self.params)
+
+
+def sample_arrays(pde, problem, fields):
+    """One sample's problem data as the layers take it (the data spaces' owned dofs,
+    concatenated) and its lifting (owned dofs, or None), from its data fields."""
+    row = np.concatenate([owned_values(m) for m in fields]) if fields else np.zeros(0)
+    return row, pde.lifting(problem, fields)
 
 
 def describe(path):

@@ -42,7 +42,7 @@ from mpi4py import MPI
 from . import bridge
 from .backbones import DeepONetBasis, ParametricFNOBasis
 from .config import DEFAULTS, _merge, load_config, validate
-from .data import Dataset
+from .data import Dataset, sample_arrays
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      raise_on_all_ranks)
 from .expert import dirichlet_dofs
@@ -103,6 +103,9 @@ class Trainer:
                            f"{d['n_test']} samples but the dataset holds {len(ds)}")
         raise_on_all_ranks(comm, None if t["batch_size"] <= d["n_train"] else
                            f"train.batch_size = {t['batch_size']} exceeds data.n_train = {d['n_train']}")
+        raise_on_all_ranks(comm, None if not t["fresh_inputs"] or t["loss"] == "physics" else
+                           f"train.fresh_inputs needs train.loss = 'physics' (fresh inputs have no "
+                           f"solutions), got {t['loss']!r}")
         self.splits = {"train": np.arange(d["n_train"]),
                        "val": d["n_train"] + np.arange(d["n_val"]),
                        "test": d["n_train"] + d["n_val"] + np.arange(d["n_test"])}
@@ -185,12 +188,34 @@ class Trainer:
         return os.path.join(self.out, CHECKPOINT)
 
     def batch(self, step):
-        """Dataset indices of the training batch of ``step`` (the same on every rank)."""
+        """Dataset indices of the training batch of ``step`` (the same on every rank). With
+        ``train.fresh_inputs`` the batch is drawn anew from the PDE's input distribution (its
+        seed from ``train.seed`` and ``step``, so a resumed run draws what the uninterrupted one
+        would) and written over the first ``batch_size`` training samples, whose indices are
+        returned: training then sees a new sample every time, and no solution is needed."""
         t, n = self.config["train"], len(self.splits["train"])
+        if t["fresh_inputs"]:
+            return self._draw_fresh(step)
         per_epoch = n // t["batch_size"]
         epoch, i = divmod(step, per_epoch)
         order = np.random.default_rng([t["seed"], epoch]).permutation(n)
         return self.splits["train"][order[i * t["batch_size"]:(i + 1) * t["batch_size"]]]
+
+    def _draw_fresh(self, step):
+        t, pde = self.config["train"], self.dataset.pde
+        idx = self.splits["train"][:t["batch_size"]]
+        params = pde.sample(np.random.default_rng([t["seed"], 1, step]), len(idx))
+        rows, lifts = zip(*(sample_arrays(pde, self.problem, pde.data(self.problem, p))
+                            for p in params))
+        T = self._tensors
+        T["inputs"][idx] = self._tensor(pde.inputs(params))
+        T["data"][idx] = self._tensor(np.array(rows))
+        T["targets"][idx] = float("nan")        # no solutions: the physics loss needs none
+        if self._lift is not None:
+            self._lift[idx] = self._tensor(np.array(lifts))
+        base = lifting_residual(self.problem, T["data"][idx], norm=t["residual_norm"])
+        self._residual_scale[idx] = base.clamp_min(torch.finfo(base.dtype).tiny)
+        return idx
 
     # ------------------------------------------------------------------ model and losses
     def predict(self, idx):

@@ -107,18 +107,17 @@ def test_physics_informed_training_needs_no_solutions(kind):
 
 
 @pytest.mark.parallel([1, 2])
-def test_resume_equals_uninterrupted_training():
+@pytest.mark.parametrize("fresh", [False, True])
+def test_resume_equals_uninterrupted_training(fresh):
     comm = MPI.COMM_WORLD
     base = shared_dir()
-    straight = Trainer(config(os.path.join(base, "a"), train={"batch_size": 2, "checkpoint_every": 3,
-                                                              "schedule": "cosine"}))
+    train = {"batch_size": 2, "checkpoint_every": 3, "schedule": "cosine", "fresh_inputs": fresh}
+    straight = Trainer(config(os.path.join(base, "a"), train=train))
     straight.fit(6)
-    interrupted = Trainer(config(os.path.join(base, "b"), train={"batch_size": 2, "checkpoint_every": 3,
-                                                                 "schedule": "cosine"}))
+    interrupted = Trainer(config(os.path.join(base, "b"), train=train))
     interrupted.fit(3)
     del interrupted
-    resumed = Trainer(config(os.path.join(base, "b"), train={"batch_size": 2, "checkpoint_every": 3,
-                                                             "schedule": "cosine"}))
+    resumed = Trainer(config(os.path.join(base, "b"), train=train))
     parallel_assert(resumed.step == 3, f"resumed at step {resumed.step}")
     resumed.fit(6)
     a = np.array([h["loss"] for h in straight.history])
@@ -133,6 +132,37 @@ def test_resume_equals_uninterrupted_training():
         metrics = json.load(open(os.path.join(base, "b", "metrics.json")))
         assert [s["step"] for s in metrics["steps"]] == [1, 2, 3, 4, 5, 6]
         assert open(os.path.join(base, "b", "metrics.csv")).read().count("\n") == 7
+
+
+@pytest.mark.parallel([1, 2])
+def test_fresh_inputs_draw_a_new_batch_every_step():
+    comm = MPI.COMM_WORLD
+    trainer = Trainer(config(shared_dir(), train={"fresh_inputs": True, "batch_size": 2}))
+    stored = trainer._tensors["inputs"].clone()
+    seen = []
+    for _ in range(3):
+        idx = trainer.batch(trainer.step)
+        seen.append(trainer._tensors["inputs"][idx].clone())
+        trainer.train_step()
+    # New inputs each step, the same on every rank, none of them the dataset's.
+    assert all(not torch.equal(a, b) for a, b in zip(seen, seen[1:]))
+    parallel_assert(all(len(set(map(str, comm.allgather(x.tolist())))) == 1 for x in seen),
+                    "ranks drew different inputs")
+    assert all(not any(torch.equal(row, old) for old in stored) for x in seen for row in x)
+    # The data (and lifting) written with them are the PDE's for those inputs: the classical
+    # solution of the last batch's first input has a physics loss at round-off.
+    pde = trainer.dataset.pde
+    params = pde.sample(np.random.default_rng([0, 1, trainer.step - 1]), 2)   # train.seed 0
+    u, _, _ = pde.classical_solve(trainer.problem, pde.data(trainer.problem, params[0]))
+    physical = torch.tensor(fem_moe.problem.owned_values(u))[None]
+    if trainer._lift is not None:
+        physical = physical + trainer._lift[idx[:1]]
+    assert trainer.physics_loss(physical, idx[:1]).item() < 1e-20
+    assert all(np.isfinite(h["loss"]) for h in trainer.history)
+    # Only the validation and test splits keep their solutions.
+    assert torch.isnan(trainer._tensors["targets"][idx]).all()
+    with pytest.raises(fem_moe.errors.InputError, match="fresh_inputs needs"):
+        Trainer(config(shared_dir(), train={"fresh_inputs": True, "loss": "supervised"}))
 
 
 def test_checkpoint_write_is_atomic(monkeypatch):

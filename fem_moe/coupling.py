@@ -48,7 +48,7 @@ __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
 #: Defaults of the coupled SNES (options prefix ``moe_``): the experts' own choices
 #: (:data:`fem_moe.expert.DEFAULT_SOLVER_PARAMETERS`: trust-region Newton on the objective,
-#: Gauss-Newton far from the solution, a direct solve; MUMPS on several ranks), and the type of
+#: Gauss-Newton far from the solution, a direct solve, MUMPS on any number of ranks), and the type of
 #: the block-sparse matrix (aij or baij, block size N).
 DEFAULT_COUPLING_PARAMETERS = {**DEFAULT_SOLVER_PARAMETERS, "mat_type": "aij"}
 
@@ -239,7 +239,10 @@ class CoupledSolver:
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
         params = dict(params)
-        if self.comm.size > 1 and params.get("pc_type") in ("lu", "cholesky"):
+        if params.get("pc_type") in ("lu", "cholesky"):
+            # MUMPS on one rank too: PETSc's own LU calls a pivot below 2.2e-14 (absolute) zero,
+            # and the coupled matrix's scale is the residual's squared (~1e-12 on
+            # diffusion-sorption): it failed on most training steps there.
             params.setdefault("pc_factor_mat_solver_type", "mumps")
         with solver_options(prefix, params) as opts:
             snes.setFromOptions()

@@ -3,7 +3,7 @@
     mpiexec -n 2 python benchmarks/training_step.py [--pde diffusion_sorption]
         [--options nx=1024,nt=100] [--kinds soft pihc moe] [--experts 4] [--n-basis 16]
         [--batch 4] [--warmup 8] [--steps 4] [--n-train 32] [--no-warm-start]
-        [--training-rtol 1e-8] [--dtype float64] [--label after] [--out benchmarks/results/training_step.json]
+        [--training-rtol 0] [--dtype float64] [--label after] [--out benchmarks/results/training_step.json]
 
 One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
 permutation per epoch, as the trainer; ``--n-train 0``: fresh inputs every step) -> DeepONet
@@ -57,8 +57,9 @@ def main():
     parser.add_argument("--n-train", type=int, default=32,
                         help="the fixed training set's size (0: fresh inputs every step)")
     parser.add_argument("--no-warm-start", action="store_true")
-    parser.add_argument("--training-rtol", type=float, default=1e-8,
-                        help="the constraint's training_rtol (0: the solver options' tolerance)")
+    parser.add_argument("--training-rtol", type=float, default=0.0,
+                        help="the constraint's training_rtol (0, the trainer's default: the "
+                             "solver options' tolerance)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                         help="the backbone's (solves are float64)")
     parser.add_argument("--label", default="after")

@@ -42,7 +42,7 @@ from firedrake.petsc import PETSc
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
                      orthonormal_coordinates, reason_name, solver_options)
-from .warmstart import tolerances
+from .warmstart import tolerance
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
@@ -455,17 +455,15 @@ class CoupledSolver:
         self._g0 = None
 
     @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
-    def solve(self, w0, sample=None, reference=None, rtol=None):
+    def solve(self, w0, sample=None, rtol=None, warm=False):
         """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
-        {k: u on k's submesh}, info). ``reference``: a warm start's ``info.reference`` from its
-        sample's cold solve (the initial |G| that tolerances are measured from; default this
-        solve's own); ``rtol``: this solve's SNES relative tolerance (default the options').
-        Raises SolverDivergedError on every rank."""
+        {k: u on k's submesh}, info). ``rtol``: this solve's SNES relative tolerance (default
+        the options'); ``warm``: w0 is a warm start (recorded in info). Raises
+        SolverDivergedError on every rank."""
         t0 = time.perf_counter()
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
         start = self._state_at(self.x, "G")
-        before = start["rnorm"]
-        g_start = start["gnorm"] if reference is None else reference
+        before, g_start = start["rnorm"], start["gnorm"]
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
             self._g0, self._last_norm = g_start, None
         if self._auto_delta0:
@@ -478,7 +476,7 @@ class CoupledSolver:
             step.destroy()
         self._callback_error = None
         try:
-            with tolerances(self.snes, reference, rtol):
+            with tolerance(self.snes, rtol):
                 self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank
@@ -500,8 +498,7 @@ class CoupledSolver:
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
-                          time=time.perf_counter() - t0, reference=g_start,
-                          warm=reference is not None)
+                          time=time.perf_counter() - t0, warm=warm)
         finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
         if reason < 0 or not finite:
             raise SolverDivergedError(

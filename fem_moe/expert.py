@@ -40,7 +40,7 @@ from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
 from .problem import owned_size, owned_values, subspaces
-from .warmstart import tolerances
+from .warmstart import tolerance
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
 
@@ -99,8 +99,7 @@ class SampleInfo(dict):
     """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
     ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
-    (started from a given w0), ``reference`` (the initial |G| the solve was measured from: a
-    warm start of the same sample passes it on, see :mod:`fem_moe.warmstart`)."""
+    (started from a given w0)."""
     __getattr__ = dict.__getitem__
 
 
@@ -408,13 +407,11 @@ class Expert:
 
     # ---------------------------------------------------------------- public
     @PETSc.Log.EventDecorator("FemMoeReducedSolve")
-    def solve(self, Phi, data=None, w0=None, sample=None, reference=None, rtol=None):
+    def solve(self, Phi, data=None, w0=None, sample=None, rtol=None):
         """Solve one sample. Collective over ``problem.comm``.
 
         Phi: [N, n] float64 (this rank's owned dofs); data: [n_data] float64 or None;
-        w0: initial coefficients [N] (default 0); reference: a warm start's ``info.reference``
-        from its sample's cold solve (the initial |G| the tolerances and the Gauss-Newton switch
-        are measured from; default: this solve's own); rtol: the SNES relative tolerance of this
+        w0: initial coefficients [N] (default 0); rtol: the SNES relative tolerance of this
         solve (default: the options'). Returns (w [N], u [n], SampleInfo).
         Raises SolverDivergedError (every rank) if SNES does not converge.
         """
@@ -431,11 +428,9 @@ class Expert:
         self._wvec.setArray(self._local(np.linalg.solve(self._T, w)))
         before = self._state_at(self._wvec, "objective")["rnorm"]
         G0 = self._state_at(self._wvec, "G")["G"]
-        # |G| in the SNES's (orthonormalised) coordinates and in the basis's own.
-        own = (np.linalg.norm(self._T.T @ G0), np.linalg.norm(G0))
-        g_start, g_raw = own if reference is None else reference
+        g_start = np.linalg.norm(self._T.T @ G0)
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
-            self._g0, self._last_norm = g_raw, None
+            self._g0, self._last_norm = np.linalg.norm(G0), None
         if self._auto_delta0:
             state = self._state_at(self._wvec, "A")
             T = self._T
@@ -443,7 +438,7 @@ class Expert:
             step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
             self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
         try:
-            with tolerances(self.snes, None if reference is None else g_start, rtol):
+            with tolerance(self.snes, rtol):
                 self.snes.solve(None, self._wvec)
         finally:
             self._g0 = None
@@ -462,7 +457,7 @@ class Expert:
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=rank, ridge=self.rho, time=time.perf_counter() - t0,
-                          reference=(g_start, g_raw), warm=w0 is not None)
+                          warm=w0 is not None)
         if reason < 0 or not np.all(np.isfinite(w)):
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
             raise SolverDivergedError(

@@ -83,10 +83,10 @@ class _ConstrainedSolve(torch.autograd.Function):
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
                 w, u, info = solve_from(
-                    lambda w0, ref: layer.expert.solve(Phi[b], D[b] if has_data else None, w0=w0,
-                                                       sample=b, reference=ref, rtol=layer._rtol),
+                    lambda w0: layer.expert.solve(Phi[b], D[b] if has_data else None, w0=w0,
+                                                  sample=b, rtol=layer._rtol),
                     layer.warm_starts[keys[b]] if hits[b] else None)
-                layer.warm_starts[keys[b]] = (w, info.reference)
+                layer.warm_starts[keys[b]] = w
                 ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
@@ -136,18 +136,18 @@ class HardConstraint(torch.nn.Module):
     strong residual, mesh-grading independent); see :func:`fem_moe.expert.row_scale`.
 
     ``warm_start``: start each sample's solve from that sample's last solution (a sample is
-    known by its data; see :mod:`fem_moe.warmstart`): training on a fixed dataset revisits its
-    samples with a slightly changed basis, and a warm start saves most of the SNES iterations.
-    Off by default, so that a layer's output is a function of its inputs alone; the trainer
-    turns it on (``model.warm_start``). ``layer.warm_starts.clear()`` forgets the stored ones.
+    known by its data; see :mod:`fem_moe.warmstart`), for training on a fixed dataset, which
+    revisits its samples with a slightly changed basis. Off by default, so that a layer's
+    output is a function of its inputs alone; the trainer turns it on (``model.warm_start``):
+    measured on diffusion-sorption, the coupled mixture then trains to a 3x smaller error,
+    though a warm solve takes more iterations than a cold one (README).
+    ``layer.warm_starts.clear()`` forgets the stored starts.
 
     ``training_rtol``: the reduced SNES's relative tolerance in a training forward (the module
     in training mode, autograd recording); other forwards keep the solver options' (1e-12 by
-    default). Training needs the loss and its gradient to a few digits, not to round-off: on
-    diffusion-sorption the last digits cost most of the iterations, where the exact Hessian is
-    indefinite and the trust region crawls (``benchmarks/training_step.py``). The gradient is
-    then the implicit-function gradient at a point where |G| <= training_rtol |G(w0)| instead
-    of 0. Default None: every forward at the options' tolerance.
+    default). The gradient is then the implicit-function gradient at a point where
+    |G| <= training_rtol |G(w0)| instead of 0: fewer iterations, a less accurate gradient
+    (``benchmarks/training_options.py`` measures what that does to training). Default None.
 
     Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
     N x N linear solve per sample, no unrolled iterations. ``layer.diagnostics`` holds a

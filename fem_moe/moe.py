@@ -348,7 +348,7 @@ def _expert_record(layer, k, samples, solve_time):
 
 def _solve_independent(layer, Pk, Dk, B, starts):
     """Each expert solves its own rows on its own field; no communication. A warm start's entry
-    holds each of this rank's experts' (w, reference)."""
+    holds each of this rank's experts' w."""
     outputs, ws, diagnostics, err = {}, {}, [], None
     keys, hits = starts
     stored = [layer.warm_starts[keys[b]] if hits[b] else {} for b in range(B)]
@@ -359,10 +359,9 @@ def _solve_independent(layer, Pk, Dk, B, starts):
             for b in range(B):
                 d = None if Dk[k] is None else Dk[k][b]
                 w, u, info = solve_from(
-                    lambda w0, ref: e.expert.solve(Pk[k][b], d, w0=w0, sample=b, reference=ref,
-                                                   rtol=layer._rtol),
+                    lambda w0: e.expert.solve(Pk[k][b], d, w0=w0, sample=b, rtol=layer._rtol),
                     stored[b].get(k))
-                stored[b][k] = (w, info.reference)
+                stored[b][k] = w
                 sols.append((w, u, info))
             outputs[k] = np.stack([u for _, u, _ in sols], axis=1)
             ws[k] = [(w, i.ridge) for w, _, i in sols]
@@ -409,10 +408,10 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
         result, info = solve_from(
-            lambda start, ref: solver.solve(w0 if start is None else start, sample=b, reference=ref,
-                                            rtol=layer._rtol),
+            lambda start: solver.solve(w0 if start is None else start, sample=b, rtol=layer._rtol,
+                                       warm=start is not None),
             warm)
-        layer.warm_starts[keys[b]] = ({k: w for k, (w, _) in result.items()}, info.reference)
+        layer.warm_starts[keys[b]] = {k: w for k, (w, _) in result.items()}
         coupling.append(info)
         for k, (w, u) in result.items():
             outputs[k][:, b] = u

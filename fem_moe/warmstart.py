@@ -2,13 +2,14 @@
 
 Training revisits the samples of a fixed dataset every epoch while the basis changes by one
 optimiser step at a time, so the coefficients a sample had at its last visit put its solve near
-its solution: fewer SNES iterations, fewer assemblies (``benchmarks/training_step.py``). A
-sample is recognised by its problem data (the data spaces' dofs, hashed): the same data is the
-same physical problem, whatever the backbone's inputs. Samples of problems without data spaces
-are known by their basis alone, which changes every step: they get no warm starts. Outputs are
-the cold start's to the solver's tolerance: a warm-started solve is held to the tolerance its
-sample's cold start had (relative to that start's |G|, see :func:`tolerances`), and one
-that diverges is repeated from w = 0 before anything is raised.
+its solution. A sample is recognised by its problem data (the data spaces' dofs, hashed): the
+same data is the same physical problem, whatever the backbone's inputs. Samples of problems
+without data spaces are known by their basis alone, which changes every step: they get no warm
+starts. A warm-started solve is an ordinary solve from another w0 (SNES's relative tolerance
+measured from its own start); one that diverges is repeated from w = 0 before anything is
+raised. Measured (README, ``benchmarks/training_step.py``, ``benchmarks/training_options.py``):
+not faster on diffusion-sorption (the solves start where the trust region crawls), but the
+coupled mixture trains to a 3x smaller error with them; the trainer's default.
 """
 import contextlib
 import hashlib
@@ -77,31 +78,28 @@ class WarmStarts:
         self._entries.clear()
 
 
-def solve_from(solve, entry):
-    """``solve(w0, reference)`` from a stored entry (w0, reference: the |G| its sample's cold
-    start began with, as the solver reports it), or cold (None, None) without one. A
-    warm-started solve that diverges is repeated cold: a poor start must not cost a sample that
-    a cold start solves. Every rank takes the same branch (SolverDivergedError is raised on
-    every rank). Returns what ``solve`` returns."""
-    if entry is None:
-        return solve(None, None)
+def solve_from(solve, w0):
+    """``solve(w0)`` from a stored start, or ``solve(None)`` (cold) without one. A warm-started
+    solve that diverges is repeated cold: a poor start must not cost a sample that a cold start
+    solves. Every rank takes the same branch (SolverDivergedError is raised on every rank).
+    Returns what ``solve`` returns."""
+    if w0 is None:
+        return solve(None)
     try:
-        return solve(*entry)
+        return solve(w0)
     except SolverDivergedError:
-        return solve(None, None)
+        return solve(None)
 
 
 @contextlib.contextmanager
-def tolerances(snes, g_ref=None, rtol=None):
-    """For the duration of one solve: SNES's relative tolerance ``rtol`` (None: its own), and,
-    for a warm start, measured from ``g_ref`` (the initial |G| of its sample's cold start)
-    rather than from the initial |G|, which a warm start has already made small: SNES then
-    asks the same accuracy of a sample whether it starts warm or cold."""
-    old_rtol, old_atol = snes.getTolerances()[:2]
-    new_rtol = old_rtol if rtol is None else float(rtol)
-    new_atol = old_atol if g_ref is None else max(old_atol, new_rtol * g_ref)
-    snes.setTolerances(rtol=new_rtol, atol=new_atol)
+def tolerance(snes, rtol=None):
+    """SNES's relative tolerance ``rtol`` for the duration of one solve (None: its own)."""
+    if rtol is None:
+        yield
+        return
+    old = snes.getTolerances()[0]
+    snes.setTolerances(rtol=float(rtol))
     try:
         yield
     finally:
-        snes.setTolerances(rtol=old_rtol, atol=old_atol)
+        snes.setTolerances(rtol=old)

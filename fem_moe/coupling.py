@@ -41,7 +41,7 @@ from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
-                     orthonormal_coordinates, reason_name, solver_options)
+                     linear_failure, orthonormal_coordinates, reason_name, solver_options)
 from .warmstart import tolerance
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
@@ -503,8 +503,9 @@ class CoupledSolver:
         if reason < 0 or not finite:
             raise SolverDivergedError(
                 f"coupled mixture: the coupled SNES diverged on sample {sample} ({name}) after "
-                f"{info.iterations} iterations; ||r|| {before:.3e} -> {info.residual_after:.3e}. "
-                f"Options prefix {self.prefix!r}.", sample=sample, reason=name)
+                f"{info.iterations} iterations{linear_failure(self.snes)}; ||r|| {before:.3e} -> "
+                f"{info.residual_after:.3e}. Options prefix {self.prefix!r}.", sample=sample,
+                reason=name)
         return self._coefficients(), info
 
     def _coefficients(self):

@@ -4,6 +4,7 @@ In SPMD code an exception on one rank while the others enter a collective is a h
 on input that may differ between ranks therefore goes through :func:`raise_on_all_ranks`, which
 is itself collective: all ranks of ``comm`` must call it, at the same point.
 """
+from firedrake.exceptions import ConvergenceError
 
 
 class FemMoeError(RuntimeError):
@@ -15,9 +16,11 @@ class InputError(FemMoeError, ValueError):
     device, non-finite values, mismatched spaces). The message says which and where."""
 
 
-class SolverDivergedError(FemMoeError):
-    """A reduced SNES solve did not converge. Attributes: ``expert`` (int or None for the
-    global layer), ``sample`` (index in the batch), ``reason`` (PETSc converged-reason name)."""
+class SolverDivergedError(FemMoeError, ConvergenceError):
+    """A reduced SNES solve did not converge (a Firedrake ``ConvergenceError``, as Firedrake's
+    own solvers raise). Attributes: ``expert`` (int or None for the global layer), ``sample``
+    (index in the batch), ``reason`` (PETSc converged-reason name). Where the linear solve
+    failed, the message names the KSP's reason and, for a failed preconditioner, why."""
 
     def __init__(self, message, expert=None, sample=None, reason=None):
         super().__init__(message)

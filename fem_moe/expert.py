@@ -462,8 +462,9 @@ class Expert:
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
             raise SolverDivergedError(
                 f"{who}: the reduced SNES diverged on sample {sample} ({info.reason}) after "
-                f"{info.iterations} iterations; ||r|| {info.residual_before:.3e} -> "
-                f"{info.residual_after:.3e}. Options prefix {self.options_prefix!r}.",
+                f"{info.iterations} iterations{linear_failure(self.snes)}; ||r|| "
+                f"{info.residual_before:.3e} -> {info.residual_after:.3e}. Options prefix "
+                f"{self.options_prefix!r}.",
                 expert=self.expert_id, sample=sample, reason=info.reason)
         return w, self.g_vec + w @ Phi, info
 
@@ -698,9 +699,24 @@ def residual_quadrature_degree(F):
     return max(degrees) if degrees else 2
 
 
-def reason_name(reason):
-    names = {v: k for k, v in vars(PETSc.SNES.ConvergedReason).items() if isinstance(v, int)}
+def reason_name(reason, kind=None):
+    """The name of a PETSc reason code (``kind``: PETSc.SNES.ConvergedReason by default)."""
+    kind = PETSc.SNES.ConvergedReason if kind is None else kind
+    names = {v: k for k, v in vars(kind).items() if isinstance(v, int)}
     return names.get(reason, str(reason))
+
+
+def linear_failure(snes):
+    """For an SNES that stopped with DIVERGED_LINEAR_SOLVE: "; linear solve: <KSP reason>"
+    (and the preconditioner's failure, e.g. a zero pivot), else ""."""
+    if snes.getConvergedReason() != PETSc.SNES.ConvergedReason.DIVERGED_LINEAR_SOLVE:
+        return ""
+    ksp = snes.getKSP()
+    text = f"; linear solve: {reason_name(ksp.getConvergedReason(), PETSc.KSP.ConvergedReason)}"
+    failed = ksp.getPC().getFailedReason()
+    if failed:
+        text += f" ({reason_name(failed, PETSc.PC.FailedReason)})"
+    return text
 
 
 class ResidualNorm:

@@ -230,3 +230,21 @@ def test_coupled_solve_does_not_depend_on_the_residual_scale(mode):
                                           coupling_parameters={"snes_atol": 0.0})
         outputs.append(layer(basis, data))
     assert torch.allclose(outputs[0], outputs[1], rtol=0, atol=1e-8 * outputs[0].abs().max())
+
+
+def test_a_failed_linear_solve_is_a_convergence_error_naming_its_cause():
+    """PETSc's own LU on a residual scaled by 1e-7 meets "zero" pivots (the failure MUMPS now
+    avoids): the error is Firedrake's ConvergenceError and says why the linear solve failed."""
+    from firedrake.exceptions import ConvergenceError
+    problem = nonlinear_diffusion(n=6)
+    scaled = fem_moe.ConstrainedProblem(
+        problem.V, lambda u, v, m: 1e-7 * problem.residual(u, v, m), bcs=problem.bcs,
+        data_spaces=problem.data_spaces)
+    # Serial: PETSc's own LU is sequential.
+    params = {"snes_atol": 0.0, "pc_factor_mat_solver_type": "petsc"}
+    layer = fem_moe.MoEHardConstraint(scaled, 4, n_experts=3, coupling_parameters=params)
+    with pytest.raises(ConvergenceError) as info:
+        layer(random_basis(problem, 4), source(problem))
+    assert isinstance(info.value, fem_moe.SolverDivergedError)
+    assert "DIVERGED_LINEAR_SOLVE" in str(info.value)
+    assert "linear solve: DIVERGED_PCSETUP_FAILED (FACTOR_NUMERIC_ZEROPIVOT)" in str(info.value), str(info.value)

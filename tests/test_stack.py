@@ -90,3 +90,23 @@ def test_torch_and_firedrake_in_one_process():
     parallel_assert(isinstance(t, torch.Tensor) and t.dtype == torch.float64, f"to_torch gave {t!r}")
     parallel_assert(comm.size == 2 and abs(total - expected) < 1e-10, f"{total} != {expected}")
     parallel_assert(np.isclose(fd.assemble(u2 * fd.dx), 2 * fd.assemble(u * fd.dx)), "from_torch")
+
+
+def test_pip_install_into_this_environment_replaces_nothing(repo):
+    """Installing fem_moe into an environment that already has Firedrake, PETSc and torch (this
+    one) would install fem_moe and nothing else: no pinned version pulls a different Firedrake,
+    petsc4py or torch. Checked by pip itself (a dry run, no build isolation, so nothing is
+    downloaded), and on pyproject.toml: ranges, not pins, for the packages users bring."""
+    import json
+    import subprocess
+    import sys
+    import tomllib
+    deps = tomllib.load(open(f"{repo}/pyproject.toml", "rb"))["project"]["dependencies"]
+    pinned = [d for d in deps if "==" in d]
+    assert not pinned, f"exact pins in pyproject.toml: {pinned}"
+    report = f"{repo}/.pytest_cache/pip_report.json"
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation",
+                          "--quiet", "--report", report, repo], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    install = [i["metadata"]["name"] for i in json.load(open(report))["install"]]
+    assert install == ["fem_moe"], f"pip would also install or replace: {install}"

@@ -5,7 +5,7 @@
 #   scripts/install.sh --print    print the stack directory and exit
 #
 # The stack (PETSc built from its PyPI sdist, a venv with petsc4py/mpi4py/h5py built against it,
-# firedrake, pyadjoint-ad, torch CPU) lives OUTSIDE the repository, in a directory keyed by the
+# firedrake, pyadjoint-ad, torch) lives OUTSIDE the repository, in a directory keyed by the
 # versions below, so every clone on this machine shares it and a second run only re-checks.
 # Every step prints its name and wall time; a failing step names itself and its log file.
 # Environment: FEM_MOE_CACHE (default ~/.cache/fem_moe) chooses where stacks live.
@@ -16,7 +16,7 @@ FIREDRAKE_VERSION=2026.10.0
 PYADJOINT_VERSION=2026.10.0   # PyPI name pyadjoint-ad ("pyadjoint" is an unrelated package)
 MPI4PY_VERSION=4.1.2
 H5PY_VERSION=3.16.0
-TORCH_VERSION=2.13.0          # the CPU wheel on local disk; any other spec pulls CUDA builds
+TORCH_VERSION=2.13.0          # whatever build the index resolves: CPU here, CUDA on a GPU workstation
 VTK_VERSION=9.7.2             # ParaView output (firedrake.VTKFile)
 RECIPE_REVISION=1             # bump when the recipe below changes in a way that needs a rebuild
 PY_TAG=$(python3 -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
@@ -63,7 +63,7 @@ step() {
 
 APT_PACKAGES=(openmpi-bin libopenmpi-dev libhdf5-openmpi-dev libmumps-dev libscalapack-openmpi-dev
     libptscotch-dev libmetis-dev libopenblas-dev gfortran bison flex cmake pkg-config python3-dev
-    make g++)
+    python3-venv python3-pip make g++)
 
 apt_packages() {
     local missing=()
@@ -71,7 +71,7 @@ apt_packages() {
         dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
     done
     [[ ${#missing[@]} -eq 0 ]] && { echo "all Debian packages present"; return; }
-    local sudo=; [[ $(id -u) -ne 0 ]] && sudo=sudo
+    local sudo=; [[ $(id -u) -ne 0 ]] && sudo="sudo -n"    # never wait for a password
     $sudo apt-get update
     DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y --no-install-recommends "${missing[@]}"
 }
@@ -84,7 +84,7 @@ petsc_source() {
 }
 
 petsc_configure() {
-    local L=/usr/lib/x86_64-linux-gnu
+    local L=/usr/lib/$(gcc -print-multiarch)    # x86_64-linux-gnu, aarch64-linux-gnu, ...
     cd "$PETSC_DIR"
     # Every external package comes from Debian: no --download-* (only PyPI and apt are reachable).
     python3 ./configure PETSC_ARCH=$PETSC_ARCH \
@@ -114,10 +114,12 @@ venv_base() {
     pip_ install -U pip setuptools wheel cython numpy pkgconfig
 }
 
-torch_cpu() {
-    # First, so that nothing later can ask pip for a torch and get a CUDA build.
+torch_wheel() {
+    # The pinned version, whichever build the package index resolves (a CUDA build on a GPU
+    # workstation is what its users want); say which, and whether CUDA is usable here.
     pip_ install "torch==$TORCH_VERSION"
-    "$VENV/bin/python" -c "import torch; assert not torch.version.cuda, torch.version.cuda"
+    "$VENV/bin/python" -c "import torch; print('torch', torch.__version__, 'CUDA build',
+        torch.version.cuda, 'CUDA usable', torch.cuda.is_available())"
 }
 
 mpi_petsc_bindings() {
@@ -153,7 +155,8 @@ import firedrake, pyadjoint, torch, petsc4py, mpi4py, h5py
 from firedrake.petsc import PETSc
 print("petsc", ".".join(map(str, PETSc.Sys.getVersion())), "petsc4py", petsc4py.__version__,
       "mpi4py", mpi4py.__version__, "h5py", h5py.__version__, "mpi-h5py", h5py.get_config().mpi,
-      "torch", torch.__version__, "pyadjoint", pyadjoint.__version__)
+      "torch", torch.__version__, "(CUDA build", torch.version.cuda, "usable",
+      torch.cuda.is_available(), ")", "pyadjoint", pyadjoint.__version__)
 PY
     mpiexec -n 2 "$VENV/bin/python" -c \
         "import firedrake as fd; m = fd.UnitSquareMesh(4, 4); print(m.comm.rank, m.comm.size)"
@@ -164,7 +167,7 @@ step petsc-source petsc_source
 step petsc-configure petsc_configure
 step petsc-build petsc_build
 step venv venv_base
-step torch torch_cpu
+step torch torch_wheel
 step mpi4py-petsc4py mpi_petsc_bindings
 step h5py h5py_parallel
 step firedrake firedrake_

@@ -92,7 +92,7 @@ def test_torch_and_firedrake_in_one_process():
     parallel_assert(np.isclose(fd.assemble(u2 * fd.dx), 2 * fd.assemble(u * fd.dx)), "from_torch")
 
 
-def test_pip_install_into_this_environment_replaces_nothing(repo):
+def test_pip_install_into_this_environment_replaces_nothing(repo, tmp_path):
     """Installing fem_moe into an environment that already has Firedrake, PETSc and torch (this
     one) would install fem_moe and nothing else: no pinned version pulls a different Firedrake,
     petsc4py or torch. Checked by pip itself (a dry run, no build isolation, so nothing is
@@ -104,7 +104,7 @@ def test_pip_install_into_this_environment_replaces_nothing(repo):
     deps = tomllib.load(open(f"{repo}/pyproject.toml", "rb"))["project"]["dependencies"]
     pinned = [d for d in deps if "==" in d]
     assert not pinned, f"exact pins in pyproject.toml: {pinned}"
-    report = f"{repo}/.pytest_cache/pip_report.json"
+    report = str(tmp_path / "pip_report.json")
     out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation",
                           "--quiet", "--report", report, repo], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]

@@ -10,14 +10,9 @@ import firedrake as fd
 from pyadjoint import Block, annotate_tape, get_working_tape, stop_annotating
 
 from .expert import Expert
+from .problem import from_owned_values
 
 __all__ = ["constrained_solve", "ConstrainedSolveBlock"]
-
-
-def _function(space, values, cls=fd.Function):
-    f = cls(space)
-    Expert._set(f, values)
-    return f
 
 
 def _unpack(basis, data):
@@ -51,7 +46,7 @@ class ConstrainedSolveBlock(Block):
     def recompute_component(self, inputs, block_variable, idx, prepared):
         Phi, _, w, _ = self._solve(inputs)
         e = self.expert
-        return _function(e.problem.V, e.g_vec + w @ np.where(e.col_mask, Phi, 0.0))
+        return from_owned_values(e.problem.V, e.g_vec + w @ np.where(e.col_mask, Phi, 0.0))
 
     def prepare_evaluate_adj(self, inputs, adj_inputs, relevant_dependencies):
         Phi, D, w, rho = self._solve(inputs)
@@ -59,7 +54,7 @@ class ConstrainedSolveBlock(Block):
         return list(Phi_bar) + self.expert.problem.split_data(D_bar)
 
     def evaluate_adj_component(self, inputs, adj_inputs, block_variable, idx, prepared=None):
-        return _function(inputs[idx].function_space().dual(), prepared[idx], fd.Cofunction)
+        return from_owned_values(inputs[idx].function_space().dual(), prepared[idx], cls=fd.Cofunction)
 
 
 def constrained_solve(expert, basis, data=()):
@@ -72,7 +67,7 @@ def constrained_solve(expert, basis, data=()):
     with stop_annotating():
         Phi, D, key = _unpack(basis, data)
         w, u_vec, info = expert.solve(Phi, D)
-        u = _function(expert.problem.V, u_vec)
+        u = from_owned_values(expert.problem.V, u_vec)
     if annotate_tape():
         block = ConstrainedSolveBlock(expert, len(basis), basis + data, (key, w, info.ridge))
         get_working_tape().add_block(block)

@@ -39,7 +39,7 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
-from .problem import owned_size, owned_values, subspaces
+from .problem import owned_size, owned_values, set_owned_values, subspaces
 from .warmstart import tolerance
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
@@ -205,10 +205,7 @@ class Expert:
     def _get(f):
         return owned_values(f)
 
-    @staticmethod
-    def _set(f, values):
-        with f.dat.vec_wo as x:
-            x.array[:] = values
+    _set = staticmethod(set_owned_values)
 
     def _sum(self, a):
         """Sum an array over the mesh communicator; identical bits on every rank."""

@@ -32,6 +32,31 @@ def owned_values(f):
         return vec.array_r.copy()
 
 
+def from_owned_values(space, values, name=None, cls=fd.Function):
+    """A Function (or, with ``cls``, a Cofunction of ``space``) holding ``values`` [owned dofs]
+    at this rank's owned dofs, in the order of the tensors; halos follow when read."""
+    values = np.asarray(values, dtype=np.float64)
+    if values.shape != (owned_size(space),):
+        raise InputError(f"{values.shape[0] if values.ndim == 1 else values.shape} values for "
+                         f"{owned_size(space)} owned dofs of {space}")
+    f = cls(space, name=name) if name is not None else cls(space)
+    set_owned_values(f, values)
+    return f
+
+
+def set_owned_values(f, values):
+    """Write ``values`` [owned dofs, in the order of the tensors] into Function ``f``."""
+    with f.dat.vec_wo as vec:
+        vec.array[:] = values
+
+
+def _as_array(u):
+    """A tensor (any dtype or device) or array as float64 numpy."""
+    if hasattr(u, "detach"):
+        u = u.detach().to("cpu").double().numpy()
+    return np.asarray(u, dtype=np.float64)
+
+
 def _as_tuple(x):
     if x is None:
         return ()
@@ -150,6 +175,27 @@ class ConstrainedProblem:
             parts.append(np.repeat(X.dat.data_ro.reshape(-1, mesh.geometric_dimension),
                                    S.block_size, axis=0))
         return np.concatenate(parts)
+
+    def function(self, u, name=None):
+        """Firedrake Function(s) in V from a layer's output ``u`` (a tensor or array of this
+        rank's owned dofs, ``[n_dofs]`` or batched ``[batch, n_dofs]``: a list then). Not
+        collective; on any number of ranks each passes its own dofs, as the layers do."""
+        values = _as_array(u)
+        if values.ndim == 2:
+            return [from_owned_values(self.V, row, name) for row in values]
+        return from_owned_values(self.V, values, name)
+
+    def tensor(self, f, dtype=None, device=None):
+        """The tensor a layer takes or gives for Function(s) ``f`` in V: ``[n_dofs]`` (this
+        rank's owned dofs), or ``[batch, n_dofs]`` for a list. float64 on the CPU unless
+        ``dtype``/``device`` say otherwise."""
+        import torch
+        many = isinstance(f, (list, tuple))
+        for g in (f if many else [f]):
+            if g.function_space() != self.V:
+                raise InputError(f"{g} is in {g.function_space()}, not the problem's space {self.V}")
+        values = np.stack([owned_values(g) for g in f]) if many else owned_values(f)
+        return torch.as_tensor(values).to(dtype=dtype or torch.float64, device=device)
 
     def dof_components(self):
         """Component of each of this rank's owned dofs of V, ``[n_dofs]``, numbered over all

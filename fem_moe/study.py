@@ -16,7 +16,7 @@ from .data import ensure_dataset
 from .errors import SolverDivergedError
 from .pdes import PDE
 from .report import write_atomic
-from .problem import owned_values
+from .problem import from_owned_values, owned_values
 from .train import Trainer
 
 __all__ = ["run", "compare", "standard_models", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
@@ -98,13 +98,6 @@ def write_json(path, rows, **meta):
     write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
 
 
-def _function(V, values, name):
-    f = fd.Function(V, name=name)
-    with f.dat.vec_wo as vec:
-        vec.array[:] = values
-    return f
-
-
 def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     """For test sample ``sample``: the classical solution, each model's prediction and error,
     the MoE partition (DG0, expert per cell) and the first basis fields of each hard model, to
@@ -113,7 +106,7 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     CheckpointFile's path."""
     first = next(iter(trainers.values()))
     V, idx = first.problem.V, first.splits["test"][sample:sample + 1]
-    truth = _function(V, first.physical_target(idx)[0].cpu().numpy(), "classical")
+    truth = from_owned_values(V, first.physical_target(idx)[0].cpu().numpy(), "classical")
     fields, partition, basis = [truth], None, []
     for label, tr in trainers.items():
         tag = _tag(label)
@@ -124,10 +117,10 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
             except SolverDivergedError:      # no solution for this input: shown as NaN
                 u = np.full(len(owned_values(truth)), np.nan)
             phi = tr.model.basis(tr._tensors["inputs"][idx])[0, :n_basis_shown].cpu().numpy()
-        fields.append(_function(V, u, f"prediction_{tag}"))
-        fields.append(_function(V, u - owned_values(truth), f"error_{tag}"))
+        fields.append(from_owned_values(V, u, f"prediction_{tag}"))
+        fields.append(from_owned_values(V, u - owned_values(truth), f"error_{tag}"))
         if tr.model.kind != "soft":
-            basis += [_function(V, p, f"basis{i}_{tag}") for i, p in enumerate(phi)]
+            basis += [from_owned_values(V, p, f"basis{i}_{tag}") for i, p in enumerate(phi)]
         if tr.model.kind == "moe" and partition is None:
             partition = tr.model.constraint.partition.expert_indicator()
     if comm.rank == 0:

@@ -385,3 +385,42 @@ def test_mixed_space_spanning_basis_recovers_navier_stokes():
     u = fem_moe.HardConstraint(problem, 3)(basis, data)
     err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
     parallel_assert(err < 1e-8, f"max error {err}")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("which", ["scalar", "vector", "mixed"])
+def test_function_and_tensor_conversions(which):
+    """problem.function(u) and problem.tensor(f): a layer's tensors as Firedrake Functions and
+    back, batched, on any rank count; the Function holds the field whose dofs the tensor lists
+    (checked against interpolation at problem.dof_coordinates())."""
+    problem = {"scalar": lambda: nonlinear_diffusion(n=4),
+               "vector": lambda: nonlinear_diffusion(n=4, vector=True),
+               "mixed": lambda: channel_flow(n=2)}[which]()
+    X, comp = problem.dof_coordinates(), problem.dof_components()
+    u = torch.tensor(np.stack([np.sin(X[:, 0] + comp) * X[:, 1], X[:, 0] + 2 * comp]))
+    fs = problem.function(u, name="u")
+    assert isinstance(fs, list) and len(fs) == 2 and fs[0].name() == "u"
+    back = problem.tensor(fs)
+    assert back.shape == u.shape and torch.equal(back, u)
+    assert torch.equal(problem.tensor(problem.function(u[1])), u[1])
+    # The second field is x + 2 * (component index): its Function evaluated by UFL agrees.
+    f = fs[1]
+    x = fd.SpatialCoordinate(problem.mesh)
+    if which == "scalar":
+        expr = x[0]
+    elif which == "vector":
+        expr = fd.as_vector([x[0], x[0] + 2])
+    else:
+        expr = None
+    if expr is not None:
+        err = fd.assemble(fd.inner(f - expr, f - expr) * fd.dx) ** 0.5
+        assert err < 1e-12
+    else:       # velocity x + 2c (c = 0, 1), pressure x + 4
+        vel, p = f.subfunctions
+        err = fd.errornorm(fd.as_vector([x[0], x[0] + 2]), vel) + fd.errornorm(x[0] + 4, p)
+        assert err < 1e-12
+    with pytest.raises(fem_moe.InputError, match="owned dofs"):
+        problem.function(u[:, :-1])
+    other = fd.Function(fd.FunctionSpace(problem.mesh, "DG", 0))
+    with pytest.raises(fem_moe.InputError, match="not the problem's space"):
+        problem.tensor(other)

@@ -5,6 +5,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
+from .problem import as_array
 from .warmstart import WarmStarts, solve_from
 
 __all__ = ["HardConstraint", "residual_loss", "residual_rows"]
@@ -46,8 +47,7 @@ def check_rtol(rtol):
     return None if rtol is None else float(rtol)
 
 
-def _to_numpy(x):
-    return x.detach().to("cpu", torch.float64).numpy()
+_to_numpy = as_array    # a tensor on any device, as float64 numpy
 
 
 def _like(a, x):

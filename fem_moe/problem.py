@@ -50,10 +50,10 @@ def set_owned_values(f, values):
         vec.array[:] = values
 
 
-def _as_array(u):
+def as_array(u):
     """A tensor (any dtype or device) or array as float64 numpy."""
     if hasattr(u, "detach"):
-        u = u.detach().to("cpu").double().numpy()
+        u = u.detach().cpu().double().numpy()
     return np.asarray(u, dtype=np.float64)
 
 
@@ -180,7 +180,7 @@ class ConstrainedProblem:
         """Firedrake Function(s) in V from a layer's output ``u`` (a tensor or array of this
         rank's owned dofs, ``[n_dofs]`` or batched ``[batch, n_dofs]``: a list then). Not
         collective; on any number of ranks each passes its own dofs, as the layers do."""
-        values = _as_array(u)
+        values = as_array(u)
         if values.ndim == 2:
             return [from_owned_values(self.V, row, name) for row in values]
         return from_owned_values(self.V, values, name)

@@ -41,8 +41,8 @@ from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
-                     linear_failure, orthonormal_coordinates, reason_name, solver_options)
-from .warmstart import tolerance
+                     linear_failure, orthonormal_coordinates, reason_name, solver_options,
+                     tolerance)
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 

@@ -40,7 +40,6 @@ from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
 from .problem import owned_size, owned_values, set_owned_values, subspaces
-from .warmstart import tolerance
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
 
@@ -607,6 +606,20 @@ def solver_options(prefix, params, shared=None):
     finally:
         for name in inserted:
             opts.delValue(name)
+
+
+@contextlib.contextmanager
+def tolerance(snes, rtol=None):
+    """SNES's relative tolerance ``rtol`` for the duration of one solve (None: its own)."""
+    if rtol is None:
+        yield
+        return
+    old = snes.getTolerances()[0]
+    snes.setTolerances(rtol=float(rtol))
+    try:
+        yield
+    finally:
+        snes.setTolerances(rtol=old)
 
 
 NORMS = ("euclidean", "lumped")

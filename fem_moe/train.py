@@ -128,8 +128,7 @@ class Trainer:
         self._tensors = {k: self._tensor(v) for k, v in (("inputs", ds.inputs), ("data", ds.data),
                                                           ("targets", ds.targets))}
         self._lift = None if ds.lifting is None else self._tensor(ds.lifting)
-        base = lifting_residual(problem, self._tensors["data"], norm=t["residual_norm"])
-        self._residual_scale = base.clamp_min(torch.finfo(base.dtype).tiny)
+        self._residual_scale = self._lifting_scale(self._tensors["data"])
         self.step, self.history, self.validation, self.diverged = 0, [], [], []
         self._rank_warned = False
         self.out = t["out"]
@@ -201,6 +200,12 @@ class Trainer:
         order = np.random.default_rng([t["seed"], epoch]).permutation(n)
         return self.splits["train"][order[i * t["batch_size"]:(i + 1) * t["batch_size"]]]
 
+    def _lifting_scale(self, data):
+        """Per sample of ``data``: the lifting's physics loss, what relative residuals are
+        measured against (floored above 0)."""
+        base = lifting_residual(self.problem, data, norm=self.config["train"]["residual_norm"])
+        return base.clamp_min(torch.finfo(base.dtype).tiny)
+
     def _draw_fresh(self, step):
         t, pde = self.config["train"], self.dataset.pde
         idx = self.splits["train"][:t["batch_size"]]
@@ -213,8 +218,7 @@ class Trainer:
         T["targets"][idx] = float("nan")        # no solutions: the physics loss needs none
         if self._lift is not None:
             self._lift[idx] = self._tensor(np.array(lifts))
-        base = lifting_residual(self.problem, T["data"][idx], norm=t["residual_norm"])
-        self._residual_scale[idx] = base.clamp_min(torch.finfo(base.dtype).tiny)
+        self._residual_scale[idx] = self._lifting_scale(T["data"][idx])
         return idx
 
     # ------------------------------------------------------------------ model and losses

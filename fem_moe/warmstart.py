@@ -11,7 +11,6 @@ raised. Measured (README, ``benchmarks/training_step.py``, ``benchmarks/training
 not faster on diffusion-sorption (the solves start where the trust region crawls), but the
 coupled mixture trains to a 3x smaller error with them; the trainer's default.
 """
-import contextlib
 import hashlib
 from collections import OrderedDict
 
@@ -89,17 +88,3 @@ def solve_from(solve, w0):
         return solve(w0)
     except SolverDivergedError:
         return solve(None)
-
-
-@contextlib.contextmanager
-def tolerance(snes, rtol=None):
-    """SNES's relative tolerance ``rtol`` for the duration of one solve (None: its own)."""
-    if rtol is None:
-        yield
-        return
-    old = snes.getTolerances()[0]
-    snes.setTolerances(rtol=float(rtol))
-    try:
-        yield
-    finally:
-        snes.setTolerances(rtol=old)

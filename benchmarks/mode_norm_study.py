@@ -11,6 +11,7 @@ Prints a table (relative L2 error against the classical solver, residual, step t
 (steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -24,6 +25,8 @@ parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--n-train", type=int, default=32)
 parser.add_argument("--n-test", type=int, default=8)
 parser.add_argument("--loss-norm", default="dual", help="the physics loss's norm (train.residual_norm)")
+parser.add_argument("--no-warm-start", action="store_true",
+                    help="solve every training sample cold (model.warm_start = false)")
 parser.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
@@ -45,7 +48,8 @@ config = {
     "pde": {"name": args.pde, "options": PDE_OPTIONS[args.pde]},
     "data": {"path": os.path.join(out, "data.h5"), "n_train": args.n_train, "n_val": 4,
              "n_test": args.n_test, "seed": 0},
-    "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64},
+    "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
+              "warm_start": not args.no_warm_start},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
               "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
               "checkpoint_every": args.steps, "progress": False, "resume": False},
@@ -56,6 +60,9 @@ for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
     extra = {"n_experts": K} if kind == "moe" else {}
     models += [(f"{label} lstsq euclidean", {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
                (f"{label} lstsq lumped", {"kind": kind, "mode": "lstsq", "norm": "lumped", **extra}),
+               (f"{label} lstsq dual", {"kind": kind, "mode": "lstsq", "norm": "dual", **extra}),
+               *([(f"{label} lstsq dual_blocks", {"kind": kind, "mode": "lstsq", "norm": "dual_blocks",
+                                                  **extra})] if kind == "moe" else []),
                (f"{label} galerkin", {"kind": kind, "mode": "galerkin", **extra})]
 if args.only:
     wanted = [s.strip() for s in args.only.split(",")]
@@ -68,7 +75,13 @@ if MPI.COMM_WORLD.rank == 0:
              f"{MPI.COMM_WORLD.size} rank(s)")
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    name = f"mode_norm_{args.pde}_K{K}_{args.steps}steps.json"
-    study.write_json(os.path.join(HERE, "results", name), rows,
+    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps.json")
+    if os.path.exists(name):
+        # Rows of earlier runs (other --only selections) stay, unless measured again now.
+        with open(name) as f:
+            earlier = json.load(f)["rows"]
+        ours = {row["label"] for row in rows}
+        rows = [row for row in earlier if row["label"] not in ours] + rows
+    study.write_json(name, rows,
                      title=title, command=command, steps=args.steps, experts=K,
                      ranks=MPI.COMM_WORLD.size)

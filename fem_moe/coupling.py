@@ -6,10 +6,11 @@ evaluated on k's own field; nothing ties an expert to its neighbours, and an exp
 boundary or initial data has a family of local solutions (DESIGN.md section 7). The coupled
 mixture solves for all of w at once, on the stitched field and every residual row:
 
-* ``"lstsq"``: minimise 1/2 |P R(u(w); m)|^2 + 1/2 sum_k rho_k |w_k|^2 (rho_k = 0 unless block k is
+* ``"lstsq"``: minimise 1/2 |P R(u(w); m)|_W^2 + 1/2 sum_k rho_k |w_k|^2 (rho_k = 0 unless block k is
   rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
   k is the global layer's output, so the coupled residual is never larger than the global one
-  with the same basis (exactly so for a linear PDE).
+  with the same basis (exactly so for a linear PDE). |.|_W is the norm's weight, block diagonal
+  over the experts' rows (:mod:`fem_moe.norms`; the identity by default).
 * ``"galerkin"``: the global residual tested against every expert's block basis,
   G_k = (P_k Phi) P R(u(w); m) + rho_k w_k = 0.
 
@@ -43,6 +44,7 @@ from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
                      linear_failure, orthonormal_coordinates, reason_name, solver_options,
                      tolerance)
+from .norms import ExpertBlocks
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
@@ -138,14 +140,17 @@ class CoupledRows:
     def jacobian_times_blocks(self):
         """(P J Phi_blk) [n_sub, L N] at the expert's current u."""
         e = self.expert
-        return e.row_weight[:, None] * e._times_phi(e._assemble_jacobian(), self._blk_mat)
+        JPhi = e._times_phi(e._assemble_jacobian(), self._blk_mat)
+        JPhi[~e.row_mask] = 0.0
+        return JPhi
 
-    def hessian_term(self, r):
-        """Phi_blk^T H(r) Phi_blk [L N, L N], H(r) = d^2 <r, R(u)>/du^2; None if R is linear."""
+    def hessian_term(self, s):
+        """Phi_blk^T H(s) Phi_blk [L N, L N], H(s) = d^2 <s, R(u)>/du^2 (s = W r, the weighed
+        rows); None if R is linear."""
         e = self.expert
         if e.H is None:
             return None
-        e._set(e.r_fn, e.row_weight * r)
+        e._set(e.r_fn, s)
         return self.blk.T @ e._times_phi(e._assemble_hessian(), self._blk_mat)
 
     def destroy(self):
@@ -164,8 +169,12 @@ class CoupledSolver:
     (construction, ``solve``, ``vjp``)."""
 
     def __init__(self, comm, rows, expert_rank, n_basis, mode, solver_parameters=None,
-                 ridge_always=False, ridge_factor=1e-4, options_prefix="moe_"):
+                 ridge_always=False, ridge_factor=1e-4, options_prefix="moe_", norm=None):
         self.comm, self.rows, self.mode, self.N = comm, rows, mode, int(n_basis)
+        # The least-squares weight W of the rows (fem_moe.norms): block diagonal over the experts
+        # unless it couples every row (the whole mesh's dual norm: a dense reduced matrix).
+        self.norm = ExpertBlocks(rows) if norm is None else norm
+        self.dense = mode == "lstsq" and self.norm.couples_all
         self.ridge_always, self.ridge_factor = ridge_always, ridge_factor
         K, N = len(expert_rank), self.N
         order = sorted(range(K), key=lambda k: (expert_rank[k], k))
@@ -202,7 +211,10 @@ class CoupledSolver:
     # ------------------------------------------------------------------ setup
     def _pattern(self, neighbours, K):
         """Column blocks of each block row: lstsq, pairs of neighbours of any expert (its rows
-        couple them); galerkin, block row k holds the neighbours of k."""
+        couple them; every pair where W couples every row); galerkin, block row k holds the
+        neighbours of k."""
+        if self.dense:
+            return [set(range(K)) for _ in range(K)]
         cols = [set() for _ in range(K)]
         for m, nb in neighbours.items():
             for k in (nb if self.mode == "lstsq" else [m]):
@@ -271,6 +283,17 @@ class CoupledSolver:
             self._callback_error = exc
             raise
 
+    def _weigh(self, arrays):
+        """W x for each of my experts' rows, {k: x_k} -> {k: (W x)_k}. Collective (the whole
+        mesh's norm exchanges and solves on the mesh communicator); raises on every rank."""
+        out, err = None, None
+        try:
+            out = self.norm.weigh(arrays)
+        except Exception as exc:     # noqa: BLE001 -- reaches every rank below
+            err = exc
+        self._agree(err)
+        return out
+
     def _neighbour_blocks(self, vec, local, scatter, shape):
         """The blocks of each of my experts' neighbours from distributed ``vec``: {k: [L, *shape]}."""
         scatter.scatter(vec, local, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
@@ -303,18 +326,20 @@ class CoupledSolver:
     def _evaluate_residual(self, X):
         """The residual rows of my experts at X, the objective and |r| (summed over ranks)."""
         err, rr, ridge = None, 0.0, 0.0
-        state = {"c": X.getArray(readonly=True).copy(), "r": {}, "C": {}}
+        state = {"c": X.getArray(readonly=True).copy(), "r": {}, "s": {}, "C": {}}
         try:
             C = self._neighbour_blocks(X, self.local, self.scatter, (self.N,))
             for k in self.mine:
                 state["C"][k] = C[k]
-                state["r"][k] = r = self.rows[k].residual(C[k])
+                state["r"][k] = self.rows[k].residual(C[k])
                 w = self.T[k] @ C[k][self.rows[k].me]
-                rr += r @ r
                 ridge += self.rho[k] * (w @ w)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
             err = exc
         self._agree(err)
+        # The rows as the norm weighs them, s = W r (fem_moe.norms).
+        state["s"] = self._weigh(state["r"]) if self.mode == "lstsq" else state["r"]
+        rr = sum(state["r"][k] @ state["s"][k] for k in self.mine)
         total_rr, total_ridge = self.comm.allreduce(np.array([rr, ridge]))
         state["objective"], state["rnorm"] = 0.5 * (total_rr + total_ridge), np.sqrt(total_rr)
         return state
@@ -338,7 +363,7 @@ class CoupledSolver:
                 JPhi = rows.jacobian_times_blocks()
                 state["JPhi"][k] = JPhi
                 if self.mode == "lstsq":
-                    g, idx = JPhi.T @ r, self.position[rows.neighbours]
+                    g, idx = JPhi.T @ state["s"][k], self.position[rows.neighbours]
                 else:
                     g, idx = rows.Phi_c @ r, self.position[[k]]
                 g = g.reshape(-1, N)
@@ -361,17 +386,22 @@ class CoupledSolver:
         err = None
         A = self.A
         A.zeroEntries()
+        if self.mode == "lstsq" and "WJ" not in state:
+            state["WJ"] = self._weigh({k: self._columns(k, state["JPhi"][k]) for k in self.mine})
+        WJ = state.get("WJ")
         try:
             for k in self.mine:
                 rows = self.rows[k]
                 JPhi = state["JPhi"][k]
                 if self.mode == "lstsq":
-                    M = JPhi.T @ JPhi
-                    if exact:
-                        S = rows.hessian_term(state["r"][k])
-                        if S is not None:
-                            M = M + S
+                    M = JPhi.T @ WJ[k]
                     idx_r = idx_c = self.position[rows.neighbours]
+                    if self.dense:
+                        idx_c = np.arange(len(self.position))
+                    if exact:
+                        S = rows.hessian_term(state["s"][k])
+                        if S is not None:
+                            M[:, self._column_index(k)] += S
                 else:
                     M = rows.Phi_c @ JPhi
                     idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
@@ -392,6 +422,24 @@ class CoupledSolver:
             # (the experts' rule).
             self._jacobian(state, exact=False)
             A.shift(1e-8 * A.getDiagonal().sum() / A.getSize()[0])
+
+    def _column_index(self, k):
+        """Where expert k's neighbours' columns sit in the columns of its block row: all of
+        them (a slice) unless the matrix is dense, where the columns are every expert's, by
+        position."""
+        if not self.dense:
+            return slice(None)
+        N = self.N
+        return np.concatenate([np.arange(p * N, (p + 1) * N) for p in self.position[self.rows[k].neighbours]])
+
+    def _columns(self, k, JPhi):
+        """Expert k's columns (its neighbours' blocks) as the matrix's column blocks: JPhi
+        itself, or where the matrix is dense, placed among every expert's columns."""
+        if not self.dense:
+            return JPhi
+        out = np.zeros((JPhi.shape[0], len(self.position) * self.N))
+        out[:, self._column_index(k)] = JPhi
+        return out
 
     def _positive_definite(self):
         """Whether the assembled matrix is positive definite: its inertia from a Cholesky
@@ -462,6 +510,9 @@ class CoupledSolver:
         SolverDivergedError on every rank."""
         t0 = time.perf_counter()
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
+        if warm and not self._better_than_cold():
+            self.x.zeroEntries()
+            warm = False
         start = self._state_at(self.x, "G")
         before, g_start = start["rnorm"], start["gnorm"]
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
@@ -518,6 +569,17 @@ class CoupledSolver:
             out[k] = (self.T[k] @ C[k][rows.me], rows.expert.g_vec + rows.field(C[k]))
         return out
 
+    def _better_than_cold(self):
+        """Whether the start in self.x is lower than all coefficients 0 (the objective; the
+        residual's norm in Galerkin mode): a stale warm start can lie in a worse basin of a
+        nonlinear PDE's objective (see :meth:`fem_moe.expert.Expert._better_than_cold`).
+        Collective."""
+        at_start = self._state_at(self.x, "objective")
+        at_zero = self._zero_residual()
+        if self.mode == "lstsq":
+            return at_start["objective"] <= 0.5 * at_zero ** 2
+        return at_start["rnorm"] <= at_zero
+
     def _zero_residual(self):
         """|r| of the lifting alone (all coefficients 0): the residual's scale. Collective."""
         zero = self.x.duplicate()
@@ -572,41 +634,64 @@ class CoupledSolver:
         Lam = self._neighbour_blocks(lam, self.local, self.scatter, (N,))
         W = self._neighbour_blocks(self.x, self.local, self.scatter, (N,))
         b.destroy(), lam.destroy()
+        parts, err = {}, None
+        try:
+            for k in self.mine:
+                parts[k] = self._expert_rows_at(k, W[k], Lam[k])
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        if self.mode == "lstsq":
+            # s = W r (the state's) and y = W P J z, the rows as the norm weighs them
+            # (collective for a norm that couples every row).
+            s = state["s"]
+            y = self._weigh({k: p["Jz"] for k, p in parts.items()})
         grads, err = {}, None
         try:
             for k in self.mine:
-                grads[k] = self._expert_vjp(k, W[k], Lam[k], u_bar[k])
+                weighed = (s[k], y[k]) if self.mode == "lstsq" else (None, None)
+                grads[k] = self._expert_vjp(k, parts[k], *weighed, u_bar[k])
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
         return {k: g[0] for k, g in grads.items()}, {k: g[1] for k, g in grads.items()}
 
-    def _expert_vjp(self, k, C_nb, Lam_c, u_bar):
-        """Expert k's rows' share of (Phi_bar, data_bar), with the neighbours' c and lam."""
+    def _expert_rows_at(self, k, C_nb, Lam_c):
+        """Expert k's rows at the solution, with the neighbours' c and lam: its residual r, the
+        stitched multiplier field z, P J z, and the coefficients and multipliers per dof."""
         rows = self.rows[k]
         e = rows.expert
         r = rows.residual(C_nb)
         J = e._assemble_jacobian()
-        Jt = lambda x: e._matvec(J, x, transpose=True)
+        z = rows.field(Lam_c)
+        Jz = np.where(e.row_mask, e._matvec(J, z), 0.0) if self.mode == "lstsq" else None
         # w-space coefficients and multipliers per dof (the dof's owner's).
         W = np.einsum("lnm,lm->ln", rows.T_nb, C_nb)[rows.block]          # [n_sub, N]
         Lam = np.einsum("lnm,lm->ln", rows.T_nb, Lam_c)[rows.block]
-        z = rows.field(Lam_c)
+        return {"r": r, "J": J, "z": z, "Jz": Jz, "W": W, "Lam": Lam}
+
+    def _expert_vjp(self, k, part, s, y, u_bar):
+        """Expert k's rows' share of (Phi_bar, data_bar), from :meth:`_expert_rows_at` and (lstsq)
+        s = W r, y = W P J z. The expert's u must still be the solution's."""
+        rows = self.rows[k]
+        e = rows.expert
+        J, z, W, Lam, r = part["J"], part["z"], part["W"], part["Lam"], part["r"]
+        Jt = lambda x: e._matvec(J, x, transpose=True)
         ub = np.where(rows.own, u_bar, 0.0)
         if self.mode == "lstsq":
-            y = e.row_weight ** 2 * e._matvec(J, z)
             q = Jt(y)
             if e.H is not None:
-                e._set(e.r_fn, e.row_weight * r)
+                e._set(e.r_fn, s)
                 q = q + e._matvec(e._assemble_hessian(), z)
-            Phi_bar = (W * (ub - q)[:, None]).T - (Lam * Jt(e.row_weight * r)[:, None]).T
+            Phi_bar = (W * (ub - q)[:, None]).T - (Lam * Jt(s)[:, None]).T
             e._set(e.y_fn, y)
         else:
             z = np.where(e.row_mask, z, 0.0)
+            s = r
             Phi_bar = (W * (ub - Jt(z))[:, None]).T - (Lam * r[:, None]).T
         Phi_bar[:, ~e.col_mask] = 0.0
         e._set(e.z_fn, z)
-        e._set(e.r_fn, e.row_weight * r)
+        e._set(e.r_fn, s)
         return Phi_bar, -e._data_derivative()
 
     def destroy(self):
@@ -619,6 +704,8 @@ class CoupledSolver:
             obj.destroy()
         for rows in self.rows.values():
             rows.destroy()
+        if hasattr(self.norm, "destroy"):
+            self.norm.destroy()
 
 
 from mpi4py import MPI  # noqa: E402

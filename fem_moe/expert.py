@@ -10,8 +10,11 @@ u = g + Phi^T w satisfies the PDE in the chosen sense, on the residual rows it i
 
 rho is 0 unless the basis is rank deficient (see ``on_rank_deficient``).
 
-The norm is the Euclidean norm of the assembled residual's dof vector, as the paper measures its
-residual at collocation points. Every derivative below is UFL's symbolic derivative of the user's
+In least squares, |r|^2 is r^T W r with W the norm's weight on the constraint rows
+(:mod:`fem_moe.norms`: the Euclidean norm of the dof vector, as the paper measures its residual at
+collocation points, by default; the lumped-mass or H1-dual norm); the formulas below are written
+for W = I, and W enters wherever a residual row is weighed (s = W r in place of r, W J Phi^T in
+place of J Phi^T). Every derivative below is UFL's symbolic derivative of the user's
 residual form, assembled by Firedrake (the same machinery pyadjoint's solve blocks use):
 
 * Jacobian of G (SNES and IFT):  lstsq  (J Phi^T)^T P (J Phi^T) + Phi H_r Phi^T + rho I, with
@@ -39,6 +42,7 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
+from .norms import NORMS, RowNorm, check_norm
 from .problem import owned_size, owned_values, set_owned_values, subspaces
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
@@ -186,17 +190,18 @@ class Expert:
         if rows.shape != (self.n,):
             raise InputError(f"row_mask has shape {rows.shape}, expected ({self.n},)")
         self.row_mask = rows & ~self.bc_mask
-        # The residual's rows as the objective weighs them: r = d * P R, d = sqrt of the norm's
-        # row weights on the constraint rows, 0 elsewhere.
+        self.options_prefix = problem.options_prefix if options_prefix is None else options_prefix
+        # The objective weighs the constraint rows r = P R as 1/2 r^T W r (least squares).
         self.norm = norm
-        self.row_weight = np.where(self.row_mask, row_scale(problem, norm), 0.0)
+        self.row_norm = RowNorm(V, self.row_mask, norm if mode == "lstsq" else "euclidean",
+                                options_prefix=self.options_prefix, shared=problem.options_prefix)
+        self.weigh = self.row_norm.weigh
 
         self._R = fd.Cofunction(V.dual())
         self._assemblers = {}
         self._J = None
         self._H = None
         self._Phi_mat = None
-        self.options_prefix = problem.options_prefix if options_prefix is None else options_prefix
         self._build_snes()
 
     # ---------------------------------------------------------------- dof-vector helpers
@@ -244,8 +249,9 @@ class Expert:
             return self._assemblers[key].assemble(tensor=tensor)
 
     def _assemble_residual(self):
+        """r = P R: the residual's constraint rows (zero elsewhere), at the current u and m."""
         self._assemble(self.F, tensor=self._R)
-        return self.row_weight * self._get(self._R)
+        return np.where(self.row_mask, self._get(self._R), 0.0)
 
     def _assemble_jacobian(self):
         self._J = self._assemble(self.dF, tensor=self._J, mat_type="aij")
@@ -274,9 +280,11 @@ class Expert:
     def _evaluate_residual(self, w, Phi):
         self._set(self.u, self.g_vec + w @ Phi)
         r = self._assemble_residual()
-        rr = self._sum(np.array([r @ r]))[0]
+        s = self.weigh(r)                                  # W r
+        rr = self._sum(np.array([r @ s]))[0]
         # The ridge enters the objective too, so that G stays its gradient.
-        return {"w": w, "r": r, "rnorm": np.sqrt(rr), "objective": 0.5 * (rr + self.rho * w @ w)}
+        return {"w": w, "r": r, "s": s, "rnorm": np.sqrt(rr),
+                "objective": 0.5 * (rr + self.rho * w @ w)}
 
     def _complete(self, state, Phi, Phi_mat, jacobian):
         """Add G (and A if ``jacobian``) to a state from _evaluate_residual; u must still be the
@@ -284,15 +292,16 @@ class Expert:
         w, r, I = state["w"], state["r"], np.eye(self.N)
         if self.mode == "lstsq":
             if "JPhi" not in state:
-                JPhi = self.row_weight[:, None] * self._times_phi(self._assemble_jacobian(), Phi_mat)
+                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
+                JPhi[~self.row_mask] = 0.0                      # P J Phi^T
                 state["JPhi"] = JPhi
-                state["G"] = self._sum(JPhi.T @ r) + self.rho * w
+                state["G"] = self._sum(JPhi.T @ state["s"]) + self.rho * w
             if jacobian and "A" not in state:
                 JPhi = state["JPhi"]
-                GN = JPhi.T @ JPhi
+                GN = JPhi.T @ self.weigh(JPhi)
                 S = np.zeros_like(GN)
                 if self.H is not None and self._exact_hessian(state["G"]):
-                    self._set(self.r_fn, self.row_weight * r)
+                    self._set(self.r_fn, state["s"])
                     S = Phi @ self._times_phi(self._assemble_hessian(), Phi_mat)
                 GN, S = np.split(self._sum(np.concatenate([GN, S])), 2)
                 state["GN"], state["A"] = GN, GN + S + self.rho * I
@@ -420,6 +429,8 @@ class Expert:
         self.rho = 0.0
         rank, ridge, self._T = self._check_rank(Phi, sample)
         self.rho = ridge
+        if w0 is not None and not self._better_than_cold(np.array(w0, dtype=np.float64)):
+            w0 = None
         w = np.zeros(self.N) if w0 is None else np.array(w0, dtype=np.float64)
         self._wvec.setArray(self._local(np.linalg.solve(self._T, w)))
         before = self._state_at(self._wvec, "objective")["rnorm"]
@@ -463,6 +474,17 @@ class Expert:
                 f"{self.options_prefix!r}.",
                 expert=self.expert_id, sample=sample, reason=info.reason)
         return w, self.g_vec + w @ Phi, info
+
+    def _better_than_cold(self, w0):
+        """Whether a warm start w0 starts lower than the cold start w = 0 (the objective; the
+        residual's norm in Galerkin mode). On a nonlinear PDE the stale coefficients of a sample
+        can lie in a worse basin than 0 once the basis has moved; the trust region never climbs
+        out of one (measured on the plate's cubic reaction-diffusion: training with unguarded warm
+        starts ended 0.55 against 0.42 cold, with loss spikes of 3e3)."""
+        key = "objective" if self.mode == "lstsq" else "rnorm"
+        cold = self._evaluate_residual(np.zeros(self.N), self._Phi)[key]
+        warm = self._evaluate_residual(w0, self._Phi)[key]
+        return warm <= cold
 
     def _stalled(self, g_start):
         """At the current iterate, is the objective at its round-off floor (see stall_rtol)?"""
@@ -529,24 +551,24 @@ class Expert:
         self.rho = rho
         Phi_mat = self._phi_mat(Phi)
         state = self._evaluate(w, Phi, Phi_mat, True)
-        r = state["r"]
+        r, s = state["r"], state["s"]
         lam = self._backward_solve(state["A"], Phi, self._sum(Phi @ u_bar), sample)
         z = lam @ Phi
         J = self._J.petscmat
         Jt = lambda x: self._matvec(J, x, transpose=True)
         if self.mode == "lstsq":
-            y = self.row_weight ** 2 * self._matvec(J, z)
+            y = self.weigh(self._matvec(J, z))           # W P J z
             q = Jt(y)
             if self.H is not None:
                 q = q + self._matvec(self._H.petscmat, z)
-            Phi_bar = np.outer(w, u_bar - q) - np.outer(lam, Jt(self.row_weight * r))
+            Phi_bar = np.outer(w, u_bar - q) - np.outer(lam, Jt(s))
             self._set(self.y_fn, y)
         else:
             z = np.where(self.row_mask, z, 0.0)    # the test function of <lam, G> is P z
             Phi_bar = np.outer(w, u_bar - Jt(z)) - np.outer(lam, r)
         Phi_bar[:, ~self.col_mask] = 0.0
         self._set(self.z_fn, z)
-        self._set(self.r_fn, self.row_weight * r)
+        self._set(self.r_fn, s)
         return Phi_bar, -self._data_derivative()
 
     def _backward_solve(self, A, Phi, b, sample):
@@ -579,6 +601,7 @@ class Expert:
 
     def destroy(self):
         self.snes.destroy()
+        self.row_norm.destroy()
 
 
 @contextlib.contextmanager
@@ -620,37 +643,6 @@ def tolerance(snes, rtol=None):
         yield
     finally:
         snes.setTolerances(rtol=old)
-
-
-NORMS = ("euclidean", "lumped")
-
-
-def check_norm(norm, mode="lstsq"):
-    """The norm's canonical name ("l2" is "euclidean"); InputError for an unknown one, or for a
-    weighted norm in Galerkin mode (whose test functions are the basis: no norm enters)."""
-    norm = "euclidean" if norm == "l2" else norm
-    if norm not in NORMS:
-        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
-    if mode == "galerkin" and norm != "euclidean":
-        raise InputError(f"norm={norm!r} applies to least squares; the Galerkin mode has none")
-    return norm
-
-
-def row_scale(problem, norm):
-    """Square roots of the norm's weights of the residual's rows, [n_dofs] (owned dofs):
-    "euclidean", ones (the assembled residual's dof vector, as the paper's point residuals);
-    "lumped", 1/sqrt(M_ii), M the mass matrix of V (its diagonal: a lumped mass that stays
-    positive for P2): the residual's rows then weigh as the L2 norm of the strong residual, the
-    same on fine and coarse cells of a graded mesh. Row-local, so an expert's rows get the
-    weights the whole mesh gives them. Collective."""
-    if norm == "euclidean":
-        return np.ones(problem.n_dofs)
-    V = problem.V
-    mass = fd.assemble(fd.inner(fd.TrialFunction(V), fd.TestFunction(V)) * fd.dx,
-                       mat_type="aij").petscmat
-    diag = mass.getDiagonal().getArray(readonly=True).copy()
-    mass.destroy()
-    return 1.0 / np.sqrt(diag)
 
 
 def dirichlet_dofs(problem):
@@ -738,14 +730,15 @@ class ResidualNorm:
     Euclidean norm of the assembled residual, as the paper's point residuals.
 
     ``norm="lumped"``: (P R)^T D^{-1} (P R) + ||B (u - g)||^2, D the diagonal of the mass
-    matrix: the L2 norm of the strong residual (see :func:`row_scale`).
+    matrix: the L2 norm of the strong residual (see :mod:`fem_moe.norms`).
 
     ``norm="dual"``: (P R)^T A^{-1} (P R) + ||B (u - g)||^2, A the H1 Gram matrix (grad u . grad v
     + u . v, Dirichlet rows and columns replaced by the identity): the residual's norm in the dual
     of H1, which for a linear elliptic PDE is equivalent to the error in the energy norm, on any
     mesh. The Euclidean norm weighs high frequencies by the square of the stiffness and barely
-    sees smooth errors; the dual norm weighs them alike. It costs one solve with A (factored once,
-    MUMPS/PETSc LU) per sample and evaluation.
+    sees smooth errors; the dual norm weighs them alike. It costs one solve with A per sample and
+    evaluation (:class:`fem_moe.norms.RowNorm`; options prefix ``<problem prefix>loss_riesz_``,
+    default LU factored once).
 
     Collective over ``problem.comm``.
     """
@@ -756,34 +749,15 @@ class ResidualNorm:
             raise InputError(f"norm must be 'l2' (or 'euclidean'), 'lumped' or 'dual', got {norm!r}")
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
-        self.norm, self._ksp = norm, None
+        self.norm = norm
         self._JTz = fd.Cofunction(problem.V.dual())
-        self._weights = row_scale(problem, "lumped") ** 2 if norm == "lumped" else None
-        if norm == "dual":
-            V = problem.V
-            u, v = fd.TrialFunction(V), fd.TestFunction(V)
-            A = fd.assemble((fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(u, v)) * fd.dx,
-                            bcs=problem.bcs, mat_type="aij").petscmat
-            self._ksp = PETSc.KSP().create(comm=problem.comm)
-            self._ksp.setOperators(A)
-            self._ksp.setType("preonly")
-            pc = self._ksp.getPC()
-            pc.setType("lu")
-            if problem.comm.size > 1:
-                pc.setFactorSolverType("mumps")
-            self._ksp.setFromOptions()
-            self._X, self._Y = A.createVecs()
+        self._rows = RowNorm(problem.V, self._e.row_mask, "euclidean" if norm == "l2" else norm,
+                             options_prefix=problem.options_prefix + "loss_")
 
     def _weighted(self, r):
-        """A^{-1} r for the dual norm, r / M_ii for the lumped one, r itself for l2 (owned
-        dofs)."""
-        if self._weights is not None:
-            return self._weights * r
-        if self._ksp is None:
-            return r
-        self._X.setArray(r)
-        self._ksp.solve(self._X, self._Y)
-        return self._Y.getArray(readonly=True).copy()
+        """W r: A^{-1} r for the dual norm, r / M_ii for the lumped one, r itself for l2 (owned
+        dofs, zero on Dirichlet rows)."""
+        return self._rows.weigh(r)
 
     def _residual_at(self, u, data):
         """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""

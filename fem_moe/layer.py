@@ -131,9 +131,11 @@ class HardConstraint(torch.nn.Module):
       least-squares (``mode="lstsq"``) or Galerkin (``"galerkin"``) sense. Same dtype and device
       as ``basis``. Computation is in float64 on the CPU.
 
-    ``norm`` (least squares): the residual's norm, "euclidean" (its dof vector, the paper's) or
+    ``norm`` (least squares): the residual's norm, "euclidean" (its dof vector, the paper's),
     "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the
-    strong residual, mesh-grading independent); see :func:`fem_moe.expert.row_scale`.
+    strong residual, mesh-grading independent) or "dual" (the dual norm of H1: errors weighed
+    as Galerkin weighs them, one Riesz solve per vector, options prefix
+    ``<problem prefix>riesz_``); see :mod:`fem_moe.norms`.
 
     ``warm_start``: start each sample's solve from that sample's last solution (a sample is
     known by its data; see :mod:`fem_moe.warmstart`), for training on a fixed dataset, which

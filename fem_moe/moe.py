@@ -13,7 +13,8 @@ from torch.autograd.function import once_differentiable
 
 from .coupling import CoupledRows, CoupledSolver
 from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
-from .expert import Expert, SampleInfo, check_norm, dirichlet_dofs
+from .expert import Expert, SampleInfo, dirichlet_dofs
+from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
 from .partition import ExchangePlan, Partition, SpaceLayout
 from .problem import ConstrainedProblem, owned_values
@@ -117,7 +118,9 @@ class MoEHardConstraint(torch.nn.Module):
     squares nests the global layer: its residual is never larger than the global layer's with
     the same basis. The backward is one block-sparse transposed solve per sample.
 
-    ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s.
+    ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s; an
+    expert weighs the rows it owns, so "dual" is the dual norm of H1 on each expert's rows (block
+    diagonal over the experts: the coupled problem stays block sparse; :mod:`fem_moe.norms`).
 
     ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
     independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
@@ -188,9 +191,17 @@ class MoEHardConstraint(torch.nn.Module):
         bc, gg = np.zeros(n_global, dtype=bool), np.zeros(n_global)
         for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):
             bc[ids], gg[ids] = m, v
+        self.norm = check_norm(norm, mode)
+        whole_mesh_norm = self.coupled and self.norm == "dual"
+        if whole_mesh_norm and K >= 16:
+            raise InputError(f"norm='dual' couples every expert's rows with every other's: a dense "
+                             f"{K * n_basis} x {K * n_basis} reduced matrix, refused for K >= 16 "
+                             f"(here K = {K}); norm='dual_blocks' keeps the coupled problem block "
+                             "sparse (each expert's rows in their own dual norm)")
+        # Each expert's own solves (the independent mixture, the first stage) weigh its rows
+        # in their own dual norm where the whole mesh's is asked for.
         kwargs = dict(n_basis=n_basis, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
-                      ridge_always=ridge_always, norm=check_norm(norm, mode))
-        self.norm = kwargs["norm"]
+                      ridge_always=ridge_always, norm="dual_blocks" if self.norm == "dual" else self.norm)
         self.experts, err = {}, None
         try:
             for k in p.my_experts:
@@ -217,10 +228,14 @@ class MoEHardConstraint(torch.nn.Module):
         raise_on_all_ranks(comm, err)
         self.coupling = None
         if self.coupled:
+            rows = {k: CoupledRows(e, owner) for k, e in self.experts.items()}
+            weight = None
+            if whole_mesh_norm:
+                weight = WholeMesh(self.plan, problem.V, ~mask,
+                                   {k: r.expert.row_mask for k, r in rows.items()}, "moe_")
             self.coupling = CoupledSolver(
-                comm, {k: CoupledRows(e, owner) for k, e in self.experts.items()}, p.expert_rank,
-                n_basis, mode, solver_parameters=coupling_parameters, ridge_always=ridge_always,
-                ridge_factor=ridge)
+                comm, rows, p.expert_rank, n_basis, mode, solver_parameters=coupling_parameters,
+                ridge_always=ridge_always, ridge_factor=ridge, norm=weight)
         self.setup_time = time.perf_counter() - t0
         self.diagnostics = Diagnostics()
         self.coupling_diagnostics = []

@@ -118,6 +118,64 @@ def test_coupled_gradcheck_nonlinear(n_experts, mode):
     assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parametrize("norm", ["dual", "dual_blocks"])
+@pytest.mark.parametrize("n_experts", [2, 3])
+def test_coupled_gradcheck_dual_norm(n_experts, norm):
+    """The whole mesh's dual norm (dense reduced matrix) or each expert's block of it (its rows'
+    own Riesz solve) in the coupled problem's gradient, Gauss-Newton matrix, second-order term
+    and backward."""
+    problem = nonlinear_diffusion(n=7, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=n_experts, norm=norm)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("norm", ["dual", "dual_blocks"])
+def test_coupled_one_expert_dual_norm_is_the_global_layer(norm):
+    """K = 1: the expert's rows are every non-Dirichlet row, so its block of the dual norm is
+    the whole mesh's: the coupled output and gradient are the global layer's."""
+    problem = nonlinear_diffusion(n=6, degree=1)
+    data = source(problem).requires_grad_()
+    basis = random_basis(problem, 4, seed=5).requires_grad_()
+    outs = []
+    for layer in (fem_moe.HardConstraint(problem, 4, norm="dual"),
+                  fem_moe.MoEHardConstraint(problem, 4, n_experts=1, norm=norm)):
+        u = layer(basis, data)
+        (g,) = torch.autograd.grad((u ** 3).sum(), basis)
+        outs.append((u.detach().numpy(), g.numpy()))
+    err_u = problem.comm.allreduce(np.abs(outs[0][0] - outs[1][0]).max(), op=MPI.MAX)
+    err_g = problem.comm.allreduce(np.abs(outs[0][1] - outs[1][1]).max(), op=MPI.MAX)
+    parallel_assert(err_u < 1e-10 and err_g < 1e-8, f"{err_u:.2e} {err_g:.2e}")
+
+
+@pytest.mark.parallel([1, 2, 3])
+def test_coupled_whole_mesh_dual_norm_is_the_global_layer_on_the_block_basis():
+    """norm="dual": the coupled least squares in the whole mesh's dual norm is the global
+    layer's, fed the K N block fields (a linear PDE: one minimiser); outputs and gradients."""
+    problem = inflow_channel()
+    N, K = 3, 4
+    basis = smooth_basis(problem, N).requires_grad_()
+    layer = fem_moe.MoEHardConstraint(problem, N, n_experts=K, norm="dual")
+    u = layer(basis)
+    weight = torch.tensor(np.cos(3 * problem.dof_coordinates()[:, 0]))
+    g, = torch.autograd.grad((u[0] * weight).pow(2).sum(), basis)
+    glob = fem_moe.HardConstraint(problem, K * N, norm="dual")
+    u_ref = glob(_block_basis(layer, basis))
+    g_ref, = torch.autograd.grad((u_ref[0] * weight).pow(2).sum(), basis)
+    err_u = problem.comm.allreduce(float((u - u_ref).detach().abs().max()), op=MPI.MAX)
+    scale = problem.comm.allreduce(float(g_ref.abs().max()), op=MPI.MAX)
+    err_g = problem.comm.allreduce(float((g - g_ref).abs().max()), op=MPI.MAX) / scale
+    parallel_assert(err_u < 1e-8 and err_g < 1e-7, f"output differs by {err_u:.2e}, gradient by {err_g:.2e}")
+
+
+def test_whole_mesh_dual_norm_refused_for_many_experts():
+    problem = nonlinear_diffusion(n=8, degree=1)
+    with pytest.raises(fem_moe.errors.InputError, match="dual_blocks"):
+        fem_moe.MoEHardConstraint(problem, 2, n_experts=16, norm="dual")
+
+
 def test_coupled_block_sparse_system_and_options():
     """The coupled matrix has a block only between experts sharing a row's stencil (no dense
     K N x K N matrix), and the coupled SNES/KSP take their options from the ``moe_`` prefix."""

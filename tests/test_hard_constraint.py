@@ -164,6 +164,43 @@ def test_dual_residual_norm_is_the_h1_dual_norm():
     assert abs(ours - expected) < 1e-10 * abs(expected), (ours, expected)
 
 
+@pytest.mark.parametrize("norm", ["lumped", "dual"])
+def test_gradcheck_weighted_norms(norm):
+    """Least squares in a weighted norm: W enters the Gauss-Newton matrix, the second-order term
+    and the backward's multipliers (fem_moe.norms)."""
+    problem = nonlinear_diffusion(n=4, degree=1)
+    layer = fem_moe.HardConstraint(problem, 3, norm=norm)
+    basis = random_basis(problem, 3).requires_grad_()
+    data = source(problem).requires_grad_()
+    assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
+
+
+@pytest.mark.parallel([1, 2])
+def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
+    """norm="dual": the output is the minimiser of the residual's H1-dual norm over the basis's
+    span (the quantity test_dual_residual_norm_is_the_h1_dual_norm checks against Firedrake):
+    its gradient is orthogonal to every basis field, and no other mode's output has a smaller
+    dual residual."""
+    problem = nonlinear_diffusion(n=6, degree=1)
+    data = source(problem)
+    basis = random_basis(problem, 5, seed=3)
+    outputs = {(mode, norm): fem_moe.HardConstraint(problem, 5, mode=mode, norm=norm)(basis, data)
+               for mode, norm in [("lstsq", "dual"), ("lstsq", "euclidean"), ("galerkin", "euclidean")]}
+    u = outputs[("lstsq", "dual")].detach().requires_grad_()
+    loss = fem_moe.residual_loss(problem, u, data, norm="dual")
+    (grad,) = torch.autograd.grad(loss, u)
+    bc, _ = dirichlet_dofs(problem)
+    phi = basis[0].numpy()[:, ~bc]
+    projected = problem.comm.allreduce(phi @ grad[0].numpy()[~bc])
+    scale = np.sqrt(problem.comm.allreduce(float((grad[0].numpy() ** 2).sum()))) * np.sqrt(
+        problem.comm.allreduce((phi ** 2).sum(axis=1))).max()
+    parallel_assert(np.abs(projected).max() < 1e-8 * scale, f"{projected} (scale {scale:.2e})")
+    values = {key: fem_moe.residual_loss(problem, out, data, norm="dual").item()
+              for key, out in outputs.items()}
+    best = values[("lstsq", "dual")]
+    parallel_assert(all(best <= v * (1 + 1e-10) for v in values.values()), f"{values}")
+
+
 def test_memory_flat_over_500_calls():
     from firedrake.adjoint import get_working_tape
     problem = nonlinear_diffusion(n=4, degree=1)

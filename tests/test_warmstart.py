@@ -89,6 +89,26 @@ def test_a_diverging_warm_start_is_repeated_cold(kind, monkeypatch):
     assert torch.allclose(u, u_cold, rtol=0, atol=1e-10 * u_cold.abs().max())
 
 
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("kind", ["pihc", "coupled", "independent"])
+def test_a_start_worse_than_cold_is_not_used(kind):
+    """A stored start whose objective is above the cold start's (a stale sample after the basis
+    moved, in a worse basin of a nonlinear PDE) is dropped for the cold start: the same output
+    and no more iterations than a cold solve."""
+    problem = nonlinear_diffusion(n=6)
+    warm, cold = layers(problem, warm_start=True)[kind](), layers(problem)[kind]()
+    data, basis = batch(problem, [2.0]), random_basis(problem, N)
+    u_cold = cold(basis, data)
+    keys, _ = warm.warm_starts.lookup(data.numpy())
+    far = 30.0 * np.ones(N)
+    warm.warm_starts[keys[0]] = far if kind == "pihc" else {k: far for k in range(3)}
+    u = warm(basis, data)
+    assert warm.warm_starts.hits == 1
+    assert not any(i.warm for i in infos(warm)[0])
+    assert sum(i.iterations for i in infos(warm)[0]) <= sum(i.iterations for i in infos(cold)[0])
+    assert torch.allclose(u, u_cold, rtol=0, atol=1e-8 * u_cold.abs().max())
+
+
 def test_no_warm_start_without_data_or_when_off():
     problem = nonlinear_diffusion(n=4)
     off = fem_moe.HardConstraint(problem, N)

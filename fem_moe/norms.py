@@ -1,0 +1,215 @@
+"""The norms a least-squares reduced problem measures its residual in.
+
+A layer in least-squares mode minimises 1/2 r^T W r over its coefficients, r = P R the assembled
+residual's constraint rows (P: the rows the expert is responsible for, never Dirichlet rows) and
+W a symmetric positive definite weight on those rows:
+
+* ``"euclidean"``: W = I, the residual's dof vector as the paper's point residuals. It weighs an
+  error mode e by |A e|^2 (A the PDE's operator): high frequencies by the square of the stiffness,
+  smooth errors barely at all, so the projection keeps the fields' rough parts right and their
+  smooth parts wrong (DESIGN.md section 7).
+* ``"lumped"``: W = D^{-1}, D the diagonal of V's mass matrix: the L2 norm of the strong residual,
+  independent of the mesh's grading. Same frequency weighting as the Euclidean norm.
+* ``"dual"``: W = (E^T G E)^{-1}, G the H1 Gram matrix of V (grad u . grad v + u . v) and E the
+  selection of the constraint rows: the residual's norm in the dual of H1 (with the other rows
+  held at zero). For a linear elliptic PDE that is the error's energy norm, which Galerkin
+  minimises too: least squares in this norm weighs errors as Galerkin does, and keeps least
+  squares' minimiser for any basis (Galerkin's reduced equations can have no root). On the global
+  layer the rows are all non-Dirichlet rows, so W is the whole mesh's dual norm. The coupled
+  mixture takes the whole mesh's too (:class:`WholeMesh`), at the price of a dense reduced
+  matrix (K N x K N); hence K < 16 only.
+* ``"dual_blocks"`` (mixtures): each expert's rows in their own dual norm, W block diagonal over
+  the experts (the one-level additive Schwarz preconditioner's blocks,
+  :class:`ExpertBlocks`): the coupled problem keeps its block sparsity, for any K. It weighs
+  smooth modes better than the Euclidean norm by about the ratio of subdomain to cell size, not
+  as well as the whole mesh's dual norm (measured in the README). On one set of rows (the global
+  layer, an independent expert) it is "dual".
+
+Applying W costs one solve with E^T G E per vector (its KSP: options prefix ``<prefix>riesz_``,
+default LU, MUMPS in parallel; e.g. ``-fem_moe_riesz_ksp_type cg -fem_moe_riesz_pc_type gamg``
+on big meshes, with a tight ``ksp_rtol``: the objective and its gradient must agree).
+"""
+import numpy as np
+import firedrake as fd
+from firedrake.petsc import PETSc
+
+from .errors import InputError, SolverDivergedError
+
+__all__ = ["NORMS", "check_norm", "RowNorm", "DEFAULT_RIESZ_PARAMETERS"]
+
+NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
+
+#: The Riesz solve's defaults (options prefix ``<prefix>riesz_``): a direct solve, factored once.
+DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
+
+
+def check_norm(norm, mode="lstsq"):
+    """The norm's canonical name ("l2" is "euclidean"); InputError for an unknown one, or for a
+    weighted norm in Galerkin mode (whose test functions are the basis: no norm enters)."""
+    norm = "euclidean" if norm == "l2" else norm
+    if norm not in NORMS:
+        raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
+    if mode == "galerkin" and norm != "euclidean":
+        raise InputError(f"norm={norm!r} applies to least squares; the Galerkin mode has none")
+    return norm
+
+
+def _lumped_mass(V):
+    """The diagonal of V's mass matrix (owned dofs): positive for P1 and P2 alike."""
+    mass = fd.assemble(fd.inner(fd.TrialFunction(V), fd.TestFunction(V)) * fd.dx,
+                       mat_type="aij").petscmat
+    diag = mass.getDiagonal().getArray(readonly=True).copy()
+    mass.destroy()
+    return diag
+
+
+def _h1_gram(V):
+    """The H1 Gram matrix of V (no boundary conditions), a PETSc aij matrix on V's comm."""
+    u, v = fd.TrialFunction(V), fd.TestFunction(V)
+    return fd.assemble((fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(u, v)) * fd.dx,
+                       mat_type="aij").petscmat
+
+
+class RowNorm:
+    """The weight W of a residual norm on a space's constraint rows: ``weigh(x)`` = W x for x
+    [n] or [n, M] (owned dofs; zero off the rows, and ignoring x there).
+
+    ``space``: the function space; ``rows`` [n owned] bool: the constraint rows; ``norm``: one of
+    :data:`NORMS`; ``options_prefix``: the dual norm's Riesz KSP takes its options under
+    ``<options_prefix>riesz_`` (and ``<shared>riesz_``, see :func:`fem_moe.expert.solver_options`).
+    Collective over the space's communicator (construction and ``weigh``)."""
+
+    def __init__(self, space, rows, norm, options_prefix="fem_moe_", shared=None):
+        from .expert import solver_options
+        self.norm = check_norm(norm)
+        self.rows = np.asarray(rows, dtype=bool)
+        self._diag, self._ksp = None, None
+        if self.norm == "euclidean":
+            self._diag = self.rows.astype(np.float64)
+        elif self.norm == "lumped":
+            self._diag = np.where(self.rows, 1.0 / _lumped_mass(space), 0.0)
+        else:     # "dual", or "dual_blocks": the same on one set of rows
+            G = _h1_gram(space)
+            start = G.getOwnershipRange()[0]
+            comm = G.getComm()
+            idx = PETSc.IS().createGeneral((start + np.flatnonzero(self.rows)).astype(PETSc.IntType),
+                                           comm=comm)
+            self._G = G.createSubMatrix(idx, idx)
+            G.destroy(), idx.destroy()
+            prefix = options_prefix + "riesz_"
+            ksp = PETSc.KSP().create(comm=comm)
+            ksp.setOptionsPrefix(prefix)
+            ksp.setOperators(self._G)
+            params = dict(DEFAULT_RIESZ_PARAMETERS)
+            if comm.size > 1:
+                params["pc_factor_mat_solver_type"] = "mumps"
+            with solver_options(prefix, params, None if shared is None else shared + "riesz_"):
+                ksp.setFromOptions()
+            ksp.setUp()
+            self._ksp, self.options_prefix = ksp, prefix
+            self._x, self._y = self._G.createVecs()
+            self._dense = {}
+
+    @property
+    def diagonal(self):
+        """W's diagonal if W is diagonal (Euclidean, lumped), else None."""
+        return self._diag
+
+    def weigh(self, x):
+        """W x: x [n] or [n, M] float64 (owned dofs) -> the same shape. Collective."""
+        x = np.asarray(x, dtype=np.float64)
+        if self._diag is not None:
+            return self._diag[:, None] * x if x.ndim == 2 else self._diag * x
+        out = np.zeros_like(x)
+        if x.ndim == 1:
+            self._x.setArray(x[self.rows])
+            self._ksp.solve(self._x, self._y)
+            self._check()
+            out[self.rows] = self._y.getArray(readonly=True)
+            return out
+        # All columns in one KSPMatSolve: one forward/back substitution sweep for a direct
+        # solver (MUMPS takes the columns as a block), block Krylov otherwise.
+        B, X = self._blocks(x.shape[1])
+        B.getDenseArray()[:] = x[self.rows]
+        B.assemble()
+        self._ksp.matSolve(B, X)
+        self._check()
+        out[self.rows] = X.getDenseArray()
+        return out
+
+    def _blocks(self, m):
+        """Dense right-hand side and solution matrices with m columns, made once per m."""
+        if m not in self._dense:
+            rows = self._G.getLocalSize()[0]
+            B = PETSc.Mat().createDense(((rows, None), (None, m)), comm=self._G.getComm())
+            B.setUp()
+            B.assemble()
+            self._dense[m] = (B, B.duplicate())
+        return self._dense[m]
+
+    def _check(self):
+        reason = self._ksp.getConvergedReason()
+        if reason < 0:
+            from .expert import reason_name
+            name = reason_name(reason, PETSc.KSP.ConvergedReason)
+            raise SolverDivergedError(f"the dual norm's Riesz solve (options prefix "
+                                      f"{self.options_prefix!r}) failed: {name}", reason=name)
+
+    def destroy(self):
+        if self._ksp is not None:
+            for obj in (self._ksp, self._G, self._x, self._y,
+                        *(m for pair in self._dense.values() for m in pair)):
+                obj.destroy()
+            self._ksp = None
+
+
+class ExpertBlocks:
+    """The coupled mixture's W, block diagonal over the experts: each expert weighs the rows
+    it owns with its own :class:`RowNorm` (Euclidean, lumped, or the dual norm of its rows,
+    "dual_blocks"). The coupled problem keeps the block sparsity of its rows. Local."""
+    couples_all = False
+
+    def __init__(self, rows):
+        self.rows = rows
+
+    def weigh(self, arrays):
+        """{k: x_k [n_sub] or [n_sub, M]} -> {k: W_k x_k} for this rank's experts."""
+        return {k: self.rows[k].expert.weigh(x) for k, x in arrays.items()}
+
+
+class WholeMesh:
+    """The coupled mixture's W for ``norm="dual"``: the whole mesh's H1-dual norm over every
+    expert's rows at once, so that the coupled least squares weighs errors as the global layer's
+    dual norm (and Galerkin) do. W couples every row with every other: the coupled reduced
+    matrix is dense (K N x K N, each rank holding its experts' block rows), and each
+    Gauss-Newton matrix costs one Riesz solve with K N right-hand sides on the whole mesh.
+
+    ``plan``: the mixture's exchange plan (the whole mesh's owned dofs <-> the experts' submesh
+    dofs); ``space``: the whole mesh's space; ``rows``: its constraint rows (owned dofs, bool);
+    ``own``: {k: bool [n_sub]}, the rows expert k owns (each row owned once). Collective over
+    the mesh communicator (``weigh``)."""
+    couples_all = True
+
+    def __init__(self, plan, space, rows, own, options_prefix):
+        self.plan, self.own = plan, own
+        self.norm = RowNorm(space, rows, "dual", options_prefix=options_prefix)
+
+    def weigh(self, arrays):
+        """{k: x_k [n_sub] or [n_sub, M]} (every expert of this rank) -> {k: (W x)_k}, on the
+        rows k owns. Collective."""
+        vector = next(iter(arrays.values())).ndim == 1 if arrays else False
+        vector = self.plan.comm.allreduce(vector, op=_LOR)
+        cols = {k: np.where(self.own[k][:, None], x.reshape(len(x), -1), 0.0)
+                for k, x in arrays.items()}
+        M = self.plan.comm.allreduce(max((c.shape[1] for c in cols.values()), default=0), op=_MAX)
+        whole = self.plan.gather_sum(cols, M)
+        back = self.plan.scatter(self.norm.weigh(whole))
+        return {k: np.where(self.own[k][:, None], back[k], 0.0)[:, 0] if vector
+                else np.where(self.own[k][:, None], back[k], 0.0) for k in arrays}
+
+    def destroy(self):
+        self.norm.destroy()
+
+
+from mpi4py import MPI  # noqa: E402
+_LOR, _MAX = MPI.LOR, MPI.MAX

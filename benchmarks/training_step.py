@@ -62,6 +62,9 @@ def main():
                              "solver options' tolerance)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                         help="the backbone's (solves are float64)")
+    parser.add_argument("--norm", default=None, help="the layers' least-squares norm (default: theirs)")
+    parser.add_argument("--mode", default=None, choices=["lstsq", "galerkin"],
+                        help="the layers' reduced problem (default: theirs)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
     args, _ = parser.parse_known_args()
@@ -114,6 +117,9 @@ def main():
             options["warm_start"] = True
         if kind != "soft" and args.training_rtol:
             options["training_rtol"] = args.training_rtol
+        for name in ("norm", "mode"):
+            if kind != "soft" and getattr(args, name):
+                options[name] = getattr(args, name)
         model = NeuralSolver(problem, backbone, kind=kind, n_basis=args.n_basis,
                              n_experts=args.experts if kind == "moe" else None, **options)
         model.to(dtype=dtype)
@@ -168,6 +174,7 @@ def main():
                "warmup": args.warmup, "n_train": args.n_train, "dtype": args.dtype,
                "warm_start": bool(options.get("warm_start", False)),
                "training_rtol": options.get("training_rtol"),
+               "norm": options.get("norm"), "mode": options.get("mode"),
                "step_seconds": float(total),
                "phases": {p: float(np.mean(times[p])) for p in phases},
                "events": {name: {"seconds_per_step": (end[name][0] - start[name][0]) / args.steps,
@@ -192,7 +199,7 @@ def main():
                 doc = json.load(f)
             key = lambda r: (r.get("label"), r.get("kind"), r.get("ranks"), r.get("dofs"),
                              r.get("dtype"), r.get("warm_start"), r.get("n_train"),
-                             r.get("training_rtol"))
+                             r.get("training_rtol"), r.get("norm"), r.get("mode"))
             new = {key(r) for r in rows}
             old = [r for r in doc.get("rows", []) if "label" in r and key(r) not in new]
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

@@ -49,7 +49,7 @@ DEFAULTS = {
         "mode": "lstsq",        # lstsq | galerkin
         "coupled": True,        # moe only: experts solved together on the stitched field (False: the paper's independent experts)
         "coupling_parameters": {},  # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
-        "norm": "euclidean",    # euclidean | lumped | dual: the least-squares residual's norm (fem_moe.norms)
+        "norm": "auto",    # auto (the layer's: dual, dual_blocks for mixtures) | euclidean | lumped | dual | dual_blocks: the least-squares residual's norm (fem_moe.norms)
         "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
         "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
@@ -95,7 +95,7 @@ CHOICES = {
     ("train", "loss"): ("physics", "supervised", "mixed"),
     ("train", "schedule"): ("none", "cosine", "step"),
     ("train", "residual_norm"): ("dual", "l2", "euclidean", "lumped"),
-    ("model", "norm"): ("euclidean", "lumped", "dual"),
+    ("model", "norm"): ("auto", "euclidean", "lumped", "dual", "dual_blocks"),
     ("train", "on_diverge"): ("skip", "stop"),
     ("train", "dtype"): ("float64", "float32"),
 }

@@ -141,7 +141,7 @@ class Expert:
 
     def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
                  ridge=1e-4, expert_id=None, dirichlet=None, options_prefix=None,
-                 ridge_always=False, norm="euclidean"):
+                 ridge_always=False, norm=None):
         if mode not in ("lstsq", "galerkin"):
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
         norm = check_norm(norm, mode)

@@ -135,7 +135,9 @@ class HardConstraint(torch.nn.Module):
     "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the
     strong residual, mesh-grading independent) or "dual" (the dual norm of H1: errors weighed
     as Galerkin weighs them, one Riesz solve per vector, options prefix
-    ``<problem prefix>riesz_``); see :mod:`fem_moe.norms`.
+    ``<problem prefix>riesz_``); see :mod:`fem_moe.norms`. The default (None) is "dual": on the
+    demos' three problems it gave Galerkin's accuracy or better (plate 0.103 against the Euclidean
+    norm's 0.42; README), at about the same cost per step.
 
     ``warm_start``: start each sample's solve from that sample's last solution (a sample is
     known by its data; see :mod:`fem_moe.warmstart`), for training on a fixed dataset, which
@@ -160,7 +162,7 @@ class HardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4,
-                 ridge_always=False, norm="euclidean", warm_start=False, training_rtol=None):
+                 ridge_always=False, norm=None, warm_start=False, training_rtol=None):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
         self.training_rtol = check_rtol(training_rtol)

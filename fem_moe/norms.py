@@ -26,8 +26,9 @@ W a symmetric positive definite weight on those rows:
   layer, an independent expert) it is "dual".
 
 Applying W costs one solve with E^T G E per vector (its KSP: options prefix ``<prefix>riesz_``,
-default LU, MUMPS in parallel; e.g. ``-fem_moe_riesz_ksp_type cg -fem_moe_riesz_pc_type gamg``
-on big meshes, with a tight ``ksp_rtol``: the objective and its gradient must agree).
+e.g. ``-fem_moe_riesz_ksp_type cg -fem_moe_riesz_pc_type gamg``; by default LU, factored once,
+up to 2e5 rows, CG + GAMG to a 1e-12 relative tolerance past that: see
+:data:`DEFAULT_RIESZ_PARAMETERS`).
 """
 import numpy as np
 import firedrake as fd
@@ -39,13 +40,23 @@ __all__ = ["NORMS", "check_norm", "RowNorm", "DEFAULT_RIESZ_PARAMETERS"]
 
 NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 
-#: The Riesz solve's defaults (options prefix ``<prefix>riesz_``): a direct solve, factored once.
+#: The Riesz solve's defaults (options prefix ``<prefix>riesz_``): a direct solve, factored once
+#: (MUMPS on several ranks), up to :data:`DIRECT_RIESZ_ROWS` rows; past that conjugate gradients
+#: with PETSc's algebraic multigrid, to a tolerance at which the objective and its gradient
+#: agree to round-off (the Gram matrix is SPD and well conditioned: a handful of iterations).
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
+ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,
+                              "ksp_atol": 0.0, "ksp_max_it": 500}
+DIRECT_RIESZ_ROWS = 200_000
 
 
-def check_norm(norm, mode="lstsq"):
-    """The norm's canonical name ("l2" is "euclidean"); InputError for an unknown one, or for a
-    weighted norm in Galerkin mode (whose test functions are the basis: no norm enters)."""
+def check_norm(norm, mode="lstsq", default="dual"):
+    """The norm's canonical name ("l2" is "euclidean"; None: ``default`` in least squares, where
+    the layers choose the dual norm by measurement (README), "euclidean" in Galerkin mode);
+    InputError for an unknown one, or for a weighted norm in Galerkin mode (whose test functions
+    are the basis: no norm enters)."""
+    if norm is None:
+        norm = default if mode == "lstsq" else "euclidean"
     norm = "euclidean" if norm == "l2" else norm
     if norm not in NORMS:
         raise InputError(f"norm must be one of {NORMS}, got {norm!r}")
@@ -100,9 +111,12 @@ class RowNorm:
             ksp = PETSc.KSP().create(comm=comm)
             ksp.setOptionsPrefix(prefix)
             ksp.setOperators(self._G)
-            params = dict(DEFAULT_RIESZ_PARAMETERS)
-            if comm.size > 1:
-                params["pc_factor_mat_solver_type"] = "mumps"
+            if self._G.getSize()[0] <= DIRECT_RIESZ_ROWS:
+                params = dict(DEFAULT_RIESZ_PARAMETERS)
+                if comm.size > 1:
+                    params["pc_factor_mat_solver_type"] = "mumps"
+            else:
+                params = dict(ITERATIVE_RIESZ_PARAMETERS)
             with solver_options(prefix, params, None if shared is None else shared + "riesz_"):
                 ksp.setFromOptions()
             ksp.setUp()

@@ -41,7 +41,7 @@ def standard_models(n_experts):
             (f"MoE K={K}", {"kind": "moe", "n_experts": K, "mode": "lstsq"}),
             (f"MoE K={K} galerkin", {"kind": "moe", "n_experts": K, "mode": "galerkin"}),
             (f"MoE K={K} independent", {"kind": "moe", "n_experts": K, "mode": "lstsq",
-                                        "coupled": False, "ridge": "always"})]
+                                        "coupled": False, "ridge": "always", "norm": "euclidean"})]
 
 
 def compare(config, models, out, comm=MPI.COMM_WORLD):

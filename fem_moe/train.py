@@ -147,7 +147,7 @@ class Trainer:
         if m["kind"] == "soft":
             return {}
         options = {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always",
-                   "norm": m["norm"], "warm_start": m["warm_start"],
+                   "norm": None if m["norm"] == "auto" else m["norm"], "warm_start": m["warm_start"],
                    "training_rtol": m["training_rtol"] or None}
         if m["kind"] == "moe":
             options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"])

@@ -46,11 +46,11 @@ def test_coupled_is_the_global_layer_on_the_block_basis(mode):
     problem = inflow_channel()
     N, K = 3, 4
     basis = smooth_basis(problem, N).requires_grad_()
-    layer = fem_moe.MoEHardConstraint(problem, N, n_experts=K, mode=mode)
+    layer = fem_moe.MoEHardConstraint(problem, N, n_experts=K, mode=mode, norm="euclidean")
     u = layer(basis)
     weight = torch.tensor(np.cos(3 * problem.dof_coordinates()[:, 0]))
     g, = torch.autograd.grad((u[0] * weight).pow(2).sum(), basis)
-    glob = fem_moe.HardConstraint(problem, K * N, mode=mode)
+    glob = fem_moe.HardConstraint(problem, K * N, mode=mode, norm="euclidean")
     u_ref = glob(_block_basis(layer, basis))
     g_ref, = torch.autograd.grad((u_ref[0] * weight).pow(2).sum(), basis)
     err_u = problem.comm.allreduce(float((u - u_ref).detach().abs().max()), op=MPI.MAX)
@@ -186,7 +186,8 @@ def test_coupled_block_sparse_system_and_options():
     opts["moe_pc_type"] = "bjacobi"
     opts["moe_ksp_rtol"] = 1e-14
     try:
-        layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=8, partitioner_type="strips")
+        layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=8, partitioner_type="strips",
+                                          norm="euclidean")
     finally:
         for name in ("moe_ksp_type", "moe_pc_type", "moe_ksp_rtol"):
             opts.delValue(name)
@@ -199,7 +200,8 @@ def test_coupled_block_sparse_system_and_options():
     # Strips in x: each expert's rows couple it to itself and its two neighbours (lstsq: and
     # their neighbours' through shared rows), far fewer than the 64 blocks of a dense matrix.
     assert nnz_blocks <= 8 + 2 * 7 + 2 * 6, nnz_blocks
-    exact_ref = fem_moe.HardConstraint(problem, 16)(_block_basis(layer, smooth_basis(problem, 2)))
+    exact_ref = fem_moe.HardConstraint(problem, 16, norm="euclidean")(
+        _block_basis(layer, smooth_basis(problem, 2)))
     assert (u - exact_ref).abs().max() < 1e-8
 
 

@@ -74,7 +74,7 @@ def test_basis_spanning_the_solution_recovers_it(mode, degree):
 def test_lstsq_at_least_as_good_as_scipy():
     problem = nonlinear_diffusion(n=5, degree=1)
     data = source(problem, scale=5.0)
-    layer = fem_moe.HardConstraint(problem, 5)
+    layer = fem_moe.HardConstraint(problem, 5, norm="euclidean")
     basis = random_basis(problem, 5, seed=3)
     u = layer(basis, data)
     ours = fem_moe.residual_loss(problem, u, data).item()
@@ -199,6 +199,36 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
               for key, out in outputs.items()}
     best = values[("lstsq", "dual")]
     parallel_assert(all(best <= v * (1 + 1e-10) for v in values.values()), f"{values}")
+
+
+@pytest.mark.parallel([1, 2])
+def test_dual_norm_riesz_solver_from_its_options_prefix():
+    """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG gives the direct solve's
+    output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on every rank."""
+    from firedrake.petsc import PETSc
+    from fem_moe.errors import SolverDivergedError
+    problem = nonlinear_diffusion(n=6, degree=1)
+    data, basis = source(problem), random_basis(problem, 4, seed=2)
+    direct = fem_moe.HardConstraint(problem, 4, norm="dual")
+    opts = PETSc.Options()
+    settings = {"fem_moe_riesz_ksp_type": "cg", "fem_moe_riesz_pc_type": "gamg",
+                "fem_moe_riesz_ksp_rtol": 1e-13}
+    for name, value in settings.items():
+        opts[name] = value
+    try:
+        iterative = fem_moe.HardConstraint(problem, 4, norm="dual")
+        opts["fem_moe_riesz_ksp_max_it"] = 1
+        opts["fem_moe_riesz_pc_type"] = "none"
+        failing = fem_moe.HardConstraint(problem, 4, norm="dual")
+    finally:
+        for name in list(settings) + ["fem_moe_riesz_ksp_max_it"]:
+            opts.delValue(name)
+    assert iterative.expert.row_norm._ksp.getType() == "cg"
+    u0, u1 = direct(basis, data), iterative(basis, data)
+    err = problem.comm.allreduce(float((u0 - u1).abs().max()), op=MPI.MAX)
+    parallel_assert(err < 1e-8 * float(u0.abs().max()), f"{err:.2e}")
+    with pytest.raises(SolverDivergedError, match="fem_moe_riesz_"):
+        failing(basis, data)
 
 
 def test_memory_flat_over_500_calls():

@@ -64,9 +64,7 @@ for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
                *([(f"{label} lstsq dual_blocks", {"kind": kind, "mode": "lstsq", "norm": "dual_blocks",
                                                   **extra})] if kind == "moe" else []),
                (f"{label} galerkin", {"kind": kind, "mode": "galerkin", **extra})]
-if args.only:
-    wanted = [s.strip() for s in args.only.split(",")]
-    models = [m for m in models if m[0] in wanted]
+models = study.select(models, args.only)
 
 study.ensure_dataset(config, MPI.COMM_WORLD, progress=False)
 rows, _ = study.compare(config, models, out)

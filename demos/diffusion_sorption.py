@@ -35,6 +35,13 @@ parser.add_argument("--steps", type=int, default=150)
 parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--out", default="results/diffusion_sorption")
+parser.add_argument("--models", default=None,
+                    help="comma-separated labels of the models to train (default: all)")
+parser.add_argument("--fresh", action="store_true",
+                    help="a new batch of inputs every step (train.fresh_inputs)")
+parser.add_argument("--no-extrapolation", action="store_true")
+parser.add_argument("--paper", action="store_true",
+                    help="PDEBench's resolution: 1024 cells in x, 100 in t, 16 test inputs")
 parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
 parser.add_argument("--no-figures", action="store_true")
 args, petsc_options = parser.parse_known_args()
@@ -42,6 +49,8 @@ sys.argv = sys.argv[:1] + petsc_options      # what PETSc reads when Firedrake i
 if args.tiny:
     args.nx, args.nt, args.n_train, args.n_test, args.steps = 8, 4, 4, 2, 3
     args.n_basis, args.experts = 4, 2
+if args.paper:
+    args.nx, args.nt, args.n_test = 1024, 100, max(args.n_test, 16)
 
 import numpy as np  # noqa: E402
 from mpi4py import MPI  # noqa: E402
@@ -65,7 +74,7 @@ config = {
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4, "lr": 2e-3,
               "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
-              "progress": not args.tiny, "resume": False},
+              "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},
 }
 # The models (``fem_moe.study.standard_models``): soft, PI-HC and the coupled mixture in both
 # modes, the paper's independent experts; and the paper's own split beside PETSc's graph
@@ -78,11 +87,14 @@ K = args.experts
 models = study.standard_models(K) + [
     (f"MoE K={K} galerkin strips", {"kind": "moe", "n_experts": K, "mode": "galerkin",
                                     "partitioner": "strips"})]
+models = study.select(models, args.models)
 rows, trainers = study.run(config, models, out, f"diffusion-sorption, space-time window [0, T] "
                            f"({comm.size} rank(s))", figures=not args.no_figures)
 
 # Extrapolation to [T, 2T]
 # ------------------------
+if args.no_extrapolation:
+    sys.exit(0)
 # The classical solver makes the reference on the window [0, 2T] (the same inputs as the test
 # split: same seed and sample count), with the same cells per unit time. Each trained model is
 # applied there through ``study.relative_l2_where``: the backbone is reused as it is, the

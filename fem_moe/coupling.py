@@ -42,8 +42,8 @@ from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
-                     linear_failure, orthonormal_coordinates, reason_name, solver_options,
-                     tolerance)
+                     linear_failure, orthonormal_coordinates, reason_name, tolerance)
+from . import options
 from .norms import ExpertBlocks
 
 __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
@@ -204,9 +204,8 @@ class CoupledSolver:
         is_t.destroy()
         self.G = self.x.duplicate()      # the SNES's residual vector
         self._acc = self.x.duplicate()   # where the experts' contributions are summed
-        params = {**DEFAULT_COUPLING_PARAMETERS, **(solver_parameters or {})}
-        self._build_matrix(neighbours, K, options_prefix, params)
-        self._build_snes(options_prefix, params)
+        self._build_matrix(neighbours, K, options_prefix, solver_parameters)
+        self._build_snes(options_prefix, solver_parameters)
 
     # ------------------------------------------------------------------ setup
     def _pattern(self, neighbours, K):
@@ -225,9 +224,7 @@ class CoupledSolver:
         N, n_local = self.N, len(self.mine) * self.N
         A = PETSc.Mat().create(comm=self.comm)
         A.setSizes(((n_local, PETSc.DECIDE), (n_local, PETSc.DECIDE)), bsize=N)
-        A.setOptionsPrefix(prefix)
-        with solver_options(prefix, params):
-            A.setFromOptions()
+        options.set_up(A, prefix, DEFAULT_COUPLING_PARAMETERS, params)
         cols = self._pattern(neighbours, K)
         lo, hi = self.first_block, self.first_block + len(self.mine)
         d_nnz, o_nnz = [], []
@@ -245,31 +242,29 @@ class CoupledSolver:
 
     def _build_snes(self, prefix, params):
         snes = PETSc.SNES().create(comm=self.comm)
-        snes.setOptionsPrefix(prefix)
         snes.setFunction(self._snes_function, self.G)
         snes.setJacobian(self._snes_jacobian, self.A)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
-        params = dict(params)
-        if params.get("pc_type") in ("lu", "cholesky"):
-            # MUMPS on one rank too: PETSc's own LU calls a pivot below 2.2e-14 (absolute) zero,
-            # and the coupled matrix's scale is the residual's squared (~1e-12 on
-            # diffusion-sorption): it failed on most training steps there.
-            params.setdefault("pc_factor_mat_solver_type", "mumps")
-        with solver_options(prefix, params) as opts:
-            snes.setFromOptions()
-            self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
-            self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
-        self._auto_delta0 = snes.getType() == "newtontr" and "snes_tr_delta0" not in params
+        # MUMPS on one rank too (read only by a factorising preconditioner): PETSc's own LU
+        # calls a pivot below 2.2e-14 (absolute) zero, and the coupled matrix's scale is the
+        # residual's squared (~1e-12 on diffusion-sorption): it failed on most training steps.
+        defaults = {**DEFAULT_COUPLING_PARAMETERS, "pc_factor_mat_solver_type": "mumps"}
+        options.set_up(snes, prefix, defaults, params)
+        self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
+        self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
+        self._auto_delta0 = (snes.getType() == "newtontr"
+                             and "snes_tr_delta0" not in options.parameters(snes))
         self.snes, self.prefix = snes, prefix
         if self.mode == "lstsq":
             self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
             ksp = PETSc.KSP().create(comm=self.comm)
-            ksp.setOptionsPrefix(prefix + "inertia_")
+            # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
+            # null-pivot detection; it reads these when it factors (options.used below).
             inertia = {"ksp_type": "preonly", "pc_type": "cholesky",
-                       "pc_factor_mat_solver_type": "mumps"}
-            with solver_options(prefix + "inertia_", inertia):
-                ksp.setFromOptions()
+                       "pc_factor_mat_solver_type": "mumps", "mat_mumps_icntl_13": 1,
+                       "mat_mumps_icntl_24": 1}
+            options.set_up(ksp, prefix + "inertia_", inertia)
             self._inertia_ksp = ksp
 
     # ------------------------------------------------------------------ collective helpers
@@ -449,10 +444,7 @@ class CoupledSolver:
         if "baij" in A.getType():     # MUMPS's Cholesky takes AIJ (or SBAIJ), not BAIJ
             A = self._inertia_mat = A.convert("aij", out=getattr(self, "_inertia_mat", None))
         ksp.setOperators(A)
-        # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
-        # null-pivot detection; it reads these when it factors.
-        with solver_options(self.prefix + "inertia_", {"mat_mumps_icntl_13": 1,
-                                                       "mat_mumps_icntl_24": 1}):
+        with options.used(ksp):
             ksp.setUp()
         negative, zero, _ = ksp.getPC().getFactorMatrix().getInertia()
         return negative == 0 and zero == 0
@@ -527,7 +519,7 @@ class CoupledSolver:
             step.destroy()
         self._callback_error = None
         try:
-            with tolerance(self.snes, rtol):
+            with tolerance(self.snes, rtol), options.used(self.snes):
                 self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank

@@ -42,7 +42,9 @@ from firedrake.petsc import PETSc
 from ufl.algorithms import expand_derivatives
 
 from .errors import InputError, RankDeficientBasisWarning, SolverDivergedError
+from . import options
 from .norms import NORMS, RowNorm, check_norm
+from .options import shared_set
 from .problem import owned_size, owned_values, set_owned_values, subspaces
 
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
@@ -133,15 +135,20 @@ class Expert:
         Dirichlet dofs and the lifting g, given instead of being derived from ``problem.bcs``
         (experts on a subdomain mesh take them from the global problem).
     options_prefix : str, optional
-        The SNES's options prefix (default ``problem.options_prefix``). Options given under
-        ``problem.options_prefix`` apply too, unless set under this one.
+        The SNES's options prefix (default ``problem.options_prefix``); the dual norm's Riesz
+        KSP takes ``<options_prefix>riesz_``.
+    option_set : (str, list), optional
+        (base, endings): the expert is one of the solvers with prefixes ``<base><ending>_``
+        (``options_prefix`` among them), which share the options given under ``<base>``
+        (``-expert_snes_monitor`` for every ``expert_<k>_``; see :mod:`fem_moe.options`); their
+        Riesz KSPs are ``<base>riesz_<ending>_``, sharing ``<base>riesz_``.
 
     Collective over ``problem.comm`` (construction, ``solve``, ``vjp``).
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", row_mask=None, on_rank_deficient="ridge",
                  ridge=1e-4, expert_id=None, dirichlet=None, options_prefix=None,
-                 ridge_always=False, norm=None):
+                 ridge_always=False, norm=None, option_set=None):
         if mode not in ("lstsq", "galerkin"):
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
         norm = check_norm(norm, mode)
@@ -191,10 +198,16 @@ class Expert:
             raise InputError(f"row_mask has shape {rows.shape}, expected ({self.n},)")
         self.row_mask = rows & ~self.bc_mask
         self.options_prefix = problem.options_prefix if options_prefix is None else options_prefix
+        self._shared, riesz, riesz_shared = None, self.options_prefix + "riesz_", None
+        if option_set is not None:
+            base, endings = option_set
+            ending = self.options_prefix[len(base):]
+            self._shared = shared_set(base, endings)
+            riesz, riesz_shared = f"{base}riesz_{ending}", shared_set(base + "riesz_", endings)
         # The objective weighs the constraint rows r = P R as 1/2 r^T W r (least squares).
         self.norm = norm
         self.row_norm = RowNorm(V, self.row_mask, norm if mode == "lstsq" else "euclidean",
-                                options_prefix=self.options_prefix, shared=problem.options_prefix)
+                                options_prefix=riesz, shared=riesz_shared)
         self.weigh = self.row_norm.weigh
 
         self._R = fd.Cofunction(V.dual())
@@ -337,8 +350,7 @@ class Expert:
         comm = self.comm
         n_local = N if comm.rank == 0 else 0
         snes = PETSc.SNES().create(comm=comm)
-        prefix, shared = self.options_prefix, self.problem.options_prefix
-        snes.setOptionsPrefix(prefix)
+        prefix = self.options_prefix
         self._wvec = PETSc.Vec().createMPI((n_local, N), comm=comm)
         self._Gvec = self._wvec.duplicate()
         if comm.size == 1:
@@ -350,13 +362,13 @@ class Expert:
         snes.setJacobian(self._snes_jacobian, self._Amat)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
-        params = {**DEFAULT_SOLVER_PARAMETERS, **self.problem.solver_parameters}
-        if comm.size > 1 and params.get("pc_type") in ("lu", "cholesky"):
-            params.setdefault("pc_factor_mat_solver_type", "mumps")
-        with solver_options(prefix, params, shared) as opts:
-            snes.setFromOptions()
-            self.gauss_newton_rtol = opts.getReal(prefix + "gauss_newton_rtol", 0.0)
-            self.stall_rtol = opts.getReal(prefix + "stall_rtol", 0.0)
+        defaults = dict(DEFAULT_SOLVER_PARAMETERS)
+        if comm.size > 1:      # read only by a factorising preconditioner
+            defaults["pc_factor_mat_solver_type"] = "mumps"
+        options.set_up(snes, prefix, defaults, self.problem.solver_parameters, self._shared)
+        self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
+        self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
+        params = options.parameters(snes)
         self.snes = snes
         self._g0 = None
         # PETSc's fixed initial trust region (0.2) knows nothing of the size of w: unless it was
@@ -445,7 +457,7 @@ class Expert:
             step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
             self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
         try:
-            with tolerance(self.snes, rtol):
+            with tolerance(self.snes, rtol), options.used(self.snes):
                 self.snes.solve(None, self._wvec)
         finally:
             self._g0 = None
@@ -605,33 +617,6 @@ class Expert:
 
 
 @contextlib.contextmanager
-def solver_options(prefix, params, shared=None):
-    """The PETSc options database with ``params`` (name without prefix: value) set under
-    ``prefix`` where the command line does not set them already, for the duration of the block
-    (call ``setFromOptions`` inside it); yields the database. Command-line options given under
-    the ``shared`` prefix (e.g. ``-expert_snes_monitor`` for every ``expert<k>_``) apply too,
-    unless set under ``prefix``. Precedence as in Firedrake: command line, then ``params``."""
-    opts = PETSc.Options()
-    params = dict(params)
-    if shared is not None and prefix != shared:
-        given = {name: value for name, value in opts.getAll().items() if name.startswith(shared)}
-        params.update({name[len(shared):]: value for name, value in given.items()})
-        for name in given:     # querying marks them used: PETSc would call them unused
-            opts.hasName(name)
-    inserted = []
-    for key, value in params.items():
-        name = prefix + key
-        if not opts.hasName(name):
-            opts[name] = "" if value is None else value
-            inserted.append(name)
-    try:
-        yield opts
-    finally:
-        for name in inserted:
-            opts.delValue(name)
-
-
-@contextlib.contextmanager
 def tolerance(snes, rtol=None):
     """SNES's relative tolerance ``rtol`` for the duration of one solve (None: its own)."""
     if rtol is None:
@@ -752,7 +737,7 @@ class ResidualNorm:
         self.norm = norm
         self._JTz = fd.Cofunction(problem.V.dual())
         self._rows = RowNorm(problem.V, self._e.row_mask, "euclidean" if norm == "l2" else norm,
-                             options_prefix=problem.options_prefix + "loss_")
+                             options_prefix=problem.options_prefix + "loss_riesz_")
 
     def _weighted(self, r):
         """W r: A^{-1} r for the dual norm, r / M_ii for the lumped one, r itself for l2 (owned

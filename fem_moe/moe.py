@@ -49,7 +49,8 @@ class _ExpertSpace:
                              on_rank_deficient=kwargs["on_rank_deficient"], ridge=kwargs["ridge"],
                              ridge_always=kwargs["ridge_always"], norm=kwargs["norm"],
                              expert_id=k, dirichlet=(bc[self.ids], g[self.ids]),
-                             options_prefix=f"expert{k}_")
+                             options_prefix=f"expert_{k}_",
+                             option_set=("expert_", range(kwargs["n_experts"])))
         if not self.expert.row_mask.any():
             raise InputError(f"expert {k} owns no residual rows (its {int(self.rows.sum())} dofs "
                              "are all Dirichlet dofs): use fewer experts or a finer mesh")
@@ -106,7 +107,7 @@ class MoEHardConstraint(torch.nn.Module):
     ``coupled=True`` (the default): the coefficients of all experts are solved together, so that
     the *stitched* field minimises the global residual (lstsq) or makes it orthogonal to every
     expert's block basis (galerkin): see :mod:`fem_moe.coupling`. With ``local_first=True``
-    each expert first solves its own problem with its own SNES (options prefix ``expert<k>_``;
+    each expert first solves its own problem with its own SNES (options prefix ``expert_<k>_``;
     ``-expert_...`` applies to every expert) for the initial guess; by default the coupled
     solve starts from w = 0 (``benchmarks/coupled_step.py``, the plate, K = 4: the same 4-5
     coupled iterations either way, and the first stage cost more than half of the step). Then
@@ -207,7 +208,7 @@ class MoEHardConstraint(torch.nn.Module):
                              "sparse (each expert's rows in their own dual norm)")
         # Each expert's own solves (the independent mixture, the first stage) weigh its rows
         # in their own dual norm where the whole mesh's is asked for.
-        kwargs = dict(n_basis=n_basis, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
+        kwargs = dict(n_basis=n_basis, n_experts=K, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
                       ridge_always=ridge_always, norm="dual_blocks" if self.norm == "dual" else self.norm)
         self.experts, err = {}, None
         try:

@@ -34,6 +34,7 @@ import numpy as np
 import firedrake as fd
 from firedrake.petsc import PETSc
 
+from . import options
 from .errors import InputError, SolverDivergedError
 
 __all__ = ["NORMS", "check_norm", "RowNorm", "DEFAULT_RIESZ_PARAMETERS"]
@@ -87,11 +88,11 @@ class RowNorm:
 
     ``space``: the function space; ``rows`` [n owned] bool: the constraint rows; ``norm``: one of
     :data:`NORMS`; ``options_prefix``: the dual norm's Riesz KSP takes its options under
-    ``<options_prefix>riesz_`` (and ``<shared>riesz_``, see :func:`fem_moe.expert.solver_options`).
+    ``<options_prefix>`` (a petsctools options manager; ``shared``: the shared option set
+    ``options_prefix`` belongs to, see :mod:`fem_moe.options`).
     Collective over the space's communicator (construction and ``weigh``)."""
 
-    def __init__(self, space, rows, norm, options_prefix="fem_moe_", shared=None):
-        from .expert import solver_options
+    def __init__(self, space, rows, norm, options_prefix="fem_moe_riesz_", shared=None):
         self.norm = check_norm(norm)
         self.rows = np.asarray(rows, dtype=bool)
         self._diag, self._ksp = None, None
@@ -107,9 +108,8 @@ class RowNorm:
                                            comm=comm)
             self._G = G.createSubMatrix(idx, idx)
             G.destroy(), idx.destroy()
-            prefix = options_prefix + "riesz_"
+            prefix = options_prefix
             ksp = PETSc.KSP().create(comm=comm)
-            ksp.setOptionsPrefix(prefix)
             ksp.setOperators(self._G)
             if self._G.getSize()[0] <= DIRECT_RIESZ_ROWS:
                 params = dict(DEFAULT_RIESZ_PARAMETERS)
@@ -117,9 +117,9 @@ class RowNorm:
                     params["pc_factor_mat_solver_type"] = "mumps"
             else:
                 params = dict(ITERATIVE_RIESZ_PARAMETERS)
-            with solver_options(prefix, params, None if shared is None else shared + "riesz_"):
-                ksp.setFromOptions()
-            ksp.setUp()
+            options.set_up(ksp, prefix, params, shared=shared)
+            with options.used(ksp):
+                ksp.setUp()
             self._ksp, self.options_prefix = ksp, prefix
             self._x, self._y = self._G.createVecs()
             self._dense = {}
@@ -137,7 +137,8 @@ class RowNorm:
         out = np.zeros_like(x)
         if x.ndim == 1:
             self._x.setArray(x[self.rows])
-            self._ksp.solve(self._x, self._y)
+            with options.used(self._ksp):
+                self._ksp.solve(self._x, self._y)
             self._check()
             out[self.rows] = self._y.getArray(readonly=True)
             return out
@@ -146,7 +147,8 @@ class RowNorm:
         B, X = self._blocks(x.shape[1])
         B.getDenseArray()[:] = x[self.rows]
         B.assemble()
-        self._ksp.matSolve(B, X)
+        with options.used(self._ksp):
+            self._ksp.matSolve(B, X)
         self._check()
         out[self.rows] = X.getDenseArray()
         return out
@@ -206,7 +208,7 @@ class WholeMesh:
 
     def __init__(self, plan, space, rows, own, options_prefix):
         self.plan, self.own = plan, own
-        self.norm = RowNorm(space, rows, "dual", options_prefix=options_prefix)
+        self.norm = RowNorm(space, rows, "dual", options_prefix=options_prefix + "riesz_")
 
     def weigh(self, arrays):
         """{k: x_k [n_sub] or [n_sub, M]} (every expert of this rank) -> {k: (W x)_k}, on the

@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from . import report
 from .data import ensure_dataset
-from .errors import SolverDivergedError
+from .errors import InputError, SolverDivergedError
 from .pdes import PDE
 from .report import write_atomic
 from .problem import from_owned_values, owned_values
@@ -42,6 +42,19 @@ def standard_models(n_experts):
             (f"MoE K={K} galerkin", {"kind": "moe", "n_experts": K, "mode": "galerkin"}),
             (f"MoE K={K} independent", {"kind": "moe", "n_experts": K, "mode": "lstsq",
                                         "coupled": False, "ridge": "always", "norm": "euclidean"})]
+
+
+def select(models, labels):
+    """The (label, options) pairs of ``models`` whose label is in ``labels`` (a comma-separated
+    string or a list; None: all), in ``models``' order; InputError naming an unknown label."""
+    if labels is None:
+        return list(models)
+    wanted = [s.strip() for s in labels.split(",")] if isinstance(labels, str) else list(labels)
+    known = [label for label, _ in models]
+    unknown = [w for w in wanted if w not in known]
+    if unknown:
+        raise InputError(f"unknown model label(s) {unknown}; the labels are {known}")
+    return [(label, options) for label, options in models if label in wanted]
 
 
 def compare(config, models, out, comm=MPI.COMM_WORLD):

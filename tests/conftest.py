@@ -45,3 +45,23 @@ _WORLD_ANCHOR = PETSc.Vec().createMPI((0, PETSc.DECIDE), comm=PETSc.COMM_WORLD)
 @pytest.fixture
 def repo():
     return REPO
+
+
+@pytest.fixture(autouse=True)
+def petsc_options():
+    """``petsc_options(name=value, ...)`` sets PETSc options for this test, as the command line
+    would. Every option that entered the database during a test is removed when it ends, not
+    earlier: a solver built while an option was set holds it in its petsctools options manager as
+    a command-line option and puts it back whenever it runs (under its own prefix too, for an
+    option given under a shared prefix such as ``expert_``), so removing it mid-test would leak
+    it into the next test."""
+    opts = PETSc.Options()
+    before = set(opts.getAll())
+
+    def set_options(**options):
+        for name, value in options.items():
+            opts[name] = "" if value is None else value
+
+    yield set_options
+    for name in set(opts.getAll()) - before:
+        opts.delValue(name)

@@ -176,21 +176,13 @@ def test_whole_mesh_dual_norm_refused_for_many_experts():
         fem_moe.MoEHardConstraint(problem, 2, n_experts=16, norm="dual")
 
 
-def test_coupled_block_sparse_system_and_options():
+def test_coupled_block_sparse_system_and_options(petsc_options):
     """The coupled matrix has a block only between experts sharing a row's stencil (no dense
     K N x K N matrix), and the coupled SNES/KSP take their options from the ``moe_`` prefix."""
-    from firedrake.petsc import PETSc
     problem = inflow_channel(nx=32, ny=4)
-    opts = PETSc.Options()
-    opts["moe_ksp_type"] = "cg"
-    opts["moe_pc_type"] = "bjacobi"
-    opts["moe_ksp_rtol"] = 1e-14
-    try:
-        layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=8, partitioner_type="strips",
-                                          norm="euclidean")
-    finally:
-        for name in ("moe_ksp_type", "moe_pc_type", "moe_ksp_rtol"):
-            opts.delValue(name)
+    petsc_options(moe_ksp_type="cg", moe_pc_type="bjacobi", moe_ksp_rtol=1e-14)
+    layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=8, partitioner_type="strips",
+                                      norm="euclidean")
     solver = layer.coupling
     assert solver.snes.getKSP().getType() == "cg"
     assert solver.snes.getKSP().getPC().getType() == "bjacobi"
@@ -240,15 +232,10 @@ def test_failing_backward_on_one_rank_raises_everywhere(coupled, monkeypatch):
 
 
 @pytest.mark.parallel(2)
-def test_diverging_coupled_solve_raises_everywhere():
-    from firedrake.petsc import PETSc
-    opts = PETSc.Options()
-    opts["moe_snes_max_it"] = 1
-    try:
-        problem = nonlinear_diffusion(n=6, degree=1)
-        layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, local_first=False)
-    finally:
-        opts.delValue("moe_snes_max_it")
+def test_diverging_coupled_solve_raises_everywhere(petsc_options):
+    petsc_options(moe_snes_max_it=1)
+    problem = nonlinear_diffusion(n=6, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, local_first=False)
     with pytest.raises(fem_moe.SolverDivergedError, match="coupled .*sample 0 .*DIVERGED_MAX_IT"):
         layer(random_basis(problem, 3), source(problem, 30.0))
 

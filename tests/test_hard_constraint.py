@@ -202,32 +202,26 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
 
 
 @pytest.mark.parallel([1, 2])
-def test_dual_norm_riesz_solver_from_its_options_prefix():
+def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
     """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG gives the direct solve's
     output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on every rank."""
-    from firedrake.petsc import PETSc
     from fem_moe.errors import SolverDivergedError
-    problem = nonlinear_diffusion(n=6, degree=1)
+    base = nonlinear_diffusion(n=6, degree=1)
+    problems = {name: fem_moe.ConstrainedProblem(base.V, base.residual, bcs=base.bcs,
+                                                 data_spaces=base.data_spaces,
+                                                 options_prefix=name + "_")
+                for name in ("direct", "iterative", "failing")}
+    petsc_options(iterative_riesz_ksp_type="cg", iterative_riesz_pc_type="gamg",
+                  iterative_riesz_ksp_rtol=1e-13, failing_riesz_ksp_type="cg",
+                  failing_riesz_pc_type="none", failing_riesz_ksp_max_it=1)
+    direct, iterative, failing = (fem_moe.HardConstraint(p, 4, norm="dual") for p in problems.values())
+    problem = problems["direct"]
     data, basis = source(problem), random_basis(problem, 4, seed=2)
-    direct = fem_moe.HardConstraint(problem, 4, norm="dual")
-    opts = PETSc.Options()
-    settings = {"fem_moe_riesz_ksp_type": "cg", "fem_moe_riesz_pc_type": "gamg",
-                "fem_moe_riesz_ksp_rtol": 1e-13}
-    for name, value in settings.items():
-        opts[name] = value
-    try:
-        iterative = fem_moe.HardConstraint(problem, 4, norm="dual")
-        opts["fem_moe_riesz_ksp_max_it"] = 1
-        opts["fem_moe_riesz_pc_type"] = "none"
-        failing = fem_moe.HardConstraint(problem, 4, norm="dual")
-    finally:
-        for name in list(settings) + ["fem_moe_riesz_ksp_max_it"]:
-            opts.delValue(name)
     assert iterative.expert.row_norm._ksp.getType() == "cg"
     u0, u1 = direct(basis, data), iterative(basis, data)
     err = problem.comm.allreduce(float((u0 - u1).abs().max()), op=MPI.MAX)
     parallel_assert(err < 1e-8 * float(u0.abs().max()), f"{err:.2e}")
-    with pytest.raises(SolverDivergedError, match="fem_moe_riesz_"):
+    with pytest.raises(SolverDivergedError, match="failing_riesz_"):
         failing(basis, data)
 
 
@@ -313,15 +307,10 @@ class TestBadInput:
         assert err.value.sample == 0 and err.value.expert is None
 
 
-def test_options_prefix_from_command_line():
-    from firedrake.petsc import PETSc
-    opts = PETSc.Options()
-    opts["myprefix_snes_max_it"] = 1
-    try:
-        problem = nonlinear_diffusion(n=3, degree=1, options_prefix="myprefix_")
-        layer = fem_moe.HardConstraint(problem, 3)
-    finally:
-        opts.delValue("myprefix_snes_max_it")
+def test_options_prefix_from_command_line(petsc_options):
+    petsc_options(myprefix_snes_max_it=1)
+    problem = nonlinear_diffusion(n=3, degree=1, options_prefix="myprefix_")
+    layer = fem_moe.HardConstraint(problem, 3)
     assert layer.expert.snes.getTolerances()[3] == 1
 
 

@@ -120,20 +120,41 @@ def test_bad_input_on_one_rank_raises_everywhere():
 
 
 @pytest.mark.parallel(2)
-def test_diverging_expert_raises_everywhere():
+def test_diverging_expert_raises_everywhere(petsc_options):
     """Only expert 1 is starved of iterations (its own options prefix): every rank raises,
     naming expert 1, the sample and PETSc's reason."""
-    from firedrake.petsc import PETSc
-    opts = PETSc.Options()
-    opts["expert1_snes_max_it"] = 1
-    try:
-        problem = nonlinear_diffusion(n=6, degree=1)
-        layer = fem_moe.MoEHardConstraint(problem, 3, coupled=False)
-    finally:
-        opts.delValue("expert1_snes_max_it")
+    petsc_options(expert_1_snes_max_it=1)
+    problem = nonlinear_diffusion(n=6, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, coupled=False)
     with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
         layer(random_basis(problem, 3), source(problem, 30.0))
     parallel_assert(err.value.expert == 1 and err.value.reason == "DIVERGED_MAX_IT", str(err.value))
+
+
+def test_shared_expert_options_apply_to_every_expert(capfd, petsc_options):
+    """-expert_... applies to every expert_<k>_ (petsctools' shared option set), an option under
+    one expert's own prefix wins over it."""
+    petsc_options(expert_snes_max_it=1, expert_0_snes_max_it=100, expert_snes_converged_reason=None)
+    problem = nonlinear_diffusion(n=6, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, coupled=False)
+    with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*DIVERGED_MAX_IT"):
+        layer(random_basis(problem, 3), source(problem, 30.0))
+    out = capfd.readouterr().out
+    assert "expert_0_ solve converged" in out and "expert_1_ solve did not converge" in out, out
+    assert layer.experts[0].expert.snes.getTolerances()[3] == 100
+    assert layer.experts[2].expert.snes.getTolerances()[3] == 1
+
+
+def test_solver_parameters_are_in_the_database_during_the_solve(capfd):
+    """Options PETSc reads during SNESSolve itself (-snes_view), given as solver_parameters:
+    petsctools' manager inserts them for the solve and removes them after."""
+    from firedrake.petsc import PETSc
+    problem = nonlinear_diffusion(n=4, degree=1, solver_parameters={"snes_view": None})
+    layer = fem_moe.HardConstraint(problem, 3)
+    assert "fem_moe_snes_view" not in PETSc.Options().getAll()
+    layer(random_basis(problem, 3), source(problem))
+    assert "SNES Object: (fem_moe_)" in capfd.readouterr().out
+    assert "fem_moe_snes_view" not in PETSc.Options().getAll()
 
 
 @pytest.mark.parallel([1, 2, 3])

@@ -1,0 +1,82 @@
+"""Is the classical reference converged? Diffusion-sorption's space-time solution under refinement.
+
+The demos and the paper-scale table measure every model against Firedrake's Newton solve of the
+*same* discrete problem (space-time P1 on nx x nt cells). That is the right reference for what a
+hard constraint does (it solves that discrete problem), but a claim about the PDE needs the
+discrete solution itself to be close to the PDE's: this script solves the same inputs on a
+sequence of uniformly refined space-time meshes (each level halves the cells of the last in x
+and in t, so the meshes are nested and a coarse P1 field is exactly a fine one) and reports each
+level's relative L2 distance (over the physical field, initial and inflow values included) to
+the finest, and the observed order between levels.
+
+    python benchmarks/reference_convergence.py                          # 256x25 ... 2048x200
+    mpiexec -n 2 python benchmarks/reference_convergence.py --levels 4   # up to 4096 x 400
+
+Prints a table and writes ``benchmarks/results/reference_convergence.json``.
+"""
+import argparse
+import json
+import os
+import sys
+import time
+
+parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser.add_argument("--nx", type=int, default=256, help="cells in x of the coarsest level")
+parser.add_argument("--nt", type=int, default=25, help="cells in t over [0, T] of the coarsest level")
+parser.add_argument("--levels", type=int, default=3, help="refinements above the coarsest")
+parser.add_argument("--t-end", type=float, default=500.0)
+parser.add_argument("--samples", type=int, default=3, help="inputs u0, drawn as the datasets do")
+parser.add_argument("--seed", type=int, default=0)
+parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
+                                                  "results", "reference_convergence.json"))
+args, petsc_options = parser.parse_known_args()
+command = "python " + " ".join(sys.argv)
+sys.argv = sys.argv[:1] + petsc_options
+
+import numpy as np  # noqa: E402
+import firedrake as fd  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+from fem_moe import pdes  # noqa: E402
+from fem_moe.report import print_table  # noqa: E402
+
+comm = MPI.COMM_WORLD
+params = pdes.get("diffusion_sorption").sample(np.random.default_rng(args.seed), args.samples)
+levels = [(args.nx * 2 ** i, args.nt * 2 ** i) for i in range(args.levels + 1)]
+solutions, seconds = [], []
+for nx, nt in levels:
+    pde = pdes.get("diffusion_sorption", nx=nx, nt=nt, t_end=args.t_end)
+    problem = pde.problem(pde.mesh(comm))
+    fields, spent = [], 0.0
+    for p in params:
+        data = pde.data(problem, p)
+        du, t, _ = pde.classical_solve(problem, data)
+        spent += t
+        fields.append(fd.Function(problem.V).assign(du + data[0]))   # the physical field
+    solutions.append(fields)
+    seconds.append(spent / len(params))
+    if comm.rank == 0:
+        print(f"{nx} x {nt}: {problem.V.dim()} dofs, {seconds[-1]:.2f} s per classical solve",
+              flush=True)
+
+finest = solutions[-1]
+V_fine = finest[0].function_space()
+rows = []
+for (nx, nt), fields, t in zip(levels, solutions, seconds):
+    errors = []
+    for coarse, fine in zip(fields, finest):
+        on_fine = fd.assemble(fd.interpolate(coarse, V_fine))
+        errors.append(fd.errornorm(fine, on_fine) / fd.norm(fine))
+    rows.append({"nx": nx, "nt": nt, "dofs": (nx + 1) * (nt + 1), "seconds": t,
+                 "rel_l2_to_finest": float(np.mean(errors)), "max": float(np.max(errors))})
+for coarse, fine in zip(rows[:-2], rows[1:-1]):
+    fine["order"] = float(np.log2(coarse["rel_l2_to_finest"] / fine["rel_l2_to_finest"]))
+if comm.rank == 0:
+    print_table(rows, [("nx", "nx", "{}"), ("nt", "nt", "{}"), ("dofs", "dofs", "{}"),
+                       ("rel_l2_to_finest", "rel. L2 to finest (mean)", "{:.3e}"),
+                       ("max", "max", "{:.3e}"), ("order", "observed order", "{:.2f}"),
+                       ("seconds", "s per solve", "{:.2f}")])
+    os.makedirs(os.path.dirname(args.out), exist_ok=True)
+    with open(args.out, "w") as f:
+        json.dump({"command": command, "ranks": comm.size, "t_end": args.t_end,
+                   "params": params.tolist(), "rows": rows}, f, indent=1)

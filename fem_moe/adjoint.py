@@ -2,8 +2,12 @@
 
 ``u = constrained_solve(expert, basis, data)`` takes Firedrake Functions and, when annotation is
 on, records one :class:`ConstrainedSolveBlock` on the working tape. Its adjoint is the expert's
-implicit-function-theorem backward, so ``ReducedFunctional``, ``compute_derivative`` and
-``taylor_test`` work through it like through any Firedrake solve.
+implicit-function-theorem backward and its tangent linear model the expert's forward-mode
+derivative (:meth:`fem_moe.Expert.jvp`), so ``ReducedFunctional``, ``compute_derivative``,
+``compute_tlm`` and ``taylor_test`` work through it like through any Firedrake solve. The
+second-order adjoint (``ReducedFunctional.hessian``, ``taylor_to_dict``) is not implemented: it
+needs the third derivative of the residual in least squares and a second-order adjoint solve;
+the block raises NotImplementedError saying so.
 """
 import numpy as np
 import firedrake as fd
@@ -55,6 +59,24 @@ class ConstrainedSolveBlock(Block):
 
     def evaluate_adj_component(self, inputs, adj_inputs, block_variable, idx, prepared=None):
         return from_owned_values(inputs[idx].function_space().dual(), prepared[idx], cls=fd.Cofunction)
+
+    def evaluate_tlm_component(self, inputs, tlm_inputs, block_variable, idx, prepared=None):
+        Phi, D, w, rho = self._solve(inputs)
+        N = self.n_basis
+        get = lambda f, like: np.zeros_like(like) if f is None else Expert._get(f)
+        dPhi = np.stack([get(t, Phi[i]) for i, t in enumerate(tlm_inputs[:N])])
+        ddata = None
+        if D is not None and any(t is not None for t in tlm_inputs[N:]):
+            ddata = np.concatenate([get(t, Expert._get(f)) for t, f in zip(tlm_inputs[N:], inputs[N:])])
+        du = self.expert.jvp(Phi, D, w, dPhi, ddata, rho=rho)
+        return from_owned_values(self.expert.problem.V, du)
+
+    def evaluate_hessian_component(self, *args, **kwargs):
+        raise NotImplementedError(
+            "fem_moe's constrained solve has no second-order adjoint yet (it needs the residual's "
+            "third derivative in least squares and a second-order adjoint solve): "
+            "ReducedFunctional.hessian and taylor_to_dict cannot pass through it; first-order "
+            "derivatives (adjoint and tangent linear) can")
 
 
 def constrained_solve(expert, basis, data=()):

@@ -583,6 +583,61 @@ class Expert:
         self._set(self.r_fn, s)
         return Phi_bar, -self._data_derivative()
 
+    def jvp(self, Phi, data, w, dPhi, ddata=None, rho=0.0, sample=None):
+        """The tangent of one sample's solution (forward mode, implicit function theorem): the
+        change du [n] of u = g + Phi^T w for a change dPhi [N, n] of the basis and ddata
+        [n_data] (or None) of the data, at the forward's solution w [N]. With G(w; Phi, m) = 0,
+        dw = -A^-1 (dG/dPhi dPhi + dG/dm dm), A = dG/dw (exact second-order terms), and
+        du = dPhi^T w + Phi^T dw. The dual of :meth:`vjp`. Collective over ``problem.comm``."""
+        Phi = np.where(self.col_mask, Phi, 0.0)
+        dPhi = np.where(self.col_mask, dPhi, 0.0)
+        if data is not None:
+            self.set_data(data)
+        self.rho = rho
+        state = self._evaluate(w, Phi, self._phi_mat(Phi), True)
+        r, s = state["r"], state["s"]
+        J = self._J.petscmat
+        Jt = lambda x: self._matvec(J, x, transpose=True)
+        du_w = w @ dPhi                               # the field's change at fixed w
+        dR_m = self._data_direction(ddata)            # dR/dm dm (full rows), or 0
+        Jdu = np.where(self.row_mask, self._matvec(J, du_w) + dR_m, 0.0)      # P dR
+        if self.mode == "lstsq":
+            # d(J^T W r) = H(s) du + J^T W P dR + (dJ/dm dm)^T s
+            inner = Jt(self.weigh(Jdu))
+            if self.H is not None:
+                inner = inner + self._matvec(self._H.petscmat, du_w)
+            inner = inner + self._data_direction(ddata, transposed_jacobian_at=s)
+            dG = self._sum(dPhi @ Jt(s) + Phi @ inner)
+        else:
+            dG = self._sum(dPhi @ r + Phi @ Jdu)
+        dw = -self._backward_solve(state["A"].T, Phi, dG, sample)
+        return du_w + dw @ Phi
+
+    def _data_direction(self, ddata, transposed_jacobian_at=None):
+        """For a data change ddata (owned dofs, concatenated; None: none): dR/dm ddata, or with
+        ``transposed_jacobian_at`` s, (d/dm J(u; m) ddata)^T s = d/dm <s, dR/du> ddata -- both
+        1-forms assembled at the current u and m (owned dofs). Zero without data spaces."""
+        if ddata is None or not self.m:
+            return np.zeros(self.n)
+        if not hasattr(self, "_dm_dirs"):
+            self._dm_dirs = tuple(fd.Function(mk.function_space()) for mk in self.m)
+            v = fd.TestFunction(self.problem.V)
+            F_r = ufl.replace(self.F, {v: self.r_fn})
+            JT_s = fd.derivative(F_r, self.u, v)
+            forms = [(fd.derivative(self.F, mk, d), fd.derivative(JT_s, mk, d))
+                     for mk, d in zip(self.m, self._dm_dirs)]
+            self._dm_tangent = [sum(f[i] for f in forms if not _is_zero(f[i])) for i in (0, 1)]
+        for d, values in zip(self._dm_dirs, self.problem.split_data(ddata)):
+            self._set(d, values)
+        which = 0
+        if transposed_jacobian_at is not None:
+            self._set(self.r_fn, transposed_jacobian_at)
+            which = 1
+        form = self._dm_tangent[which]
+        if isinstance(form, int):       # sum() of nothing: R does not depend on this data
+            return np.zeros(self.n)
+        return self._get(self._assemble(form))
+
     def _backward_solve(self, A, Phi, b, sample):
         """lam = A^-T b, refusing a singular or ill-conditioned A: its condition number in the
         coordinates of the orthonormalised basis (those of the forward's SNES, where nearly

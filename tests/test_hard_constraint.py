@@ -347,6 +347,61 @@ def test_pyadjoint_taylor(mode):
     parallel_assert(rate >= 1.9, f"Taylor rate {rate}")
 
 
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("norm,data_in_jacobian", [("euclidean", False), ("dual", False),
+                                                   ("galerkin", False), ("dual", True),
+                                                   ("galerkin", True)])
+def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
+    """The block's tangent linear model: the tape's forward-mode derivative of J in a direction
+    of the basis and the data equals the adjoint gradient paired with it (two independent
+    computations: Expert.jvp and Expert.vjp), and a central difference of the solve; the
+    Hessian says clearly that it is not implemented. With ``data_in_jacobian`` the data enters
+    the residual nonlinearly (a coefficient of the diffusion), so the tangent's dJ/dm terms
+    count."""
+    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
+                                   pause_annotation, set_working_tape)
+    problem = nonlinear_diffusion(n=5, degree=2)
+    if data_in_jacobian:
+        problem = fem_moe.ConstrainedProblem(
+            problem.V, lambda u, v, m: ((1 + m[0] ** 2 * u ** 2) * fd.inner(fd.grad(u), fd.grad(v))
+                                        - 10 * v) * fd.dx,
+            bcs=problem.bcs, data_spaces=problem.data_spaces)
+    mode = "galerkin" if norm == "galerkin" else "lstsq"
+    expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)
+    V, Vd = problem.V, problem.data_spaces[0]
+    x, y = fd.SpatialCoordinate(V.mesh())
+    basis = [fd.Function(V).interpolate(e) for e in (fd.sin(x) * y, x * x + y, fd.cos(3 * x * y))]
+    m = fd.Function(Vd).interpolate(2 + x * y)
+    dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
+    dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
+    functional = lambda u: fd.assemble((u**2 + u) * u * fd.dx)
+    with set_working_tape() as tape:
+        continue_annotation()
+        u = fem_moe.constrained_solve(expert, basis, [m])
+        J = functional(u)
+        pause_annotation()
+        for f, d in zip(basis + [m], dirs):
+            f.block_variable.tlm_value = d
+        tape.evaluate_tlm()
+        tlm = float(J.block_variable.tlm_value)
+        Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
+        grads = Jhat.derivative()
+        with pytest.raises(NotImplementedError, match="second-order adjoint"):
+            Jhat.hessian(dirs)
+        tape.clear_tape()
+    adjoint = 0.0
+    for g, d in zip(grads, dirs):
+        with g.dat.vec_ro as gv, d.dat.vec_ro as dv:
+            adjoint += gv.dot(dv)
+    h = 1e-5
+    moved = lambda f, d, t: fd.Function(f.function_space()).assign(f + t * d)
+    shifted = lambda t: functional(fem_moe.constrained_solve(
+        expert, [moved(f, d, t) for f, d in zip(basis, dirs)], [moved(m, dirs[-1], t)]))
+    fd_value = (shifted(h) - shifted(-h)) / (2 * h)
+    parallel_assert(abs(tlm - adjoint) < 1e-9 * abs(adjoint), f"tlm {tlm!r} adjoint {adjoint!r}")
+    parallel_assert(abs(tlm - fd_value) < 1e-6 * abs(tlm), f"tlm {tlm!r} central difference {fd_value!r}")
+
+
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 def test_time_step_residual(mode):
     """A time-stepping residual (no Dirichlet conditions; the data is the previous level)."""

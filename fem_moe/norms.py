@@ -220,8 +220,8 @@ class WholeMesh:
         M = self.plan.comm.allreduce(max((c.shape[1] for c in cols.values()), default=0), op=_MAX)
         whole = self.plan.gather_sum(cols, M)
         back = self.plan.scatter(self.norm.weigh(whole))
-        return {k: np.where(self.own[k][:, None], back[k], 0.0)[:, 0] if vector
-                else np.where(self.own[k][:, None], back[k], 0.0) for k in arrays}
+        out = {k: np.where(self.own[k][:, None], back[k], 0.0) for k in arrays}
+        return {k: y[:, 0] for k, y in out.items()} if vector else out
 
     def destroy(self):
         self.norm.destroy()

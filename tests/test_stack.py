@@ -110,3 +110,23 @@ def test_pip_install_into_this_environment_replaces_nothing(repo, tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     install = [i["metadata"]["name"] for i in json.load(open(report))["install"]]
     assert install == ["fem_moe"], f"pip would also install or replace: {install}"
+
+
+def test_conda_environment_matches_the_install_script(repo):
+    """environment.yml (not exercised: no conda channel here) names the PETSc and Firedrake
+    versions scripts/install.sh builds and tests, and takes PETSc from conda-forge, where it is
+    built with the packages fem_moe's defaults need, rather than from the PyPI sdist, which
+    configures none of them."""
+    import pathlib
+    import re
+    repo = pathlib.Path(repo)
+    script = (repo / "scripts" / "install.sh").read_text()
+    petsc = re.search(r"^PETSC_VERSION=(\S+)", script, re.M).group(1)
+    firedrake = re.search(r"^FIREDRAKE_VERSION=(\S+)", script, re.M).group(1)
+    env = (repo / "environment.yml").read_text()
+    deps = [line.split("#")[0].strip()[2:] for line in env.splitlines() if line.strip().startswith("- ")]
+    series = ".".join(petsc.split(".")[:2])
+    assert f"petsc={series}.*=*real*" in deps and f"petsc4py={series}.*" in deps, deps
+    assert not any(d.startswith("petsc==") for d in deps), "PETSc from its PyPI sdist: no MUMPS"
+    assert f"firedrake=={firedrake}" in env
+    assert "h5py=*=mpi_openmpi_*" in deps

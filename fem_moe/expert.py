@@ -134,6 +134,9 @@ class Expert:
     dirichlet : (bool array [n_dofs], float array [n_dofs]), optional
         Dirichlet dofs and the lifting g, given instead of being derived from ``problem.bcs``
         (experts on a subdomain mesh take them from the global problem).
+    norm : str, optional
+        Least squares' residual norm (:mod:`fem_moe.norms`; default "dual"; Galerkin mode has
+        none).
     options_prefix : str, optional
         The SNES's options prefix (default ``problem.options_prefix``); the dual norm's Riesz
         KSP takes ``<options_prefix>riesz_``.

@@ -393,7 +393,8 @@ class Trainer:
 
     def evaluate(self, split="test", write=True):
         """Measure the model on ``split`` against the classical solver. Returns (and, with
-        ``write``, saves to ``out/evaluation_<split>.json``) a dict: ``rel_l2`` (mean, max),
+        ``write``, saves to ``out/evaluation_<split>.json``) a dict: ``rel_l2`` (mean, max,
+        standard deviation over the samples, and per sample: ``rel_l2_samples``),
         ``residual`` (mean relative squared global residual, as the physics loss),
         ``residual_interface`` / ``residual_interior`` (RMS residual rows at rows mixing two
         experts' fields and elsewhere, relative to the lifting's RMS residual; MoE only),
@@ -418,6 +419,8 @@ class Trainer:
                "n_experts": getattr(self.model.constraint, "n_experts", 1 if self.model.kind == "pihc" else 0),
                "ranks": self.comm.size, "dofs": self.problem.V.dim(), "step": self.step,
                "rel_l2": float(rel[ok].mean()), "rel_l2_max": float(rel[ok].max()),
+               "rel_l2_std": float(rel[ok].std(unbiased=False)) if ok.sum() > 1 else 0.0,
+               "rel_l2_samples": [float(x) for x in rel.cpu()],
                "residual": float(res[ok].mean()),
                "inference_time": seconds / len(idx),
                "classical_time": float(np.mean(self.dataset.solve_time[idx])),

@@ -107,6 +107,27 @@ def test_physics_informed_training_needs_no_solutions(kind):
 
 
 @pytest.mark.parallel([1, 2])
+def test_evaluation_reports_each_sample_and_the_spread():
+    """evaluate(): per-sample relative L2 errors (each against its classical solution, computed
+    here from the predictions and the dataset's solutions over every rank's dofs), their mean,
+    max and standard deviation over the samples, as the issue's tables report them."""
+    trainer = Trainer(config(shared_dir(), model={"kind": "pihc"}, data={"n_train": 3, "n_val": 2, "n_test": 3},
+                             train={"steps": 2, "val_every": 2, "batch_size": 3}))
+    trainer.fit()
+    out = trainer.evaluate("test", write=False)
+    idx = trainer.splits["test"]
+    with torch.no_grad():
+        u = trainer.predict(idx).numpy()
+    truth = trainer.physical_target(idx).numpy()
+    num = trainer.comm.allreduce(((u - truth) ** 2).sum(axis=1))
+    den = trainer.comm.allreduce((truth ** 2).sum(axis=1))
+    expected = np.sqrt(num / den)
+    assert np.allclose(out["rel_l2_samples"], expected, rtol=1e-10), (out["rel_l2_samples"], expected)
+    assert np.isclose(out["rel_l2"], expected.mean()) and np.isclose(out["rel_l2_max"], expected.max())
+    assert np.isclose(out["rel_l2_std"], expected.std()) and out["rel_l2_std"] > 0
+
+
+@pytest.mark.parallel([1, 2])
 @pytest.mark.parametrize("fresh", [False, True])
 def test_resume_equals_uninterrupted_training(fresh):
     comm = MPI.COMM_WORLD

@@ -9,8 +9,10 @@ mixture solves for all of w at once, on the stitched field and every residual ro
 * ``"lstsq"``: minimise 1/2 |P R(u(w); m)|_W^2 + 1/2 sum_k rho_k |w_k|^2 (rho_k = 0 unless block k is
   rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
   k is the global layer's output, so the coupled residual is never larger than the global one
-  with the same basis (exactly so for a linear PDE). |.|_W is the norm's weight, block diagonal
-  over the experts' rows (:mod:`fem_moe.norms`; the identity by default).
+  with the same basis (exactly so for a linear PDE) and the same norm. |.|_W is the norm's
+  weight (:mod:`fem_moe.norms`): by default each expert's rows in their own dual norm (block
+  diagonal over the experts), or the Euclidean norm, or the whole mesh's dual norm (W couples
+  every row: the reduced matrix is then dense).
 * ``"galerkin"``: the global residual tested against every expert's block basis,
   G_k = (P_k Phi) P R(u(w); m) + rho_k w_k = 0.
 

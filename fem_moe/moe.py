@@ -117,7 +117,8 @@ class MoEHardConstraint(torch.nn.Module):
     updates its defaults, :data:`fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS`) solves the
     block-sparse coupled problem, each rank holding its experts' rows. The coupled least
     squares nests the global layer: its residual is never larger than the global layer's with
-    the same basis. The backward is one block-sparse transposed solve per sample.
+    the same basis, measured in the same norm (both Euclidean, or the whole mesh's dual norm).
+    The backward is one block-sparse transposed solve per sample.
 
     ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s
     (:mod:`fem_moe.norms`). "dual": the whole mesh's H1-dual norm over every expert's rows (one

@@ -567,9 +567,9 @@ class CoupledSolver:
         """Whether the start in self.x is lower than all coefficients 0 (the objective; the
         residual's norm in Galerkin mode): a stale warm start can lie in a worse basin of a
         nonlinear PDE's objective (see :meth:`fem_moe.expert.Expert._better_than_cold`).
-        Collective."""
-        at_start = self._state_at(self.x, "objective")
+        Collective. The start is evaluated last, so that the solve reuses that evaluation."""
         at_zero = self._zero_residual()
+        at_start = self._state_at(self.x, "objective")
         if self.mode == "lstsq":
             return at_start["objective"] <= 0.5 * at_zero ** 2
         return at_start["rnorm"] <= at_zero

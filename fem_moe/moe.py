@@ -209,8 +209,9 @@ class MoEHardConstraint(torch.nn.Module):
                              "sparse (each expert's rows in their own dual norm)")
         # Each expert's own solves (the independent mixture, the first stage) weigh its rows
         # in their own dual norm where the whole mesh's is asked for.
-        kwargs = dict(n_basis=n_basis, n_experts=K, mode=mode, on_rank_deficient=on_rank_deficient, ridge=ridge,
-                      ridge_always=ridge_always, norm="dual_blocks" if self.norm == "dual" else self.norm)
+        kwargs = dict(n_basis=n_basis, n_experts=K, mode=mode, on_rank_deficient=on_rank_deficient,
+                      ridge=ridge, ridge_always=ridge_always,
+                      norm="dual_blocks" if self.norm == "dual" else self.norm)
         self.experts, err = {}, None
         try:
             for k in p.my_experts:

@@ -6,8 +6,9 @@ its solution. A sample is recognised by its problem data (the data spaces' dofs,
 same data is the same physical problem, whatever the backbone's inputs. Samples of problems
 without data spaces are known by their basis alone, which changes every step: they get no warm
 starts. A warm-started solve is an ordinary solve from another w0 (SNES's relative tolerance
-measured from its own start); one that diverges is repeated from w = 0 before anything is
-raised. Measured (README, ``benchmarks/training_step.py``, ``benchmarks/training_options.py``):
+measured from its own start); the solvers drop a start whose objective is above the cold
+start's (a stale start in a worse basin of a nonlinear PDE), and one that diverges is repeated
+from w = 0 before anything is raised. Measured (README, ``benchmarks/training_step.py``, ``benchmarks/training_options.py``):
 not faster on diffusion-sorption (the solves start where the trust region crawls), but the
 coupled mixture trains to a 3x smaller error with them; the trainer's default.
 """

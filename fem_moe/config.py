@@ -46,6 +46,7 @@ DEFAULTS = {
         "n_basis": 16,
         "n_experts": 2,         # moe only
         "partitioner": "ptscotch",  # moe only: ptscotch | strips (slabs across x) | random (a control)
+        "partition": "auto",    # moe only: auto (canonical up to 250k cells) | canonical (rank-count independent; every rank holds the mesh) | distributed (no rank holds the mesh)
         "mode": "lstsq",        # lstsq | galerkin
         "coupled": True,        # moe only: experts solved together on the stitched field (False: the paper's independent experts)
         "coupling_parameters": {},  # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
@@ -90,6 +91,7 @@ CHOICES = {
     ("model", "kind"): ("soft", "pihc", "moe"),
     ("model", "mode"): ("lstsq", "galerkin"),
     ("model", "partitioner"): ("ptscotch", "strips", "random"),
+    ("model", "partition"): ("auto", "canonical", "distributed"),
     ("model", "ridge"): ("rank_deficient", "always"),
     ("model", "backbone"): ("deeponet", "fno"),
     ("train", "loss"): ("physics", "supervised", "mixed"),

@@ -75,9 +75,9 @@ class CoupledRows:
     submesh, the position of its owner in ``neighbours``; ``own`` [n_sub]: the dofs k owns that
     are not Dirichlet dofs (block k's columns)."""
 
-    def __init__(self, space, owner):
+    def __init__(self, space):
         self.k, self.expert = space.k, space.expert
-        owners = owner[space.ids]
+        owners = space.dof_owner
         self.neighbours = np.unique(owners)
         self.block = np.searchsorted(self.neighbours, owners)
         self.me = int(np.searchsorted(self.neighbours, self.k))

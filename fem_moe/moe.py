@@ -16,7 +16,8 @@ from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_r
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
-from .partition import ExchangePlan, Partition, SpaceLayout
+from .distributed import DistributedPartition
+from .partition import ExchangePlan, Partition
 from .problem import ConstrainedProblem, owned_values
 from .warmstart import WarmStarts, solve_from
 
@@ -25,18 +26,23 @@ __all__ = ["MoEHardConstraint"]
 
 class _ExpertSpace:
     """What one expert holds: its subdomain mesh and spaces, its dof maps, and (after
-    ``build``) its Expert."""
+    ``set_dofs`` and ``build``) its dofs' owners and its Expert."""
 
-    def __init__(self, k, cells, partition, layout, data_layouts, problem, owner):
-        self.mesh = partition.submesh(cells, f"expert{k}")
+    def __init__(self, k, partition, layout, data_layouts, problem):
+        self.mesh = partition.expert_submesh(k)
         self.V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
         self.data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
-        self.ids = layout.space_ids(self.V)
-        self.data_ids = [dl.space_ids(Vd) for dl, Vd in zip(data_layouts, self.data_spaces)]
-        self.rows = owner[self.ids] == k
-        self.k, self.n_cells = k, len(cells)
+        self.ids = layout.space_ids(self.V, k)
+        self.data_ids = [dl.space_ids(Vd, k) for dl, Vd in zip(data_layouts, self.data_spaces)]
+        self.k, self.n_cells = k, len(partition.expert_cells[k])
 
-    def build(self, problem, bc, g, whole, functions, kwargs):
+    def set_dofs(self, values):
+        """``values`` [n_sub, 3]: each dof's owner expert, Dirichlet flag and lifting value."""
+        self.dof_owner = np.rint(values[:, 0]).astype(np.int64)
+        self.rows = self.dof_owner == self.k
+        self.bc, self.g = values[:, 1] > 0.5, values[:, 2]
+
+    def build(self, problem, whole, functions, kwargs):
         """The expert's Expert; ``whole``: placeholders (u, v, m) on the whole mesh,
         ``functions``: {Function on the whole mesh: its copy on this submesh}, for the
         residual's fixed coefficients (see _OntoSubmesh)."""
@@ -48,7 +54,7 @@ class _ExpertSpace:
         self.expert = Expert(sub, kwargs["n_basis"], mode=kwargs["mode"], row_mask=self.rows,
                              on_rank_deficient=kwargs["on_rank_deficient"], ridge=kwargs["ridge"],
                              ridge_always=kwargs["ridge_always"], norm=kwargs["norm"],
-                             expert_id=k, dirichlet=(bc[self.ids], g[self.ids]),
+                             expert_id=k, dirichlet=(self.bc, self.g),
                              options_prefix=f"expert_{k}_",
                              option_set=("expert_", range(kwargs["n_experts"])))
         if not self.expert.row_mask.any():
@@ -91,6 +97,25 @@ def _whole_mesh_functions(problem, whole):
     topology = problem.mesh.topology
     return [c for c in F.coefficients() if isinstance(c, fd.Function) and c not in mine
             and c.function_space().mesh().topology is topology]
+
+
+#: Up to this many cells the mixture's default partition is the canonical one.
+CANONICAL_MAX_CELLS = 250_000
+
+PARTITIONS = ("canonical", "distributed")
+
+
+def _make_partition(mesh, K, partitioner_type, scheme):
+    """The partition ``scheme`` (None: "canonical" up to CANONICAL_MAX_CELLS cells, else
+    "distributed") of ``mesh`` into K subdomains. Collective."""
+    if scheme is None:
+        cells = mesh.comm.allreduce(mesh.cell_set.size)
+        scheme = "canonical" if cells <= CANONICAL_MAX_CELLS else "distributed"
+    if scheme == "canonical":
+        return Partition(mesh, K, partitioner_type)
+    if scheme == "distributed":
+        return DistributedPartition(mesh, K, partitioner_type)
+    raise InputError(f"partition must be one of {PARTITIONS} or None, got {scheme!r}")
 
 
 class MoEHardConstraint(torch.nn.Module):
@@ -150,6 +175,16 @@ class MoEHardConstraint(torch.nn.Module):
     ``layer.all_diagnostics()`` gathers them from every rank (collective), with ``.coupling``:
     the coupled solve's SampleInfo per sample.
 
+    ``partition``: how the subdomains are made. "canonical" (:class:`fem_moe.partition.Partition`):
+    every rank gathers the mesh and numbers it by coordinates, so a given K gives the same
+    subdomains, outputs and gradients on any number of ranks (reproducibility studies, tests);
+    O(cells) memory and time per rank. "distributed"
+    (:class:`fem_moe.distributed.DistributedPartition`): built from each rank's cells and its
+    neighbours' (PETSc's parallel partitioner on the distributed dual graph), O(cells / ranks +
+    halo) per rank; the subdomains depend on the number of ranks. Default (None): canonical up
+    to :data:`CANONICAL_MAX_CELLS` cells (250,000: ~60 MB of tables per rank in 2D), distributed
+    past that.
+
     ``partitioner_type``: PETSc's MatPartitioning type for the subdomains (default "ptscotch");
     "strips": K slabs of equal cell counts across the first coordinate (on a space-time mesh,
     experts that each span the whole time window); or "random": cells dealt to the experts at
@@ -165,7 +200,7 @@ class MoEHardConstraint(torch.nn.Module):
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
                  ridge=1e-4, partitioner_type=None, ridge_always=False, coupled=True,
                  local_first=False, coupling_parameters=None, norm=None,
-                 warm_start=False, training_rtol=None):
+                 warm_start=False, training_rtol=None, partition=None):
         super().__init__()
         self.training_rtol = check_rtol(training_rtol)
         self.coupled, self.local_first = bool(coupled), bool(local_first)
@@ -174,32 +209,10 @@ class MoEHardConstraint(torch.nn.Module):
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()
-        self.partition = p = Partition(problem.mesh, K, partitioner_type)
-        self.layout = SpaceLayout(problem.V, p)
-        self.data_layouts = [SpaceLayout(Vd, p) for Vd in problem.data_spaces]
-        cell_dofs = self.layout.cell_dofs()
-        n_global = self.layout.n_global
-        if partitioner_type == "random":
-            # Scattered cells: "lowest expert among the dof's cells" would hand nearly every dof
-            # to expert 0; take the expert of the dof's first canonical cell instead (balanced).
-            first = np.full(n_global, len(cell_dofs), dtype=np.int64)
-            np.minimum.at(first, cell_dofs.ravel(), np.repeat(np.arange(len(cell_dofs)), cell_dofs.shape[1]))
-            owner = p.cell_expert[first]
-        else:
-            owner = np.full(n_global, K, dtype=np.int64)
-            np.minimum.at(owner, cell_dofs.ravel(), np.repeat(p.cell_expert, cell_dofs.shape[1]))
-        self.owner = owner
-        p.place(np.bincount(owner, minlength=K))    # balance the ranks by the dofs experts own
-        # Rows whose stencil (the dofs of the cells around them) holds dofs of another expert:
-        # there the stitched output's residual mixes two experts' fields.
-        mixed_cells = (owner[cell_dofs] != owner[cell_dofs][:, :1]).any(axis=1)
-        interface = np.zeros(n_global, dtype=bool)
-        interface[cell_dofs[mixed_cells].ravel()] = True
-        self._interface = interface
+        self.partition = p = _make_partition(problem.mesh, K, partitioner_type, partition)
+        self.layout = p.assign(problem.V)
+        self.data_layouts = [p.layout(Vd) for Vd in problem.data_spaces]
         mask, g = dirichlet_dofs(problem)
-        bc, gg = np.zeros(n_global, dtype=bool), np.zeros(n_global)
-        for ids, m, v in comm.allgather((self.layout.owned_ids, mask, g)):
-            bc[ids], gg[ids] = m, v
         self.norm = check_norm(norm, mode, default="dual_blocks")
         whole_mesh_norm = self.coupled and self.norm == "dual"
         if whole_mesh_norm and K >= 16:
@@ -215,15 +228,18 @@ class MoEHardConstraint(torch.nn.Module):
         self.experts, err = {}, None
         try:
             for k in p.my_experts:
-                cells = np.flatnonzero((owner[cell_dofs] == k).any(axis=1))
-                self.experts[k] = _ExpertSpace(k, cells, p, self.layout, self.data_layouts,
-                                               problem, owner)
+                self.experts[k] = _ExpertSpace(k, p, self.layout, self.data_layouts, problem)
         except Exception as e:     # noqa: BLE001 -- reaches every rank
             err = e
         raise_on_all_ranks(comm, err)
-        self.plan = self._plan(self.layout, lambda e: e.ids)
-        self.data_plans = [self._plan(dl, lambda e, j=j: e.data_ids[j])
+        self.plan = ExchangePlan(self.layout, {k: e.ids for k, e in self.experts.items()})
+        self.data_plans = [ExchangePlan(dl, {k: e.data_ids[j] for k, e in self.experts.items()})
                            for j, dl in enumerate(self.data_layouts)]
+        # Each expert's dofs learn their owner expert, Dirichlet flag and lifting from their
+        # owning ranks.
+        dofs = self.plan.scatter(np.column_stack([p.dof_expert, mask, g]).astype(np.float64))
+        for k, e in self.experts.items():
+            e.set_dofs(dofs[k])
         functions = {k: {} for k in self.experts}
         whole = (fd.Function(problem.V), fd.TestFunction(problem.V),
                  tuple(fd.Function(Vd) for Vd in problem.data_spaces))
@@ -232,13 +248,13 @@ class MoEHardConstraint(torch.nn.Module):
                 functions[k][f] = copy
         try:
             for k, e in self.experts.items():
-                e.build(problem, bc, gg, whole, functions[k], kwargs)
+                e.build(problem, whole, functions[k], kwargs)
         except Exception as e:     # noqa: BLE001
             err = e
         raise_on_all_ranks(comm, err)
         self.coupling = None
         if self.coupled:
-            rows = {k: CoupledRows(e, owner) for k, e in self.experts.items()}
+            rows = {k: CoupledRows(e) for k, e in self.experts.items()}
             weight = None
             if whole_mesh_norm:
                 weight = WholeMesh(self.plan, problem.V, ~mask,
@@ -250,27 +266,19 @@ class MoEHardConstraint(torch.nn.Module):
         self.diagnostics = Diagnostics()
         self.coupling_diagnostics = []
 
-    def _plan(self, layout, ids):
-        """The exchange plan between ``layout``'s owners and each expert's dofs ``ids(e)``."""
-        gathered = {}
-        for d in self.problem.comm.allgather({k: ids(e) for k, e in self.experts.items()}):
-            gathered.update(d)
-        return ExchangePlan(layout, [gathered[k] for k in range(self.n_experts)],
-                            self.partition.expert_rank)
-
     def _copies(self, f):
         """{k: f's copy on expert k's submesh} for a Function ``f`` on the whole mesh (its values
         copied now). Collective."""
         V = f.function_space()
         try:
-            layout = SpaceLayout(V, self.partition)
+            layout = self.partition.layout(V)
         except InputError as exc:
             raise InputError(f"the residual uses the Function {f.name()!r} on the whole mesh, in "
                              f"{V.ufl_element()}, which cannot be copied onto the experts' "
                              f"submeshes ({exc}); make it a data space of the problem, or use "
                              "a continuous Lagrange or DG0 space") from exc
         spaces = {k: fd.FunctionSpace(e.mesh, V.ufl_element()) for k, e in self.experts.items()}
-        plan = self._plan(layout, lambda e: layout.space_ids(spaces[e.k]))
+        plan = ExchangePlan(layout, {k: layout.space_ids(Vk, k) for k, Vk in spaces.items()})
         values = plan.scatter(owned_values(f)[:, None])
         copies = {}
         for k, Vk in spaces.items():
@@ -298,7 +306,11 @@ class MoEHardConstraint(torch.nn.Module):
         """This rank's owned dofs whose residual row mixes two experts' fields, bool [n_dofs].
         Elsewhere the stitched output's residual equals its owner expert's; the residual at
         these rows is what the mixture gives up (measure it with fem_moe.residual_rows)."""
-        return self._interface[self.layout.owned_ids].copy()
+        return self.partition.interface.copy()
+
+    def dof_experts(self):
+        """The expert owning each of this rank's owned dofs, int [n_dofs]."""
+        return self.partition.dof_expert.copy()
 
     rtol_now = HardConstraint.rtol_now
 

@@ -30,9 +30,10 @@ from firedrake.petsc import PETSc
 from mpi4py import MPI
 
 from .errors import InputError
+from .options import set_up, used
 from .problem import subspaces
 
-__all__ = ["Partition", "SpaceLayout", "ExchangePlan", "mesh_periods"]
+__all__ = ["Partition", "SpaceLayout", "ExchangePlan", "mesh_periods", "graph_partition"]
 
 _DIGITS = 1e9   # coordinates are keyed to 1e-9 of the mesh's extent
 
@@ -52,7 +53,120 @@ def _void(keys):
     return keys.view(np.dtype((np.void, keys.dtype.itemsize * keys.shape[1]))).ravel()
 
 
-class Partition:
+class CoordinateKeys:
+    """Integer keys of points, by which dofs, vertices and cells are matched across meshes:
+    coordinates relative to ``lower`` in units of 1e-9 of ``extent``, modulo ``periods`` (0
+    where not periodic). Subclasses set the three attributes."""
+
+    def keys(self, points):
+        """Integer keys of points [n, gdim] (1e-9 of the mesh's extent; modulo the periods)."""
+        keys = self._raw_keys(points)
+        for d in np.flatnonzero(self.periods):
+            keys[:, d] %= self._period_keys[d]
+        return keys
+
+    def _raw_keys(self, points):
+        return np.rint((np.asarray(points) - self.lower) / self.extent * _DIGITS).astype(np.int64)
+
+    @property
+    def _period_keys(self):
+        return np.rint(self.periods / self.extent * _DIGITS).astype(np.int64)
+
+    def wrap(self, points):
+        """Points [n, gdim] moved by whole periods into the mesh's box [lower, lower + period)."""
+        points = np.array(points, dtype=float)
+        raw = self._raw_keys(points)
+        for d in np.flatnonzero(self.periods):
+            points[:, d] -= (raw[:, d] // self._period_keys[d]) * self.periods[d]
+        return points
+
+    def make_submesh(self, cell_vertices, vertex_coords, facet_markers, cell_markers, values,
+                     name, vertex_ids=None):
+        """A Firedrake mesh on COMM_SELF from cells [C, nv] of vertices ``vertex_coords`` [nV,
+        gdim] (in the mesh's box), with the markers (see label_submesh: ``vertex_ids`` number
+        the vertices as the markers do, default 0, 1, ...; ``values``: every marker value of
+        the whole mesh, {"Face Sets": [...], "Cell Sets": [...]}); on a periodic
+        mesh its cells connect across the seam as the whole mesh's do (PETSc localizes the
+        coordinates of the cells that cross it)."""
+        plex = PETSc.DMPlex().createFromCellList(
+            self.tdim, np.asarray(cell_vertices, dtype=PETSc.IntType), vertex_coords,
+            comm=PETSc.COMM_SELF)
+        label_submesh(plex, np.arange(len(vertex_coords)) if vertex_ids is None else vertex_ids,
+                      facet_markers, cell_markers, values)
+        if self.periods.any():
+            periodic = self.periods > 0
+            plex.setPeriodicity(np.where(periodic, 0.5 * self.periods, -1.0), self.lower,
+                                np.where(periodic, self.periods, -1.0))
+            plex.localizeCoordinates()
+        return fd.Mesh(plex, comm=MPI.COMM_SELF, name=name)
+
+
+def label_submesh(plex, vertex_ids, facet_markers, cell_markers, values):
+    """Copy markers onto a submesh DMPlex made by createFromCellList: its vertex i is vertex
+    ``vertex_ids[i]`` of the numbering the markers use ({sorted vertex ids of a boundary facet,
+    or of a cell: [marker values]}). Every value in ``values`` ({label name: values}) gets a
+    stratum, empty where the subdomain does not touch it, so that a form with ds(id) or dx(id)
+    is valid on each expert."""
+    v0, v1 = plex.getDepthStratum(0)
+    for name, height, markers in (("Face Sets", 1, facet_markers), ("Cell Sets", 0, cell_markers)):
+        if not values.get(name):
+            continue
+        plex.createLabel(name)
+        label = plex.getLabel(name)
+        for value in values[name]:
+            label.addStratum(value)
+        h0, h1 = plex.getHeightStratum(height)
+        for point in range(h0, h1):
+            if height == 1 and plex.getSupportSize(point) != 1:
+                continue   # interior facets carry no boundary marker
+            closure = plex.getTransitiveClosure(point)[0]
+            key = tuple(sorted(int(vertex_ids[p - v0]) for p in closure if v0 <= p < v1))
+            for value in markers.get(key, ()):
+                plex.setLabelValue(name, point, value)
+
+
+def check_affine(mesh):
+    """InputError unless ``mesh`` has P1/Q1 coordinates (or their DG1 version, periodic)."""
+    element = mesh.coordinates.function_space().ufl_element()
+    scalar = element.sub_elements[0]
+    if scalar.embedded_superdegree != 1 or not ("Lagrange" in scalar.family()
+                                                or "Discontinuous" in scalar.family()
+                                                or scalar.family() in ("Q", "DQ")):
+        raise InputError("mixture of experts needs affine meshes (P1/Q1 coordinates, or their "
+                         f"DG1 version on a periodic mesh; curved meshes are not supported); got {element}")
+
+
+def marked_points(mesh, name, height, geometry):
+    """This rank's points (owned and halo) of ``mesh``'s DMPlex label ``name`` ("Face Sets",
+    "Cell Sets") at ``height`` (1 facets, 0 cells): [(plex point, keys of its vertices [nv,
+    gdim], value)]. The vertices' coordinates are Firedrake's coordinate field (which a user
+    may have moved after the mesh was made, e.g. ``mesh.coordinates.interpolate``; the DMPlex
+    keeps the original ones), or on a periodic mesh, whose coordinates are per cell, the
+    DMPlex's own."""
+    dm = mesh.topology_dm
+    if not dm.hasLabel(name):
+        return []
+    gdim = mesh.geometric_dimension
+    if geometry.periods.any():
+        coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
+        vertex_coords = lambda p: coords[section.getOffset(p):section.getOffset(p) + gdim]   # noqa: E731
+    else:
+        X = mesh.coordinates.dat.data_ro_with_halos
+        section = mesh.coordinates.function_space().dm.getLocalSection()
+        vertex_coords = lambda p: X[section.getOffset(p)]    # noqa: E731
+    v0, v1 = dm.getDepthStratum(0)
+    h0, h1 = dm.getHeightStratum(height)
+    found = []
+    for value in dm.getLabelIdIS(name).getIndices():
+        for point in dm.getStratumIS(name, value).getIndices():
+            if h0 <= point < h1:
+                closure = dm.getTransitiveClosure(point)[0]
+                xs = np.array([vertex_coords(p) for p in closure if v0 <= p < v1])
+                found.append((int(point), geometry.keys(xs), int(value)))
+    return found
+
+
+class Partition(CoordinateKeys):
     """K subdomains of ``mesh`` and the placement of the K experts on the mesh's ranks.
 
     Attributes (identical on every rank): ``n_experts``; ``cell_vertices`` [C, nv] canonical
@@ -64,15 +178,10 @@ class Partition:
     def __init__(self, mesh, n_experts, partitioner_type=None):
         comm = mesh.comm
         self.mesh, self.comm, self.n_experts = mesh, comm, int(n_experts)
+        self.partitioner_type = partitioner_type
         if self.n_experts < 1:
             raise InputError(f"n_experts must be >= 1, got {n_experts}")
-        element = mesh.coordinates.function_space().ufl_element()
-        scalar = element.sub_elements[0]
-        if scalar.embedded_superdegree != 1 or not ("Lagrange" in scalar.family()
-                                                    or "Discontinuous" in scalar.family()
-                                                    or scalar.family() in ("Q", "DQ")):
-            raise InputError("mixture of experts needs affine meshes (P1/Q1 coordinates, or their "
-                             f"DG1 version on a periodic mesh; curved meshes are not supported); got {element}")
+        check_affine(mesh)
         self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
         X = mesh.coordinates.dat.data_ro_with_halos
         n_owned = mesh.cell_set.size
@@ -108,19 +217,7 @@ class Partition:
 
     def _gather_label(self, mesh, name, height):
         """{sorted canonical vertex ids of a marked point: [markers]}, on every rank."""
-        dm = mesh.topology_dm
-        found = []
-        if dm.hasLabel(name):
-            vertex_coords = self._vertex_coordinates(mesh)
-            v0, v1 = dm.getDepthStratum(0)
-            for value in dm.getLabelIdIS(name).getIndices():
-                for point in dm.getStratumIS(name, value).getIndices():
-                    h0, h1 = dm.getHeightStratum(height)
-                    if not h0 <= point < h1:
-                        continue
-                    closure = dm.getTransitiveClosure(point)[0]
-                    xs = [vertex_coords(p) for p in closure if v0 <= p < v1]
-                    found.append((self.keys(np.array(xs)), int(value)))
+        found = [(keys, value) for _, keys, value in marked_points(mesh, name, height, self)]
         markers = {}
         for part in self.comm.allgather(found):
             for keys, value in part:
@@ -128,80 +225,19 @@ class Partition:
                 markers.setdefault(tuple(sorted(ids.tolist())), set()).add(value)
         return {key: sorted(values) for key, values in markers.items()}
 
-    def _vertex_coordinates(self, mesh):
-        """plex vertex point -> its coordinates [gdim]: Firedrake's coordinate field (which a
-        user may have moved after the mesh was made, e.g. ``mesh.coordinates.interpolate``;
-        the DMPlex keeps the original ones), or on a periodic mesh, whose coordinates are per
-        cell, the DMPlex's own."""
-        dm = mesh.topology_dm
-        if self.periods.any():
-            coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
-            return lambda p: coords[section.getOffset(p):section.getOffset(p) + self.gdim]
-        X = mesh.coordinates.dat.data_ro_with_halos
-        section = mesh.coordinates.function_space().dm.getLocalSection()
-        return lambda p: X[section.getOffset(p)]
-
-    def label_submesh(self, plex, vertex_ids):
-        """Copy the markers onto a submesh DMPlex made by createFromCellList from canonical
-        vertices ``vertex_ids`` (its vertex i is canonical vertex vertex_ids[i])."""
-        v0, v1 = plex.getDepthStratum(0)
-        for name, height, markers in (("Face Sets", 1, self.facet_markers),
-                                      ("Cell Sets", 0, self.cell_markers)):
-            if not markers:
-                continue
-            plex.createLabel(name)
-            # Every marker of the whole mesh exists on every submesh, empty where the subdomain
-            # does not touch it, so that a form with ds(id) or dx(id) is valid on each expert.
-            label = plex.getLabel(name)
-            for value in sorted({v for values in markers.values() for v in values}):
-                label.addStratum(value)
-            h0, h1 = plex.getHeightStratum(height)
-            for point in range(h0, h1):
-                if height == 1 and plex.getSupportSize(point) != 1:
-                    continue   # interior facets carry no boundary marker
-                closure = plex.getTransitiveClosure(point)[0]
-                key = tuple(sorted(int(vertex_ids[p - v0]) for p in closure if v0 <= p < v1))
-                for value in markers.get(key, ()):
-                    plex.setLabelValue(name, point, value)
-
-    def keys(self, points):
-        """Integer keys of points [n, gdim] (1e-9 of the mesh's extent; modulo the periods)."""
-        keys = self._raw_keys(points)
-        for d in np.flatnonzero(self.periods):
-            keys[:, d] %= self._period_keys[d]
-        return keys
-
-    def _raw_keys(self, points):
-        return np.rint((np.asarray(points) - self.lower) / self.extent * _DIGITS).astype(np.int64)
-
-    @property
-    def _period_keys(self):
-        return np.rint(self.periods / self.extent * _DIGITS).astype(np.int64)
-
-    def wrap(self, points):
-        """Points [n, gdim] moved by whole periods into the mesh's box [lower, lower + period)."""
-        points = np.array(points, dtype=float)
-        raw = self._raw_keys(points)
-        for d in np.flatnonzero(self.periods):
-            points[:, d] -= (raw[:, d] // self._period_keys[d]) * self.periods[d]
-        return points
+    def marker_values(self):
+        """{label name: every marker value of the whole mesh}."""
+        return {"Face Sets": sorted({v for vs in self.facet_markers.values() for v in vs}),
+                "Cell Sets": sorted({v for vs in self.cell_markers.values() for v in vs})}
 
     def submesh(self, cells, name):
         """The Firedrake mesh (COMM_SELF) of canonical cells ``cells``, with the whole mesh's
-        markers; on a periodic mesh its cells connect across the seam as the whole mesh's do
-        (PETSc localizes the coordinates of the cells that cross it)."""
+        markers (see CoordinateKeys.make_submesh)."""
         verts = self.cell_vertices[cells]
         used, local = np.unique(verts, return_inverse=True)
-        plex = PETSc.DMPlex().createFromCellList(
-            self.tdim, local.reshape(verts.shape).astype(PETSc.IntType), self.vertex_coords[used],
-            comm=PETSc.COMM_SELF)
-        self.label_submesh(plex, used)
-        if self.periods.any():
-            periodic = self.periods > 0
-            plex.setPeriodicity(np.where(periodic, 0.5 * self.periods, -1.0), self.lower,
-                                np.where(periodic, self.periods, -1.0))
-            plex.localizeCoordinates()
-        return fd.Mesh(plex, comm=MPI.COMM_SELF, name=name)
+        return self.make_submesh(local.reshape(verts.shape), self.vertex_coords[used],
+                                 self.facet_markers, self.cell_markers, self.marker_values(),
+                                 name, vertex_ids=used)
 
     def _partition(self, partitioner_type):
         K, C = self.n_experts, len(self.cell_vertices)
@@ -232,24 +268,8 @@ class Partition:
             adj = PETSc.Mat().createAIJ(size=(C, C), csr=(shared.indptr.astype(PETSc.IntType),
                                                           shared.indices.astype(PETSc.IntType),
                                                           np.ones(shared.nnz)), comm=PETSc.COMM_SELF)
-            part = PETSc.MatPartitioning().create(comm=PETSc.COMM_SELF)
-            part.setOptionsPrefix("fem_moe_partition_")
-            opts = PETSc.Options()
-            prefix = "fem_moe_partition_mat_partitioning_"
-            inserted = [name for name, value in (("type", partitioner_type or "ptscotch"),
-                                                 ("nparts", K))
-                        if not opts.hasName(prefix + name) and not opts.setValue(prefix + name, value)]
-            part.setAdjacency(adj)
-            part.setFromOptions()
-            for name in inserted:
-                opts.delValue(prefix + name)
-            if part.getType() == "ptscotch":
-                _make_scotch_deterministic()
-            result = PETSc.IS().create(comm=PETSc.COMM_SELF)
-            part.apply(result)
-            labels[:] = result.getIndices()
-            for obj in (result, part, adj):
-                obj.destroy()
+            labels[:] = graph_partition(adj, K, partitioner_type)
+            adj.destroy()
         self.comm.Bcast(labels, root=0)
         return labels
 
@@ -263,6 +283,46 @@ class Partition:
             rank_of[k], load[r] = r, load[r] + weights[k]
         self.expert_rank = rank_of
         self.my_experts = [k for k in range(self.n_experts) if rank_of[k] == self.comm.rank]
+
+    def assign(self, V):
+        """Give each dof of ``V`` (the mixture's space) to one expert: the lowest-numbered
+        expert among the cells containing it (for the "random" partitioner, the expert of its
+        first canonical cell), and re-place the experts on the ranks by the dofs they own.
+        Sets ``dof_expert`` (the expert of each owned dof of V, in tensor order),
+        ``interface`` (bool, owned dofs of V whose rows' stencils hold dofs of two experts),
+        ``expert_cells`` ({k: cells of k's subdomain} for this rank's experts: every cell
+        containing a dof k owns). Returns V's layout. Collective."""
+        layout = self.layout(V)
+        cell_dofs = layout.cell_dofs()
+        K, n_global = self.n_experts, layout.n_global
+        if self.partitioner_type == "random":
+            # Scattered cells: "lowest expert among the dof's cells" would hand nearly every dof
+            # to expert 0; take the expert of the dof's first canonical cell instead (balanced).
+            first = np.full(n_global, len(cell_dofs), dtype=np.int64)
+            np.minimum.at(first, cell_dofs.ravel(),
+                          np.repeat(np.arange(len(cell_dofs)), cell_dofs.shape[1]))
+            owner = self.cell_expert[first]
+        else:
+            owner = np.full(n_global, K, dtype=np.int64)
+            np.minimum.at(owner, cell_dofs.ravel(), np.repeat(self.cell_expert, cell_dofs.shape[1]))
+        self.owner = owner
+        self.place(np.bincount(owner, minlength=K))    # balance the ranks by the dofs experts own
+        mixed_cells = (owner[cell_dofs] != owner[cell_dofs][:, :1]).any(axis=1)
+        interface = np.zeros(n_global, dtype=bool)
+        interface[cell_dofs[mixed_cells].ravel()] = True
+        self.dof_expert = owner[layout.owned_ids]
+        self.interface = interface[layout.owned_ids]
+        self.expert_cells = {k: np.flatnonzero((owner[cell_dofs] == k).any(axis=1))
+                             for k in self.my_experts}
+        return layout
+
+    def expert_submesh(self, k):
+        """Expert k's subdomain mesh (COMM_SELF); k one of this rank's experts (after assign)."""
+        return self.submesh(self.expert_cells[k], f"expert{k}")
+
+    def layout(self, W):
+        """The numbering of a space ``W`` on the mesh that the exchange plans use. Collective."""
+        return SpaceLayout(W, self)
 
     def cell_ids(self, mesh):
         """Canonical ids of this rank's owned cells of ``mesh`` (the partitioned mesh or an
@@ -303,6 +363,27 @@ def mesh_periods(mesh):
     mesh.comm.Allreduce(np.ascontiguousarray(local, dtype=float), spread, op=MPI.MAX)
     extent = mesh.comm.allreduce(float(np.ptp(X, axis=0).max()) if len(X) else 0.0, op=MPI.MAX)
     return np.where(spread > 1e-9 * extent, spread, 0.0)
+
+
+def graph_partition(adj, n_parts, partitioner_type=None):
+    """Parts [local rows] of the graph with adjacency matrix ``adj`` (one row per vertex; on
+    adj's communicator, each rank its rows) cut into ``n_parts`` by PETSc's MatPartitioning:
+    ``partitioner_type`` (default "ptscotch"), options under ``fem_moe_partition_`` (e.g.
+    ``-fem_moe_partition_mat_partitioning_type parmetis``, which wins over the argument).
+    Collective over adj's communicator."""
+    part = PETSc.MatPartitioning().create(comm=adj.getComm())
+    part.setAdjacency(adj)
+    set_up(part, "fem_moe_partition_", {},
+           {"mat_partitioning_type": partitioner_type or "ptscotch",
+            "mat_partitioning_nparts": int(n_parts)})
+    if part.getType() == "ptscotch":
+        _make_scotch_deterministic()
+    result = PETSc.IS().create(comm=adj.getComm())
+    with used(part):
+        part.apply(result)
+    labels = result.getIndices().astype(np.int64)
+    result.destroy(), part.destroy()
+    return labels
 
 
 def _make_scotch_deterministic():
@@ -412,8 +493,17 @@ class SpaceLayout:
                                            for i, part in enumerate(self.parts)])
         self.owned_ids = np.concatenate([part.owned_ids + off
                                          for part, off in zip(self.parts, self._offsets)])
+        self.n_owned = len(self.owned_ids)
 
-    def space_ids(self, Vk):
+    def owned_numbers(self):
+        """The numbers of this rank's owned dofs in this layout, in tensor order."""
+        return self.owned_ids
+
+    def locate(self, ids):
+        """(rank, index in that rank's tensors) of the dofs ``ids``."""
+        return self.owner_rank[ids], self.owner_index[ids]
+
+    def space_ids(self, Vk, k=None):
         """Canonical ids of the dofs of a space ``Vk`` on an expert's submesh (same element),
         in the order of Vk's tensors."""
         return np.concatenate([part.space_ids(S) + off for part, S, off
@@ -428,38 +518,44 @@ class SpaceLayout:
 
 class ExchangePlan:
     """Moves values between the owners of a space's dofs (the distributed layout) and the
-    experts that need them (each expert's list ``needs[k]`` of canonical ids, on
-    ``expert_rank[k]``). All-to-all over the mesh comm; every rank must call in step.
+    experts that need them: ``needs`` {k: ids} for this rank's experts, in the numbering of
+    ``layout`` (whose ``locate(ids)`` gives each id's owning rank and its index there). Built by
+    one all-to-all of counts and one of indices over the mesh comm (no rank learns more than
+    what it sends and receives); every rank must call in step.
 
     ``scatter(values [n_owned, M]) -> {k: [len(needs[k]), M]}`` for this rank's experts;
     ``gather_sum({k: [len(needs[k]), M]}) -> [n_owned, M]``, contributions to one dof summed.
     """
 
-    def __init__(self, layout, needs, expert_rank):
+    def __init__(self, layout, needs):
         comm = layout.partition.comm
         self.comm, self.size, self.rank = comm, comm.size, comm.rank
-        self.n_owned = len(layout.owned_ids)
-        self.my_experts = [k for k in range(len(needs)) if expert_rank[k] == self.rank]
-        # As a sender: the local indices to send to each rank (experts in increasing order).
-        self.send_index = [[] for _ in range(self.size)]
+        self.n_owned = layout.n_owned
+        self.my_experts = sorted(needs)
         # As a receiver: per source rank, the (expert, positions) its values fill, in that order.
         self.recv_slots = [[] for _ in range(self.size)]
-        for k, ids in enumerate(needs):
-            owners = layout.owner_rank[ids]
+        wanted = [[] for _ in range(self.size)]
+        for k in self.my_experts:
+            ranks, index = layout.locate(np.asarray(needs[k], dtype=np.int64))
+            order = np.argsort(ranks, kind="stable")
+            bounds = np.searchsorted(ranks[order], np.arange(self.size + 1))
             for s in range(self.size):
-                pos = np.flatnonzero(owners == s)
-                if s == self.rank:
-                    self.send_index[expert_rank[k]].append(layout.owner_index[ids[pos]])
-                if expert_rank[k] == self.rank:
+                pos = order[bounds[s]:bounds[s + 1]]
+                if len(pos):
                     self.recv_slots[s].append((k, pos))
-        self.send_index = [np.concatenate(x) if x else np.zeros(0, dtype=np.int64)
-                           for x in self.send_index]
-        self.send_counts = np.array([len(x) for x in self.send_index])
-        self.recv_counts = np.array([sum(len(p) for _, p in x) for x in self.recv_slots])
+                    wanted[s].append(index[pos])
+        wanted = [np.concatenate(x) if x else np.zeros(0, dtype=np.int64) for x in wanted]
+        self.recv_counts = np.array([len(x) for x in wanted])
+        # As a sender: the local indices each rank asked for, in the order it asked.
+        self.send_counts = np.empty(self.size, dtype=np.int64)
+        comm.Alltoall(self.recv_counts.astype(np.int64), self.send_counts)
+        index = np.empty(int(self.send_counts.sum()), dtype=np.int64)
+        comm.Alltoallv([np.concatenate(wanted).astype(np.int64), self.recv_counts, MPI.INT64_T],
+                       [index, self.send_counts, MPI.INT64_T])
+        self._index = index
         self.sizes = {k: len(needs[k]) for k in self.my_experts}
         # gather_sum's sum of the values sent back for each owned dof, as one sparse product
         # (np.add.at over [n, batch x N] arrays cost ~50 ms per call at 1e5 dofs).
-        index = np.concatenate(self.send_index)
         self._summation = scipy.sparse.csr_matrix(
             (np.ones(len(index)), (index, np.arange(len(index)))), shape=(self.n_owned, len(index)))
 
@@ -471,7 +567,7 @@ class ExchangePlan:
 
     def scatter(self, values):
         M = values.shape[1]
-        send = values[np.concatenate(self.send_index)] if self.n_owned else np.zeros((0, M))
+        send = values[self._index] if self.n_owned else np.zeros((0, M))
         recv = self._alltoallv(send, self.send_counts, self.recv_counts, M)
         out = {k: np.zeros((n, M)) for k, n in self.sizes.items()}
         start = 0

@@ -150,7 +150,8 @@ class Trainer:
                    "norm": None if m["norm"] == "auto" else m["norm"], "warm_start": m["warm_start"],
                    "training_rtol": m["training_rtol"] or None}
         if m["kind"] == "moe":
-            options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"])
+            options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"],
+                           partition=None if m["partition"] == "auto" else m["partition"])
         return options
 
     def _backbone(self):

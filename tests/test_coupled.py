@@ -34,7 +34,7 @@ def _residual_norm(problem, u, data=None):
 
 def _block_basis(layer, basis):
     """The experts' block basis [batch, K N, n]: block k is the basis on the dofs k owns."""
-    owner = torch.tensor(layer.owner[layer.layout.owned_ids])
+    owner = torch.tensor(layer.dof_experts())
     return torch.cat([basis * (owner == k) for k in range(layer.n_experts)], dim=1)
 
 

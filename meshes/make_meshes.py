@@ -9,6 +9,11 @@ channel_with_cylinder.msh: the channel [0, 2.2] x [0, 0.41] with a cylinder of r
 (0.2, 0.2) (the DFG benchmark's geometry). Physical groups: surface 1; boundary lines 1 = inlet
 (x = 0), 2 = outlet (x = 2.2), 3 = walls (y = 0, 0.41), 4 = cylinder.
 
+block_with_holes.msh: the plate with holes in 3D: the box [0, 1] x [0, 1] x [0, 0.5] minus two
+cylinders along z through it (the plate's holes). Physical groups: volume 1; boundary surfaces
+1 = the box's six faces, 2 = the holes' walls. Coarse (h = 0.1); refine it uniformly in
+Firedrake (``MeshHierarchy``, 8x the cells per level) for the sizes of the scale benchmark.
+
 periodic_square.msh: the unit square, unstructured, periodic in x and y (gmsh's periodic
 meshing: the right side's nodes are the left side's moved by (1, 0), the top's the bottom's
 moved by (0, 1)). Physical group: surface 1 (it has no boundary).
@@ -23,7 +28,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 @contextlib.contextmanager
-def _meshed(path, name, h, msh_version):
+def _meshed(path, name, h, msh_version, dim=2):
     """gmsh started with a model ``name``; after the body (the geometry and physical groups)
     the mesh is generated with element size at most ``h`` and written to ``path`` in MSH
     ``msh_version``; gmsh is finalized whatever happens."""
@@ -33,7 +38,7 @@ def _meshed(path, name, h, msh_version):
         yield
         gmsh.option.setNumber("Mesh.CharacteristicLengthMax", h)
         gmsh.option.setNumber("Mesh.MshFileVersion", msh_version)
-        gmsh.model.mesh.generate(2)
+        gmsh.model.mesh.generate(dim)
         gmsh.write(path)
     finally:
         gmsh.finalize()
@@ -80,6 +85,24 @@ def channel_with_cylinder(path, h=0.06):
     _cut_and_mesh(path, "channel_with_cylinder", h, (0, 0, L, H), [(0.2, 0.2, 0.05)], marker)
 
 
+def block_with_holes(path, h=0.1):
+    with _meshed(path, "block_with_holes", h, 2.2, dim=3):
+        occ = gmsh.model.occ
+        box = occ.addBox(0, 0, 0, 1, 1, 0.5)
+        occ.cut([(3, box)], [(3, occ.addCylinder(x, y, -0.1, 0, 0, 0.7, r))
+                             for x, y, r in [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]])
+        occ.synchronize()
+        volumes = [tag for _, tag in gmsh.model.getEntities(3)]
+        gmsh.model.addPhysicalGroup(3, volumes, 1)
+        groups = {}
+        for _, tag in gmsh.model.getBoundary([(3, v) for v in volumes], oriented=False):
+            x0, y0, z0, x1, y1, z1 = gmsh.model.getBoundingBox(2, tag)
+            flat = min(x1 - x0, y1 - y0, z1 - z0) < 1e-5     # a face of the box; the holes' walls are curved
+            groups.setdefault(1 if flat else 2, []).append(tag)
+        for group, tags in sorted(groups.items()):
+            gmsh.model.addPhysicalGroup(2, tags, group)
+
+
 def periodic_square(path, h=0.0625):
     # MSH 4.1: PETSc reads its $Periodic section (node pairs) and makes the mesh periodic.
     with _meshed(path, "periodic_square", h, 4.1):
@@ -103,3 +126,4 @@ if __name__ == "__main__":
     plate_with_holes(os.path.join(HERE, "plate_with_holes.msh"), h)
     channel_with_cylinder(os.path.join(HERE, "channel_with_cylinder.msh"))
     periodic_square(os.path.join(HERE, "periodic_square.msh"))
+    block_with_holes(os.path.join(HERE, "block_with_holes.msh"))

@@ -6,14 +6,15 @@ from ..errors import InputError
 from .base import PDE, CLASSICAL_SOLVER_PARAMETERS
 from .diffusion_sorption import DiffusionSorption
 from .navier_stokes import FlowPastObstacle
+from .nonlinear_diffusion_3d import NonlinearDiffusion3D
 from .reaction_diffusion import ReactionDiffusion
 from .turbulence import DecayingTurbulence
 
 __all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DecayingTurbulence", "DiffusionSorption", "FlowPastObstacle",
-           "ReactionDiffusion", "REGISTRY", "get"]
+           "NonlinearDiffusion3D", "ReactionDiffusion", "REGISTRY", "get"]
 
 REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption, FlowPastObstacle,
-                                        DecayingTurbulence)}
+                                        DecayingTurbulence, NonlinearDiffusion3D)}
 
 
 def get(name, **options):

@@ -40,6 +40,9 @@ class PDE:
     options = {}
     n_params = 0
     lifted = False      # True: the first data field is the lifting the unknown is relative to
+    #: The classical solver's options (``classical_solve``): Newton + MUMPS unless a PDE says
+    #: otherwise.
+    classical_parameters = CLASSICAL_SOLVER_PARAMETERS
     #: What the figures show of a solution: (subspace of a mixed space, component or None for a
     #: vector's magnitude, a caption).
     plot_field = (0, None, "")
@@ -86,11 +89,12 @@ class PDE:
         return fd.Function(problem.V)
 
     def classical_solve(self, problem, data, solver_parameters=None):
-        """Firedrake's own Newton solve of the same discrete problem: returns (u Function,
-        seconds, Newton iterations). Collective."""
+        """Firedrake's own Newton solve of the same discrete problem (``classical_parameters``,
+        updated by ``solver_parameters``): returns (u Function, seconds, Newton iterations).
+        Collective."""
         u = self.initial_guess(problem, data)
         F = problem.residual(u, fd.TestFunction(problem.V), tuple(data))
-        params = {**CLASSICAL_SOLVER_PARAMETERS, **(solver_parameters or {})}
+        params = {**self.classical_parameters, **(solver_parameters or {})}
         solver = fd.NonlinearVariationalSolver(
             fd.NonlinearVariationalProblem(F, u, bcs=problem.bcs), solver_parameters=params,
             options_prefix="classical_")

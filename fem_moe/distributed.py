@@ -254,19 +254,31 @@ class DistributedPartition(CoordinateKeys):
 
     def _markers_by_cell(self, name, height):
         """The marked points of label ``name`` at ``height`` in the closure of this rank's owned
-        cells, as arrays (owned cell [m], keys of the point's vertices [m, nv, gdim], value
-        [m]); a facet between two owned cells is listed with each."""
+        cells, as arrays (owned cell [m], keys of the point's vertices [m, nv, gdim] (for
+        facets; cells are known by their number), value [m]); a facet between two owned cells
+        is listed with each."""
         dm = self.mesh.topology_dm
         numbering = self.mesh.topology._cell_numbering
         cells, keys, values = [], [], []
+        if height == 0:          # every cell may be marked (gmsh's physical volumes): no closures
+            if dm.hasLabel(name):
+                for value in dm.getLabelIdIS(name).getIndices():
+                    points = dm.getStratumIS(name, value).getIndices()
+                    c0, c1 = dm.getHeightStratum(0)
+                    mine = [numbering.getOffset(p) for p in points if c0 <= p < c1]
+                    mine = [c for c in mine if 0 <= c < self.n_cells]
+                    cells += mine
+                    values += [int(value)] * len(mine)
+            self._local_marker_values[name] = set(values)
+            return (np.array(cells, dtype=np.int64), np.zeros((len(cells), 0, self.gdim), dtype=np.int64),
+                    np.array(values, dtype=np.int64))
         for point, point_keys, value in marked_points(self.mesh, name, height, self):
-            for p in ([point] if height == 0 else dm.getSupport(point)):
+            for p in dm.getSupport(point):
                 cell = numbering.getOffset(p)
                 if 0 <= cell < self.n_cells:
                     cells.append(cell), keys.append(point_keys), values.append(value)
         self._local_marker_values[name] = set(values)
-        nv = self.cell_coords.shape[1] if height == 0 else (
-            self.tdim if self.mesh.ufl_cell().is_simplex else 2 ** (self.tdim - 1))
+        nv = self.tdim if self.mesh.ufl_cell().is_simplex else 2 ** (self.tdim - 1)
         return (np.array(cells, dtype=np.int64), np.array(keys, dtype=np.int64).reshape(-1, nv, self.gdim),
                 np.array(values, dtype=np.int64))
 
@@ -292,15 +304,13 @@ class DistributedPartition(CoordinateKeys):
         unique, first, inverse = np.unique(_void(self.keys(flat)), return_index=True,
                                            return_inverse=True)
         cell_vertices = inverse.reshape(len(number), -1)
-        facet_markers, cell_markers = {}, {}
+        facet_markers = {}
         _, facet_keys, facet_values = facets
         facet_ids = _find(unique, _void(facet_keys.reshape(-1, self.gdim)),
                           "a marked facet has no vertex among its cell's").reshape(facet_keys.shape[:2])
         for ids, value in zip(np.sort(facet_ids, axis=1).tolist(), facet_values.tolist()):
             facet_markers.setdefault(tuple(ids), set()).add(value)
-        cell_index, _, cell_values = cells
-        for ids, value in zip(np.sort(cell_vertices[cell_index], axis=1).tolist(), cell_values.tolist()):
-            cell_markers.setdefault(tuple(ids), set()).add(value)
+        cell_markers = (cells[0], cells[2])
         return self.make_submesh(cell_vertices, self.wrap(flat[first]), facet_markers,
                                  cell_markers, self._marker_values, f"expert{k}")
 

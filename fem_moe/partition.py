@@ -84,10 +84,10 @@ class CoordinateKeys:
                      name, vertex_ids=None):
         """A Firedrake mesh on COMM_SELF from cells [C, nv] of vertices ``vertex_coords`` [nV,
         gdim] (in the mesh's box), with the markers (see label_submesh: ``vertex_ids`` number
-        the vertices as the markers do, default 0, 1, ...; ``values``: every marker value of
-        the whole mesh, {"Face Sets": [...], "Cell Sets": [...]}); on a periodic
-        mesh its cells connect across the seam as the whole mesh's do (PETSc localizes the
-        coordinates of the cells that cross it)."""
+        the vertices as the facet markers do, default 0, 1, ...; ``cell_markers``: (cells,
+        values) arrays; ``values``: every marker value of the whole mesh, {"Face Sets": [...],
+        "Cell Sets": [...]}); on a periodic mesh its cells connect across the seam as the whole
+        mesh's do (PETSc localizes the coordinates of the cells that cross it)."""
         plex = PETSc.DMPlex().createFromCellList(
             self.tdim, np.asarray(cell_vertices, dtype=PETSc.IntType), vertex_coords,
             comm=PETSc.COMM_SELF)
@@ -102,27 +102,36 @@ class CoordinateKeys:
 
 
 def label_submesh(plex, vertex_ids, facet_markers, cell_markers, values):
-    """Copy markers onto a submesh DMPlex made by createFromCellList: its vertex i is vertex
-    ``vertex_ids[i]`` of the numbering the markers use ({sorted vertex ids of a boundary facet,
-    or of a cell: [marker values]}). Every value in ``values`` ({label name: values}) gets a
-    stratum, empty where the subdomain does not touch it, so that a form with ds(id) or dx(id)
-    is valid on each expert."""
-    v0, v1 = plex.getDepthStratum(0)
-    for name, height, markers in (("Face Sets", 1, facet_markers), ("Cell Sets", 0, cell_markers)):
-        if not values.get(name):
-            continue
-        plex.createLabel(name)
-        label = plex.getLabel(name)
-        for value in values[name]:
+    """Copy markers onto a submesh DMPlex made by createFromCellList. Its vertex i is vertex
+    ``vertex_ids[i]`` of the numbering ``facet_markers`` uses ({sorted vertex ids of a boundary
+    facet: [marker values]}); ``cell_markers``: (cells, values), arrays of the plex's cells (its
+    cell i is the list's cell i) and their markers. Every value in ``values`` ({label name:
+    values}) gets a stratum, empty where the subdomain does not touch it, so that a form with
+    ds(id) or dx(id) is valid on each expert. Loops over the boundary facets only."""
+    if values.get("Cell Sets"):
+        plex.createLabel("Cell Sets")
+        label = plex.getLabel("Cell Sets")
+        cells, markers = (np.asarray(a, dtype=np.int64) for a in cell_markers)
+        c0, _ = plex.getHeightStratum(0)
+        for value in values["Cell Sets"]:
+            points = (c0 + cells[markers == value]).astype(PETSc.IntType)
+            label.setStratumIS(value, PETSc.IS().createGeneral(points, comm=PETSc.COMM_SELF))
+    if values.get("Face Sets"):
+        plex.createLabel("Face Sets")
+        label = plex.getLabel("Face Sets")
+        for value in values["Face Sets"]:
             label.addStratum(value)
-        h0, h1 = plex.getHeightStratum(height)
-        for point in range(h0, h1):
-            if height == 1 and plex.getSupportSize(point) != 1:
-                continue   # interior facets carry no boundary marker
+        v0, v1 = plex.getDepthStratum(0)
+        plex.createLabel("fem_moe_boundary")
+        plex.markBoundaryFaces("fem_moe_boundary", 1)
+        boundary = plex.getStratumIS("fem_moe_boundary", 1).getIndices() \
+            if plex.getLabel("fem_moe_boundary").getStratumSize(1) else []
+        for point in boundary:
             closure = plex.getTransitiveClosure(point)[0]
             key = tuple(sorted(int(vertex_ids[p - v0]) for p in closure if v0 <= p < v1))
-            for value in markers.get(key, ()):
-                plex.setLabelValue(name, point, value)
+            for value in facet_markers.get(key, ()):
+                plex.setLabelValue("Face Sets", point, value)
+        plex.removeLabel("fem_moe_boundary")
 
 
 def check_affine(mesh):
@@ -235,8 +244,11 @@ class Partition(CoordinateKeys):
         markers (see CoordinateKeys.make_submesh)."""
         verts = self.cell_vertices[cells]
         used, local = np.unique(verts, return_inverse=True)
+        marked = [(i, v) for i, cell in enumerate(np.sort(verts, axis=1).tolist())
+                  for v in self.cell_markers.get(tuple(cell), ())] if self.cell_markers else []
+        cell_markers = tuple(np.array(x, dtype=np.int64) for x in zip(*marked)) or (np.zeros(0), np.zeros(0))
         return self.make_submesh(local.reshape(verts.shape), self.vertex_coords[used],
-                                 self.facet_markers, self.cell_markers, self.marker_values(),
+                                 self.facet_markers, cell_markers, self.marker_values(),
                                  name, vertex_ids=used)
 
     def _partition(self, partitioner_type):

@@ -19,7 +19,7 @@ _EXPORTS = {
     "HardConstraint": "layer", "residual_loss": "layer", "residual_rows": "layer",
     "constrained_solve": "adjoint",
     "MoEHardConstraint": "moe",
-    "Partition": "partition",
+    "Partition": "partition", "DistributedPartition": "distributed",
     "NeuralSolver": "model",
     "Trainer": "train",
     "relative_l2": "losses",

@@ -7,8 +7,8 @@ partitions), and inference at a million dofs in 3D against the classical solver.
     python benchmarks/scale.py inference [--refine 3] [--degree 2] [--ranks 2] [--n-basis 16]
                                          [--experts 4]
 
-``setup``: for each mesh (P1 on an n x n unit square; P1 on ``meshes/block_with_holes.msh``
-refined r times), rank count and partition, a fresh ``mpiexec -n P`` process builds a mixture on
+``setup``: for each mesh (P1 on an n x n unit square; P2 (``--degree3d``) on
+``meshes/block_with_holes.msh`` refined r times), rank count and partition, a fresh ``mpiexec -n P`` process builds a mixture on
 the smallest mesh of the kind (compiling the kernels), makes the mesh and problem, then measures
 building ``MoEHardConstraint(problem, 16, n_experts=K, partition=...)``:
 the slowest rank's time and the largest rank's resident high-water mark above its level before
@@ -40,7 +40,7 @@ def _problem(dim, size, degree):
     return pde, problem
 
 
-def measure_setup(dim, size, partition, K):
+def measure_setup(dim, size, partition, K, degree=1):
     sys.path.insert(0, HERE)
     from common import Timer, reset_peak, peak_above, rss_mb
     from mpi4py import MPI
@@ -48,9 +48,9 @@ def measure_setup(dim, size, partition, K):
     comm = MPI.COMM_WORLD
     # A first mixture on the smallest mesh of the kind compiles the kernels (their memory and
     # time are the same at any size and would swamp the small meshes' setup).
-    fem_moe.MoEHardConstraint(_problem(dim, 8 if dim == 2 else 0, 1)[1], 16, n_experts=K,
+    fem_moe.MoEHardConstraint(_problem(dim, 8 if dim == 2 else 0, degree)[1], 16, n_experts=K,
                               partition=partition)
-    pde, problem = _problem(dim, size, 1)
+    pde, problem = _problem(dim, size, degree)
     cells = comm.allreduce(problem.mesh.cell_set.size)
     comm.Barrier()
     base = rss_mb()
@@ -60,7 +60,7 @@ def measure_setup(dim, size, partition, K):
     memory = comm.allreduce(peak_above(base), op=MPI.MAX)
     seconds = comm.allreduce(t.seconds, op=MPI.MAX)
     local = comm.allreduce(sum(len(e.ids) for e in layer.experts.values()), op=MPI.MAX)
-    return dict(dim=dim, size=size, partition=partition, ranks=comm.size, experts=K,
+    return dict(dim=dim, size=size, degree=degree, partition=partition, ranks=comm.size, experts=K,
                 dofs=int(comm.allreduce(problem.n_dofs)), cells=int(cells), setup_s=float(seconds),
                 setup_peak_mib=float(memory), expert_dofs_max_rank=int(local))
 
@@ -140,6 +140,7 @@ def main():
     s = sub.add_parser("setup")
     s.add_argument("--sizes2d", type=int, nargs="*", default=[128, 256, 512, 1024])
     s.add_argument("--refine3d", type=int, nargs="*", default=[1, 2, 3])
+    s.add_argument("--degree3d", type=int, default=2, help="3D: P2 reaches 1.9e6 dofs at 3 refinements")
     s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     s.add_argument("--experts", type=int, default=4)
     s.add_argument("--partitions", nargs="+", default=["canonical", "distributed"])
@@ -177,7 +178,8 @@ def main():
 
     if args.child:
         dim, size, partition = args.child
-        row = measure_setup(int(dim), int(size), partition, args.experts)
+        row = measure_setup(int(dim), int(size), partition, args.experts,
+                            1 if int(dim) == 2 else args.degree3d)
         from mpi4py import MPI
         if MPI.COMM_WORLD.rank == 0:
             print(json.dumps(row), flush=True)
@@ -188,7 +190,8 @@ def main():
         for partition in args.partitions:
             for P in args.ranks:
                 cmd = ["mpiexec", "-n", str(P), sys.executable, os.path.abspath(__file__), "setup",
-                       "--experts", str(args.experts), "--child", str(dim), str(size), partition]
+                       "--experts", str(args.experts), "--degree3d", str(args.degree3d),
+                       "--child", str(dim), str(size), partition]
                 rows.append(run_child(cmd))
                 r = rows[-1]
                 print(f"{dim}D {size}: {partition} on {P} rank(s): {r['dofs']} dofs, "

@@ -11,11 +11,14 @@ import datetime
 import os
 import socket
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from mpi4py import MPI
+from torch.autograd.function import once_differentiable
 
-__all__ = ["init_process_group", "device_for_rank", "broadcast_parameters", "allreduce_gradients"]
+__all__ = ["init_process_group", "device_for_rank", "broadcast_parameters", "allreduce_gradients",
+           "BackboneRanks"]
 
 
 def device_for_rank(comm=MPI.COMM_WORLD):
@@ -81,14 +84,178 @@ def broadcast_parameters(module, src=0, comm=MPI.COMM_WORLD):
 def allreduce_gradients(module):
     """Sum the parameters' gradients over the ranks, in one flat all-reduce (a parameter without
     a gradient on some rank counts as zero there, so every rank takes part). Collective."""
-    params = [p for p in module.parameters() if p.requires_grad]
+    _allreduce([p for p in module.parameters() if p.requires_grad])
+
+
+# ---------------------------------------------------------------------- backbone ranks
+class BackboneRanks:
+    """Which ranks hold the backbone, and the traffic between them and the other ranks.
+
+    FEM jobs run many MPI ranks per node and have few GPUs: one backbone per GPU is what the
+    hardware wants, experts on every rank what the mesh wants. Each rank is served by one
+    backbone rank (its node's, where it has one): a client sends its dof coordinates to its
+    server, which evaluates the backbone at its own and its clients' points in one call and
+    sends each client its basis fields; in the backward the clients send their fields' gradients
+    back and the server's backbone backward sees them all. Gradients are then summed over the
+    backbone ranks only (:meth:`allreduce_gradients`).
+
+    ``ranks``: None (default) -- one backbone rank per GPU on each node (the node's first local
+    ranks, found from a shared-memory split of ``comm``) when torch sees a GPU, every rank on
+    CPU-only machines (then nothing moves: each rank evaluates its own points, as before);
+    "all"; or a list of ranks of ``comm``, which must hold rank 0 (checkpoints are written by
+    rank 0 from its backbone). A client is served by the lowest backbone rank on its node, or,
+    with none there, by backbone rank ``client rank mod #backbone ranks``.
+
+    ``device``: this rank's torch device (``cuda:<its GPU>`` on a backbone rank with CUDA, set
+    with ``torch.cuda.set_device``; CPU on clients and without CUDA). Collective over ``comm``;
+    starts torch.distributed over ``comm`` (:func:`init_process_group`) and, where the backbone
+    ranks are not all ranks, a process group over the backbone ranks (``backend``: NCCL between
+    GPU ranks, gloo otherwise).
+    """
+
+    def __init__(self, comm=MPI.COMM_WORLD, ranks=None, backend=None):
+        from .errors import InputError, raise_on_all_ranks
+        self.comm = comm
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        local_rank, node_ranks = local.rank, local.allgather(comm.rank)
+        local.Free()
+        gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        error = None
+        if ranks is None:
+            chosen = [r for r in node_ranks[:gpus]] if gpus else list(node_ranks)
+            ranks = sorted({r for part in comm.allgather(chosen) for r in part})
+        elif ranks == "all":
+            ranks = list(range(comm.size))
+        else:
+            ranks = sorted({int(r) for r in ranks})
+            if not ranks or ranks[0] != 0 or ranks[-1] >= comm.size:
+                error = InputError(f"backbone ranks {ranks}: they must include rank 0 (which writes "
+                                   f"the checkpoints) and lie in 0..{comm.size - 1}")
+        raise_on_all_ranks(comm, error)
+        self.ranks = ranks
+        self.is_backbone = comm.rank in ranks
+        mine = [r for r in node_ranks if r in ranks]
+        self.server = comm.rank if self.is_backbone else (mine[0] if mine else ranks[comm.rank % len(ranks)])
+        self.everywhere = len(ranks) == comm.size
+        # The server is rank 0 of its group, its clients after it in rank order.
+        self.group = comm.Split(self.server, 0 if self.is_backbone else 1 + comm.rank)
+        if self.is_backbone and gpus:
+            index = node_ranks.index(comm.rank) % gpus if comm.rank in node_ranks else local_rank % gpus
+            torch.cuda.set_device(index)
+            self.device = torch.device("cuda", index)
+        else:
+            self.device = torch.device("cpu")
+        init_process_group(comm, backend=None if self.everywhere else "gloo")
+        self.torch_group = None
+        if not self.everywhere:
+            # new_group is collective over every rank of the default group.
+            self.torch_group = dist.new_group(ranks, backend=backend or ("nccl" if gpus else "gloo"))
+
+    # ------------------------------------------------------------------ evaluation
+    def evaluate(self, backbone, inputs, points, components=None):
+        """``backbone(inputs, points[, components])`` at this rank's ``points``, evaluated on
+        its server: [batch, n_basis, len(points)], differentiable with respect to the backbone's
+        parameters (on the server). ``inputs`` must be the same on every rank (the server's are
+        used). Collective over the rank's group (its server and the server's clients)."""
+        if self.everywhere:
+            args = (inputs, points) + ((components,) if components is not None else ())
+            return backbone(*args)
+        group = self.group
+        counts = np.array(group.allgather(len(points)))
+        extra = 0 if components is None else 1
+        mine = np.ascontiguousarray(np.column_stack(
+            [points.detach().cpu().numpy()] + ([components.cpu().numpy()] if extra else [])),
+            dtype=np.float64)
+        width = mine.shape[1]
+        anchor = next(backbone.parameters())
+        if group.rank == 0:
+            everything = np.empty((int(counts.sum()), width))
+            group.Gatherv(mine, [everything, counts * width])
+            pts = torch.tensor(everything[:, :width - extra], dtype=points.dtype, device=points.device)
+            args = (inputs, pts)
+            if extra:
+                args += (torch.tensor(everything[:, -1], dtype=components.dtype, device=components.device),)
+            return _Serve.apply(backbone(*args), group, counts)
+        group.Gatherv(mine, None)
+        return _Receive.apply(anchor, group, len(points))
+
+    # ------------------------------------------------------------------ replicas
+    def broadcast_parameters(self, module):
+        """Every rank's parameters and buffers := rank 0's. Collective over ``comm``."""
+        broadcast_parameters(module, comm=self.comm)
+
+    def allreduce_gradients(self, module):
+        """Sum the backbone's gradients over the backbone ranks (the clients' parts reached their
+        servers in the backward) and any other parameter's (e.g. a soft constraint's weights)
+        over every rank. Collective over ``comm``."""
+        if self.everywhere:
+            return allreduce_gradients(module)
+        backbone = getattr(module, "backbone", module)
+        own = {id(p) for p in backbone.parameters()}
+        if self.is_backbone:
+            _allreduce([p for p in backbone.parameters() if p.requires_grad], self.torch_group)
+        others = [p for p in module.parameters() if p.requires_grad and id(p) not in own]
+        for p in others:
+            g = (p.grad if p.grad is not None else torch.zeros_like(p)).detach().cpu().numpy()
+            total = np.empty_like(g)
+            self.comm.Allreduce(np.ascontiguousarray(g), total)
+            p.grad = torch.tensor(total, dtype=p.dtype, device=p.device)
+
+
+def _allreduce(params, group=None):
     if not params:
         return
     flat = torch.cat([(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1)
                       for p in params])
-    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=group)
     offset = 0
     for p in params:
         n = p.numel()
         p.grad = flat[offset:offset + n].view_as(p).clone()
         offset += n
+
+
+class _Serve(torch.autograd.Function):
+    """On a backbone rank: the backbone's fields at its own and its clients' points -> its own
+    share; the clients' shares are sent to them, and their gradients received in the backward."""
+
+    @staticmethod
+    def forward(ctx, fields, group, counts):
+        B, N, n = fields.shape
+        ctx.group, ctx.counts, ctx.shape = group, counts, fields.shape
+        ctx.device, ctx.dtype = fields.device, fields.dtype
+        send = np.ascontiguousarray(fields.detach().cpu().numpy().transpose(2, 0, 1))   # [n, B, N]
+        group.bcast((B, N, send.dtype.str), root=0)
+        own = np.empty((counts[0], B, N), dtype=send.dtype)
+        group.Scatterv([send, counts * B * N], own)
+        return torch.tensor(own.transpose(1, 2, 0), device=fields.device)
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        B, N, n = ctx.shape
+        own = np.ascontiguousarray(grad.detach().cpu().numpy().transpose(2, 0, 1), dtype=np.float64)
+        everything = np.empty((n, B, N))
+        ctx.group.Gatherv(own, [everything, ctx.counts * B * N])
+        return (torch.tensor(everything.transpose(1, 2, 0), dtype=ctx.dtype, device=ctx.device),
+                None, None)
+
+
+class _Receive(torch.autograd.Function):
+    """On a client: its share of its server's fields; in the backward, its gradient goes to the
+    server (``anchor``, a backbone parameter, only ties the call into the autograd graph)."""
+
+    @staticmethod
+    def forward(ctx, anchor, group, n):
+        B, N, dtype = group.bcast(None, root=0)
+        fields = np.empty((n, B, N), dtype=np.dtype(dtype))
+        group.Scatterv(None, fields)
+        ctx.group = group
+        return torch.tensor(fields.transpose(1, 2, 0))
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad):
+        ctx.group.Gatherv(np.ascontiguousarray(grad.detach().cpu().numpy().transpose(2, 0, 1),
+                                               dtype=np.float64), None)
+        return None, None, None

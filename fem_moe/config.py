@@ -54,6 +54,7 @@ DEFAULTS = {
         "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
         "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
+        "backbone_ranks": "auto",   # auto (one per GPU per node with CUDA, else every rank) | all | a list of ranks holding rank 0 (fem_moe.bridge.BackboneRanks)
         "width": 64,            # hidden width (deeponet MLPs; fno channels)
         "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
         "latent": 64,           # deeponet: branch/trunk latent size
@@ -129,6 +130,12 @@ def validate(config, source="config"):
             value, name = config[section][key], f"{section}.{key}"
             if (section, key) in FREE:
                 ok = isinstance(value, dict)
+            elif (section, key) == ("model", "backbone_ranks"):
+                ok = value in ("auto", "all") or (isinstance(value, list) and bool(value) and all(
+                    isinstance(r, int) and not isinstance(r, bool) and r >= 0 for r in value))
+                if not ok:
+                    raise InputError(f"{source}: {name} = {value!r}; \"auto\", \"all\" or a "
+                                     "list of ranks")
             elif isinstance(default, bool):
                 ok = isinstance(value, bool)
             elif isinstance(default, int):

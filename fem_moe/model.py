@@ -31,11 +31,16 @@ class NeuralSolver(nn.Module):
     :mod:`fem_moe.backbones`); it is evaluated at this rank's dof coordinates. Only the backbone
     (and the soft kind's weights) hold parameters, so ``state_dict()`` is the same size on every
     rank. Collective over the mesh communicator for the hard kinds.
+
+    ``backbone_ranks``: a :class:`fem_moe.bridge.BackboneRanks`; then the backbone is evaluated
+    on this rank's backbone rank (the basis comes back over MPI, and its gradient goes there),
+    so only the backbone ranks need it on their devices. Default: on every rank.
     """
 
     def __init__(self, problem, backbone, kind="moe", n_basis=16, n_experts=None, mode="lstsq",
-                 partitioner_type=None, **layer_kwargs):
+                 partitioner_type=None, backbone_ranks=None, **layer_kwargs):
         super().__init__()
+        self.backbone_ranks = backbone_ranks
         if kind not in KINDS:
             raise InputError(f"model kind must be one of {KINDS}, got {kind!r}")
         self.problem, self.kind, self.n_basis = problem, kind, int(n_basis)
@@ -64,6 +69,8 @@ class NeuralSolver(nn.Module):
 
     def basis(self, inputs):
         """The backbone's basis fields at this rank's dofs, ``[batch, n_basis, n_dofs]``."""
+        if self.backbone_ranks is not None:
+            return self.backbone_ranks.evaluate(self.backbone, inputs, self._points, self._components)
         args = (inputs, self._points) + ((self._components,) if self._components is not None else ())
         return self.backbone(*args)
 

@@ -110,16 +110,18 @@ class Trainer:
                        "val": d["n_train"] + np.arange(d["n_val"]),
                        "test": d["n_train"] + d["n_val"] + np.arange(d["n_test"])}
         self.problem = problem = ds.problem
-        bridge.init_process_group(comm)
-        self.device = bridge.device_for_rank(comm)
+        ranks = m["backbone_ranks"]
+        self.backbone_ranks = bridge.BackboneRanks(comm, None if ranks == "auto" else ranks)
+        self.device = self.backbone_ranks.device
         self.dtype = getattr(torch, t["dtype"])
         torch.manual_seed(t["seed"])
         backbone = self._backbone()
         self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
                                   n_experts=m["n_experts"], mode=m["mode"],
-                                  partitioner_type=m["partitioner"], **self._layer_options())
+                                  partitioner_type=m["partitioner"], backbone_ranks=self._served(),
+                                  **self._layer_options())
         self.model.to(device=self.device, dtype=self.dtype)
-        bridge.broadcast_parameters(self.model, comm=comm)
+        self.backbone_ranks.broadcast_parameters(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
         # Per sample: the physical field's offset and the residual at the Dirichlet lifting.
@@ -141,6 +143,11 @@ class Trainer:
     # ------------------------------------------------------------------ setup helpers
     def _tensor(self, a):
         return torch.tensor(np.ascontiguousarray(a), dtype=self.dtype, device=self.device)
+
+    def _served(self):
+        """The backbone ranks where some rank is served by another, else None (every rank
+        evaluates its own points)."""
+        return None if self.backbone_ranks.everywhere else self.backbone_ranks
 
     def _layer_options(self):
         m = self.config["model"]
@@ -318,7 +325,7 @@ class Trainer:
                     f"Checkpoint written to {self.checkpoint_path}.\n{e}",
                     expert=e.expert, sample=sample, reason=e.reason) from None
             return record
-        bridge.allreduce_gradients(self.model)
+        self.backbone_ranks.allreduce_gradients(self.model)
         self.optimizer.step()
         self.scheduler.step()
         self.step += 1

@@ -367,3 +367,20 @@ def test_pod_basis_is_orthonormal_and_the_constraint_check_is_sane():
     rows = {r["label"]: r["rel_l2"] for r in study.pod_check(trainer, 2, 2)}
     parallel_assert(rows["projection (oracle)"] <= rows["PI-HC"] + 1e-12 and np.isfinite(rows["MoE K=2"]),
                     f"{rows}")
+
+
+@pytest.mark.parallel([2, 3])
+def test_training_with_one_backbone_rank_follows_the_replicated_run():
+    """model.backbone_ranks = [0]: rank 0 alone evaluates and trains the backbone for every
+    rank; the losses follow the all-replica run's, and validation and a checkpoint work."""
+    base = shared_dir()
+    runs = {}
+    for label, ranks in (("all", "all"), ("one", [0])):
+        trainer = Trainer(config(os.path.join(base, label), model={"backbone_ranks": ranks}))
+        trainer.fit(4)
+        runs[label] = [h["loss"] for h in trainer.history]
+        parallel_assert(trainer.backbone_ranks.everywhere == (ranks == "all"), "backbone ranks")
+    parallel_assert(np.allclose(runs["all"], runs["one"], rtol=1e-9, atol=0),
+                    f"losses differ: {runs}")
+    parallel_assert(runs["one"][-1] < runs["one"][0], f"no learning: {runs['one']}")
+    parallel_assert(os.path.isfile(os.path.join(base, "one", "checkpoint.pt")), "no checkpoint")

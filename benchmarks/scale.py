@@ -10,7 +10,9 @@ partitions), and inference at a million dofs in 3D against the classical solver.
 ``setup``: for each mesh (P1 on an n x n unit square; P2 (``--degree3d``) on
 ``meshes/block_with_holes.msh`` refined r times), rank count and partition, a fresh ``mpiexec -n P`` process builds a mixture on
 the smallest mesh of the kind (compiling the kernels), makes the mesh and problem, then measures
-building ``MoEHardConstraint(problem, 16, n_experts=K, partition=...)``:
+building ``MoEHardConstraint(problem, 16, n_experts=K, mode="galerkin", partition=...)``
+(Galerkin: the least-squares default's dual norm would add each expert's Gram factorisation,
+which in 3D P2 dominates everything else):
 the slowest rank's time and the largest rank's resident high-water mark above its level before
 (the mesh itself is not counted). Rows to ``benchmarks/results/scale_setup.json``; the slope of
 log(memory) against log(dofs) per series; ``--plot`` draws them (log-log).
@@ -49,14 +51,15 @@ def measure_setup(dim, size, partition, K, degree=1):
     # A first mixture on the smallest mesh of the kind compiles the kernels (their memory and
     # time are the same at any size and would swamp the small meshes' setup).
     fem_moe.MoEHardConstraint(_problem(dim, 8 if dim == 2 else 0, degree)[1], 16, n_experts=K,
-                              partition=partition)
+                              mode="galerkin", partition=partition)
     pde, problem = _problem(dim, size, degree)
     cells = comm.allreduce(problem.mesh.cell_set.size)
     comm.Barrier()
     base = rss_mb()
     reset_peak()
     with Timer() as t:
-        layer = fem_moe.MoEHardConstraint(problem, 16, n_experts=K, partition=partition)
+        layer = fem_moe.MoEHardConstraint(problem, 16, n_experts=K, mode="galerkin",
+                                          partition=partition)
     memory = comm.allreduce(peak_above(base), op=MPI.MAX)
     seconds = comm.allreduce(t.seconds, op=MPI.MAX)
     local = comm.allreduce(sum(len(e.ids) for e in layer.experts.values()), op=MPI.MAX)
@@ -75,7 +78,7 @@ def _smooth_basis(problem, N):
     return torch.tensor(fields)[None]
 
 
-def measure_inference(refine, degree, N, K):
+def measure_inference(refine, degree, N, K, mumps=True):
     sys.path.insert(0, HERE)
     from common import Timer
     import numpy as np
@@ -92,8 +95,10 @@ def measure_inference(refine, degree, N, K):
     rows = []
     common = dict(refine=refine, degree=degree, ranks=comm.size, dofs=int(comm.allreduce(problem.n_dofs)),
                   cells=int(comm.allreduce(problem.mesh.cell_set.size)), mesh_s=tm.seconds)
-    for label, params in (("classical Newton-Krylov (GMRES + GAMG)", None),
-                          ("classical Newton + MUMPS", fem_moe.pdes.CLASSICAL_SOLVER_PARAMETERS)):
+    classical = [("classical Newton-Krylov (GMRES + GAMG)", None)]
+    if mumps:
+        classical.append(("classical Newton + MUMPS", fem_moe.pdes.CLASSICAL_SOLVER_PARAMETERS))
+    for label, params in classical:
         comm.Barrier()
         _, seconds, its = pde.classical_solve(problem, data_fields, solver_parameters=params)
         rows.append(dict(common, model=label, forward_s=comm.allreduce(seconds, op=MPI.MAX),
@@ -115,9 +120,16 @@ def measure_inference(refine, degree, N, K):
             with Timer() as tb:
                 (u ** 2).sum().backward()
             times.append((comm.allreduce(tf.seconds, op=MPI.MAX), comm.allreduce(tb.seconds, op=MPI.MAX)))
+        extra = {}
+        if hasattr(layer, "plan"):       # dof values a rank receives from other ranks per field
+            plan = layer.plan
+            off = int(sum(c for r, c in enumerate(plan.recv_counts) if r != comm.rank))
+            extra = dict(halo_values_max_rank=comm.allreduce(off, op=MPI.MAX),
+                         owned_dofs_max_rank=comm.allreduce(problem.n_dofs, op=MPI.MAX),
+                         coupled_iterations=[int(i.iterations) for i in layer.coupling_diagnostics])
         rows.append(dict(common, model=label, n_basis=N, setup_s=comm.allreduce(ts.seconds, op=MPI.MAX),
                          forward_s=times[-1][0], backward_s=times[-1][1],
-                         first_forward_s=times[0][0]))
+                         first_forward_s=times[0][0], **extra))
         print(json.dumps(rows[-1]), flush=True) if comm.rank == 0 else None
     return rows
 
@@ -153,6 +165,7 @@ def main():
     i.add_argument("--ranks", type=int, default=2)
     i.add_argument("--n-basis", type=int, default=16)
     i.add_argument("--experts", type=int, default=4)
+    i.add_argument("--no-mumps", action="store_true", help="skip the MUMPS reference solve")
     i.add_argument("--out", default=os.path.join(HERE, "results", "scale_inference.json"))
     i.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -161,14 +174,16 @@ def main():
 
     if args.what == "inference":
         if args.child:
-            rows = measure_inference(args.refine, args.degree, args.n_basis, args.experts)
+            rows = measure_inference(args.refine, args.degree, args.n_basis, args.experts,
+                                     not args.no_mumps)
             from mpi4py import MPI
             if MPI.COMM_WORLD.rank == 0:
                 print(json.dumps({"rows": rows}), flush=True)
             return
         cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, os.path.abspath(__file__), "inference",
                "--refine", str(args.refine), "--degree", str(args.degree), "--n-basis",
-               str(args.n_basis), "--experts", str(args.experts), "--child"]
+               str(args.n_basis), "--experts", str(args.experts), "--child"] + (
+                   ["--no-mumps"] if args.no_mumps else [])
         rows = run_child(cmd)["rows"]
         print_table(rows, [("model", "model", "{}"), ("dofs", "dofs", "{}"), ("ranks", "ranks", "{}"),
                            ("forward_s", "forward s", "{:.2f}"), ("backward_s", "backward s", "{:.2f}"),

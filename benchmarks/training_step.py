@@ -67,6 +67,9 @@ def main():
                         help="the layers' reduced problem (default: theirs)")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
+    parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
+                        help="ranks holding the backbone (bridge.BackboneRanks; default every "
+                             "rank): the backbone phase then includes the fields' transfers")
     args, _ = parser.parse_known_args()
     sys.path.insert(0, HERE)
     import numpy as np
@@ -120,8 +123,10 @@ def main():
         for name in ("norm", "mode"):
             if kind != "soft" and getattr(args, name):
                 options[name] = getattr(args, name)
+        served = bridge.BackboneRanks(comm, args.backbone_ranks) if args.backbone_ranks else None
         model = NeuralSolver(problem, backbone, kind=kind, n_basis=args.n_basis,
-                             n_experts=args.experts if kind == "moe" else None, **options)
+                             n_experts=args.experts if kind == "moe" else None,
+                             backbone_ranks=served, **options)
         model.to(dtype=dtype)
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
         times = {p: [] for p in phases}
@@ -164,11 +169,12 @@ def main():
             loss = timed("loss forward", lambda: fem_moe.residual_loss(problem, u, data))
             optimiser.zero_grad()
             timed("backward", loss.backward)
-            timed("bridge all-reduce", lambda: bridge.allreduce_gradients(model))
+            timed("bridge all-reduce", lambda: (served or bridge).allreduce_gradients(model))
             timed("optimiser", optimiser.step)
         end = event_seconds()
         total = sum(np.mean(times[p]) for p in phases)
         row = {"label": args.label, "kind": kind, "ranks": comm.size, "dofs": problem.V.dim(),
+               "backbone_ranks": args.backbone_ranks or "all",
                "experts": model.constraint.n_experts if kind == "moe" else (1 if kind == "pihc" else 0),
                "n_basis": args.n_basis, "batch": args.batch, "steps": args.steps,
                "warmup": args.warmup, "n_train": args.n_train, "dtype": args.dtype,

@@ -6,6 +6,9 @@ layer, which moves the shares to the experts and back. The replicas stay identic
 start identical (:func:`broadcast_parameters`) and take the same steps: after each backward the
 gradients are summed over the ranks with torch.distributed (:func:`allreduce_gradients`; gloo on
 CPU, NCCL on GPUs), since each rank's backward only saw its own part of the loss.
+
+:class:`BackboneRanks` is the other layout: the backbone on some ranks only (one per GPU), each
+serving the other ranks of its node over MPI.
 """
 import datetime
 import os
@@ -140,7 +143,7 @@ class BackboneRanks:
         # The server is rank 0 of its group, its clients after it in rank order.
         self.group = comm.Split(self.server, 0 if self.is_backbone else 1 + comm.rank)
         if self.is_backbone and gpus:
-            index = node_ranks.index(comm.rank) % gpus if comm.rank in node_ranks else local_rank % gpus
+            index = local_rank % gpus      # the node's first local ranks are its backbone ranks
             torch.cuda.set_device(index)
             self.device = torch.device("cuda", index)
         else:
@@ -167,7 +170,6 @@ class BackboneRanks:
             [points.detach().cpu().numpy()] + ([components.cpu().numpy()] if extra else [])),
             dtype=np.float64)
         width = mine.shape[1]
-        anchor = next(backbone.parameters())
         if group.rank == 0:
             everything = np.empty((int(counts.sum()), width))
             group.Gatherv(mine, [everything, counts * width])
@@ -177,7 +179,7 @@ class BackboneRanks:
                 args += (torch.tensor(everything[:, -1], dtype=components.dtype, device=components.device),)
             return _Serve.apply(backbone(*args), group, counts)
         group.Gatherv(mine, None)
-        return _Receive.apply(anchor, group, len(points))
+        return _Receive.apply(next(backbone.parameters()), group, len(points))
 
     # ------------------------------------------------------------------ replicas
     def broadcast_parameters(self, module):

@@ -216,6 +216,11 @@ class DistributedPartition(CoordinateKeys):
         owned = [(S.node_set.size, S.block_size) for S in subs]
         self.dof_expert = np.concatenate([np.repeat(e[:m], bs) for e, (m, bs) in zip(node_expert, owned)])
         self.interface = np.concatenate([np.repeat(f[:m] > 0, bs) for f, (m, bs) in zip(mixed_nodes, owned)])
+        owning = self.comm.allreduce(np.bincount(self.dof_expert, minlength=K))
+        if (owning == 0).any():
+            raise InputError(f"experts {np.flatnonzero(owning == 0).tolist()} own no dof of {V.ufl_element()} "
+                             "(every dof of their cells has a lower-numbered expert): use fewer experts "
+                             "or another partitioner")
         # Each owned cell goes to the rank of every expert owning one of its dofs.
         pairs = np.unique((np.arange(n)[:, None] * K + labels).ravel()) if n else np.zeros(0, np.int64)
         cells, experts = pairs // K, pairs % K

@@ -42,6 +42,19 @@ class Timer:
         self.seconds = time.perf_counter() - self.t0
 
 
+def forward_backward(layer, basis, data, comm):
+    """One forward and backward pass of a constraint layer on a fresh leaf copy of ``basis``:
+    (forward s, backward s), the slowest rank's. Collective."""
+    from mpi4py import MPI
+    b = basis.clone().requires_grad_()
+    comm.Barrier()
+    with Timer() as tf:
+        u = layer(b, data)
+    with Timer() as tb:
+        (u ** 2).sum().backward()
+    return comm.allreduce(tf.seconds, MPI.MAX), comm.allreduce(tb.seconds, MPI.MAX)
+
+
 def write_json(path, name, rows, **meta):
     meta.update(machine=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"))

@@ -27,7 +27,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 
 def measure(n, kind, K, n_basis, batch, repeat):
     sys.path.insert(0, HERE)
-    from common import Timer, nonlinear_diffusion, reset_peak, peak_above, rss_mb
+    from common import Timer, forward_backward, nonlinear_diffusion, reset_peak, peak_above, rss_mb
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -48,13 +48,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
     data = data.repeat(batch, 1) * torch.linspace(1, 2, batch, dtype=torch.float64)[:, None]
 
     def run():
-        b = basis.clone().requires_grad_()
-        comm.Barrier()
-        with Timer() as tf:
-            u = layer(b, data)
-        with Timer() as tb:
-            (u ** 2).sum().backward()
-        return comm.allreduce(tf.seconds, MPI.MAX), comm.allreduce(tb.seconds, MPI.MAX)
+        return forward_backward(layer, basis, data, comm)
 
     run()
     base = rss_mb()

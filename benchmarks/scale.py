@@ -80,7 +80,7 @@ def _smooth_basis(problem, N):
 
 def measure_inference(refine, degree, N, K, mumps=True):
     sys.path.insert(0, HERE)
-    from common import Timer
+    from common import Timer, forward_backward
     import numpy as np
     import torch
     from mpi4py import MPI
@@ -111,15 +111,8 @@ def measure_inference(refine, degree, N, K, mumps=True):
                                                            partition="distributed"))):
         with Timer() as ts:
             layer = make()
-        times = []
-        for _ in range(2):            # the first pass compiles the kernels
-            b = basis.clone().requires_grad_()
-            comm.Barrier()
-            with Timer() as tf:
-                u = layer(b, data)
-            with Timer() as tb:
-                (u ** 2).sum().backward()
-            times.append((comm.allreduce(tf.seconds, op=MPI.MAX), comm.allreduce(tb.seconds, op=MPI.MAX)))
+        # The first pass compiles the kernels.
+        times = [forward_backward(layer, basis, data, comm) for _ in range(2)]
         extra = {}
         if hasattr(layer, "plan"):       # dof values a rank receives from other ranks per field
             plan = layer.plan

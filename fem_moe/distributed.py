@@ -37,7 +37,7 @@ from firedrake.petsc import PETSc
 from mpi4py import MPI
 
 from .errors import InputError
-from .partition import (CoordinateKeys, check_affine, graph_partition, marked_points,
+from .partition import (CoordinateKeys, graph_partition, marked_points,
                         mesh_periods, _find, _node_keys, _void)
 from .problem import subspaces
 
@@ -92,13 +92,7 @@ class DistributedPartition(CoordinateKeys):
     ``mesh.comm``."""
 
     def __init__(self, mesh, n_experts, partitioner_type=None):
-        comm = mesh.comm
-        self.mesh, self.comm, self.n_experts = mesh, comm, int(n_experts)
-        self.partitioner_type = partitioner_type
-        if self.n_experts < 1:
-            raise InputError(f"n_experts must be >= 1, got {n_experts}")
-        check_affine(mesh)
-        self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
+        comm = self._begin(mesh, n_experts, partitioner_type)
         self.n_cells = n = mesh.cell_set.size
         X = mesh.coordinates.dat.data_ro_with_halos
         self.cell_coords = X[mesh.coordinates.cell_node_map().values_with_halo[:n]]   # [n, nv, gdim]

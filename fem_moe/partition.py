@@ -80,6 +80,16 @@ class CoordinateKeys:
             points[:, d] -= (raw[:, d] // self._period_keys[d]) * self.periods[d]
         return points
 
+    def _begin(self, mesh, n_experts, partitioner_type):
+        """What every partition of ``mesh`` into ``n_experts`` starts with; returns mesh.comm."""
+        self.mesh, self.comm, self.n_experts = mesh, mesh.comm, int(n_experts)
+        self.partitioner_type = partitioner_type
+        if self.n_experts < 1:
+            raise InputError(f"n_experts must be >= 1, got {n_experts}")
+        check_affine(mesh)
+        self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
+        return mesh.comm
+
     def make_submesh(self, cell_vertices, vertex_coords, facet_markers, cell_markers, values,
                      name, vertex_ids=None):
         """A Firedrake mesh on COMM_SELF from cells [C, nv] of vertices ``vertex_coords`` [nV,
@@ -185,13 +195,7 @@ class Partition(CoordinateKeys):
     """
 
     def __init__(self, mesh, n_experts, partitioner_type=None):
-        comm = mesh.comm
-        self.mesh, self.comm, self.n_experts = mesh, comm, int(n_experts)
-        self.partitioner_type = partitioner_type
-        if self.n_experts < 1:
-            raise InputError(f"n_experts must be >= 1, got {n_experts}")
-        check_affine(mesh)
-        self.tdim, self.gdim = mesh.topological_dimension, mesh.geometric_dimension
+        comm = self._begin(mesh, n_experts, partitioner_type)
         X = mesh.coordinates.dat.data_ro_with_halos
         n_owned = mesh.cell_set.size
         local = X[mesh.coordinates.cell_node_map().values[:n_owned]]      # [cells, nv, gdim]

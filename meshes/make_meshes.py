@@ -54,14 +54,20 @@ def _cut_and_mesh(path, name, h, rectangle, disks, marker):
         outer = occ.addRectangle(rectangle[0], rectangle[1], 0, rectangle[2], rectangle[3])
         occ.cut([(2, outer)], [(2, occ.addDisk(x, y, 0, r, r)) for x, y, r in disks])
         occ.synchronize()
-        surfaces = [tag for _, tag in gmsh.model.getEntities(2)]
-        gmsh.model.addPhysicalGroup(2, surfaces, 1)
-        groups = {}
-        for _, tag in gmsh.model.getBoundary([(2, s) for s in surfaces], oriented=False):
-            x0, y0, _, x1, y1, _ = gmsh.model.getBoundingBox(1, tag)
-            groups.setdefault(marker(x0, y0, x1, y1), []).append(tag)
-        for group, tags in sorted(groups.items()):
-            gmsh.model.addPhysicalGroup(1, tags, group)
+        _physical_groups(2, lambda box: marker(box[0], box[1], box[3], box[4]))
+
+
+def _physical_groups(dim, marker):
+    """Physical group 1: every entity of dimension ``dim``; their boundary entities in the
+    physical group ``marker(bounding box (x0, y0, z0, x1, y1, z1))`` returns (gmsh pads boxes
+    by its geometric tolerance, ~1e-7)."""
+    entities = [tag for _, tag in gmsh.model.getEntities(dim)]
+    gmsh.model.addPhysicalGroup(dim, entities, 1)
+    groups = {}
+    for _, tag in gmsh.model.getBoundary([(dim, e) for e in entities], oriented=False):
+        groups.setdefault(marker(gmsh.model.getBoundingBox(dim - 1, tag)), []).append(tag)
+    for group, tags in sorted(groups.items()):
+        gmsh.model.addPhysicalGroup(dim - 1, tags, group)
 
 
 def plate_with_holes(path, h=0.05):
@@ -92,15 +98,8 @@ def block_with_holes(path, h=0.1):
         occ.cut([(3, box)], [(3, occ.addCylinder(x, y, -0.1, 0, 0, 0.7, r))
                              for x, y, r in [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]])
         occ.synchronize()
-        volumes = [tag for _, tag in gmsh.model.getEntities(3)]
-        gmsh.model.addPhysicalGroup(3, volumes, 1)
-        groups = {}
-        for _, tag in gmsh.model.getBoundary([(3, v) for v in volumes], oriented=False):
-            x0, y0, z0, x1, y1, z1 = gmsh.model.getBoundingBox(2, tag)
-            flat = min(x1 - x0, y1 - y0, z1 - z0) < 1e-5     # a face of the box; the holes' walls are curved
-            groups.setdefault(1 if flat else 2, []).append(tag)
-        for group, tags in sorted(groups.items()):
-            gmsh.model.addPhysicalGroup(2, tags, group)
+        # A face of the box is flat; the holes' walls are curved.
+        _physical_groups(3, lambda box: 1 if min(box[3] - box[0], box[4] - box[1], box[5] - box[2]) < 1e-5 else 2)
 
 
 def periodic_square(path, h=0.0625):

@@ -8,7 +8,7 @@ import firedrake as fd
 from ..errors import InputError
 from ..problem import owned_values
 
-__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS"]
+__all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "UniformAmplitudes"]
 
 #: Firedrake's Newton with a direct solve: the reference the networks are measured against.
 CLASSICAL_SOLVER_PARAMETERS = {
@@ -117,6 +117,18 @@ class PDE:
 
     def describe(self):
         return f"{self.name}({', '.join(f'{k}={v!r}' for k, v in self.opts.items())})"
+
+
+class UniformAmplitudes:
+    """Inputs for a PDE whose parameters are mode amplitudes theta ~ U(-amplitude, amplitude)
+    independently (option ``amplitude``); the backbone sees theta / amplitude."""
+
+    def sample(self, rng, n):
+        a = self.opts["amplitude"]
+        return rng.uniform(-a, a, size=(n, self.n_params))
+
+    def inputs(self, params):
+        return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
 
 def sine_modes(space, modes):

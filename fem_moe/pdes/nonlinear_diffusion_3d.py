@@ -3,7 +3,7 @@ import numpy as np
 import firedrake as fd
 
 from ..problem import ConstrainedProblem
-from .base import PDE
+from .base import PDE, UniformAmplitudes
 from .reaction_diffusion import find_mesh
 
 #: Newton-Krylov with algebraic multigrid: what a Firedrake user picks for a 3D elliptic problem
@@ -21,7 +21,7 @@ NEWTON_KRYLOV_PARAMETERS = {
 }
 
 
-class NonlinearDiffusion3D(PDE):
+class NonlinearDiffusion3D(UniformAmplitudes, PDE):
     r"""-div((1 + u^2) grad u) = f in a block with two cylindrical holes
     (``meshes/block_with_holes.msh``: [0, 1] x [0, 1] x [0, 0.5]); u = 0 on the block's faces
     (marker 1), zero flux on the holes' walls (marker 2).
@@ -64,13 +64,6 @@ class NonlinearDiffusion3D(PDE):
     def _modes(self):
         k = range(1, self.opts["modes"] + 1)
         return [(a, b, c) for a in k for b in k for c in k]
-
-    def sample(self, rng, n):
-        a = self.opts["amplitude"]
-        return rng.uniform(-a, a, size=(n, self.n_params))
-
-    def inputs(self, params):
-        return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
     def data(self, problem, params):
         def modes(V):

@@ -1,12 +1,11 @@
 """A nonlinear reaction-diffusion problem on the unit square or on a gmsh mesh with holes."""
 import os
 
-import numpy as np
 import firedrake as fd
 
 from ..errors import InputError
 from ..problem import ConstrainedProblem
-from .base import PDE, sine_modes
+from .base import PDE, UniformAmplitudes, sine_modes
 
 MESH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
                         "meshes")
@@ -20,7 +19,7 @@ def find_mesh(name):
     raise InputError(f"mesh {name!r} not found (as a path, or in {MESH_DIR})")
 
 
-class ReactionDiffusion(PDE):
+class ReactionDiffusion(UniformAmplitudes, PDE):
     r"""-div((1 + u^2) grad u) + c u^3 = f, u = 0 on the outer boundary, zero flux on holes.
 
     The source is random: f = sum_{a,b = 1..modes} theta_ab sin(pi a x) sin(pi b y) with
@@ -64,13 +63,6 @@ class ReactionDiffusion(PDE):
     def _modes(self):
         k = range(1, self.opts["modes"] + 1)
         return [(a, b) for a in k for b in k]
-
-    def sample(self, rng, n):
-        a = self.opts["amplitude"]
-        return rng.uniform(-a, a, size=(n, self.n_params))
-
-    def inputs(self, params):
-        return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
     def data(self, problem, params):
         return (self.mode_sum(problem.data_spaces[0], params, "sines",

@@ -12,7 +12,7 @@ from ufl.geometry import GeometricQuantity
 from torch.autograd.function import once_differentiable
 
 from .coupling import CoupledRows, CoupledSolver
-from .errors import FemMoeError, InputError, SolverDivergedError, raise_on_all_ranks
+from .errors import InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy

@@ -182,7 +182,8 @@ class MoEHardConstraint(torch.nn.Module):
     (:class:`fem_moe.distributed.DistributedPartition`): built from each rank's cells and its
     neighbours' (PETSc's parallel partitioner on the distributed dual graph), O(cells / ranks +
     halo) per rank; the subdomains depend on the number of ranks. Default (None): canonical up
-    to :data:`CANONICAL_MAX_CELLS` cells (250,000: ~60 MB of tables per rank in 2D), distributed
+    to :data:`CANONICAL_MAX_CELLS` cells (250,000 triangles: ~35 MB more per rank than the
+    distributed setup on 2 ranks, benchmarks/scale.py), distributed
     past that.
 
     ``partitioner_type``: PETSc's MatPartitioning type for the subdomains (default "ptscotch");

@@ -354,8 +354,7 @@ def test_pyadjoint_taylor(mode):
 def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
     """The block's tangent linear model: the tape's forward-mode derivative of J in a direction
     of the basis and the data equals the adjoint gradient paired with it (two independent
-    computations: Expert.jvp and Expert.vjp), and a central difference of the solve; the
-    Hessian says clearly that it is not implemented. With ``data_in_jacobian`` the data enters
+    computations: Expert.jvp and Expert.vjp), and a central difference of the solve. With ``data_in_jacobian`` the data enters
     the residual nonlinearly (a coefficient of the diffusion), so the tangent's dJ/dm terms
     count."""
     from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
@@ -386,8 +385,6 @@ def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
         tlm = float(J.block_variable.tlm_value)
         Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
         grads = Jhat.derivative()
-        with pytest.raises(NotImplementedError, match="second-order adjoint"):
-            Jhat.hessian(dirs)
         tape.clear_tape()
     adjoint = 0.0
     for g, d in zip(grads, dirs):
@@ -400,6 +397,35 @@ def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
     fd_value = (shifted(h) - shifted(-h)) / (2 * h)
     parallel_assert(abs(tlm - adjoint) < 1e-9 * abs(adjoint), f"tlm {tlm!r} adjoint {adjoint!r}")
     parallel_assert(abs(tlm - fd_value) < 1e-6 * abs(tlm), f"tlm {tlm!r} central difference {fd_value!r}")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("norm", ["euclidean", "dual", "galerkin"])
+def test_pyadjoint_hessian_taylor(norm):
+    """ReducedFunctional.hessian through the constrained solve: third-order Taylor convergence
+    (taylor_to_dict) with respect to the basis and the data together."""
+    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
+                                   pause_annotation, set_working_tape, taylor_to_dict)
+    problem = nonlinear_diffusion(n=5, degree=2)
+    mode = "galerkin" if norm == "galerkin" else "lstsq"
+    expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)
+    V, Vd = problem.V, problem.data_spaces[0]
+    x, y = fd.SpatialCoordinate(V.mesh())
+    basis = [fd.Function(V).interpolate(e) for e in (fd.sin(x) * y, x * x + y, fd.cos(3 * x * y))]
+    m = fd.Function(Vd).interpolate(2 + x * y)
+    dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
+    dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
+    with set_working_tape() as tape:
+        continue_annotation()
+        u = fem_moe.constrained_solve(expert, basis, [m])
+        J = fd.assemble((u**2 + u) * u * fd.dx)
+        Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
+        pause_annotation()
+        rates = taylor_to_dict(Jhat, basis + [m], dirs)
+        tape.clear_tape()
+    r1, r2 = min(rates["R1"]["Rate"]), min(rates["R2"]["Rate"])
+    parallel_assert(r1 > 1.9 and r2 > 2.8, f"Taylor rates: gradient {rates['R1']['Rate']}, "
+                                           f"Hessian {rates['R2']['Rate']}")
 
 
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])

@@ -43,6 +43,8 @@ parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--out", default="results/diffusion_sorption")
 parser.add_argument("--models", default=None,
                     help="comma-separated labels of the models to train (default: all)")
+parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
+                    help="the models' backbone (fem_moe.backbones)")
 parser.add_argument("--fresh", action="store_true",
                     help="a new batch of inputs every step (train.fresh_inputs)")
 parser.add_argument("--no-extrapolation", action="store_true")
@@ -82,7 +84,8 @@ config = {
     "pde": {"name": "diffusion_sorption", "options": pde_options},
     "data": {"path": os.path.join(out, "data.h5"), "n_train": args.n_train, "n_val": 4,
              "n_test": args.n_test, "seed": 0},
-    "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64},
+    "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
+              "backbone": args.backbone},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4, "lr": 2e-3,
               "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
               "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},

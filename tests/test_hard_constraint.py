@@ -347,24 +347,9 @@ def test_pyadjoint_taylor(mode):
     parallel_assert(rate >= 1.9, f"Taylor rate {rate}")
 
 
-@pytest.mark.parallel([1, 2])
-@pytest.mark.parametrize("norm,data_in_jacobian", [("euclidean", False), ("dual", False),
-                                                   ("galerkin", False), ("dual", True),
-                                                   ("galerkin", True)])
-def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
-    """The block's tangent linear model: the tape's forward-mode derivative of J in a direction
-    of the basis and the data equals the adjoint gradient paired with it (two independent
-    computations: Expert.jvp and Expert.vjp), and a central difference of the solve. With ``data_in_jacobian`` the data enters
-    the residual nonlinearly (a coefficient of the diffusion), so the tangent's dJ/dm terms
-    count."""
-    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
-                                   pause_annotation, set_working_tape)
-    problem = nonlinear_diffusion(n=5, degree=2)
-    if data_in_jacobian:
-        problem = fem_moe.ConstrainedProblem(
-            problem.V, lambda u, v, m: ((1 + m[0] ** 2 * u ** 2) * fd.inner(fd.grad(u), fd.grad(v))
-                                        - 10 * v) * fd.dx,
-            bcs=problem.bcs, data_spaces=problem.data_spaces)
+def _taped_inputs(problem, norm):
+    """An expert ("galerkin", or least squares in ``norm``), three basis Functions, the data
+    Function and a direction for each, for the pyadjoint tests."""
     mode = "galerkin" if norm == "galerkin" else "lstsq"
     expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)
     V, Vd = problem.V, problem.data_spaces[0]
@@ -373,6 +358,28 @@ def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
     m = fd.Function(Vd).interpolate(2 + x * y)
     dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
     dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
+    return expert, basis, m, dirs
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("norm,data_in_jacobian", [("euclidean", False), ("dual", False),
+                                                   ("galerkin", False), ("dual", True),
+                                                   ("galerkin", True)])
+def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
+    """The block's tangent linear model: the tape's forward-mode derivative of J in a direction
+    of the basis and the data equals the adjoint gradient paired with it (two independent
+    computations: Expert.jvp and Expert.vjp), and a central difference of the solve. With
+    ``data_in_jacobian`` the data enters the residual nonlinearly (a coefficient of the
+    diffusion), so the tangent's dJ/dm terms count."""
+    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
+                                   pause_annotation, set_working_tape)
+    problem = nonlinear_diffusion(n=5, degree=2)
+    if data_in_jacobian:
+        problem = fem_moe.ConstrainedProblem(
+            problem.V, lambda u, v, m: ((1 + m[0] ** 2 * u ** 2) * fd.inner(fd.grad(u), fd.grad(v))
+                                        - 10 * v) * fd.dx,
+            bcs=problem.bcs, data_spaces=problem.data_spaces)
+    expert, basis, m, dirs = _taped_inputs(problem, norm)
     functional = lambda u: fd.assemble((u**2 + u) * u * fd.dx)
     with set_working_tape() as tape:
         continue_annotation()
@@ -407,14 +414,7 @@ def test_pyadjoint_hessian_taylor(norm):
     from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
                                    pause_annotation, set_working_tape, taylor_to_dict)
     problem = nonlinear_diffusion(n=5, degree=2)
-    mode = "galerkin" if norm == "galerkin" else "lstsq"
-    expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)
-    V, Vd = problem.V, problem.data_spaces[0]
-    x, y = fd.SpatialCoordinate(V.mesh())
-    basis = [fd.Function(V).interpolate(e) for e in (fd.sin(x) * y, x * x + y, fd.cos(3 * x * y))]
-    m = fd.Function(Vd).interpolate(2 + x * y)
-    dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
-    dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
+    expert, basis, m, dirs = _taped_inputs(problem, norm)
     with set_working_tape() as tape:
         continue_annotation()
         u = fem_moe.constrained_solve(expert, basis, [m])

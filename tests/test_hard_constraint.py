@@ -329,26 +329,20 @@ def test_pyadjoint_taylor(mode):
     from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
                                    pause_annotation, set_working_tape, taylor_test)
     problem = nonlinear_diffusion(n=5, degree=2)
-    expert = fem_moe.Expert(problem, 3, mode=mode)
-    V, Vd = problem.V, problem.data_spaces[0]
-    x, y = fd.SpatialCoordinate(V.mesh())
-    basis = [fd.Function(V).interpolate(e) for e in (fd.sin(x) * y, x * x + y, fd.cos(3 * x * y))]
-    m = fd.Function(Vd).interpolate(2 + x * y)
+    expert, basis, m, dirs = _taped_inputs(problem, "galerkin" if mode == "galerkin" else None)
     with set_working_tape() as tape:
         continue_annotation()
         u = fem_moe.constrained_solve(expert, basis, [m])
         J = fd.assemble((u**2 + u) * u * fd.dx)
         Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
         pause_annotation()
-        dirs = [fd.Function(V).interpolate(e) for e in (x, y * y, fd.sin(x + y))]
-        dirs.append(fd.Function(Vd).interpolate(fd.cos(x) + y))
         rate = taylor_test(Jhat, basis + [m], dirs)
         tape.clear_tape()
     parallel_assert(rate >= 1.9, f"Taylor rate {rate}")
 
 
 def _taped_inputs(problem, norm):
-    """An expert ("galerkin", or least squares in ``norm``), three basis Functions, the data
+    """An expert ("galerkin", or least squares in ``norm``, None: its default), three basis Functions, the data
     Function and a direction for each, for the pyadjoint tests."""
     mode = "galerkin" if norm == "galerkin" else "lstsq"
     expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)

@@ -321,26 +321,6 @@ def test_distributed_equals_serial(mode):
     distributed_matches_serial(lambda problem: fem_moe.HardConstraint(problem, 5, mode=mode), n=6)
 
 
-@pytest.mark.parallel([1, 2])
-@pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
-def test_pyadjoint_taylor(mode):
-    """The constrained solve on a pyadjoint tape: second-order Taylor convergence w.r.t. the
-    basis and the data together."""
-    from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
-                                   pause_annotation, set_working_tape, taylor_test)
-    problem = nonlinear_diffusion(n=5, degree=2)
-    expert, basis, m, dirs = _taped_inputs(problem, "galerkin" if mode == "galerkin" else None)
-    with set_working_tape() as tape:
-        continue_annotation()
-        u = fem_moe.constrained_solve(expert, basis, [m])
-        J = fd.assemble((u**2 + u) * u * fd.dx)
-        Jhat = ReducedFunctional(J, [Control(f) for f in basis + [m]])
-        pause_annotation()
-        rate = taylor_test(Jhat, basis + [m], dirs)
-        tape.clear_tape()
-    parallel_assert(rate >= 1.9, f"Taylor rate {rate}")
-
-
 def _taped_inputs(problem, norm):
     """An expert ("galerkin", or least squares in ``norm``, None: its default), three basis Functions, the data
     Function and a direction for each, for the pyadjoint tests."""
@@ -402,9 +382,10 @@ def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
 
 @pytest.mark.parallel([1, 2])
 @pytest.mark.parametrize("norm", ["euclidean", "dual", "galerkin"])
-def test_pyadjoint_hessian_taylor(norm):
-    """ReducedFunctional.hessian through the constrained solve: third-order Taylor convergence
-    (taylor_to_dict) with respect to the basis and the data together."""
+def test_pyadjoint_taylor(norm):
+    """The constrained solve on a pyadjoint tape (taylor_to_dict, with respect to the basis and
+    the data together): second-order Taylor convergence with the adjoint gradient, third-order
+    with ReducedFunctional.hessian."""
     from firedrake.adjoint import (Control, ReducedFunctional, continue_annotation,
                                    pause_annotation, set_working_tape, taylor_to_dict)
     problem = nonlinear_diffusion(n=5, degree=2)

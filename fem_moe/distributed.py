@@ -194,7 +194,6 @@ class DistributedPartition(CoordinateKeys):
         V, tensor order), ``interface`` (owned dofs whose rows mix two experts' fields),
         ``expert_cells`` ({k: global numbers of k's cells}). Returns V's layout. Collective."""
         K, n = self.n_experts, self.n_cells
-        self._local_marker_values = {}
         random = self.partitioner_type == "random"
         subs = subspaces(V)
         cell_nodes = [S.cell_node_map().values_with_halo[:n] for S in subs]
@@ -245,7 +244,8 @@ class DistributedPartition(CoordinateKeys):
                                       np.concatenate([p["coords"] for p in parts])[order], markers)
         self.expert_cells = {k: parts[0] for k, parts in self._submesh_parts.items()}
         values = {}
-        for part in self.comm.allgather(self._local_marker_values):
+        mine = {name: set(value.tolist()) for name, (_, _, value) in zip(("Face Sets", "Cell Sets"), marked)}
+        for part in self.comm.allgather(mine):
             for name, vs in part.items():
                 values.setdefault(name, set()).update(vs)
         self._marker_values = {name: sorted(vs) for name, vs in values.items()}
@@ -268,7 +268,6 @@ class DistributedPartition(CoordinateKeys):
                     mine = [c for c in mine if 0 <= c < self.n_cells]
                     cells += mine
                     values += [int(value)] * len(mine)
-            self._local_marker_values[name] = set(values)
             return (np.array(cells, dtype=np.int64), np.zeros((len(cells), 0, self.gdim), dtype=np.int64),
                     np.array(values, dtype=np.int64))
         for point, point_keys, value in marked_points(self.mesh, name, height, self):
@@ -276,7 +275,6 @@ class DistributedPartition(CoordinateKeys):
                 cell = numbering.getOffset(p)
                 if 0 <= cell < self.n_cells:
                     cells.append(cell), keys.append(point_keys), values.append(value)
-        self._local_marker_values[name] = set(values)
         nv = self.tdim if self.mesh.ufl_cell().is_simplex else 2 ** (self.tdim - 1)
         return (np.array(cells, dtype=np.int64), np.array(keys, dtype=np.int64).reshape(-1, nv, self.gdim),
                 np.array(values, dtype=np.int64))

@@ -344,7 +344,9 @@ def pod_basis(trainer, n_basis, split="train"):
     in the Euclidean inner product of all ranks' dofs. The best fixed basis of that size for
     the data in the least-squares sense. Collective (the snapshots' Gram matrix is summed over
     the ranks)."""
-    T = trainer._tensors["targets"][trainer.splits[split]].cpu().numpy()
+    # The dataset's own solutions: with train.fresh_inputs the trainer's training split holds
+    # drawn inputs without solutions.
+    T = np.asarray(trainer.dataset.targets)[trainer.splits[split]]
     G = trainer.comm.allreduce(T @ T.T)
     values, vectors = np.linalg.eigh(G)
     keep = np.argsort(values)[::-1][:n_basis]
@@ -356,7 +358,9 @@ def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
     """How good can the constrained output be? The hard-constraint layers given the best fixed
     basis for the data (:func:`pod_basis` of the training split) instead of a trained
     backbone, on ``split``: rel. L2 of PI-HC and of the mixture of ``n_experts`` experts, and of
-    the orthogonal projection of the truth on the same basis (an oracle: it uses the truth).
+    the orthogonal projection of the truth on the same basis (an oracle: it uses the truth),
+    and for a lifted PDE the lifting alone (for a window in time from an initial state held:
+    persistence, the baseline a time-dependent model must beat).
     A model that is far from its row here is limited by its backbone, not by its constraint.
     Prints a table on rank 0, writes ``out/pod_basis.json``; returns the rows. Collective."""
     from .errors import SolverDivergedError
@@ -372,6 +376,9 @@ def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
     coefficients = global_sum((target - lift) @ basis[0].T, comm)
     oracle = relative_l2(comm, coefficients @ basis[0] + lift, target, reduction="none")
     rows = [dict(label="projection (oracle)", rel_l2=float(oracle.mean()), failed=0)]
+    if trainer._lift is not None:       # the unknown = 0; over a time window: persistence
+        held = relative_l2(comm, lift.expand_as(target), target, reduction="none")
+        rows.insert(0, dict(label="lifting alone (persistence)", rel_l2=float(held.mean()), failed=0))
     layers = [("PI-HC", HardConstraint(problem, len(modes))),
               (f"MoE K={n_experts}", MoEHardConstraint(problem, len(modes), n_experts=n_experts))]
     for label, layer in layers:

@@ -166,20 +166,24 @@ class Trainer:
         X = problem.mesh.coordinates.dat.data_ro
         lo = np.min(self.comm.allgather(X.min(axis=0)), axis=0)
         hi = np.max(self.comm.allgather(X.max(axis=0)), axis=0)
+        periods = mesh_periods(problem.mesh)
         if m["backbone"] == "fno":
-            if problem.n_components > 1:
-                raise InputError("model.backbone = 'fno' outputs scalar fields; use 'deeponet' "
-                                 "for a vector-valued or mixed space")
             if 2 * m["modes"] > m["grid"] + 1:
                 raise InputError(f"model.modes = {m['modes']} needs model.grid >= {2 * m['modes'] - 1}")
+            # Where the inputs are the coefficients of fields, the FNO sees those fields.
+            points = ParametricFNOBasis.grid_points(lo, hi, m["grid"], periods).numpy()
+            fields = self.dataset.pde.input_fields(points)
+            if fields is not None:
+                fields = np.asarray(fields).reshape(*np.shape(fields)[:2], *[m["grid"]] * len(lo))
             return ParametricFNOBasis(self.dataset.inputs.shape[1], m["n_basis"], lo, hi,
                                       grid=m["grid"], modes=m["modes"], width=m["width"],
-                                      layers=m["depth"])
+                                      layers=m["depth"], n_components=problem.n_components,
+                                      periods=periods, input_fields=fields)
         return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
                              n_components=problem.n_components, latent=m["latent"], width=m["width"],
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
                              scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
-                             periods=torch.tensor(mesh_periods(problem.mesh)))
+                             periods=torch.tensor(periods))
 
     def _lr_factor(self, step):
         t = self.config["train"]

@@ -70,6 +70,28 @@ def test_grid_to_points_is_exact_for_linear_fields(d):
     assert torch.allclose(out[0, 0], 0.3 + points @ coef, atol=1e-12)
 
 
+def test_grid_to_points_wraps_around_a_periodic_axis():
+    """Along a periodic axis the grid holds one period without its end: a field linear on the
+    cells between nodes, including the seam's cell (last node to the first's copy), is
+    interpolated exactly at points anywhere, x and x + P alike."""
+    n, P = 8, 2.0
+    nodes = torch.arange(n, dtype=torch.float64) * P / n
+    values = torch.cos(2 * torch.pi * nodes / P) + 0.5 * torch.sin(4 * torch.pi * nodes / P)
+    rows = 1.0 + torch.linspace(0.0, 1.0, 5, dtype=torch.float64)          # a plain axis, [0, 1]
+    field = values[:, None] * rows[None, :]
+    points = torch.tensor(np.random.default_rng(1).random((40, 2)), dtype=torch.float64)
+    points[:, 0] = points[:, 0] * 3 * P - P                                   # three periods
+    interp = GridToPoints([0.0, 0.0], [123.0, 1.0], periods=[P, 0.0])        # upper ignored along x
+    out = interp(field[None, None], points)[0, 0]
+    # The piecewise-linear periodic interpolant by hand.
+    s = torch.remainder(points[:, 0], P) / (P / n)
+    j = torch.floor(s).long()
+    lam = s - j
+    expected = ((1 - lam) * values[j % n] + lam * values[(j + 1) % n]) * (1.0 + points[:, 1])
+    assert (out - expected).abs().max() < 1e-12, (out - expected).abs().max()
+    assert torch.allclose(interp(field[None, None], points + torch.tensor([P, 0.0]))[0, 0], out, atol=1e-12)
+
+
 def test_fno_basis_points():
     torch.manual_seed(0)
     net = FNOBasis(1, 4, lower=[0, 0], upper=[1, 1], modes=(4, 4), width=8, layers=2).double()
@@ -89,6 +111,37 @@ def test_parametric_fno_basis_shapes_and_gradients(d):
     assert all(p.grad is not None for p in net.parameters())
     # Different parameters give different fields: the conditioning reaches the output.
     assert not torch.allclose(out[0], out[1])
+
+
+def test_parametric_fno_components_and_input_fields():
+    """A mixed space's points take their own component's channel; with input fields the FNO
+    sees sum_i inputs_i fields_i on the grid (not the raw parameters), so inputs giving the same
+    field give the same basis."""
+    from fem_moe.backbones import ParametricFNOBasis
+    torch.manual_seed(0)
+    grid, C = 8, 3
+    where = ParametricFNOBasis.grid_points([0.0, 0.0], [1.0, 1.0], grid, periods=[1.0, 1.0])
+    assert where.shape == (grid * grid, 2) and float(where.max()) == pytest.approx(1 - 1 / grid)
+    x = where.numpy()
+    # Three inputs, the third field the sum of the first two: inputs (1, 1, 0) and (0, 0, 1) agree.
+    f = np.stack([np.cos(2 * np.pi * x[:, 0]), np.sin(2 * np.pi * x[:, 1])])
+    fields = np.concatenate([f, f.sum(0, keepdims=True)])[:, None, :].reshape(3, 1, grid, grid)
+    net = ParametricFNOBasis(3, 4, [0.0, 0.0], [1.0, 1.0], grid=grid, modes=3, width=8, layers=2,
+                             n_components=C, periods=[1.0, 1.0], input_fields=fields).double()
+    points = torch.rand(30, 2, dtype=torch.float64)
+    components = torch.arange(30) % C
+    inputs = torch.tensor([[1.0, 1.0, 0.0], [0.0, 0.0, 1.0], [1.0, -1.0, 0.5]], dtype=torch.float64)
+    out = net(inputs, points, components)
+    assert out.shape == (3, 4, 30)
+    assert torch.allclose(out[0], out[1], atol=1e-12) and not torch.allclose(out[0], out[2])
+    every = net.basis.to_points(net.basis.fno(torch.cat(
+        [torch.einsum("bi,ic...->bc...", inputs, net.input_fields),
+         net.coords.expand(3, *net.coords.shape)], 1)), points).view(3, 4, C, 30)
+    assert torch.allclose(out, every[:, :, components, torch.arange(30)], atol=1e-12)
+    with pytest.raises(ValueError, match="components"):
+        net(inputs, points)
+    with pytest.raises(ValueError, match="input_fields"):
+        ParametricFNOBasis(2, 4, [0.0, 0.0], [1.0, 1.0], grid=grid, input_fields=fields)
 
 
 def test_deeponet_periodic_trunk_sees_one_point_on_the_seam():

@@ -61,6 +61,22 @@ def test_turbulence_data_is_a_periodic_zero_mean_vorticity_and_its_streamfunctio
         assert vec.norm() < 1e-10 * size, "the streamfunction lifting does not solve its equation"
 
 
+def test_turbulence_input_fields_are_the_initial_vorticity():
+    """What an operator backbone sees: the inputs times ``input_fields`` at any points is the
+    initial vorticity over the amplitude (checked at the mesh's vertices, and across the seam)."""
+    pde = pdes.get("decaying_turbulence")
+    mesh = pde.mesh(MPI.COMM_SELF)
+    params = pde.sample(np.random.default_rng(2), 2)
+    V = fd.FunctionSpace(mesh, "CG", 1)
+    X = fd.Function(fd.VectorFunctionSpace(mesh, "CG", 1)).interpolate(fd.SpatialCoordinate(mesh)).dat.data_ro
+    fields = pde.input_fields(X)
+    assert fields.shape == (pde.n_params, 1, len(X))
+    assert np.allclose(fields, pde.input_fields(X + np.array([1.0, -1.0])), atol=1e-12)
+    for p, inputs in zip(params, pde.inputs(params)):
+        w0 = pde.initial_vorticity(mesh, p).dat.data_ro
+        assert V.dim() == len(X) and np.allclose(inputs @ fields[:, 0], w0 / pde.opts["amplitude"], atol=1e-12)
+
+
 @pytest.mark.parallel([1, 2])
 def test_turbulence_experts_recover_the_trajectory():
     """Mixed, vector-valued, periodic, nonlinear: where the basis spans the classical trajectory,

@@ -86,6 +86,30 @@ def test_fno_backbone_trains():
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
 
 
+@pytest.mark.parallel([1, 2])
+def test_fno_sees_the_input_field_on_a_periodic_mixed_space():
+    """On the turbulence problem (periodic square, a mixed space of 2 x 2 components) the FNO's
+    grid is one period, its input is the initial vorticity on that grid (the PDE's input
+    fields, not the 24 coefficients), each dof reads its own component, and it trains."""
+    from fem_moe.backbones import ParametricFNOBasis
+    comm = MPI.COMM_WORLD
+    options = {"steps": 2, "t_end": 0.2}
+    path = os.path.join(shared_dir(), "turbulence.h5")
+    generate(pdes.get("decaying_turbulence", **options), path, 6, seed=1, comm=comm, progress=False)
+    trainer = Trainer(config(shared_dir(), pde={"name": "decaying_turbulence", "options": options},
+                             data={"path": path, "n_train": 4, "n_val": 1, "n_test": 1},
+                             model={"kind": "pihc", "mode": "galerkin", "backbone": "fno", "grid": 8,
+                                    "modes": 3, "width": 8, "depth": 2},
+                             train={"steps": 6}))
+    net = trainer.model.backbone
+    where = ParametricFNOBasis.grid_points([0.0, 0.0], [1.0, 1.0], 8, [1.0, 1.0]).numpy()
+    expected = trainer.dataset.pde.input_fields(where).reshape(-1, 1, 8, 8)
+    parallel_assert(net.input_fields is not None and np.allclose(net.input_fields.numpy(), expected)
+                    and net.basis.n_components == 4, "the FNO does not see the initial vorticity")
+    losses = [h["loss"] for h in trainer.fit()]
+    parallel_assert(all(np.isfinite(losses)) and min(losses[1:]) < losses[0], f"{losses}")
+
+
 @pytest.mark.parametrize("kind", ["pihc", "moe"])
 def test_physics_informed_training_needs_no_solutions(kind):
     """Trained with the targets replaced by NaN (the physics loss never reads them), the outputs
@@ -351,16 +375,19 @@ def test_cli_under_mpiexec():
 def test_pod_basis_is_orthonormal_and_the_constraint_check_is_sane():
     """POD modes of the training solutions: orthonormal over all ranks' dofs, spanning the
     training solutions when there are as many modes; in pod_check the truth's projection is
-    at least as close as PI-HC's output (both lie in the lifting + the modes' span)."""
+    at least as close as PI-HC's output (both lie in the lifting + the modes' span). After
+    training on fresh inputs (whose solutions nobody computed) the modes are still the
+    dataset's solutions'."""
     from fem_moe import study
-    trainer = Trainer(config(shared_dir(), train={"steps": 1}))
+    trainer = Trainer(config(shared_dir(), train={"steps": 1, "fresh_inputs": True}))
+    trainer.fit()
     comm = trainer.comm
     modes = study.pod_basis(trainer, 8)
     n_train = len(trainer.splits["train"])
     gram = comm.allreduce(modes @ modes.T)
     parallel_assert(len(modes) == n_train and np.allclose(gram, np.eye(n_train), atol=1e-10),
                     f"{len(modes)} modes, Gram off by {np.abs(gram - np.eye(len(modes))).max():.1e}")
-    T = trainer._tensors["targets"][trainer.splits["train"]].numpy()
+    T = trainer.dataset.targets[trainer.splits["train"]]
     rest = T - comm.allreduce(T @ modes.T) @ modes
     parallel_assert(np.sqrt(comm.allreduce((rest ** 2).sum())) < 1e-10 * np.sqrt(comm.allreduce((T ** 2).sum())),
                     "the modes do not span the training solutions")

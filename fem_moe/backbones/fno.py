@@ -81,15 +81,38 @@ class GridToPoints(nn.Module):
     ``[batch, channels, *grid]`` and ``points [n_points, d]`` -> ``[batch, channels, n_points]``.
     Grid node j along an axis sits at lower + j (upper - lower) / (size - 1). Exact for fields
     linear on each grid cell; differentiable w.r.t. the grid values.
+
+    Along an axis with a period P > 0 (``periods`` [d], 0 where not periodic) the grid holds one
+    period without its end, node j at lower + j P / size (what an FFT takes as periodic), and
+    points interpolate across the seam between the last node and the first.
     """
 
-    def __init__(self, lower, upper):
+    def __init__(self, lower, upper, periods=None):
         super().__init__()
-        self.register_buffer("lower", torch.as_tensor(lower, dtype=torch.get_default_dtype()))
-        self.register_buffer("upper", torch.as_tensor(upper, dtype=torch.get_default_dtype()))
+        lower = torch.as_tensor(lower, dtype=torch.get_default_dtype()).reshape(-1)
+        upper = torch.as_tensor(upper, dtype=torch.get_default_dtype()).reshape(-1)
+        periods = torch.zeros_like(lower) if periods is None else \
+            torch.as_tensor(periods, dtype=lower.dtype).reshape(-1)
+        self.register_buffer("lower", lower)
+        # A periodic axis's box is one period long: its padded grid ends on the first node's copy.
+        self.register_buffer("upper", torch.where(periods > 0, lower + periods, upper))
+        self.register_buffer("periods", periods, persistent=False)
+
+    def _wrap(self, values, points):
+        """Append each periodic axis's first slice after its last (the seam's node) and bring
+        the points into [lower, lower + P) along those axes."""
+        d = points.shape[-1]
+        lower, periods = self.lower.to(points.dtype), self.periods.to(points.dtype)
+        for axis in torch.nonzero(periods > 0).flatten().tolist():
+            dim = values.ndim - d + axis
+            values = torch.cat([values, values.narrow(dim, 0, 1)], dim)
+            shifted = torch.remainder(points[:, axis] - lower[axis], periods[axis]) + lower[axis]
+            points = torch.cat([points[:, :axis], shifted[:, None], points[:, axis + 1:]], -1)
+        return values, points
 
     def forward(self, values, points):
         d = points.shape[-1]
+        values, points = self._wrap(values, points.to(values.dtype))
         if d == 1:   # grid_sample wants 2D: a grid one cell high
             values, points = values.unsqueeze(-2), torch.cat([torch.zeros_like(points), points], -1)
             lower = torch.cat([self.lower.new_zeros(1), self.lower.reshape(1)])
@@ -109,43 +132,104 @@ class FNOBasis(nn.Module):
     """N basis fields at arbitrary points from an FNO on a regular grid (the paper's backbone,
     carried to unstructured meshes by interpolation).
 
-    ``basis = net(inputs, points)``: ``inputs [batch, in_channels, *grid]`` (e.g. the initial
-    condition and the grid coordinates, sampled on the grid), ``points [n_points, d]`` in the box
-    ``[lower, upper]`` -> ``[batch, n_basis, n_points]``.
+    ``basis = net(inputs, points, components=None)``: ``inputs [batch, in_channels, *grid]``
+    (e.g. the initial condition and the grid coordinates, sampled on the grid), ``points
+    [n_points, d]`` in the box ``[lower, upper]`` -> ``[batch, n_basis, n_points]``. For a
+    vector-valued or mixed space (``n_components`` > 1) the FNO outputs one channel per basis
+    field and component, and each point takes its component's (``components [n_points]``, as
+    :class:`DeepONetBasis`). ``periods``: see :class:`GridToPoints`.
     """
 
-    def __init__(self, in_channels, n_basis, lower, upper, modes=(12, 12), width=32, layers=4):
+    def __init__(self, in_channels, n_basis, lower, upper, modes=(12, 12), width=32, layers=4,
+                 n_components=1, periods=None):
         super().__init__()
-        self.fno = FNO(in_channels, n_basis, modes, width, layers)
-        self.to_points = GridToPoints(lower, upper)
+        self.n_basis, self.n_components = n_basis, n_components
+        self.fno = FNO(in_channels, n_basis * n_components, modes, width, layers)
+        self.to_points = GridToPoints(lower, upper, periods)
 
-    def forward(self, inputs, points):
-        return self.to_points(self.fno(inputs), points)
+    def forward(self, inputs, points, components=None):
+        values = self.to_points(self.fno(inputs), points)          # [batch, N * C, n_points]
+        if self.n_components == 1:
+            return values
+        if components is None:
+            raise ValueError("a vector-valued FNOBasis needs the components of the points")
+        values = values.view(values.shape[0], self.n_basis, self.n_components, -1)
+        index = components.long().to(values.device).view(1, 1, 1, -1).expand(*values.shape[:2], 1, -1)
+        return values.gather(2, index).squeeze(2)
 
 
 class ParametricFNOBasis(nn.Module):
-    """An FNO basis network conditioned on a parameter vector: the FNO's input channels are the
-    parameters (constant over the grid) and the grid coordinates.
+    """An FNO basis network conditioned on a parameter vector.
 
-    ``basis = net(inputs, points)``: ``inputs [batch, n_inputs]``, ``points [n_points, d]`` in the
-    box ``[lower, upper]`` -> ``[batch, n_basis, n_points]``; the grid has ``grid`` nodes per
-    axis over the box (points outside it get zero: an FNO does not extrapolate in space).
+    ``basis = net(inputs, points, components=None)``: ``inputs [batch, n_inputs]``, ``points
+    [n_points, d]`` in the box ``[lower, upper]`` -> ``[batch, n_basis, n_points]``; the grid has
+    ``grid`` nodes per axis over the box (points outside it get zero: an FNO does not
+    extrapolate in space), or over one period along a periodic axis (``periods``, as
+    :class:`GridToPoints`; there the FNO sees the coordinate as (cos, sin) of its angle).
+
+    What the FNO sees besides the grid coordinates: when the parameters are the coefficients of
+    fields (``input_fields [n_inputs, C, *grid]``, those fields on the grid:
+    :meth:`grid_points` says where), the C fields sum_i inputs_i input_fields[i] — an operator
+    from the input field to the basis, as the paper's FNO; otherwise the parameters themselves,
+    each a channel constant over the grid.
     """
 
-    def __init__(self, n_inputs, n_basis, lower, upper, grid=32, modes=8, width=32, layers=4):
+    def __init__(self, n_inputs, n_basis, lower, upper, grid=32, modes=8, width=32, layers=4,
+                 n_components=1, periods=None, input_fields=None):
         super().__init__()
         lower = torch.as_tensor(lower, dtype=torch.get_default_dtype()).reshape(-1)
         upper = torch.as_tensor(upper, dtype=torch.get_default_dtype()).reshape(-1)
         d = lower.numel()
-        axes = [torch.linspace(0.0, 1.0, grid) for _ in range(d)]
-        coords = torch.stack(torch.meshgrid(*axes, indexing="ij"))          # [d, grid, ..]
-        self.register_buffer("coords", coords)
-        self.basis = FNOBasis(n_inputs + d, n_basis, lower, upper, modes=(modes,) * d,
-                              width=width, layers=layers)
+        periods = torch.zeros(d) if periods is None else torch.as_tensor(periods).reshape(-1)
+        self.grid = grid
+        axes, coords = self.grid_axes(grid, periods), []
+        for axis, (nodes, period) in enumerate(zip(axes, periods)):
+            shape = [1] * d
+            shape[axis] = grid
+            along = nodes.view(shape).expand(*[grid] * d)
+            if period > 0:
+                coords += [torch.cos(2 * torch.pi * along), torch.sin(2 * torch.pi * along)]
+            else:
+                coords.append(along)
+        self.register_buffer("coords", torch.stack(coords))                     # [channels, grid, ..]
+        if input_fields is not None:
+            input_fields = torch.as_tensor(input_fields, dtype=torch.get_default_dtype())
+            if tuple(input_fields.shape[2:]) != (grid,) * d or input_fields.shape[0] != n_inputs:
+                raise ValueError(f"input_fields of shape {tuple(input_fields.shape)} for {n_inputs} "
+                                 f"inputs on a grid of {grid} nodes per axis in {d}D")
+            # Not saved: it comes from the PDE, as the mesh's periods.
+            self.register_buffer("input_fields", input_fields, persistent=False)
+            channels = input_fields.shape[1]
+        else:
+            self.input_fields, channels = None, n_inputs
+        self.basis = FNOBasis(channels + self.coords.shape[0], n_basis, lower, upper,
+                              modes=(modes,) * d, width=width, layers=layers,
+                              n_components=n_components, periods=periods)
 
-    def forward(self, inputs, points):
-        B, d = inputs.shape[0], self.coords.shape[0]
+    @staticmethod
+    def grid_axes(grid, periods):
+        """Each axis's grid nodes in units of the box (or of the period): [0, 1] with its end,
+        [0, 1) without it along a periodic axis."""
+        return [torch.arange(grid) / grid if period > 0 else torch.linspace(0.0, 1.0, grid)
+                for period in periods]
+
+    @classmethod
+    def grid_points(cls, lower, upper, grid, periods=None):
+        """The grid's nodes, ``[grid ** d, d]`` (numpy-convertible), in the order of
+        ``input_fields``' grid axes: where to evaluate the input fields."""
+        lower = torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
+        upper = torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
+        periods = torch.zeros_like(lower) if periods is None else torch.as_tensor(periods, dtype=torch.float64)
+        extent = torch.where(periods > 0, periods, upper - lower)
+        axes = [lo + a.double() * e for lo, a, e in zip(lower, cls.grid_axes(grid, periods), extent)]
+        return torch.stack([x.flatten() for x in torch.meshgrid(*axes, indexing="ij")], -1)
+
+    def forward(self, inputs, points, components=None):
+        B, d = inputs.shape[0], points.shape[-1]
         grid = self.coords.shape[1:]
-        params = inputs[(...,) + (None,) * d].expand(B, inputs.shape[1], *grid)
-        coords = self.coords.to(inputs.dtype).expand(B, d, *grid)
-        return self.basis(torch.cat([params, coords], dim=1), points)
+        if self.input_fields is not None:
+            fields = torch.einsum("bi,ic...->bc...", inputs, self.input_fields.to(inputs.dtype))
+        else:
+            fields = inputs[(...,) + (None,) * d].expand(B, inputs.shape[1], *grid)
+        coords = self.coords.to(inputs.dtype).expand(B, *self.coords.shape)
+        return self.basis(torch.cat([fields, coords], dim=1), points, components)

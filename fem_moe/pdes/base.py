@@ -78,6 +78,13 @@ class PDE:
         parameters themselves."""
         return np.asarray(params, dtype=np.float64)
 
+    def input_fields(self, points):
+        """When the backbone's inputs (:meth:`inputs`) are the coefficients of fields: those
+        fields at ``points`` [n, gdim], ``[n_inputs, C, n]`` (the problem's C input fields are
+        sum_i inputs_i fields[i]); None otherwise. An operator backbone (the FNO) then sees the
+        input as a field on its grid. Not collective: any points, any rank."""
+        return None
+
     def lifting(self, problem, data):
         """The field added to the constrained unknown to give the physical field (owned dofs),
         or None. ``data``: the data Functions; for a family with ``lifted = True`` the first is

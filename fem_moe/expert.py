@@ -794,7 +794,7 @@ class ResidualNorm:
             raise InputError(f"norm must be 'l2' (or 'euclidean'), 'lumped' or 'dual', got {norm!r}")
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
-        self.norm = norm
+        self.problem, self.norm = problem, norm
         self._JTz = fd.Cofunction(problem.V.dual())
         self._rows = RowNorm(problem.V, self._e.row_mask, "euclidean" if norm == "l2" else norm,
                              options_prefix=problem.options_prefix + "loss_riesz_")

@@ -5,7 +5,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
-from .problem import as_array
+from .problem import as_array, free_petsc_garbage
 from .warmstart import WarmStarts, solve_from
 
 __all__ = ["HardConstraint", "residual_loss", "residual_rows"]
@@ -91,6 +91,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
         raise_on_all_ranks(layer.problem.comm, err)
+        free_petsc_garbage(layer.problem.comm)
         layer.diagnostics = infos
         ctx.layer, ctx.ws, ctx.rhos = layer, ws, rhos
         ctx.save_for_backward(basis, data)
@@ -113,6 +114,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
         raise_on_all_ranks(ctx.layer.problem.comm, err)
+        free_petsc_garbage(ctx.layer.problem.comm)
         return None, _like(gPhi, basis), _like(gD, data)
 
 
@@ -195,6 +197,7 @@ class _ResidualNorm2(torch.autograd.Function):
         ctx.norm = norm
         ctx.save_for_backward(u, data)
         vals = [norm.value(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
+        free_petsc_garbage(norm.problem.comm)
         return _like(np.array(vals), u)
 
     @staticmethod
@@ -208,6 +211,7 @@ class _ResidualNorm2(torch.autograd.Function):
             gu[b] = G[b] * du
             if D.shape[1]:
                 gd[b] = G[b] * dd
+        free_petsc_garbage(ctx.norm.problem.comm)
         return None, _like(gu, u), _like(gd, data)
 
 

@@ -18,7 +18,7 @@ from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
-from .problem import ConstrainedProblem, owned_values
+from .problem import ConstrainedProblem, free_petsc_garbage, owned_values
 from .warmstart import WarmStarts, solve_from
 
 __all__ = ["MoEHardConstraint"]
@@ -357,7 +357,9 @@ class _MoESolve(torch.autograd.Function):
         ctx.layer, ctx.saved = layer, (Pk, Dk, ws)
         ctx.shape = (B, N, n)
         ctx.save_for_backward(basis)
-        return _like(layer.plan.gather_sum(outputs, B).T, basis)
+        out = _like(layer.plan.gather_sum(outputs, B).T, basis)
+        free_petsc_garbage(layer.problem.comm)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -374,6 +376,7 @@ class _MoESolve(torch.autograd.Function):
         gb = layer.plan.gather_sum(g_Phi, B * N).reshape(n, B, N).transpose(1, 2, 0)
         gd = layer._gather_data(g_D, B)
         basis, = ctx.saved_tensors
+        free_petsc_garbage(layer.problem.comm)
         return None, _like(gb, basis), _like(gd, basis)
 
 

@@ -54,6 +54,7 @@ DEFAULTS = {
         "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
         "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
+        "backbone_from": "",    # a checkpoint.pt whose backbone weights start this model's (e.g. a PI-HC run's, to train a mixture from it); "": random
         "backbone_ranks": "auto",   # auto (one per GPU per node with CUDA, else every rank) | all | a list of ranks holding rank 0 (fem_moe.bridge.BackboneRanks)
         "width": 64,            # hidden width (deeponet MLPs; fno channels)
         "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
@@ -104,7 +105,7 @@ CHOICES = {
 }
 # Free-form tables (checked by their owners: the PDE, the SNES).
 FREE = {("pde", "options"), ("model", "solver_parameters"), ("model", "coupling_parameters")}
-PATHS = (("data", "path"), ("train", "out"))
+PATHS = (("data", "path"), ("train", "out"), ("model", "backbone_from"))
 
 
 def _merge(defaults, given, where, source):
@@ -201,5 +202,6 @@ def load_config(path=None, overrides=(), base_dir=None):
     config = apply_overrides(config, overrides)
     base_dir = base_dir or os.getcwd()
     for section, key in PATHS:
-        config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
+        if config[section][key]:
+            config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
     return validate(config, path or "config")

@@ -121,6 +121,8 @@ class Trainer:
                                   partitioner_type=m["partitioner"], backbone_ranks=self._served(),
                                   **self._layer_options())
         self.model.to(device=self.device, dtype=self.dtype)
+        if m["backbone_from"]:
+            self._start_backbone_from(m["backbone_from"])
         self.backbone_ranks.broadcast_parameters(self.model)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=t["lr"])
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -184,6 +186,20 @@ class Trainer:
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
                              scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
                              periods=torch.tensor(periods))
+
+    def _start_backbone_from(self, path):
+        """The backbone's weights from the checkpoint ``path`` of another run with the same
+        backbone settings (its model kind may differ: a mixture trained on from a PI-HC
+        run's basis). The optimiser starts afresh. Collective."""
+        err = None
+        try:
+            state = torch.load(path, map_location=self.device, weights_only=False)["model"]
+            prefix = "backbone."
+            self.model.backbone.load_state_dict(
+                {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
+        except (OSError, RuntimeError, KeyError, EOFError) as e:
+            err = f"model.backbone_from: cannot start the backbone from {path}: {e}"
+        raise_on_all_ranks(self.comm, err)
 
     def _lr_factor(self, step):
         t = self.config["train"]

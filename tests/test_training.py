@@ -110,6 +110,23 @@ def test_fno_sees_the_input_field_on_a_periodic_mixed_space():
     parallel_assert(all(np.isfinite(losses)) and min(losses[1:]) < losses[0], f"{losses}")
 
 
+@pytest.mark.parallel([1, 2])
+def test_a_mixture_starts_from_a_global_layers_backbone():
+    """model.backbone_from: a mixture's backbone starts with the weights a PI-HC run trained
+    (the optimiser afresh); a checkpoint of another backbone shape is refused on every rank."""
+    base = shared_dir()
+    pihc = Trainer(config(os.path.join(base, "pihc"), model={"kind": "pihc"}, train={"steps": 3}))
+    pihc.fit()
+    path = pihc.checkpoint_path
+    moe = Trainer(config(os.path.join(base, "moe"), model={"kind": "moe", "backbone_from": path}))
+    same = all(torch.equal(a, b) for a, b in zip(pihc.model.backbone.parameters(),
+                                                   moe.model.backbone.parameters()))
+    parallel_assert(same and moe.step == 0, "the mixture's backbone is not the PI-HC run's")
+    with pytest.raises(fem_moe.InputError, match="backbone_from"):
+        Trainer(config(os.path.join(base, "wide"), model={"kind": "moe", "width": 32,
+                                                           "backbone_from": path}))
+
+
 @pytest.mark.parametrize("kind", ["pihc", "moe"])
 def test_physics_informed_training_needs_no_solutions(kind):
     """Trained with the targets replaced by NaN (the physics loss never reads them), the outputs

@@ -33,7 +33,8 @@ import sys
 parser = argparse.ArgumentParser(description="decaying turbulence: soft vs PI-HC vs MoE")
 parser.add_argument("--n-train", type=int, default=24)
 parser.add_argument("--n-test", type=int, default=6)
-parser.add_argument("--steps", type=int, default=100, help="training steps")
+parser.add_argument("--steps", type=int, default=None, help="training steps (100; --paper 1500)")
+parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
 parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--time-steps", type=int, default=10, help="backward-Euler steps")
@@ -42,6 +43,9 @@ parser.add_argument("--models", default=None,
                     help="comma-separated labels of the models to train (default: all)")
 parser.add_argument("--backbone", default="fno", choices=["deeponet", "fno"],
                     help="the models' backbone (fem_moe.backbones)")
+parser.add_argument("--pihc-checkpoint", default=None,
+                    help="the PI-HC checkpoint the 'from PI-HC' mixture starts from (default: "
+                         "this run's, OUT/PI-HC/checkpoint.pt)")
 parser.add_argument("--fresh", action="store_true",
                     help="a new batch of inputs every step (train.fresh_inputs)")
 parser.add_argument("--out", default="results/decaying_turbulence")
@@ -51,8 +55,10 @@ parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the
 parser.add_argument("--no-figures", action="store_true")
 args, petsc_options = parser.parse_known_args()
 sys.argv = sys.argv[:1] + petsc_options      # what PETSc reads when Firedrake is imported
+if args.steps is None:
+    args.steps = 1500 if args.paper else 100
 if args.paper:
-    args.steps, args.fresh, args.n_test = max(args.steps, 1500), True, max(args.n_test, 16)
+    args.fresh, args.n_test = True, max(args.n_test, 16)
 if args.tiny:
     args.n_train, args.n_test, args.steps, args.n_basis, args.time_steps, args.t_end = 4, 2, 2, 4, 2, 1.0
 
@@ -72,11 +78,18 @@ config = {
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "backbone": args.backbone},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4 if not args.tiny else 2,
-              "lr": 2e-3, "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
+              "lr": args.lr, "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
               "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},
 }
+# Besides the standard models, the mixture trained on from the PI-HC run's backbone (after it, in
+# the same run, or from ``--pihc-checkpoint``): the coupled problem nests the global one, so with
+# the same basis its residual is no larger, and training goes on from there.
 K = args.experts
-models = study.select(study.standard_models(K), args.models)
+pihc = args.pihc_checkpoint or os.path.join(out, "PI-HC", "checkpoint.pt")
+models = study.standard_models(K) + [
+    (f"MoE K={K} from PI-HC", {"kind": "moe", "n_experts": K, "mode": "lstsq",
+                               "backbone_from": os.path.abspath(pihc)})]
+models = study.select(models, args.models)
 rows, trainers = study.run(config, models, out, "decaying turbulence, Re 1e4, periodic square "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)
 

@@ -83,12 +83,15 @@ config = {
 }
 # Besides the standard models, the mixture trained on from the PI-HC run's backbone (after it, in
 # the same run, or from ``--pihc-checkpoint``): the coupled problem nests the global one, so with
-# the same basis its residual is no larger, and training goes on from there.
+# the same basis its residual is no larger, and training goes on from there; and, for a fair
+# budget, PI-HC trained on from the same checkpoint for as many steps.
 K = args.experts
 pihc = args.pihc_checkpoint or os.path.join(out, "PI-HC", "checkpoint.pt")
 models = study.standard_models(K) + [
-    (f"MoE K={K} from PI-HC", {"kind": "moe", "n_experts": K, "mode": "lstsq",
-                               "backbone_from": os.path.abspath(pihc)})]
+    (f"MoE K={K} from PI-HC", {"kind": "moe", "n_experts": K, "mode": "lstsq", "norm": "dual",
+                               "backbone_from": os.path.abspath(pihc)}),
+    # The control: PI-HC trained on from the same checkpoint for the same steps.
+    ("PI-HC from PI-HC", {"kind": "pihc", "mode": "lstsq", "backbone_from": os.path.abspath(pihc)})]
 models = study.select(models, args.models)
 rows, trainers = study.run(config, models, out, "decaying turbulence, Re 1e4, periodic square "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)

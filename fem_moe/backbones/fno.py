@@ -181,7 +181,6 @@ class ParametricFNOBasis(nn.Module):
         upper = torch.as_tensor(upper, dtype=torch.get_default_dtype()).reshape(-1)
         d = lower.numel()
         periods = torch.zeros(d) if periods is None else torch.as_tensor(periods).reshape(-1)
-        self.grid = grid
         axes, coords = self.grid_axes(grid, periods), []
         for axis, (nodes, period) in enumerate(zip(axes, periods)):
             shape = [1] * d

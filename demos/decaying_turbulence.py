@@ -83,8 +83,11 @@ config = {
 }
 # Besides the standard models, the mixture trained on from the PI-HC run's backbone (after it, in
 # the same run, or from ``--pihc-checkpoint``): the coupled problem nests the global one, so with
-# the same basis its residual is no larger, and training goes on from there; and, for a fair
-# budget, PI-HC trained on from the same checkpoint for as many steps.
+# the same basis its residual is no larger — in the same norm: here the mixture minimises the
+# whole mesh's dual norm, PI-HC's and the physics loss's, not its default per-expert one (which
+# started at a 1.5x higher loss from the same backbone) — and training goes on from there; and,
+# for a fair budget, PI-HC trained on from the same checkpoint for as many steps. (Trained from
+# scratch, the mixture did not leave its starting plateau on this problem: README.)
 K = args.experts
 pihc = args.pihc_checkpoint or os.path.join(out, "PI-HC", "checkpoint.pt")
 models = study.standard_models(K) + [

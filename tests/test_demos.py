@@ -38,7 +38,8 @@ def test_study_demo_tiny(name):
     if comm.rank == 0:
         rows = json.load(open(os.path.join(out, "results.json")))["rows"]
         kinds = [r["kind"] for r in rows]
-        assert kinds[:3] == ["soft", "pihc", "pihc"] and len(kinds) > 3 and set(kinds[3:]) == {"moe"}, kinds
+        # The standard comparison first (turbulence adds a PI-HC control after its mixtures).
+        assert kinds[:6] == ["soft", "pihc", "pihc", "moe", "moe", "moe"], kinds
         # Every least-squares model has a solution for every input; a Galerkin one may have no
         # root at all for a basis trained 3 steps (Navier-Stokes), and says so in its row.
         assert all(r["ranks"] == comm.size for r in rows)
@@ -46,7 +47,8 @@ def test_study_demo_tiny(name):
             [(r["label"], r["rel_l2"]) for r in rows]
         assert all(0 < r["rel_l2"] < 10 or r["failed"] == r["samples"] for r in rows), \
             [(r["label"], r["rel_l2"], r["failed"], r["samples"]) for r in rows]
-        assert all(r["residual_interface"] >= 0 or r["failed"] == r["samples"] for r in rows[3:])
+        assert all(r["residual_interface"] >= 0 or r["failed"] == r["samples"]
+                   for r in rows if r["kind"] == "moe")
         for f in ["solutions.png", "basis.png", "losses.png", "fields.pvd", "partition.png",
                   "partition.pvd"]:
             assert os.path.getsize(os.path.join(out, f)) > 0, f

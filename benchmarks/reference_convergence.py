@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import sys
-import time
 
 parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
 parser.add_argument("--nx", type=int, default=256, help="cells in x of the coarsest level")

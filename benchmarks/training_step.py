@@ -74,7 +74,6 @@ def main():
     sys.path.insert(0, HERE)
     import numpy as np
     import torch
-    import firedrake as fd
     from firedrake.petsc import PETSc
     from mpi4py import MPI
     import fem_moe
@@ -130,7 +129,6 @@ def main():
         model.to(dtype=dtype)
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
         times = {p: [] for p in phases}
-        events = {}
         iterations = []
 
         def timed(name, fn):

@@ -89,12 +89,12 @@ config = {
 # for a fair budget, PI-HC trained on from the same checkpoint for as many steps. (Trained from
 # scratch, the mixture did not leave its starting plateau on this problem: README.)
 K = args.experts
-pihc = args.pihc_checkpoint or os.path.join(out, "PI-HC", "checkpoint.pt")
+pihc = os.path.abspath(args.pihc_checkpoint or os.path.join(out, "PI-HC", "checkpoint.pt"))
 models = study.standard_models(K) + [
     (f"MoE K={K} from PI-HC", {"kind": "moe", "n_experts": K, "mode": "lstsq", "norm": "dual",
-                               "backbone_from": os.path.abspath(pihc)}),
+                               "backbone_from": pihc}),
     # The control: PI-HC trained on from the same checkpoint for the same steps.
-    ("PI-HC from PI-HC", {"kind": "pihc", "mode": "lstsq", "backbone_from": os.path.abspath(pihc)})]
+    ("PI-HC from PI-HC", {"kind": "pihc", "mode": "lstsq", "backbone_from": pihc})]
 models = study.select(models, args.models)
 rows, trainers = study.run(config, models, out, "decaying turbulence, Re 1e4, periodic square "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)

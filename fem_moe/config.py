@@ -106,6 +106,7 @@ CHOICES = {
 # Free-form tables (checked by their owners: the PDE, the SNES).
 FREE = {("pde", "options"), ("model", "solver_parameters"), ("model", "coupling_parameters")}
 PATHS = (("data", "path"), ("train", "out"), ("model", "backbone_from"))
+UNSET_WHEN_EMPTY = {("model", "backbone_from")}     # "" means none, not the config's directory
 
 
 def _merge(defaults, given, where, source):
@@ -202,6 +203,6 @@ def load_config(path=None, overrides=(), base_dir=None):
     config = apply_overrides(config, overrides)
     base_dir = base_dir or os.getcwd()
     for section, key in PATHS:
-        if config[section][key]:
+        if config[section][key] or (section, key) not in UNSET_WHEN_EMPTY:
             config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
     return validate(config, path or "config")

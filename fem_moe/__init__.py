@@ -4,15 +4,15 @@ A torch backbone predicts N basis fields on a mesh; a hard-constraint layer find
 the coefficients that make the PDE residual assembled by Firedrake vanish (least squares or
 Galerkin) with PETSc SNES, and back-propagates by the implicit function theorem.
 
-The names below are imported on first use, so that ``fem_moe.backbones`` (plain torch) can be
-imported without Firedrake.
+The names below are imported on first use, so that ``fem_moe.backbones`` (plain torch) and
+``fem_moe.bridge`` (torch and MPI) can be imported without Firedrake.
 """
 import importlib
 
 __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
-    "FemMoeError": "errors", "InputError": "errors", "SolverDivergedError": "errors",
+    "FemMoeError": "collective", "InputError": "collective", "SolverDivergedError": "errors",
     "RankDeficientBasisWarning": "errors",
     "ConstrainedProblem": "problem",
     "Expert": "expert", "DEFAULT_SOLVER_PARAMETERS": "expert",

@@ -9,6 +9,8 @@ CPU, NCCL on GPUs), since each rank's backward only saw its own part of the loss
 
 :class:`BackboneRanks` is the other layout: the backbone on some ranks only (one per GPU), each
 serving the other ranks of its node over MPI.
+
+torch and MPI only: this module imports without Firedrake (e.g. on a GPU node benchmarked alone).
 """
 import datetime
 import os
@@ -19,6 +21,8 @@ import torch
 import torch.distributed as dist
 from mpi4py import MPI
 from torch.autograd.function import once_differentiable
+
+from .collective import InputError, raise_on_all_ranks
 
 __all__ = ["init_process_group", "device_for_rank", "broadcast_parameters", "allreduce_gradients",
            "BackboneRanks"]
@@ -40,11 +44,12 @@ def init_process_group(comm=MPI.COMM_WORLD, backend=None, timeout=120):
 
     The rendezvous needs no environment variables: rank 0 opens a TCP store on a free port of its
     host (``FEM_MOE_MASTER_ADDR`` overrides the address it announces) and broadcasts it over MPI.
-    ``backend``: default "nccl" when torch sees a GPU, else "gloo".
+    ``backend``: default "nccl" when torch sees a GPU for each rank of a node, else "gloo" (NCCL
+    refuses two ranks on one GPU, the usual layout of FEM jobs; gloo reduces CUDA tensors too).
     """
     if dist.is_available() and dist.is_initialized():
         return
-    backend = backend or ("nccl" if torch.cuda.is_available() else "gloo")
+    backend = backend or ("nccl" if _gpu_each(comm, comm.rank) else "gloo")
     store = None
     if comm.rank == 0:
         host = os.environ.get("FEM_MOE_MASTER_ADDR") or (
@@ -62,6 +67,16 @@ def init_process_group(comm=MPI.COMM_WORLD, backend=None, timeout=120):
                             timeout=datetime.timedelta(seconds=timeout))
 
 
+def _gpu_each(comm, mine):
+    """Whether torch sees a GPU for each rank of ``comm`` that passes ``mine`` (True/False here),
+    node by node: what NCCL needs. Collective over ``comm``."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    count = local.allreduce(int(bool(mine)))
+    local.Free()
+    gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    return bool(comm.allreduce(0 < gpus and count <= gpus, op=MPI.LAND))
+
+
 def _single_host(comm, root):
     names = comm.gather(MPI.Get_processor_name(), root=0)
     return root and len(set(names)) == 1
@@ -72,7 +87,6 @@ def broadcast_parameters(module, src=0, comm=MPI.COMM_WORLD):
     ``comm`` (the ranks of the process group). The replicas must have the same architecture on
     every rank (checked first: a backbone whose input size is rank-dependent, e.g. built from
     this rank's dof count, raises InputError on every rank instead of aborting MPI)."""
-    from .errors import raise_on_all_ranks
     shapes = [tuple(t.shape) for t in list(module.parameters()) + list(module.buffers())]
     everyone = comm.allgather(shapes)
     raise_on_all_ranks(comm, None if all(s == everyone[src] for s in everyone) else
@@ -112,12 +126,12 @@ class BackboneRanks:
     ``device``: this rank's torch device (``cuda:<its GPU>`` on a backbone rank with CUDA, set
     with ``torch.cuda.set_device``; CPU on clients and without CUDA). Collective over ``comm``;
     starts torch.distributed over ``comm`` (:func:`init_process_group`) and, where the backbone
-    ranks are not all ranks, a process group over the backbone ranks (``backend``: NCCL between
-    GPU ranks, gloo otherwise).
+    ranks are not all ranks, a process group over the backbone ranks (``backend``: default NCCL
+    where each backbone rank has a GPU of its own, gloo otherwise -- e.g. ``ranks="all"`` with
+    several ranks per GPU, which NCCL refuses).
     """
 
     def __init__(self, comm=MPI.COMM_WORLD, ranks=None, backend=None):
-        from .errors import InputError, raise_on_all_ranks
         self.comm = comm
         local = comm.Split_type(MPI.COMM_TYPE_SHARED)
         local_rank, node_ranks = local.rank, local.allgather(comm.rank)
@@ -148,11 +162,13 @@ class BackboneRanks:
             self.device = torch.device("cuda", index)
         else:
             self.device = torch.device("cpu")
-        init_process_group(comm, backend=None if self.everywhere else "gloo")
+        # NCCL between the backbone ranks where each has a GPU of its own, gloo otherwise.
+        backend = backend or ("nccl" if _gpu_each(comm, self.is_backbone) else "gloo")
+        init_process_group(comm, backend=backend if self.everywhere else "gloo")
         self.torch_group = None
         if not self.everywhere:
             # new_group is collective over every rank of the default group.
-            self.torch_group = dist.new_group(ranks, backend=backend or ("nccl" if gpus else "gloo"))
+            self.torch_group = dist.new_group(ranks, backend=backend)
 
     # ------------------------------------------------------------------ evaluation
     def evaluate(self, backbone, inputs, points, components=None):
@@ -219,45 +235,52 @@ def _allreduce(params, group=None):
 
 class _Serve(torch.autograd.Function):
     """On a backbone rank: the backbone's fields at its own and its clients' points -> its own
-    share; the clients' shares are sent to them, and their gradients received in the backward."""
+    share, which stays on its device; each client's share is sent to it as one contiguous
+    [batch, N, n_client] block (cut on the device, one copy to the host), and the clients'
+    gradients come back the same way in the backward."""
 
     @staticmethod
     def forward(ctx, fields, group, counts):
-        B, N, n = fields.shape
-        ctx.group, ctx.counts, ctx.shape = group, counts, fields.shape
-        ctx.device, ctx.dtype = fields.device, fields.dtype
-        send = np.ascontiguousarray(fields.detach().cpu().numpy().transpose(2, 0, 1))   # [n, B, N]
+        B, N, _ = fields.shape
+        offsets = np.concatenate([[0], np.cumsum(counts)])
+        blocks = [fields[:, :, a:b].reshape(-1) for a, b in zip(offsets[1:-1], offsets[2:])]
+        send = (torch.cat(blocks) if blocks else fields.new_empty(0)).detach().cpu().numpy()
+        ctx.group, ctx.counts, ctx.dtype = group, counts, send.dtype
         group.bcast((B, N, send.dtype.str), root=0)
-        own = np.empty((counts[0], B, N), dtype=send.dtype)
-        group.Scatterv([send, counts * B * N], own)
-        return torch.tensor(own.transpose(1, 2, 0), device=fields.device)
+        sizes = counts * B * N
+        sizes[0] = 0
+        group.Scatterv([send, sizes], np.empty(0, dtype=send.dtype))
+        return fields[:, :, :counts[0]].detach().clone()
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        B, N, n = ctx.shape
-        own = np.ascontiguousarray(grad.detach().cpu().numpy().transpose(2, 0, 1), dtype=np.float64)
-        everything = np.empty((n, B, N))
-        ctx.group.Gatherv(own, [everything, ctx.counts * B * N])
-        return (torch.tensor(everything.transpose(1, 2, 0), dtype=ctx.dtype, device=ctx.device),
-                None, None)
+        B, N, _ = grad.shape
+        counts = ctx.counts
+        sizes = counts * B * N
+        sizes[0] = 0
+        theirs = np.empty(int(sizes.sum()), dtype=ctx.dtype)
+        ctx.group.Gatherv(np.empty(0, dtype=ctx.dtype), [theirs, sizes])
+        theirs = torch.from_numpy(theirs).to(device=grad.device, dtype=grad.dtype)
+        blocks = [grad] + [block.view(B, N, -1) for block in torch.split(theirs, sizes[1:].tolist())]
+        return torch.cat(blocks, dim=2), None, None
 
 
 class _Receive(torch.autograd.Function):
-    """On a client: its share of its server's fields; in the backward, its gradient goes to the
-    server (``anchor``, a backbone parameter, only ties the call into the autograd graph)."""
+    """On a client: its share of its server's fields, a contiguous [batch, N, n] block; in the
+    backward, its gradient goes to the server (``anchor``, a backbone parameter, only ties the
+    call into the autograd graph)."""
 
     @staticmethod
     def forward(ctx, anchor, group, n):
         B, N, dtype = group.bcast(None, root=0)
-        fields = np.empty((n, B, N), dtype=np.dtype(dtype))
+        fields = np.empty((B, N, n), dtype=np.dtype(dtype))
         group.Scatterv(None, fields)
-        ctx.group = group
-        return torch.tensor(fields.transpose(1, 2, 0))
+        ctx.group, ctx.dtype = group, fields.dtype
+        return torch.from_numpy(fields)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad):
-        ctx.group.Gatherv(np.ascontiguousarray(grad.detach().cpu().numpy().transpose(2, 0, 1),
-                                               dtype=np.float64), None)
+        ctx.group.Gatherv(np.ascontiguousarray(grad.detach().cpu().numpy(), dtype=ctx.dtype), None)
         return None, None, None

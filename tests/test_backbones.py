@@ -9,8 +9,20 @@ import torch
 from fem_moe.backbones import DeepONetBasis, FNO, FNOBasis, GridToPoints
 
 
-def test_backbones_do_not_import_firedrake():
-    code = "import sys, fem_moe.backbones; sys.exit('firedrake' in sys.modules)"
+def test_backbones_and_bridge_do_not_import_firedrake():
+    """The torch side runs where Firedrake is not installed (a GPU node's backbone benchmark):
+    the backbones, and the bridge serving a backbone (its errors included)."""
+    code = ("import sys, torch\n"
+            "from fem_moe import bridge\n"
+            "from fem_moe.backbones import DeepONetBasis\n"
+            "served = bridge.BackboneRanks()\n"
+            "out = served.evaluate(DeepONetBasis(2, 3, 2), torch.zeros(1, 2), torch.rand(5, 2))\n"
+            "assert out.shape == (1, 3, 5)\n"
+            "try:\n"
+            "    bridge.BackboneRanks(ranks=[1])\n"
+            "except bridge.InputError as e:\n"
+            "    assert 'must include rank 0' in str(e)\n"
+            "sys.exit('firedrake' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code]).returncode == 0
 
 

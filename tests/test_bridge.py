@@ -85,19 +85,22 @@ def _train(problem, net, kind, ranks, steps):
 
 
 @pytest.mark.parallel([2, 3])
-@pytest.mark.parametrize("kind", ["soft", "moe"])
-def test_one_backbone_rank_serves_every_rank(kind):
+@pytest.mark.parametrize("kind,servers", [("soft", [0]), ("moe", [0]), ("moe", [0, 1])])
+def test_one_backbone_rank_serves_every_rank(kind, servers):
     """Rank 0 alone holds the backbone and evaluates it at every rank's dofs: outputs, losses
     and gradients equal the all-replica run's (1e-12), and training lowers the loss alike
-    (3 ranks: two clients of one server; with K = 2, one rank hosts no expert)."""
+    (3 ranks: two clients of one server; with K = 2, one rank hosts no expert). Backbone ranks
+    [0, 1] on 3 ranks: rank 0 serves rank 2, rank 1 serves no one."""
     comm = MPI.COMM_WORLD
     bridge.init_process_group(comm)
     torch.manual_seed(7)
     problem = nonlinear_diffusion(n=6, degree=1)
     net = DeepONetBasis(1, 4, dim=2, width=16, depth=2).double()
     bridge.broadcast_parameters(net)
-    served = bridge.BackboneRanks(comm, ranks=[0])
-    parallel_assert(served.is_backbone == (comm.rank == 0) and served.server == 0, "who serves whom")
+    served = bridge.BackboneRanks(comm, ranks=servers)
+    mine = comm.rank in servers
+    parallel_assert(served.is_backbone == mine and served.server == (comm.rank if mine else 0),
+                    "who serves whom")
     u0, losses0, grads0 = _train(problem, net, kind, None, 6)
     u1, losses1, grads1 = _train(problem, net, kind, served, 6)
     parallel_assert(float((u0 - u1).abs().max()) < 1e-12, "outputs differ")
@@ -110,7 +113,7 @@ def test_one_backbone_rank_serves_every_rank(kind):
     parallel_assert(losses1[-1] < 0.9 * losses1[0], f"no learning: {losses1}")
     # The backbone's gradients live on the backbone rank; a soft constraint's weights' are summed
     # over every rank.
-    names = list(grads0) if comm.rank == 0 else [n for n in grads0 if not n.startswith("backbone.")]
+    names = list(grads0) if served.is_backbone else [n for n in grads0 if not n.startswith("backbone.")]
     worst = max([float((grads0[n] - grads1[n]).abs().max()) for n in names], default=0.0)
     scale = max(float(g.abs().max()) for g in grads0.values())
     parallel_assert(worst < 1e-11 * scale, f"gradients differ by {worst:.2e} (largest {scale:.2e})")

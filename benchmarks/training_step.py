@@ -30,7 +30,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # This script's flags are not PETSc's: no unused-options report at exit.
 os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
 
-EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "SNESSolve", "FemMoeReducedSolve", "FemMoeReducedVJP",
+EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "KSPSolve", "KSPMatSolve", "SNESSolve",
+          "FemMoeReducedSolve", "FemMoeReducedVJP",
           "FemMoeCoupledSolve", "FemMoeCoupledVJP")
 
 

@@ -203,26 +203,57 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
 
 @pytest.mark.parallel([1, 2])
 def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
-    """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG gives the direct solve's
-    output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on every rank."""
+    """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG, and PETSc's own LU on
+    every rank (PCREDUNDANT, the default past BLOCKED_RIESZ_ROWS rows: the columns solved one by
+    one), give the direct solve's output; a Riesz solve that fails is a SolverDivergedError
+    naming its prefix, on every rank."""
     from fem_moe.errors import SolverDivergedError
     base = nonlinear_diffusion(n=6, degree=1)
     problems = {name: fem_moe.ConstrainedProblem(base.V, base.residual, bcs=base.bcs,
                                                  data_spaces=base.data_spaces,
                                                  options_prefix=name + "_")
-                for name in ("direct", "iterative", "failing")}
+                for name in ("direct", "iterative", "redundant", "failing")}
     petsc_options(iterative_riesz_ksp_type="cg", iterative_riesz_pc_type="gamg",
-                  iterative_riesz_ksp_rtol=1e-13, failing_riesz_ksp_type="cg",
+                  iterative_riesz_ksp_rtol=1e-13, redundant_riesz_pc_type="redundant",
+                  redundant_riesz_redundant_pc_type="lu", failing_riesz_ksp_type="cg",
                   failing_riesz_pc_type="none", failing_riesz_ksp_max_it=1)
-    direct, iterative, failing = (fem_moe.HardConstraint(p, 4, norm="dual") for p in problems.values())
+    direct, iterative, redundant, failing = (fem_moe.HardConstraint(p, 4, norm="dual")
+                                             for p in problems.values())
     problem = problems["direct"]
     data, basis = source(problem), random_basis(problem, 4, seed=2)
     assert iterative.expert.row_norm._ksp.getType() == "cg"
-    u0, u1 = direct(basis, data), iterative(basis, data)
-    err = problem.comm.allreduce(float((u0 - u1).abs().max()), op=MPI.MAX)
-    parallel_assert(err < 1e-8 * float(u0.abs().max()), f"{err:.2e}")
+    assert direct.expert.row_norm._blocked and not redundant.expert.row_norm._blocked
+    def forward_backward(layer):
+        b = basis.clone().requires_grad_()
+        u = layer(b, data)
+        (u ** 2).sum().backward()      # the backward's Hessian holds W J Phi^T's columns
+        return u.detach(), b.grad
+
+    u0, g0 = forward_backward(direct)
+    for other in (iterative, redundant):
+        u1, g1 = forward_backward(other)
+        err = problem.comm.allreduce(float((u0 - u1).abs().max()), op=MPI.MAX)
+        parallel_assert(err < 1e-8 * float(u0.abs().max()), f"{err:.2e}")
+        err = problem.comm.allreduce(float((g0 - g1).abs().max()), op=MPI.MAX)
+        parallel_assert(err < 1e-7 * float(g0.abs().max()), f"gradients: {err:.2e}")
     with pytest.raises(SolverDivergedError, match="failing_riesz_"):
         failing(basis, data)
+
+
+def test_riesz_solver_by_size():
+    """The Riesz solve's defaults, chosen by measurement (norms.py): MUMPS's block solves on
+    small Gram matrices, PETSc's LU (redundant on several ranks) on larger ones, CG + GAMG past
+    the direct limit."""
+    from fem_moe import norms
+
+    class Comm:
+        def __init__(self, size):
+            self.size = size
+    small, large, huge = 6060, norms.BLOCKED_RIESZ_ROWS + 1, norms.DIRECT_RIESZ_ROWS + 1
+    assert norms._riesz_parameters(small, Comm(2))["pc_factor_mat_solver_type"] == "mumps"
+    assert norms._riesz_parameters(large, Comm(1)) == norms.DEFAULT_RIESZ_PARAMETERS
+    assert norms._riesz_parameters(large, Comm(3))["pc_type"] == "redundant"
+    assert norms._riesz_parameters(huge, Comm(1))["pc_type"] == "gamg"
 
 
 def test_memory_flat_over_500_calls():

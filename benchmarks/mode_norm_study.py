@@ -28,6 +28,9 @@ parser.add_argument("--loss-norm", default="dual", help="the physics loss's norm
 parser.add_argument("--no-warm-start", action="store_true",
                     help="solve every training sample cold (model.warm_start = false)")
 parser.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
+parser.add_argument("--fresh", action="store_true",
+                    help="a new batch of inputs every step (train.fresh_inputs; physics loss) "
+                         "instead of the --n-train fixed ones; its own JSON (..._fresh.json)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
 command = "python " + " ".join(sys.argv)
@@ -52,7 +55,8 @@ config = {
               "warm_start": not args.no_warm_start},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
               "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
-              "checkpoint_every": args.steps, "progress": False, "resume": False},
+              "checkpoint_every": args.steps, "progress": False, "resume": False,
+              "fresh_inputs": args.fresh},
 }
 K = args.experts
 models = []
@@ -69,11 +73,12 @@ models = study.select(models, args.only)
 study.ensure_dataset(config, MPI.COMM_WORLD, progress=False)
 rows, _ = study.compare(config, models, out)
 if MPI.COMM_WORLD.rank == 0:
-    title = (f"{args.pde}: mode x norm, {args.steps} steps, physics loss ({args.loss_norm} norm), "
+    title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}, "
+             f"physics loss ({args.loss_norm} norm), "
              f"{MPI.COMM_WORLD.size} rank(s)")
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps.json")
+    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}.json")
     if os.path.exists(name):
         # Rows of earlier runs (other --only selections) stay, unless measured again now.
         with open(name) as f:

@@ -32,6 +32,7 @@ import io
 import json
 import math
 import os
+import re
 import time
 import warnings
 
@@ -334,7 +335,7 @@ class Trainer:
             record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
             self.step += 1
             with warnings.catch_warnings():     # the schedule follows the step count, taken or not
-                warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step()`")
+                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             self.history.append(record)
             if self.config["train"]["on_diverge"] == "stop":

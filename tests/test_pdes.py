@@ -119,3 +119,25 @@ def test_3d_part_with_holes_classical_solvers_agree_and_the_mixture_recovers_the
         u = layer(basis, m)
         err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
         parallel_assert(err < 1e-8 * scale, f"{type(layer).__name__}: max error {err:.2e}")
+
+
+@pytest.mark.parametrize("name,options", [
+    ("reaction_diffusion", {"mesh": "plate_with_holes"}), ("diffusion_sorption", {"nx": 8, "nt": 4}),
+    ("flow_past_obstacle", {}), ("decaying_turbulence", {"steps": 2, "t_end": 1.0})])
+def test_new_inputs_compile_no_new_kernels(name, options, monkeypatch):
+    """Training on fresh inputs calls ``pde.data`` with new parameters every step: the data's
+    kernels must take them as values (Constants, arrays), not as literals compiled into a new
+    kernel each time (0.2 s and a shared library per input on the channel). PyOP2 builds a
+    kernel's library through ``compilation.make_so`` on a miss of its in-memory cache: counted
+    here (the real function runs)."""
+    import pyop2.compilation
+    built = []
+    make_so = pyop2.compilation.make_so
+    monkeypatch.setattr(pyop2.compilation, "make_so", lambda *a, **k: built.append(1) or make_so(*a, **k))
+    pde = pdes.get(name, **options)
+    problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
+    first, second = pde.sample(np.random.default_rng(0), 2)
+    pde.data(problem, first)
+    before = len(built)
+    pde.data(problem, second)
+    assert len(built) == before, f"{len(built) - before} kernel(s) built for a new input"

@@ -245,10 +245,10 @@ class _Serve(torch.autograd.Function):
         offsets = np.concatenate([[0], np.cumsum(counts)])
         blocks = [fields[:, :, a:b].reshape(-1) for a, b in zip(offsets[1:-1], offsets[2:])]
         send = (torch.cat(blocks) if blocks else fields.new_empty(0)).detach().cpu().numpy()
-        ctx.group, ctx.counts, ctx.dtype = group, counts, send.dtype
-        group.bcast((B, N, send.dtype.str), root=0)
-        sizes = counts * B * N
+        sizes = counts * B * N             # what each rank receives; the server keeps its own
         sizes[0] = 0
+        ctx.group, ctx.sizes, ctx.dtype = group, sizes, send.dtype
+        group.bcast((B, N, send.dtype.str), root=0)
         group.Scatterv([send, sizes], np.empty(0, dtype=send.dtype))
         return fields[:, :, :counts[0]].detach().clone()
 
@@ -256,9 +256,7 @@ class _Serve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad):
         B, N, _ = grad.shape
-        counts = ctx.counts
-        sizes = counts * B * N
-        sizes[0] = 0
+        sizes = ctx.sizes
         theirs = np.empty(int(sizes.sum()), dtype=ctx.dtype)
         ctx.group.Gatherv(np.empty(0, dtype=ctx.dtype), [theirs, sizes])
         theirs = torch.from_numpy(theirs).to(device=grad.device, dtype=grad.dtype)

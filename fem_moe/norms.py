@@ -46,10 +46,10 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: multigrid, to a tolerance at which the objective and its gradient agree to round-off (the Gram
 #: matrix is SPD and well conditioned: a handful of iterations). Which factorisation, by
 #: measurement (README, "Training speed"): up to :data:`BLOCKED_RIESZ_ROWS` rows MUMPS, which
-#: solves the N columns of W J Phi as one block (3.9 ms against 12 ms for 16 columns one by one
-#: with PETSc's LU, 6060 rows); past that PETSc's own LU, whose solves cost a fixed 4 ms where
-#: MUMPS's cost 22-32 ms (103,525 rows; 16 columns: 62 ms against 74-128 ms), on several ranks
-#: redundantly (each rank factors the whole Gram matrix: PCREDUNDANT).
+#: solves the N columns of W J Phi as one block (4-5 ms against 11-17 ms for 16 columns one by
+#: one with PETSc's LU, 6060 rows); past that PETSc's own LU, whose solves cost 4 ms where
+#: MUMPS's cost 30 ms (103,525 rows; 16 columns: 61-72 ms against 73-149 ms), on several ranks
+#: redundantly (each rank factors the whole Gram matrix: PCREDUNDANT). benchmarks/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
 REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant", "redundant_pc_type": "lu"}
 ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,

@@ -1,0 +1,110 @@
+"""The dual norm's Riesz solve: which direct solver, at which size (fem_moe.norms' defaults).
+
+    mpiexec -n P python benchmarks/riesz_solve.py [--pdes decaying_turbulence diffusion_sorption]
+        [--columns 16] [--repeats 5] [--out benchmarks/results/riesz_solve.json]
+
+For each PDE's space at its paper size (turbulence: the 10-step window, 6060 rows;
+diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
+with MUMPS and with PETSc's own LU (on several ranks inside PCREDUNDANT: every rank factors the
+whole matrix), and the table gives the factorisation, one solve, and ``--columns`` right-hand
+sides solved as one block (KSPMatSolve) and one column at a time, slowest rank. A Gauss-Newton
+matrix in the dual norm needs one block of N columns (W J Phi^T), every objective one column.
+"""
+import argparse
+import os
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
+
+OPTIONS = {"decaying_turbulence": {"steps": 10, "t_end": 0.6},
+           "diffusion_sorption": {"nx": 1024, "nt": 100}}
+
+
+def timed(comm, fn, repeats):
+    from mpi4py import MPI
+    comm.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    return comm.allreduce((time.perf_counter() - t0) / repeats, op=MPI.MAX)
+
+
+def measure(pde_name, solver, args):
+    import numpy as np
+    from mpi4py import MPI
+    from firedrake.petsc import PETSc
+    from fem_moe import pdes
+    from fem_moe.norms import _h1_gram
+    pde = pdes.get(pde_name, **OPTIONS[pde_name])
+    problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
+    G = _h1_gram(problem.V)
+    comm = G.getComm().tompi4py()
+    ksp = PETSc.KSP().create(comm=comm)
+    ksp.setOperators(G)
+    ksp.setType("preonly")
+    pc = ksp.getPC()
+    if solver == "mumps":
+        pc.setType("lu")
+        pc.setFactorSolverType("mumps")
+    elif comm.size == 1:
+        pc.setType("lu")
+        pc.setFactorSolverType("petsc")
+    else:
+        ksp.setOptionsPrefix("riesz_benchmark_")
+        PETSc.Options()["riesz_benchmark_redundant_pc_type"] = "lu"
+        pc.setType("redundant")
+        pc.setFromOptions()
+    factor = timed(comm, ksp.setUp, 1)
+    rows = G.getLocalSize()[0]
+    B = PETSc.Mat().createDense(((rows, None), (None, args.columns)), comm=comm)
+    B.setUp()
+    B.getDenseArray()[:] = np.random.default_rng(comm.rank).random((rows, args.columns))
+    B.assemble()
+    X = B.duplicate()
+    x, y = G.createVecs()
+    x.setRandom()
+    ksp.solve(x, y)                                              # the first solve's setup
+    ksp.matSolve(B, X)
+    one = timed(comm, lambda: ksp.solve(x, y), args.repeats)
+    block = timed(comm, lambda: ksp.matSolve(B, X), args.repeats)
+    size = G.getSize()[0]
+    for obj in (ksp, B, X, x, y, G):
+        obj.destroy()
+    return dict(pde=pde_name, rows=size, ranks=comm.size,
+                solver=solver if solver == "mumps" else ("petsc" if comm.size == 1 else "redundant petsc"),
+                factor_ms=1e3 * factor, solve_ms=1e3 * one, block_ms=1e3 * block,
+                columns_ms=1e3 * one * args.columns, columns=args.columns)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--pdes", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--columns", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--out", default=os.path.join(HERE, "results", "riesz_solve.json"))
+    args, _ = parser.parse_known_args()
+    sys.path.insert(0, HERE)
+    from mpi4py import MPI
+    from common import print_table, write_json
+    rows = [measure(p, s, args) for p in args.pdes for s in ("mumps", "petsc")]
+    if MPI.COMM_WORLD.rank == 0:
+        print_table(rows, [("pde", "pde", "{}"), ("rows", "rows", "{}"), ("ranks", "ranks", "{}"),
+                           ("solver", "solver", "{}"), ("factor_ms", "factor ms", "{:.0f}"),
+                           ("solve_ms", "1 solve ms", "{:.2f}"),
+                           ("block_ms", f"{args.columns} as a block ms", "{:.1f}"),
+                           ("columns_ms", f"{args.columns} one by one ms", "{:.1f}")],
+                    title="the H1 Gram matrix's direct solves (slowest rank)")
+        if not os.path.exists(args.out):
+            write_json(args.out, "riesz_solve", rows)
+        else:       # one file for every rank count: rows of this rank count replaced
+            import json
+            with open(args.out) as f:
+                old = json.load(f)["rows"]
+            keep = [r for r in old if r["ranks"] != MPI.COMM_WORLD.size]
+            write_json(args.out, "riesz_solve", keep + rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -45,11 +45,12 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: up to :data:`DIRECT_RIESZ_ROWS` rows; past that conjugate gradients with PETSc's algebraic
 #: multigrid, to a tolerance at which the objective and its gradient agree to round-off (the Gram
 #: matrix is SPD and well conditioned: a handful of iterations). Which factorisation, by
-#: measurement (README, "Training speed"): up to :data:`BLOCKED_RIESZ_ROWS` rows MUMPS, which
-#: solves the N columns of W J Phi as one block (4-5 ms against 11-17 ms for 16 columns one by
-#: one with PETSc's LU, 6060 rows); past that PETSc's own LU, whose solves cost 4 ms where
-#: MUMPS's cost 30 ms (103,525 rows; 16 columns: 61-72 ms against 73-149 ms), on several ranks
-#: redundantly (each rank factors the whole Gram matrix: PCREDUNDANT). benchmarks/riesz_solve.py.
+#: measurement (README, "Training step at diffusion-sorption's paper size"): up to
+#: :data:`BLOCKED_RIESZ_ROWS` rows MUMPS, which solves the N columns of W J Phi as one block
+#: (4-5 ms against 11-17 ms for 16 columns one by one with PETSc's LU, 6060 rows); past that
+#: PETSc's own LU, whose solves cost 4 ms where MUMPS's cost 30 ms (103,525 rows; 16 columns:
+#: 61-72 ms against 73-149 ms), on several ranks redundantly (each rank factors the whole Gram
+#: matrix: PCREDUNDANT). Measured by benchmarks/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
 REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant", "redundant_pc_type": "lu"}
 ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,
@@ -134,7 +135,7 @@ class RowNorm:
                 ksp.setUp()
             self._ksp, self.options_prefix = ksp, prefix
             # PETSc's own LU (also inside PCREDUNDANT) solves a KSPMatSolve's columns one by
-            # one, slower than separate solves (19 ms against 12 ms, 16 columns of 6060 rows):
+            # one, slower than separate solves (19 ms against 11 ms, 16 columns of 6060 rows):
             # then weigh loops over the columns itself.
             pc = ksp.getPC()
             self._blocked = not (pc.getType() == "redundant" or (

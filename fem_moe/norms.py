@@ -59,13 +59,13 @@ DIRECT_RIESZ_ROWS = 200_000
 BLOCKED_RIESZ_ROWS = 20_000
 
 
-def _riesz_parameters(rows, comm):
-    """The Riesz KSP's default options for a Gram matrix of ``rows`` rows on ``comm``."""
+def _riesz_parameters(rows, ranks):
+    """The Riesz KSP's default options for a Gram matrix of ``rows`` rows on ``ranks`` ranks."""
     if rows > DIRECT_RIESZ_ROWS:
         return dict(ITERATIVE_RIESZ_PARAMETERS)
     if rows <= BLOCKED_RIESZ_ROWS and PETSc.Sys.hasExternalPackage("mumps"):
         return {**DEFAULT_RIESZ_PARAMETERS, "pc_factor_mat_solver_type": "mumps"}
-    if comm.size > 1:
+    if ranks > 1:
         return dict(REDUNDANT_RIESZ_PARAMETERS)
     return dict(DEFAULT_RIESZ_PARAMETERS)
 
@@ -130,7 +130,8 @@ class RowNorm:
             prefix = options_prefix
             ksp = PETSc.KSP().create(comm=comm)
             ksp.setOperators(self._G)
-            options.set_up(ksp, prefix, _riesz_parameters(self._G.getSize()[0], comm), shared=shared)
+            options.set_up(ksp, prefix, _riesz_parameters(self._G.getSize()[0], comm.size),
+                           shared=shared)
             with options.used(ksp):
                 ksp.setUp()
             self._ksp, self.options_prefix = ksp, prefix

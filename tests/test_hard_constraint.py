@@ -223,6 +223,7 @@ def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
     data, basis = source(problem), random_basis(problem, 4, seed=2)
     assert iterative.expert.row_norm._ksp.getType() == "cg"
     assert direct.expert.row_norm._blocked and not redundant.expert.row_norm._blocked
+
     def forward_backward(layer):
         b = basis.clone().requires_grad_()
         u = layer(b, data)
@@ -245,15 +246,11 @@ def test_riesz_solver_by_size():
     small Gram matrices, PETSc's LU (redundant on several ranks) on larger ones, CG + GAMG past
     the direct limit."""
     from fem_moe import norms
-
-    class Comm:
-        def __init__(self, size):
-            self.size = size
     small, large, huge = 6060, norms.BLOCKED_RIESZ_ROWS + 1, norms.DIRECT_RIESZ_ROWS + 1
-    assert norms._riesz_parameters(small, Comm(2))["pc_factor_mat_solver_type"] == "mumps"
-    assert norms._riesz_parameters(large, Comm(1)) == norms.DEFAULT_RIESZ_PARAMETERS
-    assert norms._riesz_parameters(large, Comm(3))["pc_type"] == "redundant"
-    assert norms._riesz_parameters(huge, Comm(1))["pc_type"] == "gamg"
+    assert norms._riesz_parameters(small, 2)["pc_factor_mat_solver_type"] == "mumps"
+    assert norms._riesz_parameters(large, 1) == norms.DEFAULT_RIESZ_PARAMETERS
+    assert norms._riesz_parameters(large, 3)["pc_type"] == "redundant"
+    assert norms._riesz_parameters(huge, 1)["pc_type"] == "gamg"
 
 
 def test_memory_flat_over_500_calls():

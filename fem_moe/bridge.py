@@ -49,7 +49,7 @@ def init_process_group(comm=MPI.COMM_WORLD, backend=None, timeout=120):
     """
     if dist.is_available() and dist.is_initialized():
         return
-    backend = backend or ("nccl" if _gpu_each(comm, comm.rank) else "gloo")
+    backend = backend or ("nccl" if _gpu_each(comm, True) else "gloo")
     store = None
     if comm.rank == 0:
         host = os.environ.get("FEM_MOE_MASTER_ADDR") or (

@@ -45,3 +45,22 @@ def test_training_step_with_the_backbone_on_cuda():
     if served.is_backbone:
         assert next(trainer.model.backbone.parameters()).is_cuda
     parallel_assert(bridge.BackboneRanks(MPI.COMM_WORLD).ranks == served.ranks, "ranks differ")
+
+
+@pytest.mark.parallel([1, 2])
+def test_replicas_sharing_a_gpu_reduce_their_gradients():
+    """Every rank a replica on the node's GPU (the README's replicated layout) with more ranks
+    than GPUs: NCCL refuses two ranks on one GPU ("invalid usage", seen on an H200 with the
+    backend chosen from CUDA alone), so the process group is gloo there, which reduces CUDA
+    tensors; one rank per GPU keeps NCCL."""
+    import torch.distributed as dist
+    comm = MPI.COMM_WORLD
+    bridge.init_process_group(comm)
+    device = bridge.device_for_rank(comm)
+    net = torch.nn.Linear(3, 2).double().to(device)
+    bridge.broadcast_parameters(net)
+    net(torch.ones(4, 3, dtype=torch.float64, device=device)).sum().backward()
+    bridge.allreduce_gradients(net)
+    sharing = comm.size > torch.cuda.device_count()
+    parallel_assert(dist.get_backend() == ("gloo" if sharing else "nccl"), dist.get_backend())
+    parallel_assert(float(net.bias.grad[0]) == 4.0 * comm.size, f"{net.bias.grad}")

@@ -63,6 +63,17 @@ def write_json(path, name, rows, **meta):
     print(f"wrote {path}")
 
 
+def merged_rows(path, rows, key):
+    """``rows`` after the rows of earlier runs in the JSON file ``path`` (if it exists) that this
+    run did not measure again (the same ``key(row)``): one file gathers several runs."""
+    if not os.path.exists(path):
+        return rows
+    with open(path) as f:
+        earlier = json.load(f)["rows"]
+    new = {key(r) for r in rows}
+    return [r for r in earlier if key(r) not in new] + rows
+
+
 def run_child(cmd):
     """Run a measurement child process; return the JSON object it printed on a line of its own.
     Its command-line flags are ours, not PETSc's: silence PETSc's unused-options report."""

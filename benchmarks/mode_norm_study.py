@@ -11,7 +11,6 @@ Prints a table (relative L2 error against the classical solver, residual, step t
 (steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
 """
 import argparse
-import json
 import os
 import sys
 
@@ -40,6 +39,8 @@ from mpi4py import MPI  # noqa: E402
 from fem_moe import study  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from common import merged_rows  # noqa: E402
 out = os.path.abspath(args.out or os.path.join("results", f"mode_norm_{args.pde}"))
 PDE_OPTIONS = {
     "reaction_diffusion": {"mesh": "plate_with_holes"},
@@ -79,12 +80,8 @@ if MPI.COMM_WORLD.rank == 0:
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}.json")
-    if os.path.exists(name):
-        # Rows of earlier runs (other --only selections) stay, unless measured again now.
-        with open(name) as f:
-            earlier = json.load(f)["rows"]
-        ours = {row["label"] for row in rows}
-        rows = [row for row in earlier if row["label"] not in ours] + rows
+    # Rows of earlier runs (other --only selections) stay, unless measured again now.
+    rows = merged_rows(name, rows, lambda row: row["label"])
     study.write_json(name, rows,
                      title=title, command=command, steps=args.steps, experts=K,
                      ranks=MPI.COMM_WORLD.size)

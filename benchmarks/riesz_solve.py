@@ -87,7 +87,7 @@ def main():
     args, _ = parser.parse_known_args()
     sys.path.insert(0, HERE)
     from mpi4py import MPI
-    from common import print_table, write_json
+    from common import merged_rows, print_table, write_json
     rows = [measure(p, s, args) for p in args.pdes for s in ("mumps", "petsc")]
     if MPI.COMM_WORLD.rank == 0:
         print_table(rows, [("pde", "pde", "{}"), ("rows", "rows", "{}"), ("ranks", "ranks", "{}"),
@@ -96,14 +96,8 @@ def main():
                            ("block_ms", f"{args.columns} as a block ms", "{:.1f}"),
                            ("columns_ms", f"{args.columns} one by one ms", "{:.1f}")],
                     title="the H1 Gram matrix's direct solves (slowest rank)")
-        if not os.path.exists(args.out):
-            write_json(args.out, "riesz_solve", rows)
-        else:       # one file for every rank count: rows of this rank count replaced
-            import json
-            with open(args.out) as f:
-                old = json.load(f)["rows"]
-            keep = [r for r in old if r["ranks"] != MPI.COMM_WORLD.size]
-            write_json(args.out, "riesz_solve", keep + rows)
+        # One file for every rank count: rows of this rank count replaced.
+        write_json(args.out, "riesz_solve", merged_rows(args.out, rows, lambda r: r["ranks"]))
 
 
 if __name__ == "__main__":

@@ -49,7 +49,7 @@ def main():
     from mpi4py import MPI
     from fem_moe import study
     from fem_moe.train import Trainer
-    from common import print_table, write_json
+    from common import merged_rows, print_table, write_json
 
     comm = MPI.COMM_WORLD
     work = comm.bcast(tempfile.mkdtemp(prefix="fem_moe_options_") if comm.rank == 0 else None)
@@ -83,11 +83,7 @@ def main():
     if comm.rank == 0:
         # Rows of earlier runs in --out stay, unless this run measured the same kind, variant
         # and seed.
-        if os.path.exists(args.out):
-            with open(args.out) as f:
-                key = lambda r: (r["kind"], r["variant"], r["seed"])
-                new = {key(r) for r in rows}
-                rows = [r for r in json.load(f)["rows"] if key(r) not in new] + rows
+        rows = merged_rows(args.out, rows, lambda r: (r["kind"], r["variant"], r["seed"]))
         table = []
         for kind in dict.fromkeys(r["kind"] for r in rows):
             for variant in dict.fromkeys(r["variant"] for r in rows if r["kind"] == kind):

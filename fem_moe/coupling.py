@@ -23,10 +23,16 @@ and their derivatives with respect to each neighbour's coefficients. So the redu
 block sparse (KN x KN, block (k, l) only between experts that share a row's stencil): a PETSc
 matrix with block size N whose rows live on the rank of their expert, assembled from each
 expert's dense contributions (lstsq: (J Phi_nb)^T (J Phi_nb) + Phi_nb^T H Phi_nb over m's
-neighbours; galerkin: block row m only). The coupled SNES runs on the mesh communicator over the
-distributed vector of coefficients, with its own options prefix (``moe_``): ``-moe_snes_monitor``,
-``-moe_ksp_type cg -moe_pc_type bjacobi`` (each block-Jacobi block is then a rank's experts'
-own matrix), or the default direct solver (LU; MUMPS on several ranks).
+neighbours; galerkin: block row m only). Only the rows next to another expert's dofs (the
+*interface* rows) reach the other blocks' columns, so each expert forms J Phi for its own block
+on all its rows and for the others on the interface rows only; W (block diagonal over the
+experts) enters the others' blocks through its interface block, made once per expert
+(:class:`BlockColumns`): a Gauss-Newton matrix costs an expert N Riesz columns and rows x N^2
+products, as an independent expert's does, not L N and rows x (L N)^2. The coupled SNES runs
+on the mesh communicator over the distributed vector of coefficients, with its own options
+prefix (``moe_``): ``-moe_snes_monitor``, ``-moe_ksp_type cg -moe_pc_type bjacobi`` (each
+block-Jacobi block is then a rank's experts' own matrix), or the default direct solver (LU;
+MUMPS on several ranks).
 
 The SNES works in coefficients c of each block's basis orthonormalised over the dofs the block's
 expert owns (w_k = T_k c_k, T_k from the block's Gram matrix): smooth fields restricted to a small
@@ -40,6 +46,7 @@ fields u and z = sum_l P_l Phi^T lam_l in place of its own.
 import time
 
 import numpy as np
+import scipy.sparse
 from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
@@ -113,7 +120,7 @@ class CoupledRows:
     def set_transforms(self, T_nb):
         """The neighbours' T [L, N, N]: the basis in c coordinates, Phi_c[:, i] = T_l^T Phi[:, i]
         for dof i owned by neighbour l, and the block basis [n_sub, L N] (column block l: Phi_c
-        on l's dofs, zero elsewhere)."""
+        on l's dofs, zero elsewhere), split into block k's columns and the others'."""
         N, L = self.N, len(self.neighbours)
         self.T_nb = T_nb
         self.Phi_c = np.empty_like(self.Phi)
@@ -123,9 +130,14 @@ class CoupledRows:
             self.Phi_c[:, idx] = T_nb[l].T @ self.Phi[:, idx]
             blk[idx, l * N:(l + 1) * N] = self.Phi_c[:, idx].T
         self.blk = blk
-        if getattr(self, "_blk_mat", None) is not None:
-            self._blk_mat.destroy()
-        self._blk_mat = _dense_self(blk)
+        self.cols_me = np.arange(self.me * N, (self.me + 1) * N)
+        self.cols_nb = np.setdiff1d(np.arange(L * N), self.cols_me)
+        # The other blocks' columns are nonzero only on the overlap's dofs (owned by neighbours).
+        self.nb_dofs = np.flatnonzero(self.block != self.me)
+        self.blk_nb = blk[:, self.cols_nb]
+        if getattr(self, "_self_mat", None) is not None:
+            self._self_mat.destroy()
+        self._self_mat = _dense_self(blk[:, self.cols_me])
 
     def field(self, C_nb):
         """The stitched field on the submesh from the neighbours' coefficients C_nb [L, N] (in
@@ -139,26 +151,136 @@ class CoupledRows:
         e._set(e.u, e.g_vec + self.field(C_nb))
         return e._assemble_residual()
 
-    def jacobian_times_blocks(self):
-        """(P J Phi_blk) [n_sub, L N] at the expert's current u."""
+    def jacobian_blocks(self):
+        """P J Phi_blk at the expert's current u, as :class:`BlockColumns`: block k's columns on
+        every row, the other blocks' on the interface rows (the only rows they reach)."""
         e = self.expert
-        JPhi = e._times_phi(e._assemble_jacobian(), self._blk_mat)
-        JPhi[~e.row_mask] = 0.0
-        return JPhi
+        J = e._assemble_jacobian()
+        own = e._times_phi(J, self._self_mat)
+        own[~e.row_mask] = 0.0
+        J = _csr(J)
+        if self.interface is None:
+            self.interface = self._interface_rows(J)
+        return BlockColumns(self, own, J[self.interface] @ self.blk_nb)
+
+    interface = None
+
+    def _interface_rows(self, J):
+        """The rows of k (not Dirichlet) whose stencil holds a dof another expert owns: where
+        the other blocks' columns of P J Phi_blk can be nonzero. From J's sparsity pattern,
+        which no sample changes."""
+        pattern = J.copy()
+        pattern.data[:] = 1.0
+        reaches = pattern @ (self.block != self.me).astype(np.float64)
+        return np.flatnonzero((reaches > 0) & self.expert.row_mask)
+
+    def interface_weight(self, cap):
+        """S = W restricted to the interface rows [m, m] (W the expert's row norm, fixed), made
+        once: the other blocks' Gauss-Newton blocks are then m-sized products, with no Riesz
+        solve per iteration. None where m > ``cap`` (memory m^2; the caller weighs those columns
+        each time instead)."""
+        if getattr(self, "_S", None) is None and len(self.interface) <= cap:
+            e, I = self.expert, self.interface
+            diag = e.row_norm.diagonal
+            if diag is not None:
+                self._S = np.diag(diag[I])
+            else:
+                self._S = np.empty((len(I), len(I)))
+                for start in range(0, len(I), _WEIGHT_CHUNK):
+                    cols = I[start:start + _WEIGHT_CHUNK]
+                    unit = np.zeros((e.n, len(cols)))
+                    unit[cols, np.arange(len(cols))] = 1.0
+                    self._S[:, start:start + len(cols)] = e.weigh(unit)[I]
+        return getattr(self, "_S", None)
 
     def hessian_term(self, s):
         """Phi_blk^T H(s) Phi_blk [L N, L N], H(s) = d^2 <s, R(u)>/du^2 (s = W r, the weighed
-        rows); None if R is linear."""
+        rows); None if R is linear. Block k's columns by one sparse-dense product; the others'
+        live on the overlap's dofs, where only the rows of H there enter."""
         e = self.expert
         if e.H is None:
             return None
         e._set(e.r_fn, s)
-        return self.blk.T @ e._times_phi(e._assemble_hessian(), self._blk_mat)
+        H = e._assemble_hessian()
+        H_own = e._times_phi(H, self._self_mat)               # H Phi_k [n_sub, N]
+        D, me, nb = self.nb_dofs, self.cols_me, self.cols_nb
+        out = np.empty((self.blk.shape[1],) * 2)
+        out[np.ix_(me, me)] = self.blk[:, me].T @ H_own
+        cross = self.blk_nb[D].T @ H_own[D]
+        out[np.ix_(nb, me)], out[np.ix_(me, nb)] = cross, cross.T     # H is symmetric
+        out[np.ix_(nb, nb)] = self.blk_nb[D].T @ (_csr(H)[D] @ self.blk_nb)
+        return out
 
     def destroy(self):
-        if getattr(self, "_blk_mat", None) is not None:
-            self._blk_mat.destroy()
-            self._blk_mat = None
+        if getattr(self, "_self_mat", None) is not None:
+            self._self_mat.destroy()
+            self._self_mat = None
+
+
+class BlockColumns:
+    """P J Phi_blk [n_sub, L N] of one expert's rows, stored as its two parts: ``own`` [n_sub, N],
+    block k's columns, and ``nb`` [m, (L - 1) N], the other blocks' columns on the interface
+    rows (zero on every other row). The products the coupled matrix needs cost rows x N^2 and
+    m x (L N)^2, not rows x (L N)^2, and the Riesz solves N columns, not L N."""
+
+    def __init__(self, rows, own, nb):
+        self.rows, self.own, self.nb = rows, own, nb
+
+    def full(self):
+        """The dense [n_sub, L N] array (for a norm that couples every row)."""
+        r = self.rows
+        out = np.zeros((self.own.shape[0], r.blk.shape[1]))
+        out[:, r.cols_me] = self.own
+        out[np.ix_(r.interface, r.cols_nb)] = self.nb
+        return out
+
+    def transpose_times(self, x):
+        """(P J Phi_blk)^T x [L N] for a row vector x [n_sub]."""
+        r = self.rows
+        out = np.empty(r.blk.shape[1])
+        out[r.cols_me] = self.own.T @ x
+        out[r.cols_nb] = self.nb.T @ x[r.interface]
+        return out
+
+    def gauss_newton(self, Z, Z_nb, S):
+        """(P J Phi_blk)^T W (P J Phi_blk) [L N, L N] from Z = W own and either S, W on the
+        interface rows, or Z_nb = W nb (placed on the interface rows: [n_sub, (L - 1) N])."""
+        r = self.rows
+        me, nbc, I = r.cols_me, r.cols_nb, r.interface
+        out = np.empty((r.blk.shape[1],) * 2)
+        out[np.ix_(me, me)] = self.own.T @ Z
+        cross = self.nb.T @ Z[I]
+        out[np.ix_(nbc, me)], out[np.ix_(me, nbc)] = cross, cross.T     # W is symmetric
+        out[np.ix_(nbc, nbc)] = self.nb.T @ (S @ self.nb if S is not None else Z_nb[I])
+        return out
+
+    def tested(self, Phi_c):
+        """Phi_c (P J Phi_blk) [N, L N]: the Galerkin rows (Phi_c [N, n_sub], the test basis)."""
+        r = self.rows
+        out = np.empty((Phi_c.shape[0], r.blk.shape[1]))
+        out[:, r.cols_me] = Phi_c @ self.own
+        out[:, r.cols_nb] = Phi_c[:, r.interface] @ self.nb
+        return out
+
+    def interface_columns(self):
+        """The other blocks' columns as [n_sub, (L - 1) N] (zero off the interface rows)."""
+        r = self.rows
+        out = np.zeros((self.own.shape[0], len(r.cols_nb)))
+        out[r.interface] = self.nb
+        return out
+
+
+def _csr(mat):
+    """A sequential PETSc aij matrix as a scipy CSR matrix (a copy of its values)."""
+    indptr, indices, values = mat.getValuesCSR()
+    return scipy.sparse.csr_matrix((values, indices, indptr), shape=mat.getSize())
+
+
+# Columns weighed at a time when W's interface block is formed (memory n_sub x this).
+_WEIGHT_CHUNK = 64
+#: The largest interface (rows of one expert) whose block of W is kept dense (m^2 doubles):
+#: past it the other blocks' columns are weighed at every Gauss-Newton matrix instead.
+INTERFACE_WEIGHT_ROWS = 2048
 
 
 class CoupledSolver:
@@ -348,7 +470,8 @@ class CoupledSolver:
         return M @ C[self.rows[k].me], M
 
     def _gradient(self, state):
-        """G (distributed Vec) into state["G"]; lstsq keeps each expert's J Phi_blk."""
+        """G (distributed Vec) into state["G"]; lstsq keeps each expert's P J Phi_blk
+        (:class:`BlockColumns`)."""
         err, N = None, self.N
         self._acc.zeroEntries()
         state["JPhi"] = {}
@@ -357,10 +480,10 @@ class CoupledSolver:
                 rows = self.rows[k]
                 # The expert's u is this state's: the cache holds the last point evaluated.
                 r = state["r"][k]
-                JPhi = rows.jacobian_times_blocks()
+                JPhi = rows.jacobian_blocks()
                 state["JPhi"][k] = JPhi
                 if self.mode == "lstsq":
-                    g, idx = JPhi.T @ state["s"][k], self.position[rows.neighbours]
+                    g, idx = JPhi.transpose_times(state["s"][k]), self.position[rows.neighbours]
                 else:
                     g, idx = rows.Phi_c @ r, self.position[[k]]
                 g = g.reshape(-1, N)
@@ -374,6 +497,32 @@ class CoupledSolver:
         state["G"] = self._acc.copy()
         state["gnorm"] = state["G"].norm()
 
+    def _gauss_newton_blocks(self, state):
+        """{k: (P J Phi_blk)^T W (P J Phi_blk)} of my experts, with the Riesz solves it needs
+        (collective for a norm that couples every row): block k's columns are weighed, the
+        others' go through W's interface block (made once per expert), or are weighed too where
+        that block is too large to keep."""
+        if "GN" in state:
+            return state["GN"]
+        JPhi = state["JPhi"]
+        if self.dense:
+            WJ = self._weigh({k: self._columns(k, JPhi[k].full()) for k in self.mine})
+            state["GN"] = {k: JPhi[k].full().T @ WJ[k] for k in self.mine}
+            return state["GN"]
+        N, S, columns, err = self.N, {}, {}, None
+        try:
+            for k in self.mine:
+                S[k] = self.rows[k].interface_weight(INTERFACE_WEIGHT_ROWS)
+                columns[k] = JPhi[k].own if S[k] is not None else np.hstack(
+                    [JPhi[k].own, JPhi[k].interface_columns()])
+        except Exception as exc:     # noqa: BLE001 -- reaches every rank below
+            err = exc
+        self._agree(err)
+        WJ = self._weigh(columns)
+        state["GN"] = {k: JPhi[k].gauss_newton(WJ[k][:, :N], WJ[k][:, N:], S[k])
+                       for k in self.mine}
+        return state["GN"]
+
     def _jacobian(self, state, exact=None, descent=True):
         """The block-sparse Jacobian into self.A: lstsq GN (+ the second-order term where
         ``exact``, default by the Gauss-Newton switch; with ``descent``, only where that is
@@ -383,15 +532,12 @@ class CoupledSolver:
         err = None
         A = self.A
         A.zeroEntries()
-        if self.mode == "lstsq" and "WJ" not in state:
-            state["WJ"] = self._weigh({k: self._columns(k, state["JPhi"][k]) for k in self.mine})
-        WJ = state.get("WJ")
+        GN = self._gauss_newton_blocks(state) if self.mode == "lstsq" else None
         try:
             for k in self.mine:
                 rows = self.rows[k]
-                JPhi = state["JPhi"][k]
                 if self.mode == "lstsq":
-                    M = JPhi.T @ WJ[k]
+                    M = GN[k].copy()
                     idx_r = idx_c = self.position[rows.neighbours]
                     if self.dense:
                         idx_c = np.arange(len(self.position))
@@ -400,7 +546,7 @@ class CoupledSolver:
                         if S is not None:
                             M[:, self._column_index(k)] += S
                 else:
-                    M = rows.Phi_c @ JPhi
+                    M = state["JPhi"][k].tested(rows.Phi_c)
                     idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
                 # M is a fresh array: block k's ridge goes into its (k, k) block.
                 mi, me = (list(idx).index(self.position[k]) for idx in (idx_r, idx_c))

@@ -151,6 +151,30 @@ def test_coupled_one_expert_dual_norm_is_the_global_layer(norm):
     parallel_assert(err_u < 1e-10 and err_g < 1e-8, f"{err_u:.2e} {err_g:.2e}")
 
 
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("norm", ["dual_blocks", "lumped"])
+def test_interface_block_of_the_norm_or_weighed_columns_agree(norm, monkeypatch):
+    """The other blocks' Gauss-Newton blocks through W's interface block (kept once per expert)
+    or, past INTERFACE_WEIGHT_ROWS, through a Riesz solve of their columns at every matrix: the
+    same outputs and gradients (the backward's exact Hessian carries the difference)."""
+    import fem_moe.coupling
+    outs = []
+    for cap in (fem_moe.coupling.INTERFACE_WEIGHT_ROWS, 0):
+        monkeypatch.setattr(fem_moe.coupling, "INTERFACE_WEIGHT_ROWS", cap)
+        problem = nonlinear_diffusion(n=8, degree=1)
+        layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=3, norm=norm)
+        basis = random_basis(problem, 4, seed=2).requires_grad_()
+        data = source(problem).requires_grad_()
+        u = layer(basis, data)
+        (u ** 3).sum().backward()
+        kept = [getattr(r, "_S", None) is not None for r in layer.coupling.rows.values()]
+        outs.append((u.detach().numpy(), basis.grad.numpy(), data.grad.numpy(), kept))
+    parallel_assert(all(outs[0][3]) and not any(outs[1][3]), "the interface block was not used as asked")
+    for a, b in zip(outs[0][:3], outs[1][:3]):
+        err = problem.comm.allreduce(np.abs(a - b).max() / np.abs(b).max(), op=MPI.MAX)
+        parallel_assert(err < 1e-10, f"{err:.2e}")
+
+
 def test_whole_mesh_dual_norm_refused_for_many_experts():
     problem = nonlinear_diffusion(n=8, degree=1)
     with pytest.raises(fem_moe.errors.InputError, match="dual_blocks"):

@@ -51,7 +51,8 @@ from firedrake.petsc import PETSc
 
 from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
-                     linear_failure, orthonormal_coordinates, reason_name, tolerance)
+                     linear_failure, orthonormal_coordinates, reason_name, reduced_solver_defaults,
+                     tolerance)
 from . import options
 from .norms import ExpertBlocks
 
@@ -373,8 +374,15 @@ class CoupledSolver:
         # MUMPS on one rank too (read only by a factorising preconditioner): PETSc's own LU
         # calls a pivot below 2.2e-14 (absolute) zero, and the coupled matrix's scale is the
         # residual's squared (~1e-12 on diffusion-sorption): it failed on most training steps.
-        defaults = {**DEFAULT_COUPLING_PARAMETERS, "pc_factor_mat_solver_type": "mumps"}
+        defaults = {**reduced_solver_defaults(self.mode, DEFAULT_COUPLING_PARAMETERS),
+                    "pc_factor_mat_solver_type": "mumps"}
         options.set_up(snes, prefix, defaults, params)
+        # fem_moe's own solves with the coupled matrix (the first step's length, the stall
+        # test, the backward) go through the SNES's preconditioner, shared, and no Krylov
+        # method: the SNES's CG keeps the last trust-region radius and would cut them short.
+        self._direct = PETSc.KSP().create(comm=self.comm)
+        self._direct.setType("preonly")
+        self._direct.setPC(snes.getKSP().getPC())
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
         self._auto_delta0 = (snes.getType() == "newtontr"
@@ -661,8 +669,8 @@ class CoupledSolver:
             # The first Gauss-Newton step's length starts the trust region (the experts' rule).
             self._state_at(self.x, "A")
             step = self.x.duplicate()
-            self.snes.getKSP().setOperators(self.A)
-            self.snes.getKSP().solve(start["G"], step)
+            self._direct.setOperators(self.A)
+            self._direct.solve(start["G"], step)
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
         self._callback_error = None
@@ -737,9 +745,8 @@ class CoupledSolver:
             return g.norm() <= self.stall_rtol * g_start
         self._jacobian(state, exact=False)   # Gauss-Newton: positive definite
         step = g.duplicate()
-        ksp = self.snes.getKSP()
-        ksp.setOperators(self.A)
-        ksp.solve(g, step)
+        self._direct.setOperators(self.A)
+        self._direct.solve(g, step)
         decrease = 0.5 * g.dot(step)
         step.destroy()
         return decrease <= self.stall_rtol * state["objective"]
@@ -758,7 +765,7 @@ class CoupledSolver:
         self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, self.rows[k].own] @ u_bar[k][self.rows[k].own]
                                  for k in self.mine})
         lam = self.x.duplicate()
-        ksp = self.snes.getKSP()
+        ksp = self._direct
         ksp.setOperators(self.A)
         err = None
         try:
@@ -839,7 +846,7 @@ class CoupledSolver:
             self._inertia_ksp.destroy()
         if getattr(self, "_inertia_mat", None) is not None:
             self._inertia_mat.destroy()
-        for obj in (self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
+        for obj in (self._direct, self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
                     self.tlocal, self.tscatter):
             obj.destroy()
         for rows in self.rows.values():

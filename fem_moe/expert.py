@@ -47,7 +47,8 @@ from .norms import NORMS, RowNorm, check_norm
 from .options import shared_set
 from .problem import owned_size, owned_values, set_owned_values, subspaces
 
-__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS"]
+__all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS",
+           "reduced_solver_defaults"]
 
 #: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 |r|^2 (in lstsq mode),
 #: Gauss-Newton Jacobians far from the solution and the exact Hessian near it (Levenberg-Marquardt
@@ -74,6 +75,21 @@ DEFAULT_SOLVER_PARAMETERS = {
     "ksp_type": "preonly",
     "pc_type": "lu",
 }
+
+
+
+def reduced_solver_defaults(mode, base=DEFAULT_SOLVER_PARAMETERS):
+    """``base`` for a reduced SNES in ``mode``. Least squares (a symmetric positive definite
+    model matrix, fem_moe's descent guard) solves its steps with CG preconditioned by the
+    factorisation: one iteration, the same step as ``preonly``, but PETSc's trust region learns
+    from CG (KSP_CONVERGED_STEP_LENGTH) when a step was cut back to the region's boundary, and
+    only then ever enlarges the region. With ``preonly`` a region that shrank once never grew
+    again, and the solves crawled at its radius (README, "The coupled mixture's scaling")."""
+    params = dict(base)
+    if mode == "lstsq" and params.get("ksp_type") == "preonly":
+        params["ksp_type"] = "cg"
+    return params
+
 
 # Basis Gram matrix eigenvalue ratio below which a basis counts as rank deficient.
 RANK_TOL = 1e-12
@@ -365,7 +381,7 @@ class Expert:
         snes.setJacobian(self._snes_jacobian, self._Amat)
         if self.mode == "lstsq":
             snes.setObjective(self._snes_objective)
-        defaults = dict(DEFAULT_SOLVER_PARAMETERS)
+        defaults = reduced_solver_defaults(self.mode)
         if comm.size > 1:      # read only by a factorising preconditioner
             defaults["pc_factor_mat_solver_type"] = "mumps"
         options.set_up(snes, prefix, defaults, self.problem.solver_parameters, self._shared)

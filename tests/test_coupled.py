@@ -159,9 +159,9 @@ def test_interface_block_of_the_norm_or_weighed_columns_agree(norm, monkeypatch)
     same outputs and gradients (the backward's exact Hessian carries the difference)."""
     import fem_moe.coupling
     outs = []
+    problem = nonlinear_diffusion(n=8, degree=1)     # one mesh: its distribution may vary
     for cap in (fem_moe.coupling.INTERFACE_WEIGHT_ROWS, 0):
         monkeypatch.setattr(fem_moe.coupling, "INTERFACE_WEIGHT_ROWS", cap)
-        problem = nonlinear_diffusion(n=8, degree=1)
         layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=3, norm=norm)
         basis = random_basis(problem, 4, seed=2).requires_grad_()
         data = source(problem).requires_grad_()

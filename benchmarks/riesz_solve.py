@@ -1,12 +1,13 @@
 """The dual norm's Riesz solve: which direct solver, at which size (fem_moe.norms' defaults).
 
     mpiexec -n P python benchmarks/riesz_solve.py [--pdes decaying_turbulence diffusion_sorption]
-        [--columns 16] [--repeats 5] [--out benchmarks/results/riesz_solve.json]
+        [--squares 128 320] [--columns 16] [--repeats 5] [--out benchmarks/results/riesz_solve.json]
 
 For each PDE's space at its paper size (turbulence: the 10-step window, 6060 rows;
 diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
 with MUMPS and with PETSc's own LU (on several ranks inside PCREDUNDANT: every rank factors the
-whole matrix), and the table gives the factorisation, one solve, and ``--columns`` right-hand
+whole matrix); ``--squares n ...`` adds P1 on n x n unit squares (moe_scaling.py's spaces). The
+table gives the factorisation, one solve, and ``--columns`` right-hand
 sides solved as one block (KSPMatSolve) and one column at a time, slowest rank. A Gauss-Newton
 matrix in the dual norm needs one block of N columns (W J Phi^T), every objective one column.
 """
@@ -37,9 +38,13 @@ def measure(pde_name, solver, args):
     from firedrake.petsc import PETSc
     from fem_moe import pdes
     from fem_moe.norms import _h1_gram
-    pde = pdes.get(pde_name, **OPTIONS[pde_name])
-    problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
-    G = _h1_gram(problem.V)
+    if pde_name.startswith("square"):
+        import firedrake as fd
+        V = fd.FunctionSpace(fd.UnitSquareMesh(int(pde_name[6:]), int(pde_name[6:])), "CG", 1)
+    else:
+        pde = pdes.get(pde_name, **OPTIONS[pde_name])
+        V = pde.problem(pde.mesh(MPI.COMM_WORLD)).V
+    G = _h1_gram(V)
     comm = G.getComm().tompi4py()
     ksp = PETSc.KSP().create(comm=comm)
     ksp.setOperators(G)
@@ -80,7 +85,9 @@ def measure(pde_name, solver, args):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--pdes", nargs="+", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--pdes", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
+    parser.add_argument("--squares", type=int, nargs="*", default=[],
+                        help="also P1 on n x n unit squares (the names square<n>)")
     parser.add_argument("--columns", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--out", default=os.path.join(HERE, "results", "riesz_solve.json"))
@@ -88,7 +95,8 @@ def main():
     sys.path.insert(0, HERE)
     from mpi4py import MPI
     from common import merged_rows, print_table, write_json
-    rows = [measure(p, s, args) for p in args.pdes for s in ("mumps", "petsc")]
+    spaces = args.pdes + [f"square{n}" for n in args.squares]
+    rows = [measure(p, s, args) for p in spaces for s in ("mumps", "petsc")]
     if MPI.COMM_WORLD.rank == 0:
         print_table(rows, [("pde", "pde", "{}"), ("rows", "rows", "{}"), ("ranks", "ranks", "{}"),
                            ("solver", "solver", "{}"), ("factor_ms", "factor ms", "{:.0f}"),
@@ -96,8 +104,9 @@ def main():
                            ("block_ms", f"{args.columns} as a block ms", "{:.1f}"),
                            ("columns_ms", f"{args.columns} one by one ms", "{:.1f}")],
                     title="the H1 Gram matrix's direct solves (slowest rank)")
-        # One file for every rank count: rows of this rank count replaced.
-        write_json(args.out, "riesz_solve", merged_rows(args.out, rows, lambda r: r["ranks"]))
+        # One file for every space and rank count: the rows measured again replaced.
+        write_json(args.out, "riesz_solve",
+                   merged_rows(args.out, rows, lambda r: (r["pde"], r["ranks"], r["solver"])))
 
 
 if __name__ == "__main__":

@@ -6,7 +6,8 @@
 For each PDE's space at its paper size (turbulence: the 10-step window, 6060 rows;
 diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
 with MUMPS and with PETSc's own LU (on several ranks inside PCREDUNDANT: every rank factors the
-whole matrix); ``--squares n ...`` adds P1 on n x n unit squares (moe_scaling.py's spaces). The
+whole matrix; and, on several ranks, as fem_moe.norms.SplitColumns lays it out: every rank
+factors the whole matrix and solves its share of a block's columns); ``--squares n ...`` adds P1 on n x n unit squares (moe_scaling.py's spaces). The
 table gives the factorisation, one solve, and ``--columns`` right-hand
 sides solved as one block (KSPMatSolve) and one column at a time, slowest rank. A Gauss-Newton
 matrix in the dual norm needs one block of N columns (W J Phi^T), every objective one column.
@@ -46,6 +47,8 @@ def measure(pde_name, solver, args):
         V = pde.problem(pde.mesh(MPI.COMM_WORLD)).V
     G = _h1_gram(V)
     comm = G.getComm().tompi4py()
+    if solver == "split":
+        return measure_split(pde_name, G, comm, args)
     ksp = PETSc.KSP().create(comm=comm)
     ksp.setOperators(G)
     ksp.setType("preonly")
@@ -83,6 +86,29 @@ def measure(pde_name, solver, args):
                 columns_ms=1e3 * one * args.columns, columns=args.columns)
 
 
+def measure_split(pde_name, G, comm, args):
+    """fem_moe.norms.SplitColumns: PETSc's LU on every rank, a block's columns shared out."""
+    import numpy as np
+    from mpi4py import MPI
+    from fem_moe.norms import SplitColumns
+    comm.Barrier()
+    t0 = time.perf_counter()
+    solver = SplitColumns(G, "riesz_benchmark_split_", {})
+    factor = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    rng = np.random.default_rng(comm.rank)
+    rows = G.getLocalSize()[0]
+    b, B = rng.random(rows), rng.random((rows, args.columns))
+    solver.solve(b)
+    one = timed(comm, lambda: solver.solve(b), args.repeats)
+    block = timed(comm, lambda: solver.solve(B), args.repeats)
+    size = G.getSize()[0]
+    solver.destroy()
+    G.destroy()
+    return dict(pde=pde_name, rows=size, ranks=comm.size, solver="split petsc",
+                factor_ms=1e3 * factor, solve_ms=1e3 * one, block_ms=1e3 * block,
+                columns_ms=float("nan"), columns=args.columns)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pdes", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
@@ -96,7 +122,8 @@ def main():
     from mpi4py import MPI
     from common import merged_rows, print_table, write_json
     spaces = args.pdes + [f"square{n}" for n in args.squares]
-    rows = [measure(p, s, args) for p in spaces for s in ("mumps", "petsc")]
+    solvers = ("mumps", "petsc") + (("split",) if MPI.COMM_WORLD.size > 1 else ())
+    rows = [measure(p, s, args) for p in spaces for s in solvers]
     if MPI.COMM_WORLD.rank == 0:
         print_table(rows, [("pde", "pde", "{}"), ("rows", "rows", "{}"), ("ranks", "ranks", "{}"),
                            ("solver", "solver", "{}"), ("factor_ms", "factor ms", "{:.0f}"),

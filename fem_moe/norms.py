@@ -50,7 +50,8 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: (4-5 ms against 11-17 ms for 16 columns one by one with PETSc's LU, 6060 rows); past that
 #: PETSc's own LU, whose solves cost 4 ms where MUMPS's cost 30 ms (103,525 rows; 16 columns:
 #: 61-72 ms against 73-149 ms), on several ranks redundantly (each rank factors the whole Gram
-#: matrix: PCREDUNDANT). Measured by benchmarks/riesz_solve.py.
+#: matrix, as PCREDUNDANT does, and solves its share of a block's columns: :class:`SplitColumns`).
+#: Measured by benchmarks/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
 REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant", "redundant_pc_type": "lu"}
 ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,
@@ -114,7 +115,7 @@ class RowNorm:
     def __init__(self, space, rows, norm, options_prefix="fem_moe_riesz_", shared=None):
         self.norm = check_norm(norm)
         self.rows = np.asarray(rows, dtype=bool)
-        self._diag, self._ksp = None, None
+        self._diag, self._ksp, self._split = None, None, None
         if self.norm == "euclidean":
             self._diag = self.rows.astype(np.float64)
         elif self.norm == "lumped":
@@ -132,9 +133,14 @@ class RowNorm:
             ksp.setOperators(self._G)
             options.set_up(ksp, prefix, _riesz_parameters(self._G.getSize()[0], comm.size),
                            shared=shared)
-            with options.used(ksp):
-                ksp.setUp()
             self._ksp, self.options_prefix = ksp, prefix
+            if ksp.getPC().getType() == "redundant":
+                # PCREDUNDANT's layout, but a block's columns shared out among the ranks (and
+                # the inner solver's failures seen: an outer preonly KSP does not report them).
+                self._split = SplitColumns(self._G, prefix, options.parameters(ksp))
+            else:
+                with options.used(ksp):
+                    ksp.setUp()
             # PETSc's own LU (also inside PCREDUNDANT) solves a KSPMatSolve's columns one by
             # one, slower than separate solves (19 ms against 11 ms, 16 columns of 6060 rows):
             # then weigh loops over the columns itself.
@@ -155,6 +161,9 @@ class RowNorm:
         if self._diag is not None:
             return self._diag[:, None] * x if x.ndim == 2 else self._diag * x
         out = np.zeros_like(x)
+        if self._split is not None:
+            out[self.rows] = self._split.solve(x[self.rows])
+            return out
         if x.ndim == 1:
             self._x.setArray(x[self.rows])
             with options.used(self._ksp):
@@ -200,7 +209,94 @@ class RowNorm:
             for obj in (self._ksp, self._G, self._x, self._y,
                         *(m for pair in self._dense.values() for m in pair)):
                 obj.destroy()
+            if self._split is not None:
+                self._split.destroy()
             self._ksp = None
+
+
+class SplitColumns:
+    """The Riesz solve laid out as PCREDUNDANT lays it out — every rank holds the whole Gram
+    matrix and factors it itself (options under ``<prefix>redundant_``, as PCREDUNDANT's inner
+    solver takes them) — except that the columns of a block are shared out among the ranks
+    instead of every rank solving every column: P ranks solve a Gauss-Newton matrix's N columns
+    in the time of N / P solves, at the price of gathering the block's rows on every rank and its
+    solved columns back. A vector is solved by every rank, as PCREDUNDANT does.
+
+    ``G``: the Gram matrix on the rows (distributed); ``parameters``: the outer Riesz KSP's
+    options (its ``redundant_*`` ones are this solver's). Collective over G's communicator."""
+
+    def __init__(self, G, prefix, parameters):
+        from mpi4py import MPI
+        self.comm = G.getComm().tompi4py()
+        self._double = MPI.DOUBLE
+        self.rows = np.array(self.comm.allgather(G.getLocalSize()[0]))
+        self.start = int(self.rows[:self.comm.rank].sum())
+        self._G = G.getRedundantMatrix(self.comm.size)         # the whole matrix, COMM_SELF
+        ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF)
+        ksp.setOperators(self._G)
+        inner = {key[len("redundant_"):]: value for key, value in parameters.items()
+                 if key.startswith("redundant_")}
+        options.set_up(ksp, prefix + "redundant_", {"ksp_type": "preonly", "pc_type": "lu"}, inner)
+        with options.used(ksp):
+            ksp.setUp()
+        self._ksp, self.prefix = ksp, prefix
+        self._x, self._y = self._G.createVecs()
+
+    def solve(self, b):
+        """G^-1 b for this rank's rows b [n_local] or [n_local, M] -> the same shape. Collective."""
+        if b.ndim == 1:
+            B = self._allgather(np.ascontiguousarray(b), self.rows).reshape(-1, 1)
+            return self._columns(B)[self.start:self.start + len(b), 0]
+        # Rank r solves columns bounds[r]:bounds[r+1] of every row: each rank sends each other
+        # rank those columns of its rows, and gets its rows of every column back.
+        M, P = b.shape[1], self.comm.size
+        bounds = np.linspace(0, M, P + 1).astype(int)
+        width = np.diff(bounds)
+        send = np.concatenate([b[:, bounds[r]:bounds[r + 1]].ravel() for r in range(P)])
+        mine = self._alltoall(send, len(b) * width, self.rows * width[self.comm.rank])
+        Y = self._columns(mine.reshape(-1, width[self.comm.rank]))        # [n_total, my columns]
+        ends = np.cumsum(self.rows)
+        send = np.concatenate([Y[e - n:e].ravel() for e, n in zip(ends, self.rows)])
+        back = self._alltoall(send, self.rows * width[self.comm.rank], len(b) * width)
+        parts = np.split(back, np.cumsum(len(b) * width)[:-1])
+        return np.hstack([part.reshape(len(b), w) for part, w in zip(parts, width)])
+
+    def _columns(self, B):
+        """Solve each column of B [n_total, m] with this rank's factorisation; a failure on any
+        rank raises SolverDivergedError on every rank."""
+        Y = np.empty_like(B)
+        worst = 0
+        with options.used(self._ksp):
+            for j in range(B.shape[1]):
+                self._x.setArray(B[:, j])
+                self._ksp.solve(self._x, self._y)
+                worst = min(worst, self._ksp.getConvergedReason())
+                Y[:, j] = self._y.getArray(readonly=True)
+        from mpi4py import MPI
+        worst = self.comm.allreduce(worst, op=MPI.MIN)
+        if worst < 0:
+            from .expert import reason_name
+            name = reason_name(worst, PETSc.KSP.ConvergedReason)
+            raise SolverDivergedError(f"the dual norm's Riesz solve (options prefix "
+                                      f"{self.prefix + 'redundant_'!r}) failed: {name}", reason=name)
+        return Y
+
+    def _alltoall(self, send, send_counts, recv_counts):
+        recv = np.empty(int(np.sum(recv_counts)))
+        offsets = lambda c: np.concatenate([[0], np.cumsum(c)[:-1]])
+        self.comm.Alltoallv([send, send_counts, offsets(send_counts), self._double],
+                            [recv, recv_counts, offsets(recv_counts), self._double])
+        return recv
+
+    def _allgather(self, local, counts):
+        out = np.empty(int(np.sum(counts)))
+        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        self.comm.Allgatherv(local.ravel(), [out, counts, displs, self._double])
+        return out
+
+    def destroy(self):
+        for obj in (self._ksp, self._G, self._x, self._y):
+            obj.destroy()
 
 
 class ExpertBlocks:

@@ -201,28 +201,34 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
     parallel_assert(all(best <= v * (1 + 1e-10) for v in values.values()), f"{values}")
 
 
-@pytest.mark.parallel([1, 2])
+@pytest.mark.parallel([1, 2, 3])
 def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
     """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG, and PETSc's own LU on
-    every rank (PCREDUNDANT, the default past BLOCKED_RIESZ_ROWS rows: the columns solved one by
-    one), give the direct solve's output; a Riesz solve that fails is a SolverDivergedError
-    naming its prefix, on every rank."""
+    every rank (PCREDUNDANT's layout, the default past BLOCKED_RIESZ_ROWS rows; on several
+    ranks each solves its share of a block's columns, norms.SplitColumns), give the direct
+    solve's output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on
+    every rank."""
     from fem_moe.errors import SolverDivergedError
     base = nonlinear_diffusion(n=6, degree=1)
     problems = {name: fem_moe.ConstrainedProblem(base.V, base.residual, bcs=base.bcs,
                                                  data_spaces=base.data_spaces,
                                                  options_prefix=name + "_")
-                for name in ("direct", "iterative", "redundant", "failing")}
+                for name in ("direct", "iterative", "redundant", "failing", "failingredundant")}
     petsc_options(iterative_riesz_ksp_type="cg", iterative_riesz_pc_type="gamg",
                   iterative_riesz_ksp_rtol=1e-13, redundant_riesz_pc_type="redundant",
                   redundant_riesz_redundant_pc_type="lu", failing_riesz_ksp_type="cg",
-                  failing_riesz_pc_type="none", failing_riesz_ksp_max_it=1)
-    direct, iterative, redundant, failing = (fem_moe.HardConstraint(p, 4, norm="dual")
-                                             for p in problems.values())
+                  failing_riesz_pc_type="none", failing_riesz_ksp_max_it=1,
+                  failingredundant_riesz_pc_type="redundant",
+                  failingredundant_riesz_redundant_ksp_type="cg",
+                  failingredundant_riesz_redundant_pc_type="none",
+                  failingredundant_riesz_redundant_ksp_max_it=1)
+    direct, iterative, redundant, failing, failing_redundant = (
+        fem_moe.HardConstraint(p, 4, norm="dual") for p in problems.values())
     problem = problems["direct"]
     data, basis = source(problem), random_basis(problem, 4, seed=2)
     assert iterative.expert.row_norm._ksp.getType() == "cg"
     assert direct.expert.row_norm._blocked and not redundant.expert.row_norm._blocked
+    assert redundant.expert.row_norm._split is not None
 
     def forward_backward(layer):
         b = basis.clone().requires_grad_()
@@ -239,6 +245,8 @@ def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
         parallel_assert(err < 1e-7 * float(g0.abs().max()), f"gradients: {err:.2e}")
     with pytest.raises(SolverDivergedError, match="failing_riesz_"):
         failing(basis, data)
+    with pytest.raises(SolverDivergedError, match="failingredundant_riesz_"):
+        failing_redundant(basis, data)
 
 
 def test_riesz_solver_by_size():

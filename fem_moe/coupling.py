@@ -43,6 +43,7 @@ of the Jacobian (exact second-order terms included), A^T lam = (dL/dw); then eac
 rows' contributions to Phi_bar and m_bar, as the independent experts do, with the stitched
 fields u and z = sum_l P_l Phi^T lam_l in place of its own.
 """
+import contextlib
 import time
 
 import numpy as np
@@ -399,6 +400,19 @@ class CoupledSolver:
             options.set_up(ksp, prefix + "inertia_", inertia)
             self._inertia_ksp = ksp
 
+    @contextlib.contextmanager
+    def _local(self):
+        """Time spent on work an expert does on its own rows whether coupled or not (its
+        residual, Jacobian and second-derivative forms, the norm's Riesz solves, the dense
+        products with its basis): the rest of a coupled solve is the coupling's own cost."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._local_seconds += time.perf_counter() - t0
+
+    _local_seconds = 0.0
+
     # ------------------------------------------------------------------ collective helpers
     def _agree(self, error):
         """Every rank raises if any rank has an error (an exception, a message or None). Inside
@@ -415,7 +429,8 @@ class CoupledSolver:
         mesh's norm exchanges and solves on the mesh communicator); raises on every rank."""
         out, err = None, None
         try:
-            out = self.norm.weigh(arrays)
+            with self._local():
+                out = self.norm.weigh(arrays)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
             err = exc
         self._agree(err)
@@ -458,7 +473,8 @@ class CoupledSolver:
             C = self._neighbour_blocks(X, self.local, self.scatter, (self.N,))
             for k in self.mine:
                 state["C"][k] = C[k]
-                state["r"][k] = self.rows[k].residual(C[k])
+                with self._local():
+                    state["r"][k] = self.rows[k].residual(C[k])
                 w = self.T[k] @ C[k][self.rows[k].me]
                 ridge += self.rho[k] * (w @ w)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
@@ -488,12 +504,13 @@ class CoupledSolver:
                 rows = self.rows[k]
                 # The expert's u is this state's: the cache holds the last point evaluated.
                 r = state["r"][k]
-                JPhi = rows.jacobian_blocks()
-                state["JPhi"][k] = JPhi
-                if self.mode == "lstsq":
-                    g, idx = JPhi.transpose_times(state["s"][k]), self.position[rows.neighbours]
-                else:
-                    g, idx = rows.Phi_c @ r, self.position[[k]]
+                with self._local():
+                    JPhi = rows.jacobian_blocks()
+                    state["JPhi"][k] = JPhi
+                    if self.mode == "lstsq":
+                        g, idx = JPhi.transpose_times(state["s"][k]), self.position[rows.neighbours]
+                    else:
+                        g, idx = rows.Phi_c @ r, self.position[[k]]
                 g = g.reshape(-1, N)
                 g[list(idx).index(self.position[k])] += self._ridge_terms(k, state["C"][k])[0]
                 self._acc.setValuesBlocked(idx.astype(PETSc.IntType), g.ravel(),
@@ -520,15 +537,17 @@ class CoupledSolver:
         N, S, columns, err = self.N, {}, {}, None
         try:
             for k in self.mine:
-                S[k] = self.rows[k].interface_weight(INTERFACE_WEIGHT_ROWS)
+                with self._local():
+                    S[k] = self.rows[k].interface_weight(INTERFACE_WEIGHT_ROWS)
                 columns[k] = JPhi[k].own if S[k] is not None else np.hstack(
                     [JPhi[k].own, JPhi[k].interface_columns()])
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
             err = exc
         self._agree(err)
         WJ = self._weigh(columns)
-        state["GN"] = {k: JPhi[k].gauss_newton(WJ[k][:, :N], WJ[k][:, N:], S[k])
-                       for k in self.mine}
+        with self._local():
+            state["GN"] = {k: JPhi[k].gauss_newton(WJ[k][:, :N], WJ[k][:, N:], S[k])
+                           for k in self.mine}
         return state["GN"]
 
     def _jacobian(self, state, exact=None, descent=True):
@@ -550,11 +569,13 @@ class CoupledSolver:
                     if self.dense:
                         idx_c = np.arange(len(self.position))
                     if exact:
-                        S = rows.hessian_term(state["s"][k])
+                        with self._local():
+                            S = rows.hessian_term(state["s"][k])
                         if S is not None:
                             M[:, self._column_index(k)] += S
                 else:
-                    M = state["JPhi"][k].tested(rows.Phi_c)
+                    with self._local():
+                        M = state["JPhi"][k].tested(rows.Phi_c)
                     idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
                 # M is a fresh array: block k's ridge goes into its (k, k) block.
                 mi, me = (list(idx).index(self.position[k]) for idx in (idx_r, idx_c))
@@ -656,7 +677,7 @@ class CoupledSolver:
         {k: u on k's submesh}, info). ``rtol``: this solve's SNES relative tolerance (default
         the options'); ``warm``: w0 is a warm start (recorded in info). Raises
         SolverDivergedError on every rank."""
-        t0 = time.perf_counter()
+        t0, self._local_seconds = time.perf_counter(), 0.0
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
         if warm and not self._better_than_cold():
             self.x.zeroEntries()
@@ -698,6 +719,8 @@ class CoupledSolver:
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
                           time=time.perf_counter() - t0, warm=warm)
+        # The coupling's own cost, the slowest rank's: the solve less its experts' row work.
+        info["coupling_time"] = self.comm.allreduce(info.time - self._local_seconds, op=_MAX)
         finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
         if reason < 0 or not finite:
             raise SolverDivergedError(

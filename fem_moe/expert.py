@@ -120,7 +120,8 @@ class SampleInfo(dict):
     """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
     ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
-    (started from a given w0)."""
+    (started from a given w0); a coupled solve's also ``coupling_time``: its time less its
+    experts' own row work (assemblies, Riesz solves, dense products), the slowest rank's."""
     __getattr__ = dict.__getitem__
 
 

@@ -323,7 +323,8 @@ class MoEHardConstraint(torch.nn.Module):
     def all_diagnostics(self):
         """Every expert's diagnostics, gathered on every rank (collective), sorted by expert;
         ``.coupling``: the coupled solve's SampleInfo per sample (iterations, reason, the global
-        residual before and after coupling, its time), the same on every rank."""
+        residual before and after coupling, its time and the coupling's own share of it,
+        ``coupling_time``), the same on every rank."""
         out = [d for part in self.problem.comm.allgather(list(self.diagnostics)) for d in part]
         out = Diagnostics(sorted(out, key=lambda d: d["expert"]))
         out.coupling = list(self.coupling_diagnostics)

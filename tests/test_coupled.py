@@ -323,3 +323,37 @@ def test_trust_region_grows_after_a_cut_step(layer_kind):
         diags = layer.diagnostics if layer_kind == "global" else layer.all_diagnostics().coupling
         its[ksp] = diags[0].iterations
     assert its[None] <= its["preonly"] - 3, its
+
+
+@pytest.mark.parallel([1, 2])
+def test_coupling_time_is_the_solve_less_the_experts_row_work(monkeypatch):
+    """A coupled solve's diagnostics split its time: ``coupling_time`` is what coupling adds to
+    the experts' own row work (benchmarks/moe_scaling.py's 'its own/fwd'). Slowing the experts'
+    residual assembly leaves it where it was; slowing the neighbour exchange shows in it."""
+    import time as clock
+    from fem_moe.coupling import CoupledRows, CoupledSolver
+    problem = nonlinear_diffusion(n=8, degree=1)
+    basis, data = smooth_basis(problem, 4), source(problem)
+    # One expert per rank on 2 ranks: a rank waiting for another's slower rows would count as
+    # coupling (the slowest rank's figure; waiting is what coupling costs under imbalance).
+    layer = fem_moe.MoEHardConstraint(problem, 4, n_experts=2)
+    pause = 0.02
+
+    def infos():
+        layer(basis, data)
+        return layer.all_diagnostics().coupling[0]
+
+    base = infos()
+    same = problem.comm.allgather((base.time, base.coupling_time))
+    parallel_assert(0 < base.coupling_time < base.time and len({c for _, c in same}) == 1, f"{same}")
+    residual, exchange = CoupledRows.residual, CoupledSolver._neighbour_blocks
+    monkeypatch.setattr(CoupledRows, "residual", lambda *a: (clock.sleep(pause), residual(*a))[1])
+    slow_rows = infos()
+    monkeypatch.setattr(CoupledRows, "residual", residual)
+    monkeypatch.setattr(CoupledSolver, "_neighbour_blocks", lambda *a: (clock.sleep(pause), exchange(*a))[1])
+    slow_exchange = infos()
+    parallel_assert(slow_rows.time > base.time + 5 * pause
+                    and slow_rows.coupling_time < base.coupling_time + 2 * pause,
+                    f"row work counted as coupling: {base} {slow_rows}")
+    parallel_assert(slow_exchange.coupling_time > base.coupling_time + 5 * pause,
+                    f"the exchange not counted as coupling: {base} {slow_exchange}")

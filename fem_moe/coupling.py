@@ -531,8 +531,9 @@ class CoupledSolver:
             return state["GN"]
         JPhi = state["JPhi"]
         if self.dense:
-            WJ = self._weigh({k: self._columns(k, JPhi[k].full()) for k in self.mine})
-            state["GN"] = {k: JPhi[k].full().T @ WJ[k] for k in self.mine}
+            full = {k: JPhi[k].full() for k in self.mine}
+            WJ = self._weigh({k: self._columns(k, full[k]) for k in self.mine})
+            state["GN"] = {k: full[k].T @ WJ[k] for k in self.mine}
             return state["GN"]
         N, S, columns, err = self.N, {}, {}, None
         try:

@@ -77,14 +77,13 @@ DEFAULT_SOLVER_PARAMETERS = {
 }
 
 
-
 def reduced_solver_defaults(mode, base=DEFAULT_SOLVER_PARAMETERS):
     """``base`` for a reduced SNES in ``mode``. Least squares (a symmetric positive definite
     model matrix, fem_moe's descent guard) solves its steps with CG preconditioned by the
     factorisation: one iteration, the same step as ``preonly``, but PETSc's trust region learns
     from CG (KSP_CONVERGED_STEP_LENGTH) when a step was cut back to the region's boundary, and
     only then ever enlarges the region. With ``preonly`` a region that shrank once never grew
-    again, and the solves crawled at its radius (README, "The coupled mixture's scaling")."""
+    again, and the solves crawled at its radius (README, the moe_scaling.py results)."""
     params = dict(base)
     if mode == "lstsq" and params.get("ksp_type") == "preonly":
         params["ksp_type"] = "cg"

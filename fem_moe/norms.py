@@ -197,12 +197,7 @@ class RowNorm:
         return self._dense[m]
 
     def _check(self):
-        reason = self._ksp.getConvergedReason()
-        if reason < 0:
-            from .expert import reason_name
-            name = reason_name(reason, PETSc.KSP.ConvergedReason)
-            raise SolverDivergedError(f"the dual norm's Riesz solve (options prefix "
-                                      f"{self.options_prefix!r}) failed: {name}", reason=name)
+        _raise_if_failed(self._ksp.getConvergedReason(), self.options_prefix)
 
     def destroy(self):
         if self._ksp is not None:
@@ -219,16 +214,14 @@ class SplitColumns:
     matrix and factors it itself (options under ``<prefix>redundant_``, as PCREDUNDANT's inner
     solver takes them) — except that the columns of a block are shared out among the ranks
     instead of every rank solving every column: P ranks solve a Gauss-Newton matrix's N columns
-    in the time of N / P solves, at the price of gathering the block's rows on every rank and its
-    solved columns back. A vector is solved by every rank, as PCREDUNDANT does.
+    in the time of N / P solves, at the price of sending each rank its columns of every row and the
+    solved rows back. A vector is solved by every rank, as PCREDUNDANT does.
 
     ``G``: the Gram matrix on the rows (distributed); ``parameters``: the outer Riesz KSP's
     options (its ``redundant_*`` ones are this solver's). Collective over G's communicator."""
 
     def __init__(self, G, prefix, parameters):
-        from mpi4py import MPI
         self.comm = G.getComm().tompi4py()
-        self._double = MPI.DOUBLE
         self.rows = np.array(self.comm.allgather(G.getLocalSize()[0]))
         self.start = int(self.rows[:self.comm.rank].sum())
         self._G = G.getRedundantMatrix(self.comm.size)         # the whole matrix, COMM_SELF
@@ -272,31 +265,37 @@ class SplitColumns:
                 self._ksp.solve(self._x, self._y)
                 worst = min(worst, self._ksp.getConvergedReason())
                 Y[:, j] = self._y.getArray(readonly=True)
-        from mpi4py import MPI
-        worst = self.comm.allreduce(worst, op=MPI.MIN)
-        if worst < 0:
-            from .expert import reason_name
-            name = reason_name(worst, PETSc.KSP.ConvergedReason)
-            raise SolverDivergedError(f"the dual norm's Riesz solve (options prefix "
-                                      f"{self.prefix + 'redundant_'!r}) failed: {name}", reason=name)
+        _raise_if_failed(self.comm.allreduce(worst, op=MPI.MIN), self.prefix + "redundant_")
         return Y
 
     def _alltoall(self, send, send_counts, recv_counts):
         recv = np.empty(int(np.sum(recv_counts)))
-        offsets = lambda c: np.concatenate([[0], np.cumsum(c)[:-1]])
-        self.comm.Alltoallv([send, send_counts, offsets(send_counts), self._double],
-                            [recv, recv_counts, offsets(recv_counts), self._double])
+        self.comm.Alltoallv([send, send_counts, _offsets(send_counts), MPI.DOUBLE],
+                            [recv, recv_counts, _offsets(recv_counts), MPI.DOUBLE])
         return recv
 
     def _allgather(self, local, counts):
         out = np.empty(int(np.sum(counts)))
-        displs = np.concatenate([[0], np.cumsum(counts)[:-1]])
-        self.comm.Allgatherv(local.ravel(), [out, counts, displs, self._double])
+        self.comm.Allgatherv(local.ravel(), [out, counts, _offsets(counts), MPI.DOUBLE])
         return out
 
     def destroy(self):
         for obj in (self._ksp, self._G, self._x, self._y):
             obj.destroy()
+
+
+def _offsets(counts):
+    """Displacements of consecutive blocks of ``counts`` entries (MPI's v-collectives)."""
+    return np.concatenate([[0], np.cumsum(counts)[:-1]])
+
+
+def _raise_if_failed(reason, prefix):
+    """SolverDivergedError naming the Riesz solve's options prefix if KSP ``reason`` < 0."""
+    if reason < 0:
+        from .expert import reason_name
+        name = reason_name(reason, PETSc.KSP.ConvergedReason)
+        raise SolverDivergedError(f"the dual norm's Riesz solve (options prefix {prefix!r}) "
+                                  f"failed: {name}", reason=name)
 
 
 class ExpertBlocks:

@@ -53,6 +53,8 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: matrix, as PCREDUNDANT does, and solves its share of a block's columns: :class:`SplitColumns`).
 #: Measured by benchmarks/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
+#: One rank's vectors when the blocks are MUMPS's (options prefix ``<prefix>riesz_vector_``).
+VECTOR_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "petsc"}
 REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant", "redundant_pc_type": "lu"}
 ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,
                               "ksp_atol": 0.0, "ksp_max_it": 500}
@@ -115,7 +117,7 @@ class RowNorm:
     def __init__(self, space, rows, norm, options_prefix="fem_moe_riesz_", shared=None):
         self.norm = check_norm(norm)
         self.rows = np.asarray(rows, dtype=bool)
-        self._diag, self._ksp, self._split = None, None, None
+        self._diag, self._ksp, self._split, self._vector_ksp = None, None, None, None
         if self.norm == "euclidean":
             self._diag = self.rows.astype(np.float64)
         elif self.norm == "lumped":
@@ -141,12 +143,19 @@ class RowNorm:
             else:
                 with options.used(ksp):
                     ksp.setUp()
+                if comm.size == 1 and _factor_package(ksp.getPC()) == "mumps":
+                    # MUMPS solves a block of columns fast, one vector slowly (3.6 ms at 16641
+                    # rows where PETSc's LU takes 0.5 ms): vectors get PETSc's own LU.
+                    self._vector_ksp = PETSc.KSP().create(comm=comm)
+                    self._vector_ksp.setOperators(self._G)
+                    options.set_up(self._vector_ksp, prefix + "vector_", VECTOR_RIESZ_PARAMETERS)
+                    with options.used(self._vector_ksp):
+                        self._vector_ksp.setUp()
             # PETSc's own LU (also inside PCREDUNDANT) solves a KSPMatSolve's columns one by
             # one, slower than separate solves (19 ms against 11 ms, 16 columns of 6060 rows):
             # then weigh loops over the columns itself.
             pc = ksp.getPC()
-            self._blocked = not (pc.getType() == "redundant" or (
-                pc.getType() in ("lu", "cholesky") and pc.getFactorSolverType() == "petsc"))
+            self._blocked = not (pc.getType() == "redundant" or _factor_package(pc) == "petsc")
             self._x, self._y = self._G.createVecs()
             self._dense = {}
 
@@ -165,10 +174,11 @@ class RowNorm:
             out[self.rows] = self._split.solve(x[self.rows])
             return out
         if x.ndim == 1:
+            ksp = self._vector_ksp or self._ksp
             self._x.setArray(x[self.rows])
-            with options.used(self._ksp):
-                self._ksp.solve(self._x, self._y)
-            self._check()
+            with options.used(ksp):
+                ksp.solve(self._x, self._y)
+            _raise_if_failed(ksp.getConvergedReason(), ksp.getOptionsPrefix())
             out[self.rows] = self._y.getArray(readonly=True)
             return out
         if not self._blocked:
@@ -204,8 +214,9 @@ class RowNorm:
             for obj in (self._ksp, self._G, self._x, self._y,
                         *(m for pair in self._dense.values() for m in pair)):
                 obj.destroy()
-            if self._split is not None:
-                self._split.destroy()
+            for solver in (self._split, self._vector_ksp):
+                if solver is not None:
+                    solver.destroy()
             self._ksp = None
 
 
@@ -282,6 +293,11 @@ class SplitColumns:
     def destroy(self):
         for obj in (self._ksp, self._G, self._x, self._y):
             obj.destroy()
+
+
+def _factor_package(pc):
+    """The factorisation package of a factorising PC (None for any other)."""
+    return pc.getFactorSolverType() if pc.getType() in ("lu", "cholesky") else None
 
 
 def _offsets(counts):

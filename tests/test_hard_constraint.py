@@ -203,8 +203,8 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
 
 @pytest.mark.parallel([1, 2, 3])
 def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
-    """The Riesz solve takes its KSP from <prefix>riesz_: CG + GAMG, and PETSc's own LU on
-    every rank (PCREDUNDANT's layout, the default past BLOCKED_RIESZ_ROWS rows; on several
+    """The Riesz solve takes its KSP from <prefix>riesz_: the default (MUMPS; on one rank PETSc's
+    LU for vectors), CG + GAMG, and PETSc's own LU on every rank (PCREDUNDANT's layout, the default past BLOCKED_RIESZ_ROWS rows; on several
     ranks each solves its share of a block's columns, norms.SplitColumns), give the direct
     solve's output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on
     every rank."""
@@ -229,6 +229,8 @@ def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
     assert iterative.expert.row_norm._ksp.getType() == "cg"
     assert direct.expert.row_norm._blocked and not redundant.expert.row_norm._blocked
     assert redundant.expert.row_norm._split is not None
+    # One rank: MUMPS for blocks, PETSc's LU for vectors (the objective's).
+    assert (direct.expert.row_norm._vector_ksp is not None) == (problem.comm.size == 1)
 
     def forward_backward(layer):
         b = basis.clone().requires_grad_()

@@ -7,9 +7,10 @@ For each PDE's space at its paper size (turbulence: the 10-step window, 6060 row
 diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
 with MUMPS and with PETSc's own LU (on several ranks inside PCREDUNDANT: every rank factors the
 whole matrix; and, on several ranks, as fem_moe.norms.SplitColumns lays it out: every rank
-factors the whole matrix and solves its share of a block's columns); ``--squares n ...`` adds P1 on n x n unit squares (moe_scaling.py's spaces). The
-table gives the factorisation, one solve, and ``--columns`` right-hand
-sides solved as one block (KSPMatSolve) and one column at a time, slowest rank. A Gauss-Newton
+factors the whole matrix and solves its share of a block's columns); ``--squares n ...`` adds
+P1 on n x n unit squares (moe_scaling.py's spaces). The table gives the factorisation, one
+solve, and ``--columns`` right-hand sides solved as one block (KSPMatSolve) and one column at a
+time, slowest rank. A Gauss-Newton
 matrix in the dual norm needs one block of N columns (W J Phi^T), every objective one column.
 """
 import argparse
@@ -89,12 +90,10 @@ def measure(pde_name, solver, args):
 def measure_split(pde_name, G, comm, args):
     """fem_moe.norms.SplitColumns: PETSc's LU on every rank, a block's columns shared out."""
     import numpy as np
-    from mpi4py import MPI
     from fem_moe.norms import SplitColumns
-    comm.Barrier()
-    t0 = time.perf_counter()
-    solver = SplitColumns(G, "riesz_benchmark_split_", {})
-    factor = comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+    made = []
+    factor = timed(comm, lambda: made.append(SplitColumns(G, "riesz_benchmark_split_", {})), 1)
+    solver = made[0]
     rng = np.random.default_rng(comm.rank)
     rows = G.getLocalSize()[0]
     b, B = rng.random(rows), rng.random((rows, args.columns))

@@ -192,7 +192,7 @@ class RowNorm:
         B.assemble()
         with options.used(self._ksp):
             self._ksp.matSolve(B, X)
-        self._check()
+        _raise_if_failed(self._ksp.getConvergedReason(), self.options_prefix)
         out[self.rows] = X.getDenseArray()
         return out
 
@@ -205,9 +205,6 @@ class RowNorm:
             B.assemble()
             self._dense[m] = (B, B.duplicate())
         return self._dense[m]
-
-    def _check(self):
-        _raise_if_failed(self._ksp.getConvergedReason(), self.options_prefix)
 
     def destroy(self):
         if self._ksp is not None:

@@ -30,6 +30,10 @@ parser.add_argument("--only", default=None, help="comma-separated labels to run 
 parser.add_argument("--fresh", action="store_true",
                     help="a new batch of inputs every step (train.fresh_inputs; physics loss) "
                          "instead of the --n-train fixed ones; its own JSON (..._fresh.json)")
+parser.add_argument("--fourier-features", type=int, default=0,
+                    help="the DeepONet trunk's random Fourier features (model.fourier_features); "
+                         "> 0: its own JSON (..._ff<M>.json)")
+parser.add_argument("--fourier-scale", type=float, default=3.0, help="model.fourier_scale")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
 command = "python " + " ".join(sys.argv)
@@ -53,7 +57,8 @@ config = {
     "data": {"path": os.path.join(out, "data.h5"), "n_train": args.n_train, "n_val": 4,
              "n_test": args.n_test, "seed": 0},
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
-              "warm_start": not args.no_warm_start},
+              "warm_start": not args.no_warm_start, "fourier_features": args.fourier_features,
+              "fourier_scale": args.fourier_scale},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
               "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
               "checkpoint_every": args.steps, "progress": False, "resume": False,
@@ -74,12 +79,14 @@ models = study.select(models, args.only)
 study.ensure_dataset(config, MPI.COMM_WORLD, progress=False)
 rows, _ = study.compare(config, models, out)
 if MPI.COMM_WORLD.rank == 0:
-    title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}, "
+    features = f", {args.fourier_features} Fourier features" if args.fourier_features else ""
+    title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}{features}, "
              f"physics loss ({args.loss_norm} norm), "
              f"{MPI.COMM_WORLD.size} rank(s)")
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}.json")
+    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
+                        f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.
     rows = merged_rows(name, rows, lambda row: row["label"])
     study.write_json(name, rows,

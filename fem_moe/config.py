@@ -59,6 +59,8 @@ DEFAULTS = {
         "width": 64,            # hidden width (deeponet MLPs; fno channels)
         "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
         "latent": 64,           # deeponet: branch/trunk latent size
+        "fourier_features": 0,  # deeponet: random Fourier features of the coordinates the trunk also sees (0: none)
+        "fourier_scale": 3.0,   # deeponet: their frequencies' standard deviation, cycles per half-width of the mesh
         "grid": 32,             # fno: grid nodes per axis over the mesh's bounding box
         "modes": 8,             # fno: Fourier modes kept per axis
         "ridge": "rank_deficient",  # rank_deficient | always: when the reduced solve adds rho w
@@ -160,6 +162,10 @@ def validate(config, source="config"):
             raise InputError(f"{source}: train.{name} must be >= 1")
     if config["model"]["n_basis"] < 1 or config["model"]["n_experts"] < 1:
         raise InputError(f"{source}: model.n_basis and model.n_experts must be >= 1")
+    if config["model"]["fourier_features"] < 0 or not config["model"]["fourier_scale"] > 0:
+        raise InputError(f"{source}: model.fourier_features must be >= 0 and model.fourier_scale "
+                         f"> 0, got {config['model']['fourier_features']} and "
+                         f"{config['model']['fourier_scale']}")
     return config
 
 

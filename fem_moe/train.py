@@ -186,7 +186,8 @@ class Trainer:
                              n_components=problem.n_components, latent=m["latent"], width=m["width"],
                              depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
                              scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
-                             periods=torch.tensor(periods))
+                             periods=torch.tensor(periods), fourier_features=m["fourier_features"],
+                             fourier_scale=m["fourier_scale"])
 
     def _start_backbone_from(self, path):
         """The backbone's weights from the checkpoint ``path`` of another run with the same

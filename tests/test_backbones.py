@@ -169,6 +169,28 @@ def test_deeponet_periodic_trunk_sees_one_point_on_the_seam():
     assert not torch.allclose(plain(inputs, points), plain(inputs, shifted), atol=1e-6)
 
 
+def test_deeponet_fourier_features_are_periodic_and_saved():
+    """Fourier features along a periodic axis keep x and x + P one point; their frequencies
+    are part of the saved state (a model loaded from it computes the same fields), and a trunk
+    without features saves none (checkpoints from before the option load)."""
+    torch.manual_seed(0)
+    inputs = torch.randn(2, 5, dtype=torch.float64)
+    points = torch.rand(9, 2, dtype=torch.float64)
+    shifted = points + torch.tensor([2.0, 0.0], dtype=torch.float64)
+    net = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16, fourier_scale=2.0).double()
+    assert net.frequencies.shape == (2, 16) and (net.frequencies[1] != net.frequencies[1].round()).any()
+    assert torch.allclose(net(inputs, points), net(inputs, shifted), atol=1e-12)
+    torch.manual_seed(1)
+    other = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16, fourier_scale=2.0).double()
+    assert not torch.allclose(other.frequencies, net.frequencies)
+    other.load_state_dict(net.state_dict())
+    assert torch.equal(other(inputs, points), net(inputs, points))
+    plain = DeepONetBasis(5, 4, dim=2).double()
+    assert "frequencies" not in plain.state_dict()
+    with pytest.raises(ValueError, match="fourier_features"):
+        DeepONetBasis(5, 4, dim=2, fourier_features=-2)
+
+
 def _complex(w):
     """A spectral weight as a complex tensor (complex parameters, or real (re, im) pairs)."""
     w = w.detach()

@@ -309,6 +309,8 @@ def test_bad_config_and_data_raise_everywhere():
         ({"pde": {"name": PDE[0], "options": {"size": 5}}}, "unknown option"),
         ({"data": {"n_train": 7}}, "dataset holds 8"),
         ({"train": {"batch_size": 5}}, "exceeds data.n_train"),
+        ({"model": {"fourier_features": -1}}, "model.fourier_features must be >= 0"),
+        ({"model": {"fourier_features": 8, "fourier_scale": 0.0}}, "model.fourier_scale"),
     ]
     for change, message in cases:
         with pytest.raises(fem_moe.InputError, match=message):

@@ -68,6 +68,13 @@ class DeepONetBasis(nn.Module):
         self.register_buffer("frequencies", b)     # None: no features, nothing in the checkpoint
 
     def forward(self, inputs, points, components=None):
+        b = self.branch(inputs).view(inputs.shape[0], self.n_basis, self.latent)
+        t = self.trunk_fields(points, components)
+        return torch.einsum("bnk,pk->bnp", b, t) / self.latent ** 0.5
+
+    def trunk_fields(self, points, components=None):
+        """The trunk's ``latent`` fields at ``points``, ``[n_points, latent]``: every basis
+        field is a combination of them, whatever the input."""
         x = (points.to(self.scale.dtype) - self.shift) / self.scale
         periodic = self.periods > 0
         features = []
@@ -85,6 +92,4 @@ class DeepONetBasis(nn.Module):
             x = torch.cat([x, nn.functional.one_hot(components.long(), self.n_components).to(x.dtype)], -1)
         if features:
             x = torch.cat([x] + features, -1)
-        b = self.branch(inputs).view(inputs.shape[0], self.n_basis, self.latent)
-        t = self.trunk(x)
-        return torch.einsum("bnk,pk->bnp", b, t) / self.latent ** 0.5
+        return self.trunk(x)

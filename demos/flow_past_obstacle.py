@@ -23,7 +23,7 @@ import sys
 parser = argparse.ArgumentParser(description="flow past a cylinder: soft vs PI-HC vs MoE")
 parser.add_argument("--n-train", type=int, default=24)
 parser.add_argument("--n-test", type=int, default=6)
-parser.add_argument("--steps", type=int, default=100)
+parser.add_argument("--steps", type=int, default=600)
 parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--nu", type=float, default=0.02, help="viscosity (Re = U 0.1 / nu)")

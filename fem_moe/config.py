@@ -84,6 +84,7 @@ DEFAULTS = {
         "seed": 0,              # of the initial weights and the batch order
         "fresh_inputs": False,  # physics loss only: every step a new batch drawn from the PDE's inputs (data.n_train unused)
         "on_diverge": "skip",   # skip | stop: what a diverging expert solve does to the step
+        "max_skipped_in_a_row": 50,  # skip: stop (checkpoint, then SolverDivergedError) after this many skipped steps in a row; 0: never
         "out": "runs/default",  # relative to the config file: checkpoint.pt, metrics.json/csv
         "resume": True,         # continue from out/checkpoint.pt when it exists
         "progress": True,       # tqdm bar on rank 0
@@ -160,6 +161,8 @@ def validate(config, source="config"):
     for name in ("steps", "batch_size", "val_every", "checkpoint_every", "step_size"):
         if config["train"][name] < 1:
             raise InputError(f"{source}: train.{name} must be >= 1")
+    if config["train"]["max_skipped_in_a_row"] < 0:
+        raise InputError(f"{source}: train.max_skipped_in_a_row must be >= 0 (0: never stop)")
     if config["model"]["n_basis"] < 1 or config["model"]["n_experts"] < 1:
         raise InputError(f"{source}: model.n_basis and model.n_experts must be >= 1")
     if config["model"]["fourier_features"] < 0 or not config["model"]["fourier_scale"] > 0:

@@ -65,7 +65,9 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
     Returns (rows, trainers): one dict per model with the evaluation on the test split
     (:meth:`fem_moe.train.Trainer.evaluate`) plus ``step_time`` (median seconds per training
     step, the first step and its kernel compilation left out), ``peak_mb`` (the largest peak
-    resident memory over the ranks while this model trained and was evaluated), ``label``."""
+    resident memory over the ranks while this model trained and was evaluated), ``label``, and
+    ``stalled`` (the first line of the error where training stopped because its steps kept being
+    skipped, ``train.max_skipped_in_a_row``; the model is evaluated as it was, else None)."""
     rows, trainers = [], {}
     for label, options in models:
         cfg = copy.deepcopy(config)
@@ -73,7 +75,13 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
         cfg["train"]["out"] = os.path.join(out, _tag(label))
         report.reset_peak_rss()
         trainer = Trainer(cfg, comm)
-        trainer.fit()
+        stalled = None
+        try:
+            trainer.fit()
+        except SolverDivergedError as exc:     # training stalled: evaluate what it reached
+            stalled = str(exc).splitlines()[0]
+            if comm.rank == 0:
+                print(f"{label}: {stalled}", flush=True)
         try:
             row = trainer.evaluate("test")
         except SolverDivergedError as exc:
@@ -86,7 +94,8 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
                                                      "residual_interface", "residual_interior",
                                                      "inference_time", "classical_time")},
                    "peak_rss_mb": comm.allgather(0.0)}
-        row["mode"] = cfg["model"]["mode"] if options.get("kind") != "soft" else None
+        row["stalled"] = stalled
+        row["mode"] = trainer.config["model"]["mode"] if trainer.model.kind != "soft" else None
         times = [h["time"] for h in trainer.history[1:] if not h["skipped"]] or [float("nan")]
         row.update(label=label, step_time=statistics.median(times), peak_mb=max(row["peak_rss_mb"]),
                    skipped=sum(h["skipped"] for h in trainer.history))

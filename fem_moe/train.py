@@ -24,7 +24,9 @@ run resumed from a checkpoint takes the same steps as one that was never interru
 **A diverging solve** (an expert's SNES that fails, raised on every rank as
 SolverDivergedError naming expert, sample and reason) is recorded in the metrics with the step,
 then ``train.on_diverge = "skip"`` drops that step's update and goes on, ``"stop"`` writes a
-checkpoint and raises. A non-finite loss always stops.
+checkpoint and raises. Skipping stops too (checkpoint, then SolverDivergedError saying so) once
+``train.max_skipped_in_a_row`` steps in a row were skipped: the weights no longer change. A
+non-finite loss always stops.
 """
 import contextlib
 import csv
@@ -339,12 +341,29 @@ class Trainer:
                 warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             self.history.append(record)
-            if self.config["train"]["on_diverge"] == "stop":
+            t = self.config["train"]
+            if t["on_diverge"] == "stop":
                 self.save_checkpoint()
                 raise SolverDivergedError(
                     f"step {record['step']}: a constrained solve diverged (expert {e.expert}, "
                     f"dataset sample {sample}, {e.reason}); train.on_diverge = 'stop'. "
                     f"Checkpoint written to {self.checkpoint_path}.\n{e}",
+                    expert=e.expert, sample=sample, reason=e.reason) from None
+            in_a_row = self._skipped_in_a_row()
+            if t["max_skipped_in_a_row"] and in_a_row >= t["max_skipped_in_a_row"]:
+                # Every rank saw the same failures (they are raised on all ranks), so every
+                # rank stops here alike. A skipped step leaves the weights as they were: a basis
+                # whose reduced problems have no solution stays so, and training is over.
+                self.save_checkpoint()
+                raise SolverDivergedError(
+                    f"training stalled: the last {in_a_row} steps ({record['step'] - in_a_row + 1}"
+                    f"-{record['step']}) were all skipped, each because a constrained solve "
+                    f"diverged, so the weights have not changed since step "
+                    f"{record['step'] - in_a_row} (train.max_skipped_in_a_row = "
+                    f"{t['max_skipped_in_a_row']}). In Galerkin mode the reduced problem may have "
+                    f"no root for this basis (least squares always has a minimiser); a smaller "
+                    f"train.lr may keep the basis where the solves converge. Checkpoint written "
+                    f"to {self.checkpoint_path}. The last failure:\n{e}",
                     expert=e.expert, sample=sample, reason=e.reason) from None
             return record
         self.backbone_ranks.allreduce_gradients(self.model)
@@ -354,6 +373,15 @@ class Trainer:
         record.update(loss=loss.item(), **parts, skipped=False, time=time.perf_counter() - t0)
         self.history.append(record)
         return record
+
+    def _skipped_in_a_row(self):
+        """How many of the last steps taken were skipped, counting back to the last taken one."""
+        n = 0
+        for record in reversed(self.history):
+            if not record["skipped"]:
+                break
+            n += 1
+        return n
 
     def fit(self, steps=None):
         """Train until ``steps`` (default ``train.steps``) steps have been taken in total,

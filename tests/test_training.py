@@ -298,6 +298,28 @@ def test_diverging_expert_policy(policy, coupled):
 
 
 @pytest.mark.parallel([1, 2])
+def test_training_stops_when_every_step_is_skipped():
+    """Under on_diverge = 'skip', steps whose solves all diverge leave the weights as they were:
+    after train.max_skipped_in_a_row of them in a row training stops on every rank, with a
+    checkpoint and an error naming the steps; study.compare still evaluates such a model and
+    says it stalled. A step taken between failures resets the count."""
+    starved = {"coupling_parameters": {"snes_max_it": 1}}
+    out = shared_dir()
+    trainer = Trainer(config(out, model=starved, train={"steps": 8, "max_skipped_in_a_row": 3}))
+    with pytest.raises(fem_moe.SolverDivergedError, match=r"training stalled: the last 3 steps \(1-3\)"):
+        trainer.fit()
+    parallel_assert(trainer.step == 3 and os.path.isfile(trainer.checkpoint_path), f"{trainer.step}")
+    # A taken step between skipped ones: the count starts again.
+    trainer.history = [{"skipped": s} for s in (True, True, False, True, True)]
+    parallel_assert(trainer._skipped_in_a_row() == 2)
+    from fem_moe import study
+    rows, _ = study.compare(config(out, train={"steps": 4, "max_skipped_in_a_row": 2}),
+                                    [("starved", {"kind": "moe", **starved})], out)
+    parallel_assert(rows[0]["stalled"].startswith("training stalled: the last 2 steps")
+                    and rows[0]["failed"] == 2, f"{rows[0]}")
+
+
+@pytest.mark.parallel([1, 2])
 def test_bad_config_and_data_raise_everywhere():
     out = shared_dir()
     cases = [
@@ -311,6 +333,7 @@ def test_bad_config_and_data_raise_everywhere():
         ({"train": {"batch_size": 5}}, "exceeds data.n_train"),
         ({"model": {"fourier_features": -1}}, "model.fourier_features must be >= 0"),
         ({"model": {"fourier_features": 8, "fourier_scale": 0.0}}, "model.fourier_scale"),
+        ({"train": {"max_skipped_in_a_row": -1}}, "train.max_skipped_in_a_row"),
     ]
     for change, message in cases:
         with pytest.raises(fem_moe.InputError, match=message):

@@ -34,6 +34,9 @@ parser.add_argument("--fourier-features", type=int, default=0,
                     help="the DeepONet trunk's random Fourier features (model.fourier_features); "
                          "> 0: its own JSON (..._ff<M>.json)")
 parser.add_argument("--fourier-scale", type=float, default=3.0, help="model.fourier_scale")
+parser.add_argument("--ridge-factor", type=float, default=None,
+                    help="model.ridge_factor (the ridge of a rank-deficient basis); its own JSON "
+                         "(..._ridge<factor>.json)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
 command = "python " + " ".join(sys.argv)
@@ -58,7 +61,8 @@ config = {
              "n_test": args.n_test, "seed": 0},
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "warm_start": not args.no_warm_start, "fourier_features": args.fourier_features,
-              "fourier_scale": args.fourier_scale},
+              "fourier_scale": args.fourier_scale,
+              **({} if args.ridge_factor is None else {"ridge_factor": args.ridge_factor})},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
               "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
               "checkpoint_every": args.steps, "progress": False, "resume": False,
@@ -86,7 +90,8 @@ if MPI.COMM_WORLD.rank == 0:
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
-                        f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}.json")
+                        f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
+                        f"{f'_ridge{args.ridge_factor:g}' if args.ridge_factor is not None else ''}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.
     rows = merged_rows(name, rows, lambda row: row["label"])
     study.write_json(name, rows,

@@ -45,15 +45,18 @@ fields u and z = sum_l P_l Phi^T lam_l in place of its own.
 """
 import contextlib
 import time
+import warnings
 
 import numpy as np
 import scipy.sparse
 from firedrake.petsc import PETSc
 
-from .errors import FemMoeError, SolverDivergedError, raise_on_all_ranks
+from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
+                     raise_on_all_ranks)
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
                      linear_failure, orthonormal_coordinates, reason_name, reduced_solver_defaults,
                      tolerance)
+from .expert import ridge_factor as resolve_ridge_factor
 from . import options
 from .norms import ExpertBlocks
 
@@ -295,13 +298,16 @@ class CoupledSolver:
     (construction, ``solve``, ``vjp``)."""
 
     def __init__(self, comm, rows, expert_rank, n_basis, mode, solver_parameters=None,
-                 ridge_always=False, ridge_factor=1e-4, options_prefix="moe_", norm=None):
+                 ridge_always=False, ridge_factor=None, options_prefix="moe_", norm=None,
+                 on_rank_deficient="ridge"):
         self.comm, self.rows, self.mode, self.N = comm, rows, mode, int(n_basis)
+        self.on_rank_deficient = on_rank_deficient
         # The least-squares weight W of the rows (fem_moe.norms): block diagonal over the experts
         # unless it couples every row (the whole mesh's dual norm: a dense reduced matrix).
         self.norm = ExpertBlocks(rows) if norm is None else norm
         self.dense = mode == "lstsq" and self.norm.couples_all
-        self.ridge_always, self.ridge_factor = ridge_always, ridge_factor
+        self.ridge_always = ridge_always
+        self.ridge_factor = resolve_ridge_factor(ridge_factor, ridge_always)
         K, N = len(expert_rank), self.N
         order = sorted(range(K), key=lambda k: (expert_rank[k], k))
         self.position = np.empty(K, dtype=np.int64)
@@ -652,9 +658,12 @@ class CoupledSolver:
             A.assemble()
 
     # ------------------------------------------------------------------ one sample
-    def prepare(self, Phi, data):
+    def prepare(self, Phi, data, sample=None, report=True):
         """Set one sample's basis {k: [N, n_sub]} and data {k: [n_data_sub] or None} on my
-        experts, compute and exchange the block transforms. Collective."""
+        experts, compute and exchange the block transforms. A block whose basis is rank
+        deficient over its expert's dofs is warned about (RankDeficientBasisWarning, every
+        rank) and gets the ridge, or raises InputError with on_rank_deficient = "raise" (the
+        forward's ``report``; the backward sets the same sample again). Collective."""
         err, N = None, self.N
         self.T, self.rho, self.block_rank = {}, {}, {}
         try:
@@ -665,12 +674,31 @@ class CoupledSolver:
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
+        if report:
+            self._report_rank(sample)
         self._set_own_blocks(self.tx, self.T)
         T_nb = self._neighbour_blocks(self.tx, self.tlocal, self.tscatter, (N, N))
         for k in self.mine:
             self.rows[k].set_transforms(T_nb[k])
         self._cache = None
         self._g0 = None
+
+    def _report_rank(self, sample):
+        """Warn (or raise, as asked) on every rank about rank-deficient blocks. Collective."""
+        mine = [(k, r) for k, r in self.block_rank.items() if r < self.N]
+        deficient = sorted(x for part in self.comm.allgather(mine) for x in part)
+        if not deficient:
+            return
+        rho = self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX)
+        where = "" if sample is None else f" (sample {sample})"
+        msg = (f"coupled mixture{where}: the basis restricted to the own dofs of expert(s) "
+               f"{[k for k, _ in deficient]} has numerical rank {[r for _, r in deficient]} "
+               f"< N = {self.N}")
+        if self.on_rank_deficient == "raise":
+            raise InputError(msg + " (on_rank_deficient='raise')")
+        warnings.warn(msg + f"; regularised with the ridge term rho*w_k, rho up to {rho:.3e} "
+                      f"({self.ridge_factor:g} x the mean diagonal of the block's Gauss-Newton "
+                      "matrix)", RankDeficientBasisWarning, stacklevel=3)
 
     @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
     def solve(self, w0, sample=None, rtol=None, warm=False):

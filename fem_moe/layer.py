@@ -165,7 +165,7 @@ class HardConstraint(torch.nn.Module):
     with the same batch size; each passes and receives its owned dofs.
     """
 
-    def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=1e-4,
+    def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=None,
                  ridge_always=False, norm=None, warm_start=False, training_rtol=None):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode

@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
-from .expert import Expert, SampleInfo, dirichlet_dofs
+from .expert import Expert, SampleInfo, dirichlet_dofs, ridge_factor
 from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
 from .distributed import DistributedPartition
@@ -153,8 +153,9 @@ class MoEHardConstraint(torch.nn.Module):
     experts (the coupled problem stays block sparse, any K); the default (None), chosen by the
     demos' numbers (README): better than the Euclidean norm on the plate and the channel (0.10
     against 0.27, 0.18 against 0.30), equal on diffusion-sorption, where "dual" once jumped to a
-    10x worse basis during training. Independent experts weigh their own rows, so both are the
-    same for them.
+    10x worse basis during training (the paper's ridge on a block turned rank deficient, since
+    replaced by a 1e-10 one: 0.012 there now). Independent experts weigh their own rows, so both
+    are the same for them.
 
     ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
     independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
@@ -199,7 +200,7 @@ class MoEHardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
-                 ridge=1e-4, partitioner_type=None, ridge_always=False, coupled=True,
+                 ridge=None, partitioner_type=None, ridge_always=False, coupled=True,
                  local_first=False, coupling_parameters=None, norm=None,
                  warm_start=False, training_rtol=None, partition=None):
         super().__init__()
@@ -262,7 +263,8 @@ class MoEHardConstraint(torch.nn.Module):
                                    {k: r.expert.row_mask for k, r in rows.items()}, "moe_")
             self.coupling = CoupledSolver(
                 comm, rows, p.expert_rank, n_basis, mode, solver_parameters=coupling_parameters,
-                ridge_always=ridge_always, ridge_factor=ridge, norm=weight)
+                ridge_always=ridge_always, ridge_factor=ridge_factor(ridge, ridge_always),
+                norm=weight, on_rank_deficient=on_rank_deficient)
         self.setup_time = time.perf_counter() - t0
         self.diagnostics = Diagnostics()
         self.coupling_diagnostics = []
@@ -448,7 +450,7 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
             raise_on_all_ranks(comm, err)
         solver = layer.coupling
         solver.prepare({k: Pk[k][b] for k in layer.experts},
-                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
+                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts}, sample=b)
         result, info = solve_from(
             lambda start: solver.solve(w0 if start is None else start, sample=b, rtol=layer._rtol,
                                        warm=start is not None),
@@ -486,7 +488,8 @@ def _vjp_coupled(layer, Pk, Dk, ws, Ub, B):
     t0 = time.perf_counter()
     for b in range(B):
         solver.prepare({k: Pk[k][b] for k in layer.experts},
-                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts})
+                       {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts},
+                       sample=b, report=False)
         gp, gd = solver.vjp({k: ws[k][b][0] for k in layer.experts},
                             {k: Ub[k][:, b] for k in layer.experts}, sample=b)
         for k in layer.experts:

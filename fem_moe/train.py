@@ -158,7 +158,7 @@ class Trainer:
         m = self.config["model"]
         if m["kind"] == "soft":
             return {}
-        options = {"ridge": m["ridge_factor"], "ridge_always": m["ridge"] == "always",
+        options = {"ridge": m["ridge_factor"] or None, "ridge_always": m["ridge"] == "always",
                    "norm": None if m["norm"] == "auto" else m["norm"], "warm_start": m["warm_start"],
                    "training_rtol": m["training_rtol"] or None}
         if m["kind"] == "moe":

@@ -360,3 +360,36 @@ def test_coupling_time_is_the_solve_less_the_experts_row_work(monkeypatch):
                     f"row work counted as coupling: {base} {slow_rows}")
     parallel_assert(slow_exchange.coupling_time > base.coupling_time + 5 * pause,
                     f"the exchange not counted as coupling: {base} {slow_exchange}")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("layer_kind", ["global", "coupled"])
+def test_rank_deficient_ridge_leaves_the_solution(layer_kind):
+    """A basis with a field repeated is rank deficient: the layer warns and adds a ridge to fix
+    the free direction. By default the ridge is too small to move the solution (the output
+    equals the full-rank basis's to 1e-8, relative); the paper's factor, 1e-4, moved it (on
+    diffusion-sorption training, to a 10x worse basis that training never left). Asked to,
+    both layers raise instead, on every rank."""
+    problem = nonlinear_diffusion(n=8)
+    basis = smooth_basis(problem, 4)
+    repeated = torch.cat([basis, basis[:, :1]], dim=1)
+    data = source(problem)
+
+    def layer(n, **kwargs):
+        if layer_kind == "global":
+            return fem_moe.HardConstraint(problem, n, **kwargs)
+        return fem_moe.MoEHardConstraint(problem, n, n_experts=2, **kwargs)
+
+    full = layer(4)(basis, data)
+    scale = float(np.sqrt(MPI.COMM_WORLD.allreduce(float(full.pow(2).sum()))))
+
+    def moved(u):
+        return float(np.sqrt(MPI.COMM_WORLD.allreduce(float((u - full).pow(2).sum())))) / scale
+
+    with pytest.warns(fem_moe.RankDeficientBasisWarning, match="ridge"):
+        default = layer(5)(repeated, data)
+    with pytest.warns(fem_moe.RankDeficientBasisWarning, match="ridge"):
+        papers = layer(5, ridge=1e-4)(repeated, data)
+    parallel_assert(moved(default) < 1e-8 and moved(papers) > 1e-6, f"{moved(default)} {moved(papers)}")
+    with pytest.raises(fem_moe.InputError, match="numerical rank"):
+        layer(5, on_rank_deficient="raise")(repeated, data)

@@ -13,7 +13,7 @@ __version__ = "0.1.0.dev0"
 
 _EXPORTS = {
     "FemMoeError": "collective", "InputError": "collective", "SolverDivergedError": "errors",
-    "RankDeficientBasisWarning": "errors",
+    "RankDeficientBasisWarning": "errors", "TrainingStalledError": "errors",
     "ConstrainedProblem": "problem",
     "Expert": "expert", "DEFAULT_SOLVER_PARAMETERS": "expert",
     "HardConstraint": "layer", "residual_loss": "layer", "residual_rows": "layer",

@@ -55,8 +55,7 @@ from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverD
                      raise_on_all_ranks)
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
                      linear_failure, orthonormal_coordinates, reason_name, reduced_solver_defaults,
-                     tolerance)
-from .expert import ridge_factor as resolve_ridge_factor
+                     ridge_factor as resolve_ridge_factor, tolerance)
 from . import options
 from .norms import ExpertBlocks
 

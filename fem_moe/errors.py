@@ -17,6 +17,12 @@ class SolverDivergedError(FemMoeError, ConvergenceError):
         self.expert, self.sample, self.reason = expert, sample, reason
 
 
+class TrainingStalledError(SolverDivergedError):
+    """Training stopped because its last steps were all skipped, each for a diverged solve
+    (``train.max_skipped_in_a_row``): the weights no longer change. The attributes are those
+    of the last failure."""
+
+
 class RankDeficientBasisWarning(UserWarning):
     """The basis fields of a sample are (numerically) linearly dependent; the message says how
     the reduced problem was regularised."""

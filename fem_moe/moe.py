@@ -13,7 +13,7 @@ from torch.autograd.function import once_differentiable
 
 from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
-from .expert import Expert, SampleInfo, dirichlet_dofs, ridge_factor
+from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
 from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
 from .distributed import DistributedPartition
@@ -263,8 +263,8 @@ class MoEHardConstraint(torch.nn.Module):
                                    {k: r.expert.row_mask for k, r in rows.items()}, "moe_")
             self.coupling = CoupledSolver(
                 comm, rows, p.expert_rank, n_basis, mode, solver_parameters=coupling_parameters,
-                ridge_always=ridge_always, ridge_factor=ridge_factor(ridge, ridge_always),
-                norm=weight, on_rank_deficient=on_rank_deficient)
+                ridge_always=ridge_always, ridge_factor=ridge, norm=weight,
+                on_rank_deficient=on_rank_deficient)
         self.setup_time = time.perf_counter() - t0
         self.diagnostics = Diagnostics()
         self.coupling_diagnostics = []

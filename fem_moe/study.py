@@ -13,7 +13,7 @@ from mpi4py import MPI
 
 from . import report
 from .data import ensure_dataset
-from .errors import InputError, SolverDivergedError
+from .errors import InputError, SolverDivergedError, TrainingStalledError
 from .pdes import PDE
 from .report import write_atomic
 from .problem import from_owned_values, owned_values
@@ -78,7 +78,7 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
         stalled = None
         try:
             trainer.fit()
-        except SolverDivergedError as exc:     # training stalled: evaluate what it reached
+        except TrainingStalledError as exc:    # evaluate what it reached
             stalled = str(exc).splitlines()[0]
             if comm.rank == 0:
                 print(f"{label}: {stalled}", flush=True)

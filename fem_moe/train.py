@@ -24,9 +24,9 @@ run resumed from a checkpoint takes the same steps as one that was never interru
 **A diverging solve** (an expert's SNES that fails, raised on every rank as
 SolverDivergedError naming expert, sample and reason) is recorded in the metrics with the step,
 then ``train.on_diverge = "skip"`` drops that step's update and goes on, ``"stop"`` writes a
-checkpoint and raises. Skipping stops too (checkpoint, then SolverDivergedError saying so) once
-``train.max_skipped_in_a_row`` steps in a row were skipped: the weights no longer change. A
-non-finite loss always stops.
+checkpoint and raises. Skipping stops too (checkpoint, then TrainingStalledError, a
+SolverDivergedError) once ``train.max_skipped_in_a_row`` steps in a row were skipped: the
+weights no longer change. A non-finite loss always stops.
 """
 import contextlib
 import csv
@@ -47,7 +47,7 @@ from .backbones import DeepONetBasis, ParametricFNOBasis
 from .config import DEFAULTS, _merge, load_config, validate
 from .data import Dataset, sample_arrays
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
-                     raise_on_all_ranks)
+                     TrainingStalledError, raise_on_all_ranks)
 from .expert import dirichlet_dofs
 from .layer import residual_loss, residual_rows
 from .losses import lifting_residual, relative_l2
@@ -355,7 +355,7 @@ class Trainer:
                 # rank stops here alike. A skipped step leaves the weights as they were: a basis
                 # whose reduced problems have no solution stays so, and training is over.
                 self.save_checkpoint()
-                raise SolverDivergedError(
+                raise TrainingStalledError(
                     f"training stalled: the last {in_a_row} steps ({record['step'] - in_a_row + 1}"
                     f"-{record['step']}) were all skipped, each because a constrained solve "
                     f"diverged, so the weights have not changed since step "

@@ -306,7 +306,7 @@ def test_training_stops_when_every_step_is_skipped():
     starved = {"coupling_parameters": {"snes_max_it": 1}}
     out = shared_dir()
     trainer = Trainer(config(out, model=starved, train={"steps": 8, "max_skipped_in_a_row": 3}))
-    with pytest.raises(fem_moe.SolverDivergedError, match=r"training stalled: the last 3 steps \(1-3\)"):
+    with pytest.raises(fem_moe.TrainingStalledError, match=r"training stalled: the last 3 steps \(1-3\)"):
         trainer.fit()
     parallel_assert(trainer.step == 3 and os.path.isfile(trainer.checkpoint_path), f"{trainer.step}")
     # A taken step between skipped ones: the count starts again.

@@ -46,7 +46,9 @@ def parse_options(text):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pde", default="diffusion_sorption")
-    parser.add_argument("--options", default="nx=1024,nt=100")
+    parser.add_argument("--options", default=None,
+                        help="the PDE's options, key=value,...; default nx=1024,nt=100 for "
+                             "diffusion_sorption (the paper's size), the PDE's own otherwise")
     parser.add_argument("--kinds", nargs="+", default=["soft", "pihc", "moe"])
     parser.add_argument("--experts", type=int, default=4)
     parser.add_argument("--n-basis", type=int, default=16)
@@ -79,6 +81,7 @@ def main():
     from mpi4py import MPI
     import fem_moe
     from fem_moe import bridge, pdes
+    from fem_moe.data import sample_arrays
     from fem_moe.backbones import DeepONetBasis
     from fem_moe.model import NeuralSolver
     from common import Timer, print_table, write_json
@@ -86,6 +89,8 @@ def main():
     comm = MPI.COMM_WORLD
     PETSc.Log.begin()
     bridge.init_process_group(comm)
+    if args.options is None:
+        args.options = "nx=1024,nt=100" if args.pde == "diffusion_sorption" else ""
     pde = pdes.get(args.pde, **parse_options(args.options))
     problem = pde.problem(pde.mesh(comm))
     rng = np.random.default_rng(0)
@@ -96,9 +101,9 @@ def main():
     def draw(n):
         params = comm.bcast(pde.sample(rng, n))
         inputs = torch.tensor(np.asarray(pde.inputs(params)), dtype=torch.float64)
-        data = torch.tensor(np.stack([
-            np.concatenate([f.dat.data_ro[:fem_moe.problem.owned_size(f.function_space())]
-                            for f in pde.data(problem, p)]) for p in params]))
+        # As the datasets hold it (a mixed or vector data field's owned dofs, flattened).
+        data = torch.tensor(np.stack([sample_arrays(pde, problem, pde.data(problem, p))[0]
+                                      for p in params]))
         return inputs.to(dtype), data
 
     if args.n_train:

@@ -118,6 +118,10 @@ class RowNorm:
         self.norm = check_norm(norm)
         self.rows = np.asarray(rows, dtype=bool)
         self._diag, self._ksp, self._split, self._vector_ksp = None, None, None, None
+        # Work vectors, dense blocks and whether a block of columns goes to one KSPMatSolve:
+        # for the non-split Riesz solvers only (SplitColumns has its own).
+        self._x = self._y = None
+        self._dense, self._blocked = {}, False
         if self.norm == "euclidean":
             self._diag = self.rows.astype(np.float64)
         elif self.norm == "lumped":
@@ -151,13 +155,11 @@ class RowNorm:
                     options.set_up(self._vector_ksp, prefix + "vector_", VECTOR_RIESZ_PARAMETERS)
                     with options.used(self._vector_ksp):
                         self._vector_ksp.setUp()
-            # PETSc's own LU (also inside PCREDUNDANT) solves a KSPMatSolve's columns one by
-            # one, slower than separate solves (19 ms against 11 ms, 16 columns of 6060 rows):
-            # then weigh loops over the columns itself.
-            pc = ksp.getPC()
-            self._blocked = not (pc.getType() == "redundant" or _factor_package(pc) == "petsc")
-            self._x, self._y = self._G.createVecs()
-            self._dense = {}
+                # PETSc's own LU solves a KSPMatSolve's columns one by one, slower than
+                # separate solves (19 ms against 11 ms, 16 columns of 6060 rows): then weigh
+                # loops over the columns itself.
+                self._blocked = _factor_package(ksp.getPC()) != "petsc"
+                self._x, self._y = self._G.createVecs()
 
     @property
     def diagonal(self):
@@ -210,7 +212,8 @@ class RowNorm:
         if self._ksp is not None:
             for obj in (self._ksp, self._G, self._x, self._y,
                         *(m for pair in self._dense.values() for m in pair)):
-                obj.destroy()
+                if obj is not None:
+                    obj.destroy()
             for solver in (self._split, self._vector_ksp):
                 if solver is not None:
                     solver.destroy()

@@ -44,7 +44,7 @@ from mpi4py import MPI
 
 from . import bridge
 from .backbones import DeepONetBasis, ParametricFNOBasis
-from .config import DEFAULTS, _merge, load_config, validate
+from .config import DEFAULTS, FREE, _merge, load_config, validate
 from .data import Dataset, sample_arrays
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      TrainingStalledError, raise_on_all_ranks)
@@ -61,6 +61,26 @@ CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
 RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("train", "loss"),
                ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
+
+
+def _resume_differences(saved, config):
+    """[(name, saved value, config's value)] for the RESUME_KEYS where a checkpoint's config and
+    ``config`` disagree, option by option. An option the checkpoint's config lacks (made
+    before the option existed) counts as its default, the behaviour of the version that wrote
+    it; where a default changed since, the option is named."""
+    out = []
+    for keys in RESUME_KEYS:
+        old, new, default = saved, config, DEFAULTS
+        for k in keys:
+            old, new, default = old.get(k, default[k]), new[k], default[k]
+        if isinstance(default, dict) and keys not in FREE:      # a section: option by option
+            for name, value in new.items():
+                before = old.get(name, default.get(name))
+                if before != value:
+                    out.append((".".join(keys + (name,)), before, value))
+        elif old != new:
+            out.append((".".join(keys), old, new))
+    return out
 
 
 def _finite_mean(values):
@@ -534,14 +554,11 @@ class Trainer:
         err, state = None, None
         try:
             state = torch.load(path, map_location=self.device, weights_only=False)
-            for keys in RESUME_KEYS:
-                old, new = state["config"], self.config
-                for k in keys:
-                    old, new = old[k], new[k]
-                if old != new:
-                    err = (f"checkpoint {path} was made with {'.'.join(keys)} = {old!r}, the config "
-                           f"now says {new!r}: use another train.out or set train.resume = false")
-                    break
+            differ = _resume_differences(state["config"], self.config)
+            if differ:
+                err = (f"checkpoint {path} was made with " + ", ".join(
+                    f"{name} = {old!r} (the config now says {new!r})" for name, old, new in differ)
+                    + ": use another train.out or set train.resume = false")
         except (OSError, RuntimeError, KeyError, EOFError) as e:
             err = f"cannot resume from {path}: {e}"
         raise_on_all_ranks(self.comm, err)

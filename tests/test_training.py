@@ -298,6 +298,28 @@ def test_diverging_expert_policy(policy, coupled):
 
 
 @pytest.mark.parallel([1, 2])
+def test_resume_names_what_differs_and_accepts_older_checkpoints():
+    """A checkpoint resumes where its config agrees option by option; one written before an
+    option existed (its saved config lacks it) counts as that option's default; a differing
+    option is named with both values, on every rank."""
+    out = shared_dir()
+    Trainer(config(out, train={"steps": 2, "checkpoint_every": 2})).fit()
+    path = os.path.join(out, "checkpoint.pt")
+    if MPI.COMM_WORLD.rank == 0:
+        state = torch.load(path, weights_only=False)
+        del state["config"]["model"]["fourier_features"]      # as before the option existed
+        torch.save(state, path)
+    MPI.COMM_WORLD.barrier()
+    resumed = Trainer(config(out, train={"steps": 2, "checkpoint_every": 2}))
+    parallel_assert(resumed.step == 2, f"resumed at step {resumed.step}")
+    with pytest.raises(fem_moe.InputError, match=r"model.mode = 'lstsq' \(the config now says "
+                                                  r"'galerkin'\): use another train.out"):
+        Trainer(config(out, model={"mode": "galerkin"}, train={"steps": 2, "checkpoint_every": 2}))
+    with pytest.raises(fem_moe.InputError, match=r"model.fourier_features = 0 \(the config now says 8\)"):
+        Trainer(config(out, model={"fourier_features": 8}, train={"steps": 2, "checkpoint_every": 2}))
+
+
+@pytest.mark.parallel([1, 2])
 def test_training_stops_when_every_step_is_skipped():
     """Under on_diverge = 'skip', steps whose solves all diverge leave the weights as they were:
     after train.max_skipped_in_a_row of them in a row training stops on every rank, with a

@@ -87,14 +87,15 @@ def run_child(cmd):
     return json.loads(rows[-1])
 
 
-def nonlinear_diffusion(n):
-    """The benchmarks' problem: -div((1 + u^2) grad u) = m on an n x n unit square (P1), u = x + y
-    on the boundary, m = 1 + 10 x y. Returns (problem, data tensor [1, n_dofs])."""
+def nonlinear_diffusion(n, degree=1):
+    """The benchmarks' problem: -div((1 + u^2) grad u) = m on an n x n unit square (P1, or
+    ``degree``), u = x + y on the boundary, m = 1 + 10 x y. Returns (problem, data tensor
+    [1, n_dofs])."""
     import torch
     import firedrake as fd
     import fem_moe
     mesh = fd.UnitSquareMesh(n, n)
-    V = fd.FunctionSpace(mesh, "CG", 1)
+    V = fd.FunctionSpace(mesh, "CG", degree)
     x, y = fd.SpatialCoordinate(mesh)
     residual = lambda u, v, m: ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
     problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),

@@ -26,20 +26,18 @@ def measure(variant):
     from firedrake.petsc import PETSc
     import fem_moe
 
+    sys.path.insert(0, HERE)
+    from common import nonlinear_diffusion
+
     words = variant.split()
     for prefix in PREFIXES:
         for name, value in zip(words[::2], words[1::2]):
             PETSc.Options()[prefix + name.lstrip("-")] = value
     rows = []
     for degree in (1, 2):
-        mesh = fd.UnitSquareMesh(16, 16)
-        V = fd.FunctionSpace(mesh, "CG", degree)
-        x, y = fd.SpatialCoordinate(mesh)
-
-        def residual(u, v, m):
-            return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx
-        problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, x + y, "on_boundary"),
-                                             data_spaces=V)
+        problem, _ = nonlinear_diffusion(16, degree)
+        V = problem.V
+        x, y = fd.SpatialCoordinate(V.mesh())
         X = problem.dof_coordinates()
         layers = [("global", fem_moe.HardConstraint(problem, 8))] + [
             (f"coupled K={K}", fem_moe.MoEHardConstraint(problem, 8, n_experts=K)) for K in (2, 3)]

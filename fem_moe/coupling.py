@@ -138,7 +138,8 @@ class CoupledRows:
         self.cols_nb = np.setdiff1d(np.arange(L * N), self.cols_me)
         # The other blocks' columns are nonzero only on the overlap's dofs (owned by neighbours).
         self.nb_dofs = np.flatnonzero(self.block != self.me)
-        self.blk_nb = blk[:, self.cols_nb]
+        # C order: scipy's sparse-dense products copy a Fortran-ordered operand every time.
+        self.blk_nb = np.ascontiguousarray(blk[:, self.cols_nb])
         if getattr(self, "_self_mat", None) is not None:
             self._self_mat.destroy()
         self._self_mat = _dense_self(blk[:, self.cols_me])
@@ -280,6 +281,15 @@ def _csr(mat):
     return scipy.sparse.csr_matrix((values, indices, indptr), shape=mat.getSize())
 
 
+#: Below this many experts (the mixture's dense limit) on several ranks, every rank factors a copy
+#: of the coupled matrix (K N x K N, at most a few hundred unknowns) with sequential MUMPS instead
+#: of one parallel MUMPS factorisation: parallel MUMPS's fixed cost per factorisation (0.7 ms for
+#: 32 unknowns on 2 ranks, 6 % of a coupled K = 2 solve at 16641 dofs) does not shrink with the
+#: matrix. The inertia checks likewise. Options under the prefix still choose (``pc_type``).
+REDUNDANT_EXPERTS = 16
+REDUNDANT_COUPLING_PARAMETERS = {"pc_type": "redundant", "redundant_pc_type": "lu",
+                                 "redundant_pc_factor_mat_solver_type": "mumps"}
+
 # Columns weighed at a time when W's interface block is formed (memory n_sub x this).
 _WEIGHT_CHUNK = 64
 #: The largest interface (rows of one expert) whose block of W is kept dense (m^2 doubles):
@@ -335,6 +345,7 @@ class CoupledSolver:
         is_t.destroy()
         self.G = self.x.duplicate()      # the SNES's residual vector
         self._acc = self.x.duplicate()   # where the experts' contributions are summed
+        self._redundant = comm.size > 1 and K < REDUNDANT_EXPERTS
         self._build_matrix(neighbours, K, options_prefix, solver_parameters)
         self._build_snes(options_prefix, solver_parameters)
 
@@ -382,6 +393,8 @@ class CoupledSolver:
         # residual's squared (~1e-12 on diffusion-sorption): it failed on most training steps.
         defaults = {**reduced_solver_defaults(self.mode, DEFAULT_COUPLING_PARAMETERS),
                     "pc_factor_mat_solver_type": "mumps"}
+        if self._redundant:
+            defaults.update(REDUNDANT_COUPLING_PARAMETERS)
         options.set_up(snes, prefix, defaults, params)
         # fem_moe's own solves with the coupled matrix (the first step's length, the stall
         # test, the backward) go through the SNES's preconditioner, shared, and no Krylov
@@ -396,7 +409,8 @@ class CoupledSolver:
         self.snes, self.prefix = snes, prefix
         if self.mode == "lstsq":
             self.A.setOption(PETSc.Mat.Option.SYMMETRIC, True)
-            ksp = PETSc.KSP().create(comm=self.comm)
+            # A small coupled matrix is factored whole on every rank (REDUNDANT_EXPERTS).
+            ksp = PETSc.KSP().create(comm=PETSc.COMM_SELF if self._redundant else self.comm)
             # MUMPS reports the inertia in parallel only without its ScaLAPACK root and with
             # null-pivot detection; it reads these when it factors (options.used below).
             inertia = {"ksp_type": "preonly", "pc_type": "cholesky",
@@ -601,6 +615,14 @@ class CoupledSolver:
             self._jacobian(state, exact=False)
             A.shift(1e-8 * A.getDiagonal().sum() / A.getSize()[0])
 
+    def _direct_solve(self, b, x, transpose=False):
+        """x = A^-1 b (or A^-T b) by the SNES's preconditioner alone, with the SNES's options in
+        PETSc's database: a preconditioner set up here (a redundant one's inner solver reads
+        them then) is set up as the SNES would. Collective."""
+        self._direct.setOperators(self.A)
+        with options.used(self.snes):
+            (self._direct.solveTranspose if transpose else self._direct.solve)(b, x)
+
     def _column_index(self, k):
         """Where expert k's neighbours' columns sit in the columns of its block row: all of
         them (a slice) unless the matrix is dense, where the columns are every expert's, by
@@ -621,16 +643,22 @@ class CoupledSolver:
 
     def _positive_definite(self):
         """Whether the assembled matrix is positive definite: its inertia from a Cholesky
-        factorisation (MUMPS; options prefix ``<prefix>inertia_``). Collective."""
+        factorisation (MUMPS; options prefix ``<prefix>inertia_``), of the distributed matrix or,
+        where it is small, of every rank's copy of it. Collective."""
         ksp = self._inertia_ksp
         A = self.A
         if "baij" in A.getType():     # MUMPS's Cholesky takes AIJ (or SBAIJ), not BAIJ
             A = self._inertia_mat = A.convert("aij", out=getattr(self, "_inertia_mat", None))
+        if self._redundant:
+            A = self._inertia_copy = A.getRedundantMatrix(
+                self.comm.size, subcomm=PETSc.COMM_SELF, out=getattr(self, "_inertia_copy", None))
         ksp.setOperators(A)
         with options.used(ksp):
             ksp.setUp()
         negative, zero, _ = ksp.getPC().getFactorMatrix().getInertia()
-        return negative == 0 and zero == 0
+        definite = negative == 0 and zero == 0
+        # The copies are equal, their factorisations too: agreeing costs nothing and makes sure.
+        return self.comm.allreduce(definite, op=_LAND) if self._redundant else definite
 
     def _exact_hessian(self, gnorm):
         """As the experts' switch: Gauss-Newton until |G| <= gauss_newton_rtol |G0| or
@@ -718,8 +746,7 @@ class CoupledSolver:
             # The first Gauss-Newton step's length starts the trust region (the experts' rule).
             self._state_at(self.x, "A")
             step = self.x.duplicate()
-            self._direct.setOperators(self.A)
-            self._direct.solve(start["G"], step)
+            self._direct_solve(start["G"], step)
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
         self._callback_error = None
@@ -796,8 +823,7 @@ class CoupledSolver:
             return g.norm() <= self.stall_rtol * g_start
         self._jacobian(state, exact=False)   # Gauss-Newton: positive definite
         step = g.duplicate()
-        self._direct.setOperators(self.A)
-        self._direct.solve(g, step)
+        self._direct_solve(g, step)
         decrease = 0.5 * g.dot(step)
         step.destroy()
         return decrease <= self.stall_rtol * state["objective"]
@@ -816,16 +842,14 @@ class CoupledSolver:
         self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, self.rows[k].own] @ u_bar[k][self.rows[k].own]
                                  for k in self.mine})
         lam = self.x.duplicate()
-        ksp = self._direct
-        ksp.setOperators(self.A)
         err = None
         try:
-            ksp.solveTranspose(b, lam)
+            self._direct_solve(b, lam, transpose=True)
         except PETSc.Error as exc:
             err = exc
-        if err is None and ksp.getConvergedReason() < 0:
+        if err is None and self._direct.getConvergedReason() < 0:
             err = (f"coupled mixture, sample {sample}: the backward's block-sparse solve failed "
-                   f"({ksp.getConvergedReason()}); options prefix {self.prefix!r}")
+                   f"({self._direct.getConvergedReason()}); options prefix {self.prefix!r}")
         if err is None and not self.comm.allreduce(bool(np.all(np.isfinite(lam.getArray(readonly=True)))), op=_LAND):
             err = f"coupled mixture, sample {sample}: the backward's solve gave non-finite values (singular reduced Jacobian)"
         self._agree(err)
@@ -895,8 +919,9 @@ class CoupledSolver:
     def destroy(self):
         if self.mode == "lstsq":
             self._inertia_ksp.destroy()
-        if getattr(self, "_inertia_mat", None) is not None:
-            self._inertia_mat.destroy()
+        for name in ("_inertia_mat", "_inertia_copy"):
+            if getattr(self, name, None) is not None:
+                getattr(self, name).destroy()
         for obj in (self._direct, self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
                     self.tlocal, self.tscatter):
             obj.destroy()

@@ -264,6 +264,40 @@ def test_exact_hessian_throughout_reaches_the_same_solution(n_experts, mat_type)
     parallel_assert(err < 1e-8 and info.reason.startswith("CONVERGED"), f"{err:.2e}, {info}")
 
 
+@pytest.mark.parallel([1, 2, 3])
+def test_small_coupled_matrix_factored_on_every_rank(petsc_options):
+    """Below REDUNDANT_EXPERTS experts on several ranks every rank factors a copy of the coupled
+    matrix (PCREDUNDANT, and the inertia check of its copy), which follows the matrix as it
+    changes; ``-moe_pc_type`` still chooses; at or past the limit the factorisation stays
+    distributed."""
+    from fem_moe.coupling import REDUNDANT_EXPERTS
+    problem = nonlinear_diffusion(n=8, degree=1)
+    basis, data = smooth_basis(problem, 3), source(problem, 8.0)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3)
+    u = layer(basis, data)
+    solver = layer.coupling
+    several = problem.comm.size > 1
+    pc = solver.snes.getKSP().getPC().getType()
+    parallel_assert(pc == ("redundant" if several else "lu"), pc)
+    # The last Jacobian is positive definite; its negative is not, and back again: the copy
+    # is refreshed from the distributed matrix at every check.
+    seen = [solver._positive_definite()]
+    solver.A.scale(-1.0)
+    seen.append(solver._positive_definite())
+    solver.A.scale(-1.0)
+    seen.append(solver._positive_definite())
+    parallel_assert(seen == [True, False, True], str(seen))
+    # The same outputs as a distributed factorisation, and as on one rank (sorted values).
+    petsc_options(moe_pc_type="lu")
+    distributed = fem_moe.MoEHardConstraint(problem, 3, n_experts=3)
+    parallel_assert(distributed.coupling.snes.getKSP().getPC().getType() == "lu")
+    err = problem.comm.allreduce(float((distributed(basis, data) - u).abs().max()), op=MPI.MAX)
+    parallel_assert(err < 1e-10, f"{err:.2e}")
+    many = fem_moe.MoEHardConstraint(nonlinear_diffusion(n=16, degree=1), 2,
+                                     n_experts=REDUNDANT_EXPERTS)
+    parallel_assert(not many.coupling._redundant)
+
+
 @pytest.mark.parallel([1, 2])
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 def test_coupled_solve_does_not_depend_on_the_residual_scale(mode):

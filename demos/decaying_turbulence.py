@@ -35,6 +35,9 @@ parser.add_argument("--n-train", type=int, default=24)
 parser.add_argument("--n-test", type=int, default=6)
 parser.add_argument("--steps", type=int, default=None, help="training steps (100; --paper 1500)")
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
+parser.add_argument("--warmup-steps", type=int, default=0,
+                    help="the learning rate's linear warm-up (train.warmup_steps): for models that "
+                         "start from a trained backbone (--pihc-checkpoint)")
 parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--time-steps", type=int, default=10, help="backward-Euler steps")
@@ -78,7 +81,7 @@ config = {
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "backbone": args.backbone},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4 if not args.tiny else 2,
-              "lr": args.lr, "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
+              "lr": args.lr, "warmup_steps": args.warmup_steps, "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
               "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},
 }
 # Besides the standard models, the mixture trained on from the PI-HC run's backbone (after it, in

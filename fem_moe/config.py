@@ -79,6 +79,7 @@ DEFAULTS = {
         "step_size": 100,       # step schedule: lr *= gamma every step_size steps
         "gamma": 0.5,
         "min_lr": 0.0,          # cosine schedule's floor
+        "warmup_steps": 0,      # lr rises linearly from lr/warmup_steps to the schedule's over these steps (a fresh Adam's first steps move every weight by ~lr: a trained backbone, model.backbone_from, is thrown off)
         "val_every": 20,
         "checkpoint_every": 20,
         "seed": 0,              # of the initial weights and the batch order
@@ -161,6 +162,8 @@ def validate(config, source="config"):
     for name in ("steps", "batch_size", "val_every", "checkpoint_every", "step_size"):
         if config["train"][name] < 1:
             raise InputError(f"{source}: train.{name} must be >= 1")
+    if config["train"]["warmup_steps"] < 0:
+        raise InputError(f"{source}: train.warmup_steps must be >= 0 (0: none)")
     if config["train"]["max_skipped_in_a_row"] < 0:
         raise InputError(f"{source}: train.max_skipped_in_a_row must be >= 0 (0: never stop)")
     if config["model"]["n_basis"] < 1 or config["model"]["n_experts"] < 1:

@@ -226,13 +226,15 @@ class Trainer:
         raise_on_all_ranks(self.comm, err)
 
     def _lr_factor(self, step):
+        """The schedule's factor at ``step`` (0-based), ramped up linearly over the warm-up."""
         t = self.config["train"]
+        warmup = min(1.0, (step + 1) / t["warmup_steps"]) if t["warmup_steps"] else 1.0
         if t["schedule"] == "cosine":
             floor = t["min_lr"] / t["lr"]
-            return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, t["steps"]) / t["steps"]))
+            return warmup * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, t["steps"]) / t["steps"])))
         if t["schedule"] == "step":
-            return t["gamma"] ** (step // t["step_size"])
-        return 1.0
+            return warmup * t["gamma"] ** (step // t["step_size"])
+        return warmup
 
     @property
     def checkpoint_path(self):

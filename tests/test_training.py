@@ -341,6 +341,25 @@ def test_training_stops_when_every_step_is_skipped():
                     and rows[0]["failed"] == 2, f"{rows[0]}")
 
 
+@pytest.mark.parametrize("schedule", ["none", "cosine", "step"])
+def test_warmup_ramps_the_learning_rate_up(schedule):
+    """train.warmup_steps: the rate each step uses rises linearly to the schedule's over the
+    warm-up (a fresh Adam's first step moves every weight by about lr: from a trained backbone
+    the turbulence run's loss went 0.044 -> 0.70 at its second step, README), then follows it."""
+    steps, warmup, lr = 8, 4, 5e-3
+    train = {"steps": steps, "lr": lr, "schedule": schedule, "step_size": 3, "val_every": 8,
+             "checkpoint_every": 8}
+    runs = {}
+    for w in (0, warmup):
+        t = Trainer(config(os.path.join(shared_dir(), str(w)), model={"kind": "soft"},
+                           train={**train, "warmup_steps": w}))
+        t.fit()
+        runs[w] = np.array([r["lr"] for r in t.history])
+    ramp = np.minimum(1.0, np.arange(1, steps + 1) / warmup)
+    np.testing.assert_allclose(runs[warmup], ramp * runs[0], rtol=1e-12)
+    assert runs[warmup][0] == pytest.approx(lr / warmup)
+
+
 @pytest.mark.parallel([1, 2])
 def test_bad_config_and_data_raise_everywhere():
     out = shared_dir()
@@ -356,6 +375,7 @@ def test_bad_config_and_data_raise_everywhere():
         ({"model": {"fourier_features": -1}}, "model.fourier_features must be >= 0"),
         ({"model": {"fourier_features": 8, "fourier_scale": 0.0}}, "model.fourier_scale"),
         ({"train": {"max_skipped_in_a_row": -1}}, "train.max_skipped_in_a_row"),
+        ({"train": {"warmup_steps": -2}}, "train.warmup_steps"),
     ]
     for change, message in cases:
         with pytest.raises(fem_moe.InputError, match=message):

@@ -3,11 +3,13 @@
     mpiexec -n 2 python benchmarks/training_step.py [--pde diffusion_sorption]
         [--options nx=1024,nt=100] [--kinds soft pihc moe] [--experts 4] [--n-basis 16]
         [--batch 4] [--warmup 8] [--steps 4] [--n-train 32] [--no-warm-start]
-        [--training-rtol 0] [--dtype float64] [--label after] [--out benchmarks/results/training_step.json]
+        [--training-rtol 0] [--dtype float64] [--backbone deeponet] [--label after]
+        [--out benchmarks/results/training_step.json]
 
 One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
-permutation per epoch, as the trainer; ``--n-train 0``: fresh inputs every step) -> DeepONet
-basis at this rank's dofs -> the model's constraint -> the physics loss (residual_loss, the global residual) -> backward ->
+permutation per epoch, as the trainer; ``--n-train 0``: fresh inputs every step) -> the
+backbone's basis at this rank's dofs (the trainer's, ``fem_moe.train.build_backbone``, with the
+config's default sizes: a DeepONet, or ``--backbone fno``) -> the model's constraint -> the physics loss (residual_loss, the global residual) -> backward ->
 bridge.allreduce_gradients -> Adam. Each phase is timed on every rank after a barrier; the table
 shows the slowest rank's time per phase (mean over the steps after one warm-up step).
 
@@ -68,6 +70,8 @@ def main():
     parser.add_argument("--norm", default=None, help="the layers' least-squares norm (default: theirs)")
     parser.add_argument("--mode", default=None, choices=["lstsq", "galerkin"],
                         help="the layers' reduced problem (default: theirs)")
+    parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
+                        help="the trainer's backbone with the config's default sizes")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
     parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
@@ -82,7 +86,12 @@ def main():
     import fem_moe
     from fem_moe import bridge, pdes
     from fem_moe.data import sample_arrays
-    from fem_moe.backbones import DeepONetBasis
+    from fem_moe.config import DEFAULTS
+    try:
+        from fem_moe.train import build_backbone
+    except ImportError:     # an older fem_moe (a "before" row): the DeepONet built as it was then
+        from fem_moe.backbones import DeepONetBasis
+        build_backbone = None
     from fem_moe.model import NeuralSolver
     from common import Timer, print_table, write_json
 
@@ -111,13 +120,17 @@ def main():
     rows = []
     for kind in args.kinds:
         torch.manual_seed(0)
-        X = problem.mesh.coordinates.dat.data_ro
-        lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
-        hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
-        backbone = DeepONetBasis(len(pde.inputs(pde.sample(rng, 1))[0]), args.n_basis,
-                                 problem.mesh.geometric_dimension, n_components=problem.n_components,
-                                 shift=torch.tensor((lo + hi) / 2),
-                                 scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12))).to(dtype)
+        n_inputs = len(pde.inputs(pde.sample(rng, 1))[0])
+        if build_backbone is not None:
+            config = {**DEFAULTS["model"], "n_basis": args.n_basis, "backbone": args.backbone}
+            backbone = build_backbone(config, problem, pde, n_inputs, comm).to(dtype)
+        else:
+            X = problem.mesh.coordinates.dat.data_ro
+            lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
+            hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
+            backbone = DeepONetBasis(n_inputs, args.n_basis, problem.mesh.geometric_dimension,
+                                     n_components=problem.n_components, shift=torch.tensor((lo + hi) / 2),
+                                     scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12))).to(dtype)
         bridge.broadcast_parameters(backbone)
         # Only options the measured version has: the "before" rows pass neither.
         options = {}
@@ -177,7 +190,8 @@ def main():
             timed("optimiser", optimiser.step)
         end = event_seconds()
         total = sum(np.mean(times[p]) for p in phases)
-        row = {"label": args.label, "kind": kind, "ranks": comm.size, "dofs": problem.V.dim(),
+        row = {"label": args.label, "kind": kind, "backbone": args.backbone, "ranks": comm.size,
+               "dofs": problem.V.dim(),
                "backbone_ranks": args.backbone_ranks or "all",
                "experts": model.constraint.n_experts if kind == "moe" else (1 if kind == "pihc" else 0),
                "n_basis": args.n_basis, "batch": args.batch, "steps": args.steps,
@@ -209,7 +223,8 @@ def main():
                 doc = json.load(f)
             key = lambda r: (r.get("label"), r.get("kind"), r.get("ranks"), r.get("dofs"),
                              r.get("dtype"), r.get("warm_start"), r.get("n_train"),
-                             r.get("training_rtol"), r.get("norm"), r.get("mode"))
+                             r.get("training_rtol"), r.get("norm"), r.get("mode"),
+                             r.get("backbone", "deeponet"))
             new = {key(r) for r in rows}
             old = [r for r in doc.get("rows", []) if "label" in r and key(r) not in new]
         os.makedirs(os.path.dirname(args.out), exist_ok=True)

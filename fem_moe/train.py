@@ -55,12 +55,42 @@ from .model import NeuralSolver
 from .partition import mesh_periods
 from .report import peak_rss_mb, write_atomic
 
-__all__ = ["Trainer"]
+__all__ = ["Trainer", "build_backbone"]
 
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
 RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("train", "loss"),
                ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
+
+
+def build_backbone(model, problem, pde, n_inputs, comm=MPI.COMM_WORLD):
+    """The backbone a config's ``model`` section names (``backbone``: deeponet | fno, and its
+    sizes) for ``problem``'s mesh — its bounding box over every rank and its periods — and
+    ``pde``'s inputs (``n_inputs`` numbers per input; the fields an FNO sees, where the PDE has
+    them). Collective over ``comm``."""
+    X = problem.mesh.coordinates.dat.data_ro
+    lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
+    hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
+    periods = mesh_periods(problem.mesh)
+    if model["backbone"] == "fno":
+        if 2 * model["modes"] > model["grid"] + 1:
+            raise InputError(f"model.modes = {model['modes']} needs model.grid >= {2 * model['modes'] - 1}")
+        # Where the inputs are the coefficients of fields, the FNO sees those fields.
+        points = ParametricFNOBasis.grid_points(lo, hi, model["grid"], periods).numpy()
+        fields = pde.input_fields(points)
+        if fields is not None:
+            fields = np.asarray(fields).reshape(*np.shape(fields)[:2], *[model["grid"]] * len(lo))
+        return ParametricFNOBasis(n_inputs, model["n_basis"], lo, hi, grid=model["grid"],
+                                  modes=model["modes"], width=model["width"], layers=model["depth"],
+                                  n_components=problem.n_components, periods=periods,
+                                  input_fields=fields)
+    return DeepONetBasis(n_inputs, model["n_basis"], problem.mesh.geometric_dimension,
+                         n_components=problem.n_components, latent=model["latent"],
+                         width=model["width"], depth=model["depth"],
+                         shift=torch.tensor((lo + hi) / 2),
+                         scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
+                         periods=torch.tensor(periods), fourier_features=model["fourier_features"],
+                         fourier_scale=model["fourier_scale"])
 
 
 def _resume_differences(saved, config):
@@ -187,29 +217,8 @@ class Trainer:
         return options
 
     def _backbone(self):
-        m, problem = self.config["model"], self.problem
-        X = problem.mesh.coordinates.dat.data_ro
-        lo = np.min(self.comm.allgather(X.min(axis=0)), axis=0)
-        hi = np.max(self.comm.allgather(X.max(axis=0)), axis=0)
-        periods = mesh_periods(problem.mesh)
-        if m["backbone"] == "fno":
-            if 2 * m["modes"] > m["grid"] + 1:
-                raise InputError(f"model.modes = {m['modes']} needs model.grid >= {2 * m['modes'] - 1}")
-            # Where the inputs are the coefficients of fields, the FNO sees those fields.
-            points = ParametricFNOBasis.grid_points(lo, hi, m["grid"], periods).numpy()
-            fields = self.dataset.pde.input_fields(points)
-            if fields is not None:
-                fields = np.asarray(fields).reshape(*np.shape(fields)[:2], *[m["grid"]] * len(lo))
-            return ParametricFNOBasis(self.dataset.inputs.shape[1], m["n_basis"], lo, hi,
-                                      grid=m["grid"], modes=m["modes"], width=m["width"],
-                                      layers=m["depth"], n_components=problem.n_components,
-                                      periods=periods, input_fields=fields)
-        return DeepONetBasis(self.dataset.inputs.shape[1], m["n_basis"], problem.mesh.geometric_dimension,
-                             n_components=problem.n_components, latent=m["latent"], width=m["width"],
-                             depth=m["depth"], shift=torch.tensor((lo + hi) / 2),
-                             scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12)),
-                             periods=torch.tensor(periods), fourier_features=m["fourier_features"],
-                             fourier_scale=m["fourier_scale"])
+        return build_backbone(self.config["model"], self.problem, self.dataset.pde,
+                              self.dataset.inputs.shape[1], self.comm)
 
     def _start_backbone_from(self, path):
         """The backbone's weights from the checkpoint ``path`` of another run with the same

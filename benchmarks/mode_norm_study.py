@@ -37,6 +37,9 @@ parser.add_argument("--fourier-scale", type=float, default=3.0, help="model.four
 parser.add_argument("--ridge-factor", type=float, default=None,
                     help="model.ridge_factor (the ridge of a rank-deficient basis); its own JSON "
                          "(..._ridge<factor>.json)")
+parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
+                    help="model.backbone (fno: the turbulence demo's); fno: its own JSON (..._fno.json)")
+parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
 command = "python " + " ".join(sys.argv)
@@ -53,7 +56,7 @@ PDE_OPTIONS = {
     "reaction_diffusion": {"mesh": "plate_with_holes"},
     "diffusion_sorption": {"nx": 32, "nt": 16, "t_end": 500.0},
     "flow_past_obstacle": {},
-    "decaying_turbulence": {},
+    "decaying_turbulence": {"steps": 10, "t_end": 0.6},     # the demo's window
 }
 config = {
     "pde": {"name": args.pde, "options": PDE_OPTIONS[args.pde]},
@@ -61,10 +64,10 @@ config = {
              "n_test": args.n_test, "seed": 0},
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "warm_start": not args.no_warm_start, "fourier_features": args.fourier_features,
-              "fourier_scale": args.fourier_scale,
+              "fourier_scale": args.fourier_scale, "backbone": args.backbone,
               **({} if args.ridge_factor is None else {"ridge_factor": args.ridge_factor})},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
-              "batch_size": 4, "lr": 2e-3, "val_every": max(args.steps // 5, 1),
+              "batch_size": 4, "lr": args.lr, "val_every": max(args.steps // 5, 1),
               "checkpoint_every": args.steps, "progress": False, "resume": False,
               "fresh_inputs": args.fresh},
 }
@@ -84,6 +87,7 @@ study.ensure_dataset(config, MPI.COMM_WORLD, progress=False)
 rows, _ = study.compare(config, models, out)
 if MPI.COMM_WORLD.rank == 0:
     features = f", {args.fourier_features} Fourier features" if args.fourier_features else ""
+    features += ", FNO" if args.backbone == "fno" else ""
     title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}{features}, "
              f"physics loss ({args.loss_norm} norm), "
              f"{MPI.COMM_WORLD.size} rank(s)")
@@ -91,6 +95,8 @@ if MPI.COMM_WORLD.rank == 0:
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
     name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
                         f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
+                        f"{'_fno' if args.backbone == 'fno' else ''}"
+                        f"{f'_lr{args.lr:g}' if args.lr != 2e-3 else ''}"
                         f"{f'_ridge{args.ridge_factor:g}' if args.ridge_factor is not None else ''}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.
     rows = merged_rows(name, rows, lambda row: row["label"])

@@ -53,6 +53,7 @@ DEFAULTS = {
         "norm": "auto",    # auto (the layer's: dual, dual_blocks for mixtures) | euclidean | lumped | dual | dual_blocks: the least-squares residual's norm (fem_moe.norms)
         "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
         "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
+        "global_steps": 0,      # moe only: the first global_steps training steps train the backbone through the global layer (PI-HC) on the same basis, then the mixture trains on with the same optimiser (from scratch a mixture's basis can learn only what its per-expert coefficients use: README)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
         "backbone_from": "",    # a checkpoint.pt whose backbone weights start this model's (e.g. a PI-HC run's, to train a mixture from it); "": random
         "backbone_ranks": "auto",   # auto (one per GPU per node with CUDA, else every rank) | all | a list of ranks holding rank 0 (fem_moe.bridge.BackboneRanks)
@@ -162,6 +163,10 @@ def validate(config, source="config"):
     for name in ("steps", "batch_size", "val_every", "checkpoint_every", "step_size"):
         if config["train"][name] < 1:
             raise InputError(f"{source}: train.{name} must be >= 1")
+    if config["model"]["global_steps"] < 0 or (config["model"]["global_steps"]
+                                               and config["model"]["kind"] != "moe"):
+        raise InputError(f"{source}: model.global_steps = {config['model']['global_steps']} needs "
+                         f"model.kind = 'moe' and >= 0 (the kind is {config['model']['kind']!r})")
     if config["train"]["warmup_steps"] < 0:
         raise InputError(f"{source}: train.warmup_steps must be >= 0 (0: none)")
     if config["train"]["max_skipped_in_a_row"] < 0:

@@ -46,8 +46,11 @@ class NeuralSolver(nn.Module):
         self.problem, self.kind, self.n_basis = problem, kind, int(n_basis)
         self.backbone = backbone
         dtype = next(backbone.parameters()).dtype
-        # Plain attributes, not buffers: they differ in size from rank to rank.
-        self._points = torch.tensor(problem.dof_coordinates(), dtype=dtype)
+        # Plain attributes, not buffers: they differ in size from rank to rank. The coordinates
+        # are kept in float64 and cast from there: cast from a float32 backbone's dtype, a
+        # model moved to float64 saw them rounded to float32 (2e-8 off on the unit square).
+        self._coordinates = torch.tensor(problem.dof_coordinates(), dtype=torch.float64)
+        self._points = self._coordinates.to(dtype)
         self._components = (torch.tensor(problem.dof_components()) if problem.n_components > 1
                             else None)
         if kind == "soft":
@@ -62,7 +65,7 @@ class NeuralSolver(nn.Module):
     def to(self, *args, **kwargs):
         out = super().to(*args, **kwargs)
         p = next(self.backbone.parameters())
-        self._points = self._points.to(device=p.device, dtype=p.dtype)
+        self._points = self._coordinates.to(device=p.device, dtype=p.dtype)
         if self._components is not None:
             self._components = self._components.to(p.device)
         return out

@@ -306,7 +306,7 @@ def transfer(trainer, problem):
     m, old = trainer.config["model"], trainer.model
     model = NeuralSolver(problem, old.backbone, kind=old.kind, n_basis=m["n_basis"],
                          n_experts=m["n_experts"], mode=m["mode"], partitioner_type=m["partitioner"],
-                         backbone_ranks=trainer._served(), **trainer._layer_options())
+                         backbone_ranks=trainer._served(), **trainer._layer_options(old.kind))
     if old.kind == "soft":
         model.weights = old.weights
     return model.to(device=trainer.device, dtype=trainer.dtype)

@@ -172,8 +172,16 @@ class Trainer:
         self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
                                   n_experts=m["n_experts"], mode=m["mode"],
                                   partitioner_type=m["partitioner"], backbone_ranks=self._served(),
-                                  **self._layer_options())
+                                  **self._layer_options(m["kind"]))
         self.model.to(device=self.device, dtype=self.dtype)
+        # model.global_steps: the mixture's basis first trained through the global layer (the
+        # same backbone object, so the same parameters and optimiser).
+        self._global = None
+        if m["kind"] == "moe" and m["global_steps"]:
+            self._global = NeuralSolver(problem, self.model.backbone, kind="pihc",
+                                        n_basis=m["n_basis"], mode=m["mode"],
+                                        backbone_ranks=self._served(), **self._layer_options("pihc"))
+            self._global.to(device=self.device, dtype=self.dtype)
         if m["backbone_from"]:
             self._start_backbone_from(m["backbone_from"])
         self.backbone_ranks.broadcast_parameters(self.model)
@@ -204,14 +212,19 @@ class Trainer:
         evaluates its own points)."""
         return None if self.backbone_ranks.everywhere else self.backbone_ranks
 
-    def _layer_options(self):
+    def _layer_options(self, kind):
+        """The constraint layer's options for a model of ``kind`` (a mixture's "dual_blocks"
+        is the whole mesh's "dual" for the global layer)."""
         m = self.config["model"]
-        if m["kind"] == "soft":
+        if kind == "soft":
             return {}
+        norm = None if m["norm"] == "auto" else m["norm"]
+        if kind == "pihc" and norm == "dual_blocks":
+            norm = "dual"
         options = {"ridge": m["ridge_factor"] or None, "ridge_always": m["ridge"] == "always",
-                   "norm": None if m["norm"] == "auto" else m["norm"], "warm_start": m["warm_start"],
+                   "norm": norm, "warm_start": m["warm_start"],
                    "training_rtol": m["training_rtol"] or None}
-        if m["kind"] == "moe":
+        if kind == "moe":
             options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"],
                            partition=None if m["partition"] == "auto" else m["partition"])
         return options
@@ -285,12 +298,20 @@ class Trainer:
         return idx
 
     # ------------------------------------------------------------------ model and losses
-    def predict(self, idx):
+    def predict(self, idx, model=None):
         """The model's physical fields for dataset samples ``idx``: ``[len(idx), n_dofs]``
-        (this rank's owned dofs)."""
+        (this rank's owned dofs); ``model``: another with the same backbone (default the
+        trained one)."""
         T = self._tensors
-        u = self.model(T["inputs"][idx], T["data"][idx])
+        u = (model or self.model)(T["inputs"][idx], T["data"][idx])
         return u if self._lift is None else u + self._lift[idx]
+
+    def _training_model(self):
+        """The model this step trains: the global layer on the mixture's basis during
+        ``model.global_steps``, else the model."""
+        if self._global is not None and self.step < self.config["model"]["global_steps"]:
+            return self._global
+        return self.model
 
     def physical_target(self, idx):
         t = self._tensors["targets"][idx]
@@ -354,11 +375,12 @@ class Trainer:
         idx = self.batch(self.step)
         t0 = time.perf_counter()
         record = {"step": self.step + 1, "lr": self.optimizer.param_groups[0]["lr"]}
-        self.model.train()
+        model = self._training_model()
+        model.train()
         self.optimizer.zero_grad()
         try:
             with self._rank_deficiency_counted(record):
-                u = self.predict(idx)
+                u = self.predict(idx, model)
             loss, parts = self.losses(u, idx)
             if not math.isfinite(loss.item()):
                 raise FemMoeError(f"training diverged: the loss is {loss.item()} at step "
@@ -550,11 +572,11 @@ class Trainer:
         path = path or self.checkpoint_path
         # Each rank's warm starts (its part of every stored solution): a resumed run starts its
         # solves where the uninterrupted one would, and takes the same steps.
-        layer = self.model.constraint
-        warm = self.comm.gather(layer.warm_starts.state() if layer is not None else [], root=0)
+        warm = {name: self.comm.gather(layer.warm_starts.state(), root=0)
+                for name, layer in self._layers().items()}
         if self.comm.rank == 0:
             buf = io.BytesIO()
-            torch.save({**self.state(), "warm_starts": warm}, buf)
+            torch.save({**self.state(), **{f"warm_starts{name}": w for name, w in warm.items()}}, buf)
             write_atomic(path, lambda f: f.write(buf.getvalue()))
             self.write_metrics()
         self.comm.barrier()
@@ -579,10 +601,17 @@ class Trainer:
         self.step = state["step"]
         self.history, self.validation = state["history"], state["validation"]
         self.diverged = state["diverged"]
-        warm, layer = state.get("warm_starts"), self.model.constraint
-        if layer is not None and warm is not None and len(warm) == self.comm.size:
-            # (On another rank count the ranks hold other parts: the solves start cold.)
-            layer.warm_starts.load_state(warm[self.comm.rank])
+        for name, layer in self._layers().items():
+            warm = state.get(f"warm_starts{name}")
+            if warm is not None and len(warm) == self.comm.size:
+                # (On another rank count the ranks hold other parts: the solves start cold.)
+                layer.warm_starts.load_state(warm[self.comm.rank])
+
+    def _layers(self):
+        """The constraint layers whose warm starts a checkpoint keeps, by the suffix of their
+        key: the model's, and the global layer of model.global_steps."""
+        layers = {"": self.model.constraint, "_global": getattr(self._global, "constraint", None)}
+        return {name: layer for name, layer in layers.items() if layer is not None}
 
     def write_metrics(self):
         """metrics.json (config, per-step records, validations, failures) and metrics.csv (one

@@ -341,6 +341,43 @@ def test_training_stops_when_every_step_is_skipped():
                     and rows[0]["failed"] == 2, f"{rows[0]}")
 
 
+@pytest.mark.parallel([1, 2])
+def test_backbone_sees_the_exact_dof_coordinates():
+    """A float64 model's backbone gets the dofs' coordinates as they are (built with a float32
+    backbone then moved to float64, it got them rounded to float32)."""
+    t = Trainer(config(shared_dir(), model={"kind": "pihc"}))
+    exact = torch.tensor(t.problem.dof_coordinates(), dtype=torch.float64)
+    parallel_assert(t.model._points.dtype == torch.float64 and torch.equal(t.model._points, exact),
+                    f"{(t.model._points - exact).abs().max().item():.1e} off")
+
+
+@pytest.mark.parallel([1, 2])
+def test_mixture_trains_its_basis_globally_first():
+    """model.global_steps: for its first steps a mixture's backbone trains through the global
+    layer — the weights a PI-HC run of those steps reaches (to round-off: on several ranks two
+    runs may distribute the mesh differently), also when resumed in between —, then the mixture
+    takes over with the same optimiser: on the same basis and batch its loss is below the global
+    layer's (nesting, in the loss's norm)."""
+    base, S = shared_dir(), 3
+    pihc = Trainer(config(os.path.join(base, "pihc"), model={"kind": "pihc"},
+                          train={"steps": S + 1}))
+    pihc.fit(S)
+    mixture = {"kind": "moe", "norm": "dual", "global_steps": S}
+    moe = Trainer(config(os.path.join(base, "moe"), model=mixture, train={"steps": S + 1}))
+    moe.fit(2)
+    moe = Trainer(config(os.path.join(base, "moe"), model=mixture,         # resumed at step 2
+                         train={"steps": S + 1, "resume": True}))
+    moe.fit(S)
+    same = all(torch.allclose(p, q, rtol=1e-10, atol=1e-14) for p, q in
+               zip(moe.model.backbone.parameters(), pihc.model.backbone.parameters()))
+    parallel_assert(same and moe.step == S, "the global phase did not train as PI-HC does")
+    pihc.fit(), moe.fit()
+    after = moe.history[S]["loss"], pihc.history[S]["loss"]
+    parallel_assert(after[0] < after[1] * (1 - 1e-6), f"mixture {after[0]} vs global {after[1]}")
+    with pytest.raises(fem_moe.InputError, match="model.global_steps"):
+        Trainer(config(base, model={"kind": "pihc", "global_steps": 2}))
+
+
 @pytest.mark.parametrize("schedule", ["none", "cosine", "step"])
 def test_warmup_ramps_the_learning_rate_up(schedule):
     """train.warmup_steps: the rate each step uses rises linearly to the schedule's over the

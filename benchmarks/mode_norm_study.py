@@ -39,6 +39,9 @@ parser.add_argument("--ridge-factor", type=float, default=None,
                          "(..._ridge<factor>.json)")
 parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
                     help="model.backbone (fno: the turbulence demo's); fno: its own JSON (..._fno.json)")
+parser.add_argument("--global-steps", type=int, default=0,
+                    help="the mixtures' model.global_steps (their basis first trained through the "
+                         "global layer); > 0: its own JSON (..._global<S>.json)")
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
@@ -74,7 +77,7 @@ config = {
 K = args.experts
 models = []
 for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
-    extra = {"n_experts": K} if kind == "moe" else {}
+    extra = {"n_experts": K, "global_steps": args.global_steps} if kind == "moe" else {}
     models += [(f"{label} lstsq euclidean", {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
                (f"{label} lstsq lumped", {"kind": kind, "mode": "lstsq", "norm": "lumped", **extra}),
                (f"{label} lstsq dual", {"kind": kind, "mode": "lstsq", "norm": "dual", **extra}),
@@ -96,6 +99,7 @@ if MPI.COMM_WORLD.rank == 0:
     name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
                         f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
                         f"{'_fno' if args.backbone == 'fno' else ''}"
+                        f"{f'_global{args.global_steps}' if args.global_steps else ''}"
                         f"{f'_lr{args.lr:g}' if args.lr != 2e-3 else ''}"
                         f"{f'_ridge{args.ridge_factor:g}' if args.ridge_factor is not None else ''}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.

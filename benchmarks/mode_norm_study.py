@@ -38,7 +38,8 @@ parser.add_argument("--ridge-factor", type=float, default=None,
                     help="model.ridge_factor (the ridge of a rank-deficient basis); its own JSON "
                          "(..._ridge<factor>.json)")
 parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
-                    help="model.backbone (fno: the turbulence demo's); fno: its own JSON (..._fno.json)")
+                    help="model.backbone (fno: the turbulence demo's); fno: its own JSON "
+                         "(..._fno.json)")
 parser.add_argument("--global-steps", type=int, default=0,
                     help="the mixtures' model.global_steps (their basis first trained through the "
                          "global layer); > 0: its own JSON (..._global<S>.json)")

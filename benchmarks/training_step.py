@@ -9,7 +9,8 @@
 One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
 permutation per epoch, as the trainer; ``--n-train 0``: fresh inputs every step) -> the
 backbone's basis at this rank's dofs (the trainer's, ``fem_moe.train.build_backbone``, with the
-config's default sizes: a DeepONet, or ``--backbone fno``) -> the model's constraint -> the physics loss (residual_loss, the global residual) -> backward ->
+config's default sizes: a DeepONet, or ``--backbone fno``) -> the model's constraint -> the
+physics loss (residual_loss, the global residual) -> backward ->
 bridge.allreduce_gradients -> Adam. Each phase is timed on every rank after a barrier; the table
 shows the slowest rank's time per phase (mean over the steps after one warm-up step).
 
@@ -129,7 +130,8 @@ def main():
             lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
             hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
             backbone = DeepONetBasis(n_inputs, args.n_basis, problem.mesh.geometric_dimension,
-                                     n_components=problem.n_components, shift=torch.tensor((lo + hi) / 2),
+                                     n_components=problem.n_components,
+                                     shift=torch.tensor((lo + hi) / 2),
                                      scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12))).to(dtype)
         bridge.broadcast_parameters(backbone)
         # Only options the measured version has: the "before" rows pass neither.

@@ -81,7 +81,8 @@ config = {
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "backbone": args.backbone},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4 if not args.tiny else 2,
-              "lr": args.lr, "warmup_steps": args.warmup_steps, "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
+              "lr": args.lr, "warmup_steps": args.warmup_steps,
+              "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
               "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},
 }
 # Besides the standard models, the mixture trained on from the PI-HC run's backbone (after it, in

@@ -74,7 +74,8 @@ def build_backbone(model, problem, pde, n_inputs, comm=MPI.COMM_WORLD):
     periods = mesh_periods(problem.mesh)
     if model["backbone"] == "fno":
         if 2 * model["modes"] > model["grid"] + 1:
-            raise InputError(f"model.modes = {model['modes']} needs model.grid >= {2 * model['modes'] - 1}")
+            raise InputError(f"model.modes = {model['modes']} needs model.grid >= "
+                             f"{2 * model['modes'] - 1}")
         # Where the inputs are the coefficients of fields, the FNO sees those fields.
         points = ParametricFNOBasis.grid_points(lo, hi, model["grid"], periods).numpy()
         fields = pde.input_fields(points)
@@ -180,7 +181,8 @@ class Trainer:
         if m["kind"] == "moe" and m["global_steps"]:
             self._global = NeuralSolver(problem, self.model.backbone, kind="pihc",
                                         n_basis=m["n_basis"], mode=m["mode"],
-                                        backbone_ranks=self._served(), **self._layer_options("pihc"))
+                                        backbone_ranks=self._served(),
+                                        **self._layer_options("pihc"))
             self._global.to(device=self.device, dtype=self.dtype)
         if m["backbone_from"]:
             self._start_backbone_from(m["backbone_from"])
@@ -253,7 +255,8 @@ class Trainer:
         warmup = min(1.0, (step + 1) / t["warmup_steps"]) if t["warmup_steps"] else 1.0
         if t["schedule"] == "cosine":
             floor = t["min_lr"] / t["lr"]
-            return warmup * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * min(step, t["steps"]) / t["steps"])))
+            cosine = 0.5 * (1 + math.cos(math.pi * min(step, t["steps"]) / t["steps"]))
+            return warmup * (floor + (1 - floor) * cosine)
         if t["schedule"] == "step":
             return warmup * t["gamma"] ** (step // t["step_size"])
         return warmup
@@ -576,7 +579,8 @@ class Trainer:
                 for name, layer in self._layers().items()}
         if self.comm.rank == 0:
             buf = io.BytesIO()
-            torch.save({**self.state(), **{f"warm_starts{name}": w for name, w in warm.items()}}, buf)
+            keyed = {f"warm_starts{name}": w for name, w in warm.items()}
+            torch.save({**self.state(), **keyed}, buf)
             write_atomic(path, lambda f: f.write(buf.getvalue()))
             self.write_metrics()
         self.comm.barrier()

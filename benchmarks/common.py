@@ -55,6 +55,15 @@ def forward_backward(layer, basis, data, comm):
     return comm.allreduce(tf.seconds, MPI.MAX), comm.allreduce(tb.seconds, MPI.MAX)
 
 
+def parse_options(text):
+    """PDE options from "key=value,key=value" (numbers: a float where the value has '.' or 'e')."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        key, value = item.split("=")
+        out[key] = float(value) if "." in value or "e" in value else int(value)
+    return out
+
+
 def write_json(path, name, rows, **meta):
     meta.update(machine=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
                 date=time.strftime("%Y-%m-%dT%H:%M:%S"))

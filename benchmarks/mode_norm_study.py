@@ -44,6 +44,9 @@ parser.add_argument("--global-steps", type=int, default=0,
                     help="the mixtures' model.global_steps (their basis first trained through the "
                          "global layer); > 0: its own JSON (..._global<S>.json)")
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
+parser.add_argument("--options", default=None,
+                    help="PDE options over the study's, e.g. steps=5,t_end=0.3; its own JSON "
+                         "(..._<options>.json)")
 parser.add_argument("--out", default=None)
 args, petsc_options = parser.parse_known_args()
 command = "python " + " ".join(sys.argv)
@@ -54,7 +57,7 @@ from fem_moe import study  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
-from common import merged_rows  # noqa: E402
+from common import merged_rows, parse_options  # noqa: E402
 out = os.path.abspath(args.out or os.path.join("results", f"mode_norm_{args.pde}"))
 PDE_OPTIONS = {
     "reaction_diffusion": {"mesh": "plate_with_holes"},
@@ -63,7 +66,7 @@ PDE_OPTIONS = {
     "decaying_turbulence": {"steps": 10, "t_end": 0.6},     # the demo's window
 }
 config = {
-    "pde": {"name": args.pde, "options": PDE_OPTIONS[args.pde]},
+    "pde": {"name": args.pde, "options": {**PDE_OPTIONS[args.pde], **parse_options(args.options)}},
     "data": {"path": os.path.join(out, "data.h5"), "n_train": args.n_train, "n_val": 4,
              "n_test": args.n_test, "seed": 0},
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
@@ -101,6 +104,7 @@ if MPI.COMM_WORLD.rank == 0:
                         f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
                         f"{'_fno' if args.backbone == 'fno' else ''}"
                         f"{f'_global{args.global_steps}' if args.global_steps else ''}"
+                        f"{'_' + args.options.replace('=', '').replace(',', '_') if args.options else ''}"
                         f"{f'_lr{args.lr:g}' if args.lr != 2e-3 else ''}"
                         f"{f'_ridge{args.ridge_factor:g}' if args.ridge_factor is not None else ''}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.

@@ -38,14 +38,6 @@ EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "KSPSolve", "KSPMa
           "FemMoeCoupledSolve", "FemMoeCoupledVJP")
 
 
-def parse_options(text):
-    out = {}
-    for item in filter(None, (text or "").split(",")):
-        key, value = item.split("=")
-        out[key] = float(value) if "." in value or "e" in value else int(value)
-    return out
-
-
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--pde", default="diffusion_sorption")
@@ -94,7 +86,7 @@ def main():
         from fem_moe.backbones import DeepONetBasis
         build_backbone = None
     from fem_moe.model import NeuralSolver
-    from common import Timer, print_table, write_json
+    from common import Timer, parse_options, print_table, write_json
 
     comm = MPI.COMM_WORLD
     PETSc.Log.begin()

@@ -306,7 +306,7 @@ class Trainer:
         (this rank's owned dofs); ``model``: another with the same backbone (default the
         trained one)."""
         T = self._tensors
-        u = (model or self.model)(T["inputs"][idx], T["data"][idx])
+        u = (self.model if model is None else model)(T["inputs"][idx], T["data"][idx])
         return u if self._lift is None else u + self._lift[idx]
 
     def _training_model(self):

@@ -43,6 +43,9 @@ parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"
 parser.add_argument("--global-steps", type=int, default=0,
                     help="the mixtures' model.global_steps (their basis first trained through the "
                          "global layer); > 0: its own JSON (..._global<S>.json)")
+parser.add_argument("--fno-products", action="store_true",
+                    help="model.fno_products (the FNO's layers form pointwise products); its own "
+                         "JSON (..._products.json)")
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
 parser.add_argument("--options", default=None,
                     help="PDE options over the study's, e.g. steps=5,t_end=0.3; its own JSON "
@@ -72,6 +75,7 @@ config = {
     "model": {"n_basis": args.n_basis, "width": 64, "depth": 3, "latent": 64,
               "warm_start": not args.no_warm_start, "fourier_features": args.fourier_features,
               "fourier_scale": args.fourier_scale, "backbone": args.backbone,
+              "fno_products": args.fno_products,
               **({} if args.ridge_factor is None else {"ridge_factor": args.ridge_factor})},
     "train": {"loss": "physics", "residual_norm": args.loss_norm, "steps": args.steps,
               "batch_size": 4, "lr": args.lr, "val_every": max(args.steps // 5, 1),
@@ -79,7 +83,7 @@ config = {
               "fresh_inputs": args.fresh},
 }
 K = args.experts
-models = []
+models = [("soft", {"kind": "soft"})]
 for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
     extra = {"n_experts": K, "global_steps": args.global_steps} if kind == "moe" else {}
     models += [(f"{label} lstsq euclidean", {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
@@ -95,6 +99,7 @@ rows, _ = study.compare(config, models, out)
 if MPI.COMM_WORLD.rank == 0:
     features = f", {args.fourier_features} Fourier features" if args.fourier_features else ""
     features += ", FNO" if args.backbone == "fno" else ""
+    features += " with products" if args.fno_products else ""
     title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}{features}, "
              f"physics loss ({args.loss_norm} norm), "
              f"{MPI.COMM_WORLD.size} rank(s)")
@@ -103,6 +108,7 @@ if MPI.COMM_WORLD.rank == 0:
     name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
                         f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
                         f"{'_fno' if args.backbone == 'fno' else ''}"
+                        f"{'_products' if args.fno_products else ''}"
                         f"{f'_global{args.global_steps}' if args.global_steps else ''}"
                         f"{'_' + args.options.replace('=', '').replace(',', '_') if args.options else ''}"
                         f"{f'_lr{args.lr:g}' if args.lr != 2e-3 else ''}"

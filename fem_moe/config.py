@@ -64,6 +64,7 @@ DEFAULTS = {
         "fourier_scale": 3.0,   # deeponet: their frequencies' standard deviation, cycles per half-width of the mesh
         "grid": 32,             # fno: grid nodes per axis over the mesh's bounding box
         "modes": 8,             # fno: Fourier modes kept per axis
+        "fno_products": False,  # fno: each layer adds a pointwise product of two projections of its channels (quadratic terms such as advection: README)
         "ridge": "rank_deficient",  # rank_deficient | always: when the reduced solve adds rho w
         "ridge_factor": 0.0,    # rho = ridge_factor x mean diagonal of the Gauss-Newton matrix; 0: the layers' (1e-4 with ridge = always, the paper's; 1e-10 for a rank-deficient basis)
         "solver_parameters": {},    # the reduced SNES's (fem_moe.DEFAULT_SOLVER_PARAMETERS)

@@ -84,7 +84,7 @@ def build_backbone(model, problem, pde, n_inputs, comm=MPI.COMM_WORLD):
         return ParametricFNOBasis(n_inputs, model["n_basis"], lo, hi, grid=model["grid"],
                                   modes=model["modes"], width=model["width"], layers=model["depth"],
                                   n_components=problem.n_components, periods=periods,
-                                  input_fields=fields)
+                                  input_fields=fields, products=model["fno_products"])
     return DeepONetBasis(n_inputs, model["n_basis"], problem.mesh.geometric_dimension,
                          n_components=problem.n_components, latent=model["latent"],
                          width=model["width"], depth=model["depth"],

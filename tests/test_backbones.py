@@ -150,10 +150,50 @@ def test_parametric_fno_components_and_input_fields():
         [torch.einsum("bi,ic...->bc...", inputs, net.input_fields),
          net.coords.expand(3, *net.coords.shape)], 1)), points).view(3, 4, C, 30)
     assert torch.allclose(out, every[:, :, components, torch.arange(30)], atol=1e-12)
+    # Points of some components only (a rank may own none of a component's dofs), in any order.
+    some = torch.tensor([2, 0, 2, 2, 0])
+    assert torch.allclose(net(inputs, points[:5], some), every[:, :, some, torch.arange(5)], atol=1e-12)
     with pytest.raises(ValueError, match="components"):
         net(inputs, points)
     with pytest.raises(ValueError, match="input_fields"):
         ParametricFNOBasis(2, 4, [0.0, 0.0], [1.0, 1.0], grid=grid, input_fields=fields)
+
+
+def test_fno_products_add_a_quadratic_term():
+    """``products=True`` adds (A y) * (B y) to each layer: with A, B zero the FNO is the plain one
+    (same weights, same output), with them set the output changes and their gradients flow; a
+    layer whose A and B pick one channel squares it before the activation."""
+    from fem_moe.backbones import FNO
+    torch.manual_seed(0)
+    plain = FNO(2, 3, modes=(3, 3), width=4, layers=2).double()
+    quad = FNO(2, 3, modes=(3, 3), width=4, layers=2, products=True).double()
+    missing, unexpected = quad.load_state_dict(plain.state_dict(), strict=False)
+    assert not unexpected and missing and all(k.startswith("products.") for k in missing)
+    x = torch.randn(2, 2, 8, 8, dtype=torch.float64)
+    with torch.no_grad():
+        for conv in quad.products:
+            conv.weight.zero_()
+            conv.bias.zero_()
+    assert torch.allclose(quad(x), plain(x), atol=1e-14)
+    # A y = B y = channel 0 of y in the first layer: its pre-activation gains y_0^2 in channel 0.
+    seen = {}
+    quad.pointwise[0].register_forward_hook(lambda m, i, o: seen.setdefault("p", o))
+    quad.spectral[0].register_forward_hook(lambda m, i, o: seen.setdefault("s", o))
+    with torch.no_grad():
+        quad.products[0].weight[0, 0] = 1.0         # factor A, output channel 0, from y_0
+        quad.products[0].weight[4, 0] = 1.0         # factor B (second half), from y_0
+    layer = {}
+    quad.spectral[1].register_forward_pre_hook(lambda m, i: layer.setdefault("x", i[0]))
+    out = quad(x)
+    y = seen["s"] + seen["p"]
+    expected = y.clone()
+    expected[:, 0] += y[:, 0] ** 2
+    assert torch.allclose(layer["x"], torch.nn.functional.gelu(expected), atol=1e-13)
+    assert not torch.allclose(out, plain(x))
+    # As initialised (neither factor zero), every product's weights get a gradient.
+    fresh = FNO(2, 3, modes=(3, 3), width=4, layers=2, products=True).double()
+    fresh(x).square().sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in fresh.products.parameters())
 
 
 def test_deeponet_periodic_trunk_sees_one_point_on_the_seam():

@@ -102,7 +102,7 @@ class Dataset:
             if expect is not None:
                 name, options = expect
                 want = get_pde(name, **options).opts
-                if meta["name"] != name or meta["options"] != want:
+                if meta["name"] != name or _pde_options(meta) != want:
                     err = (f"dataset {path!r} was made for {meta['name']} {meta['options']}, "
                            f"but the config asks for {name} {want}: regenerate it")
             raise_on_all_ranks(comm, err)
@@ -160,12 +160,21 @@ def describe(path):
         return None
 
 
+def _pde_options(meta):
+    """A dataset's PDE options as the PDE resolves them: an option the file lacks (written
+    before the option existed) counts as its default, the behaviour of the version that wrote
+    it."""
+    return get_pde(meta["name"], **meta["options"]).opts
+
+
 def is_current(path, pde, n, seed, comm=MPI.COMM_WORLD):
     """Does ``path`` hold the dataset ``generate(pde, path, n, seed)`` would make, in the
     current format? Collective (rank 0 reads the file)."""
     have = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None, root=0)
-    return have == {"name": pde.name, "options": pde.opts, "n_samples": n, "seed": seed,
-                    "format": FORMAT}
+    if have is None or have["name"] != pde.name:
+        return False
+    return {**have, "options": _pde_options(have)} == {
+        "name": pde.name, "options": pde.opts, "n_samples": n, "seed": seed, "format": FORMAT}
 
 
 def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True, force=False):

@@ -445,6 +445,31 @@ def test_dataset_reads_on_another_rank_count():
 
 
 @pytest.mark.parallel([1, 2])
+def test_dataset_written_before_a_pde_option_existed_still_loads():
+    """A dataset whose stored PDE options lack one added since (diffusion-sorption's
+    ``grading``) is the dataset of that option's default: it loads, and counts as current (no
+    regeneration), where the config asks for the default; a config asking for another value
+    is refused."""
+    import h5py
+    from fem_moe.data import is_current
+    comm = MPI.COMM_WORLD
+    path = os.path.join(shared_dir(), "before_grading.h5")
+    pde = pdes.get("diffusion_sorption", nx=4, nt=3)
+    generate(pde, path, 2, seed=3, progress=False)
+    if comm.rank == 0:      # as a version before the option wrote it
+        with h5py.File(path, "r+") as f:
+            meta = json.loads(f["fem_moe"].attrs["pde"])
+            del meta["options"]["grading"]
+            f["fem_moe"].attrs["pde"] = json.dumps(meta)
+    comm.barrier()
+    Dataset(path, expect=("diffusion_sorption", {"nx": 4, "nt": 3}))
+    parallel_assert(is_current(path, pde, 2, 3), "an old dataset of the default counts as stale")
+    parallel_assert(not is_current(path, pdes.get("diffusion_sorption", nx=4, nt=3, grading=2.0), 2, 3))
+    with pytest.raises(fem_moe.InputError, match="regenerate"):
+        Dataset(path, expect=("diffusion_sorption", {"nx": 4, "nt": 3, "grading": 2.0}))
+
+
+@pytest.mark.parallel([1, 2])
 def test_mixed_space_dataset_keeps_every_sample():
     """Velocity-pressure samples written and read back, each its own (a save with idx kept
     only the last mixed sample)."""

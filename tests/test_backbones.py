@@ -153,6 +153,8 @@ def test_parametric_fno_components_and_input_fields():
     # Points of some components only (a rank may own none of a component's dofs), in any order.
     some = torch.tensor([2, 0, 2, 2, 0])
     assert torch.allclose(net(inputs, points[:5], some), every[:, :, some, torch.arange(5)], atol=1e-12)
+    none = net(inputs, points[:0], components[:0])
+    assert none.shape == (3, 4, 0) and none.requires_grad
     with pytest.raises(ValueError, match="components"):
         net(inputs, points)
     with pytest.raises(ValueError, match="input_fields"):

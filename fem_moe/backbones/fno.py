@@ -174,6 +174,8 @@ class FNOBasis(nn.Module):
         counts = torch.bincount(components, minlength=self.n_components).tolist()
         parts = [self.to_points(grid[:, :, c], points[where])
                  for c, where in enumerate(order.split(counts)) if where.numel()]
+        if not parts:       # no points (a rank without dofs): still a part of the graph
+            return grid.flatten(2)[..., :0]
         return torch.cat(parts, -1)[..., torch.argsort(order)]
 
 

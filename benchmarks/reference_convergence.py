@@ -65,7 +65,6 @@ for nx, nt in levels:
               flush=True)
 
 
-
 def distances(fields, finer):
     """Relative L2 distances of one level's solutions to a finer level's (on the finer mesh)."""
     V = finer[0].function_space()
@@ -76,11 +75,13 @@ def distances(fields, finer):
 finest = solutions[-1]
 rows = []
 for i, ((nx, nt), fields, t) in enumerate(zip(levels, solutions, seconds)):
-    errors = distances(fields, finest)
+    last = i + 1 == len(levels)
+    errors = [0.0] * len(fields) if last else distances(fields, finest)
     rows.append({"nx": nx, "nt": nt, "dofs": (nx + 1) * (nt + 1), "seconds": t,
                  "rel_l2_to_finest": float(np.mean(errors)), "max": float(np.max(errors))})
-    if i + 1 < len(levels):     # to the next level: what Richardson's estimate needs
-        rows[-1]["rel_l2_to_next"] = float(np.mean(distances(fields, solutions[i + 1])))
+    if not last:     # to the next level (the finest: the same): what Richardson's estimate needs
+        to_next = errors if i + 2 == len(levels) else distances(fields, solutions[i + 1])
+        rows[-1]["rel_l2_to_next"] = float(np.mean(to_next))
 for coarse, fine in zip(rows[:-2], rows[1:-1]):
     fine["order"] = float(np.log2(coarse["rel_l2_to_next"] / fine["rel_l2_to_next"]))
 # Richardson: with e(h) = C h^p, the distance of level h to h/2 is e(h) (1 - 2^-p), so each

@@ -15,7 +15,7 @@
 #     python demos/decaying_turbulence.py --paper        # the paper's FNO, 1500 steps, 16 tests
 #
 # The horizon is chosen so that persistence (the initial vorticity held) is off by about a
-# third over the window (0.36 on the test inputs; 0.46 at T = 1, 0.67 at T = 5, where the
+# third over the window (0.32 on the 16 test inputs; 0.46 at T = 1, 0.67 at T = 5, where the
 # eddies have turned over and nothing is predictable from 24 training trajectories): a model
 # must learn the advection to beat it. The backbone is the paper's, an FNO that sees the
 # initial vorticity on a 32 x 32 grid over the periodic square (``PDE.input_fields``), with

@@ -55,6 +55,15 @@ def forward_backward(layer, basis, data, comm):
     return comm.allreduce(tf.seconds, MPI.MAX), comm.allreduce(tb.seconds, MPI.MAX)
 
 
+def relative_distance(fine, other):
+    """||fine - other|| / ||fine|| in L2 over ``fine``'s mesh, ``other`` (a Function on any
+    mesh of the same domain, e.g. a coarser level) interpolated there: exact where the meshes
+    are nested."""
+    import firedrake as fd
+    on_fine = fd.assemble(fd.interpolate(other, fine.function_space()))
+    return fd.errornorm(fine, on_fine) / fd.norm(fine)
+
+
 def parse_options(text):
     """PDE options from "key=value,key=value" (numbers: a float where the value has '.' or 'e')."""
     out = {}

@@ -302,14 +302,11 @@ def transfer(trainer, problem):
     """The trained model of ``trainer`` on another problem of its PDE family (another mesh, a
     longer time window): the same backbone (shared, not copied) and soft weights, a new
     constraint layer built on ``problem``. Collective over ``problem.comm``."""
-    from .model import NeuralSolver
-    m, old = trainer.config["model"], trainer.model
-    model = NeuralSolver(problem, old.backbone, kind=old.kind, n_basis=m["n_basis"],
-                         n_experts=m["n_experts"], mode=m["mode"], partitioner_type=m["partitioner"],
-                         backbone_ranks=trainer._served(), **trainer._layer_options(old.kind))
+    old = trainer.model
+    model = trainer.solver(problem, old.backbone, old.kind)
     if old.kind == "soft":
         model.weights = old.weights
-    return model.to(device=trainer.device, dtype=trainer.dtype)
+    return model
 
 
 def relative_l2_where(trainer, dataset, region, batch_size=4):

@@ -169,21 +169,12 @@ class Trainer:
         self.device = self.backbone_ranks.device
         self.dtype = getattr(torch, t["dtype"])
         torch.manual_seed(t["seed"])
-        backbone = self._backbone()
-        self.model = NeuralSolver(problem, backbone, kind=m["kind"], n_basis=m["n_basis"],
-                                  n_experts=m["n_experts"], mode=m["mode"],
-                                  partitioner_type=m["partitioner"], backbone_ranks=self._served(),
-                                  **self._layer_options(m["kind"]))
-        self.model.to(device=self.device, dtype=self.dtype)
+        self.model = self.solver(problem, self._backbone(), m["kind"])
         # model.global_steps: the mixture's basis first trained through the global layer (the
         # same backbone object, so the same parameters and optimiser).
         self._global = None
         if m["kind"] == "moe" and m["global_steps"]:
-            self._global = NeuralSolver(problem, self.model.backbone, kind="pihc",
-                                        n_basis=m["n_basis"], mode=m["mode"],
-                                        backbone_ranks=self._served(),
-                                        **self._layer_options("pihc"))
-            self._global.to(device=self.device, dtype=self.dtype)
+            self._global = self.solver(problem, self.model.backbone, "pihc")
         if m["backbone_from"]:
             self._start_backbone_from(m["backbone_from"])
         self.backbone_ranks.broadcast_parameters(self.model)
@@ -213,6 +204,18 @@ class Trainer:
         """The backbone ranks where some rank is served by another, else None (every rank
         evaluates its own points)."""
         return None if self.backbone_ranks.everywhere else self.backbone_ranks
+
+    def solver(self, problem, backbone, kind):
+        """A NeuralSolver of ``kind`` on ``problem`` around ``backbone`` (shared, not copied),
+        with this config's layer options, on the trainer's device and dtype: the trained model,
+        the global layer of ``model.global_steps``, the trained model on another mesh
+        (:func:`fem_moe.study.transfer`). Collective over ``problem``'s communicator."""
+        m = self.config["model"]
+        model = NeuralSolver(problem, backbone, kind=kind, n_basis=m["n_basis"],
+                             n_experts=m["n_experts"], mode=m["mode"],
+                             partitioner_type=m["partitioner"], backbone_ranks=self._served(),
+                             **self._layer_options(kind))
+        return model.to(device=self.device, dtype=self.dtype)
 
     def _layer_options(self, kind):
         """The constraint layer's options for a model of ``kind`` (a mixture's "dual_blocks"

@@ -54,7 +54,8 @@ from firedrake.petsc import PETSc
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      raise_on_all_ranks)
 from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
-                     linear_failure, orthonormal_coordinates, reason_name, reduced_solver_defaults,
+                     fit_coefficients, linear_failure, orthonormal_coordinates, reason_name,
+                     reduced_solver_defaults,
                      ridge_factor as resolve_ridge_factor, tolerance)
 from . import options
 from .norms import ExpertBlocks
@@ -110,6 +111,15 @@ class CoupledRows:
         T, rank = orthonormal_coordinates(P @ P.T)
         rho = self._ridge(ridge_factor) if (ridge_always or rank < self.N) else 0.0
         return T, rho, rank
+
+    def fit(self, u):
+        """Block k's coefficients w_k [N] whose combination of its basis is nearest the field u
+        [n_sub] on the dofs k owns (:func:`fem_moe.expert.fit_coefficients`), or None for a
+        field of another size. Local."""
+        if np.shape(u) != self.Phi.shape[1:]:
+            return None
+        P = self.Phi[:, self.own]
+        return fit_coefficients(P @ P.T, P @ (u - self.expert.g_vec)[self.own])
 
     def _ridge(self, factor):
         """factor x the mean diagonal of block k's own Gauss-Newton matrix at w = 0 (the
@@ -512,24 +522,40 @@ class CoupledSolver:
         M = rho * T.T @ T
         return M @ C[self.rows[k].me], M
 
+    def _jacobian_columns(self, state):
+        """{k: P J Phi_blk} of my experts at the state's point (:class:`BlockColumns`), assembled
+        once per state. The experts' u must be the state's (the cache holds the last point
+        evaluated). Collective."""
+        if "JPhi" in state:
+            return state["JPhi"]
+        JPhi, err = {}, None
+        try:
+            for k in self.mine:
+                with self._local():
+                    JPhi[k] = self.rows[k].jacobian_blocks()
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        state["JPhi"] = JPhi
+        return JPhi
+
     def _gradient(self, state):
-        """G (distributed Vec) into state["G"]; lstsq keeps each expert's P J Phi_blk
-        (:class:`BlockColumns`)."""
-        err, N = None, self.N
+        """G (distributed Vec) into state["G"]. Least squares needs P J Phi_blk for it (kept in
+        the state); Galerkin's G is the rows tested with the basis, and its Jacobian is
+        assembled only where SNES asks for the matrix (not at rejected trial points, nor at
+        the converged iterate)."""
+        N = self.N
+        JPhi = self._jacobian_columns(state) if self.mode == "lstsq" else None
+        err = None
         self._acc.zeroEntries()
-        state["JPhi"] = {}
         try:
             for k in self.mine:
                 rows = self.rows[k]
-                # The expert's u is this state's: the cache holds the last point evaluated.
-                r = state["r"][k]
-                with self._local():
-                    JPhi = rows.jacobian_blocks()
-                    state["JPhi"][k] = JPhi
-                    if self.mode == "lstsq":
-                        g, idx = JPhi.transpose_times(state["s"][k]), self.position[rows.neighbours]
-                    else:
-                        g, idx = rows.Phi_c @ r, self.position[[k]]
+                if self.mode == "lstsq":
+                    with self._local():
+                        g, idx = JPhi[k].transpose_times(state["s"][k]), self.position[rows.neighbours]
+                else:
+                    g, idx = rows.Phi_c @ state["r"][k], self.position[[k]]
                 g = g.reshape(-1, N)
                 g[list(idx).index(self.position[k])] += self._ridge_terms(k, state["C"][k])[0]
                 self._acc.setValuesBlocked(idx.astype(PETSc.IntType), g.ravel(),
@@ -578,6 +604,7 @@ class CoupledSolver:
             exact = self._exact_hessian(state["gnorm"])
         err = None
         A = self.A
+        JPhi = self._jacobian_columns(state)
         A.zeroEntries()
         GN = self._gauss_newton_blocks(state) if self.mode == "lstsq" else None
         try:
@@ -595,7 +622,7 @@ class CoupledSolver:
                             M[:, self._column_index(k)] += S
                 else:
                     with self._local():
-                        M = state["JPhi"][k].tested(rows.Phi_c)
+                        M = JPhi[k].tested(rows.Phi_c)
                     idx_r, idx_c = self.position[[k]], self.position[rows.neighbours]
                 # M is a fresh array: block k's ridge goes into its (k, k) block.
                 mi, me = (list(idx).index(self.position[k]) for idx in (idx_r, idx_c))
@@ -727,6 +754,17 @@ class CoupledSolver:
                       f"({self.ridge_factor:g} x the mean diagonal of the block's Gauss-Newton "
                       "matrix)", RankDeficientBasisWarning, stacklevel=3)
 
+    def fit(self, fields):
+        """Coefficients {k: w_k} to start a solve from: each of my experts' best fit of the
+        field u_k {k: [n_sub]} on its own dofs (e.g. the sample's solution for an earlier
+        basis: its stored coefficients would belong to that basis), after ``prepare``; 0 for
+        an expert whose field is missing or of another size. Local."""
+        out = {}
+        for k in self.mine:
+            w = self.rows[k].fit(fields[k]) if k in fields else None
+            out[k] = np.zeros(self.N) if w is None else w
+        return out
+
     @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
     def solve(self, w0, sample=None, rtol=None, warm=False):
         """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
@@ -735,11 +773,14 @@ class CoupledSolver:
         SolverDivergedError on every rank."""
         t0, self._local_seconds = time.perf_counter(), 0.0
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
-        if warm and not self._better_than_cold():
+        g_cold = self._cold_gradient_if_warm_is_better() if warm else None
+        if warm and g_cold is None:
             self.x.zeroEntries()
             warm = False
         start = self._state_at(self.x, "G")
         before, g_start = start["rnorm"], start["gnorm"]
+        if g_cold is not None:
+            g_start = max(g_start, g_cold)   # the stall test's scale: the cold solve's
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
             self._g0, self._last_norm = g_start, None
         if self._auto_delta0:
@@ -751,7 +792,7 @@ class CoupledSolver:
             step.destroy()
         self._callback_error = None
         try:
-            with tolerance(self.snes, rtol), options.used(self.snes):
+            with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
                 self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank
@@ -765,7 +806,7 @@ class CoupledSolver:
         rnorm_end = end["rnorm"]
         if reason in _STALLS and self._stalled(g_start):
             reason, name = 1, "CONVERGED_STALLED"
-        elif reason in _STALLS and rnorm_end <= self.stall_rtol * self._zero_residual():
+        elif reason in _STALLS and rnorm_end <= self.stall_rtol * self._at_zero():
             # The first stage left the field at the residual's round-off floor (a basis that
             # spans the solution): |G| cannot fall relative to where it started.
             reason, name = 1, "CONVERGED_AT_FLOOR"
@@ -795,25 +836,32 @@ class CoupledSolver:
             out[k] = (self.T[k] @ C[k][rows.me], rows.expert.g_vec + rows.field(C[k]))
         return out
 
-    def _better_than_cold(self):
-        """Whether the start in self.x is lower than all coefficients 0 (the objective; the
-        residual's norm in Galerkin mode): a stale warm start can lie in a worse basin of a
-        nonlinear PDE's objective (see :meth:`fem_moe.expert.Expert._better_than_cold`).
-        Collective. The start is evaluated last, so that the solve reuses that evaluation."""
-        at_zero = self._zero_residual()
-        at_start = self._state_at(self.x, "objective")
+    def _cold_gradient_if_warm_is_better(self):
+        """|G| at all coefficients 0 if the start in self.x is lower there (the objective; |G| in
+        Galerkin mode, where SNES drives G to zero), else None: a stale warm start can lie in a worse
+        basin of a nonlinear PDE's objective, and the cold |G| is where a cold solve's
+        tolerance is measured from (see :meth:`fem_moe.expert.Expert.
+        _cold_gradient_if_warm_is_better`). Collective. The start is evaluated last, so that
+        the solve reuses that evaluation."""
+        at_zero, g_zero = self._at_zero(gradient=True)
         if self.mode == "lstsq":
-            return at_start["objective"] <= 0.5 * at_zero ** 2
-        return at_start["rnorm"] <= at_zero
+            better = self._state_at(self.x, "objective")["objective"] <= 0.5 * at_zero ** 2
+        else:
+            better = self._state_at(self.x, "G")["gnorm"] <= g_zero
+        return g_zero if better else None
 
-    def _zero_residual(self):
-        """|r| of the lifting alone (all coefficients 0): the residual's scale. Collective."""
+    def _at_zero(self, gradient=False):
+        """|r| of the lifting alone (all coefficients 0): the residual's scale; with
+        ``gradient``, (|r|, |G|) there. Collective."""
         zero = self.x.duplicate()
         zero.zeroEntries()
-        rnorm = self._evaluate_residual(zero)["rnorm"]
+        state = self._evaluate_residual(zero)
+        if gradient:
+            self._gradient(state)
+            state["G"].destroy()
         self._cache = None
         zero.destroy()
-        return rnorm
+        return (state["rnorm"], state["gnorm"]) if gradient else state["rnorm"]
 
     def _stalled(self, g_start):
         """The objective at its round-off floor (the experts' rule, see stall_rtol)?"""
@@ -829,11 +877,12 @@ class CoupledSolver:
         return decrease <= self.stall_rtol * state["objective"]
 
     @PETSc.Log.EventDecorator("FemMoeCoupledVJP")
-    def vjp(self, w, u_bar, sample=None):
+    def vjp(self, w, u_bar, sample=None, data_gradient=True):
         """The IFT backward of one sample (after ``prepare`` with the forward's basis and data).
         w {k: [N]} the forward's coefficients; u_bar {k: [n_sub]} dL/du on k's owned dofs (zero
         elsewhere). Returns ({k: Phi_bar [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
-        over the experts sharing a dof. Collective."""
+        over the experts sharing a dof; with ``data_gradient`` False, each data_bar is None.
+        Collective."""
         N = self.N
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w[k]) for k in self.mine})
         state = self._state_at(self.x, "G")
@@ -859,7 +908,7 @@ class CoupledSolver:
         parts, err = {}, None
         try:
             for k in self.mine:
-                parts[k] = self._expert_rows_at(k, W[k], Lam[k])
+                parts[k] = self._expert_rows_at(k, state["r"][k], W[k], Lam[k])
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
@@ -872,19 +921,20 @@ class CoupledSolver:
         try:
             for k in self.mine:
                 weighed = (s[k], y[k]) if self.mode == "lstsq" else (None, None)
-                grads[k] = self._expert_vjp(k, parts[k], *weighed, u_bar[k])
+                grads[k] = self._expert_vjp(k, parts[k], *weighed, u_bar[k], data_gradient)
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
         return {k: g[0] for k, g in grads.items()}, {k: g[1] for k, g in grads.items()}
 
-    def _expert_rows_at(self, k, C_nb, Lam_c):
-        """Expert k's rows at the solution, with the neighbours' c and lam: its residual r, the
-        stitched multiplier field z, P J z, and the coefficients and multipliers per dof."""
+    def _expert_rows_at(self, k, r, C_nb, Lam_c):
+        """Expert k's rows at the solution, with its residual r there and the neighbours' c and
+        lam: the Jacobian (the one the solution's state assembled, with the expert's u still
+        the solution), the stitched multiplier field z, P J z, and the coefficients and
+        multipliers per dof."""
         rows = self.rows[k]
         e = rows.expert
-        r = rows.residual(C_nb)
-        J = e._assemble_jacobian()
+        J = e._J.petscmat
         z = rows.field(Lam_c)
         Jz = np.where(e.row_mask, e._matvec(J, z), 0.0) if self.mode == "lstsq" else None
         # w-space coefficients and multipliers per dof (the dof's owner's).
@@ -892,7 +942,7 @@ class CoupledSolver:
         Lam = np.einsum("lnm,lm->ln", rows.T_nb, Lam_c)[rows.block]
         return {"r": r, "J": J, "z": z, "Jz": Jz, "W": W, "Lam": Lam}
 
-    def _expert_vjp(self, k, part, s, y, u_bar):
+    def _expert_vjp(self, k, part, s, y, u_bar, data_gradient=True):
         """Expert k's rows' share of (Phi_bar, data_bar), from :meth:`_expert_rows_at` and (lstsq)
         s = W r, y = W P J z. The expert's u must still be the solution's."""
         rows = self.rows[k]
@@ -912,6 +962,8 @@ class CoupledSolver:
             s = r
             Phi_bar = (W * (ub - Jt(z))[:, None]).T - (Lam * r[:, None]).T
         Phi_bar[:, ~e.col_mask] = 0.0
+        if not data_gradient:
+            return Phi_bar, None
         e._set(e.z_fn, z)
         e._set(e.r_fn, s)
         return Phi_bar, -e._data_derivative()

@@ -1,6 +1,7 @@
 """Hard-constraint layers as torch modules, and the soft-constraint residual loss."""
 import numpy as np
 import torch
+from mpi4py import MPI
 from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
@@ -50,6 +51,13 @@ def check_rtol(rtol):
 _to_numpy = as_array    # a tensor on any device, as float64 numpy
 
 
+def wants_gradient(ctx, index, comm):
+    """Whether the autograd Function's input ``index`` needs a gradient on any rank of
+    ``comm`` (collective): a backward skips the assemblies of a gradient nothing asks for (the
+    problem data's, in training), and every rank must take the same branch."""
+    return bool(comm.allreduce(bool(ctx.needs_input_grad[index]), op=MPI.LOR))
+
+
 def _like(a, x):
     """A numpy array as a tensor with the dtype and device of ``x``."""
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=x.device, dtype=x.dtype)
@@ -83,10 +91,10 @@ class _ConstrainedSolve(torch.autograd.Function):
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
                 w, u, info = solve_from(
-                    lambda w0: layer.expert.solve(Phi[b], D[b] if has_data else None, w0=w0,
+                    lambda u0: layer.expert.solve(Phi[b], D[b] if has_data else None, u0=u0,
                                                   sample=b, rtol=layer._rtol),
                     layer.warm_starts[keys[b]] if hits[b] else None)
-                layer.warm_starts[keys[b]] = w
+                layer.warm_starts[keys[b]] = u
                 ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
@@ -102,20 +110,23 @@ class _ConstrainedSolve(torch.autograd.Function):
     def backward(ctx, u_bar):
         basis, data = ctx.saved_tensors
         Phi, D, Ub = _to_numpy(basis), _to_numpy(data), _to_numpy(u_bar)
+        comm = ctx.layer.problem.comm
         has_data = D.shape[1] > 0
+        want_data = has_data and wants_gradient(ctx, 2, comm)
         gPhi, gD = np.zeros_like(Phi), np.zeros_like(D)
         err = None
         try:
             for b in range(Phi.shape[0]):
                 gPhi[b], gd = ctx.layer.expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b],
-                                                   Ub[b], rho=ctx.rhos[b], sample=b)
-                if has_data:
+                                                   Ub[b], rho=ctx.rhos[b], sample=b,
+                                                   data_gradient=want_data)
+                if want_data:
                     gD[b] = gd
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
-        raise_on_all_ranks(ctx.layer.problem.comm, err)
-        free_petsc_garbage(ctx.layer.problem.comm)
-        return None, _like(gPhi, basis), _like(gD, data)
+        raise_on_all_ranks(comm, err)
+        free_petsc_garbage(comm)
+        return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None
 
 
 class HardConstraint(torch.nn.Module):
@@ -143,18 +154,19 @@ class HardConstraint(torch.nn.Module):
     Euclidean norm's (an N-column Riesz solve per Gauss-Newton matrix), where Galerkin mode is
     both fast and accurate.
 
-    ``warm_start``: start each sample's solve from that sample's last solution (a sample is
-    known by its data; see :mod:`fem_moe.warmstart`), for training on a fixed dataset, which
-    revisits its samples with a slightly changed basis. Off by default, so that a layer's
-    output is a function of its inputs alone; the trainer turns it on (``model.warm_start``):
-    measured on diffusion-sorption, the coupled mixture then trains to a 3x smaller error,
-    though a warm solve takes more iterations than a cold one (README).
+    ``warm_start``: start each sample's solve from that sample's last solution, fitted by
+    the current basis (a sample is known by its data; see :mod:`fem_moe.warmstart`), for
+    training on a fixed dataset, which revisits its samples with a slightly changed basis; a
+    warm solve stops where a cold one would. Off by default, so that a layer's output is a
+    function of its inputs alone; the trainer turns it on (``model.warm_start``): measured on
+    diffusion-sorption, the coupled mixture then trains to a 3x smaller error (README).
     ``layer.warm_starts.clear()`` forgets the stored starts.
 
     ``training_rtol``: the reduced SNES's relative tolerance in a training forward (the module
     in training mode, autograd recording); other forwards keep the solver options' (1e-12 by
     default). The gradient is then the implicit-function gradient at a point where
-    |G| <= training_rtol |G(w0)| instead of 0: fewer iterations, a less accurate gradient
+    |G| <= training_rtol |G(0)| (at the cold start, also for a warm-started solve) instead
+    of 0: fewer iterations, a less accurate gradient
     (``benchmarks/training_options.py`` measures what that does to training). Default None.
 
     Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
@@ -196,23 +208,30 @@ class _ResidualNorm2(torch.autograd.Function):
         U, D = _to_numpy(u), _to_numpy(data)
         ctx.norm = norm
         ctx.save_for_backward(u, data)
-        vals = [norm.value(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
+        # Each sample's rows (r, W r, Dirichlet misfit) are kept for the backward, which would
+        # otherwise assemble and weigh them again at the same u.
+        evaluated = [norm.evaluate(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
+        ctx.rows = [rows for _, rows in evaluated]
         free_petsc_garbage(norm.problem.comm)
-        return _like(np.array(vals), u)
+        return _like(np.array([value for value, _ in evaluated]), u)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g):
         u, data = ctx.saved_tensors
         U, D, G = _to_numpy(u), _to_numpy(data), _to_numpy(g)
+        comm = ctx.norm.problem.comm
+        has_data = D.shape[1] > 0
+        want_data = has_data and wants_gradient(ctx, 2, comm)
         gu, gd = np.zeros_like(U), np.zeros_like(D)
         for b in range(U.shape[0]):
-            du, dd = ctx.norm.gradient(U[b], D[b] if D.shape[1] else None)
+            du, dd = ctx.norm.gradient(U[b], D[b] if has_data else None, rows=ctx.rows[b],
+                                       data_gradient=want_data)
             gu[b] = G[b] * du
-            if D.shape[1]:
+            if want_data:
                 gd[b] = G[b] * dd
-        free_petsc_garbage(ctx.norm.problem.comm)
-        return None, _like(gu, u), _like(gd, data)
+        free_petsc_garbage(comm)
+        return None, _like(gu, u), _like(gd, data) if want_data or not has_data else None
 
 
 def residual_rows(problem, u, data=None):

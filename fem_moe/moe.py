@@ -15,7 +15,7 @@ from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
-from .layer import HardConstraint, check_inputs, check_rtol, _like, _to_numpy
+from .layer import HardConstraint, check_inputs, check_rtol, wants_gradient, _like, _to_numpy
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
 from .problem import ConstrainedProblem, free_petsc_garbage, owned_values
@@ -373,14 +373,17 @@ class _MoESolve(torch.autograd.Function):
         # Only the owned rows reach the output.
         Ub = {k: np.where(e.rows[:, None], Ub[k], 0.0) for k, e in layer.experts.items()}
         vjp = _vjp_coupled if layer.coupled else _vjp_independent
-        g_Phi, g_D = vjp(layer, Pk, Dk, ws, Ub, B)
+        want_data = wants_gradient(ctx, 2, layer.problem.comm)
+        g_Phi, g_D = vjp(layer, Pk, Dk, ws, Ub, B, want_data)
         g_Phi = {k: np.stack(g_Phi[k]).transpose(2, 0, 1).reshape(-1, B * N) for k in g_Phi}
-        g_D = {k: np.stack(g_D[k]) if Dk[k] is not None else np.zeros((B, 0)) for k in g_D}
         gb = layer.plan.gather_sum(g_Phi, B * N).reshape(n, B, N).transpose(1, 2, 0)
-        gd = layer._gather_data(g_D, B)
         basis, = ctx.saved_tensors
+        gd = None
+        if want_data:
+            g_D = {k: np.stack(g_D[k]) if Dk[k] is not None else np.zeros((B, 0)) for k in g_D}
+            gd = _like(layer._gather_data(g_D, B), basis)
         free_petsc_garbage(layer.problem.comm)
-        return None, _like(gb, basis), _like(gd, basis)
+        return None, _like(gb, basis), gd
 
 
 def _expert_record(layer, k, samples, solve_time):
@@ -403,9 +406,9 @@ def _solve_independent(layer, Pk, Dk, B, starts):
             for b in range(B):
                 d = None if Dk[k] is None else Dk[k][b]
                 w, u, info = solve_from(
-                    lambda w0: e.expert.solve(Pk[k][b], d, w0=w0, sample=b, rtol=layer._rtol),
+                    lambda u0: e.expert.solve(Pk[k][b], d, u0=u0, sample=b, rtol=layer._rtol),
                     stored[b].get(k))
-                stored[b][k] = w
+                stored[b][k] = u
                 sols.append((w, u, info))
             outputs[k] = np.stack([u for _, u, _ in sols], axis=1)
             ws[k] = [(w, i.ridge) for w, _, i in sols]
@@ -452,10 +455,10 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts}, sample=b)
         result, info = solve_from(
-            lambda start: solver.solve(w0 if start is None else start, sample=b, rtol=layer._rtol,
-                                       warm=start is not None),
+            lambda start: solver.solve(w0 if start is None else solver.fit(start), sample=b,
+                                       rtol=layer._rtol, warm=start is not None),
             warm)
-        layer.warm_starts[keys[b]] = {k: w for k, (w, _) in result.items()}
+        layer.warm_starts[keys[b]] = {k: u for k, (_, u) in result.items()}
         coupling.append(info)
         for k, (w, u) in result.items():
             outputs[k][:, b] = u
@@ -464,14 +467,15 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
     return outputs, ws, diagnostics, coupling
 
 
-def _vjp_independent(layer, Pk, Dk, ws, Ub, B):
+def _vjp_independent(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
     g_Phi, g_D, err = {}, {}, None
     by_expert = {d["expert"]: d for d in layer.diagnostics}
     try:
         for k, e in layer.experts.items():
             t0 = time.perf_counter()
             grads = [e.expert.vjp(Pk[k][b], None if Dk[k] is None else Dk[k][b], ws[k][b][0],
-                                  Ub[k][:, b], rho=ws[k][b][1], sample=b) for b in range(B)]
+                                  Ub[k][:, b], rho=ws[k][b][1], sample=b,
+                                  data_gradient=data_gradient) for b in range(B)]
             g_Phi[k], g_D[k] = [g for g, _ in grads], [g for _, g in grads]
             if k in by_expert:
                 by_expert[k]["backward_time"] = time.perf_counter() - t0
@@ -481,7 +485,7 @@ def _vjp_independent(layer, Pk, Dk, ws, Ub, B):
     return g_Phi, g_D
 
 
-def _vjp_coupled(layer, Pk, Dk, ws, Ub, B):
+def _vjp_coupled(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
     g_Phi = {k: [] for k in layer.experts}
     g_D = {k: [] for k in layer.experts}
     solver = layer.coupling
@@ -491,7 +495,8 @@ def _vjp_coupled(layer, Pk, Dk, ws, Ub, B):
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts},
                        sample=b, report=False)
         gp, gd = solver.vjp({k: ws[k][b][0] for k in layer.experts},
-                            {k: Ub[k][:, b] for k in layer.experts}, sample=b)
+                            {k: Ub[k][:, b] for k in layer.experts}, sample=b,
+                            data_gradient=data_gradient)
         for k in layer.experts:
             g_Phi[k].append(gp[k]), g_D[k].append(gd[k])
     for d in layer.diagnostics:

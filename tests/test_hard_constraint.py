@@ -128,11 +128,13 @@ def test_batch_dtype_and_float32():
 @pytest.mark.parametrize("norm", ["l2", "dual"])
 def test_residual_loss_gradcheck_and_value(norm):
     problem = nonlinear_diffusion(n=3, degree=1)
-    data = source(problem).requires_grad_()
-    u = random_basis(problem, 1)[:, 0].requires_grad_()
+    # Two samples: the backward reuses each sample's rows from the forward.
+    data = torch.cat([source(problem), source(problem, 2.0)]).requires_grad_()
+    u = random_basis(problem, 1, batch=2)[:, 0].requires_grad_()
     assert torch.autograd.gradcheck(lambda u, d: fem_moe.residual_loss(problem, u, d, norm=norm),
                                     (u, data))
     exact = torch.tensor(classical_solution(problem, data[0].detach().numpy()))[None]
+    data = data[:1]
     assert fem_moe.residual_loss(problem, exact, data, norm=norm).item() < 1e-20
 
 
@@ -610,3 +612,32 @@ def test_training_steps_leave_no_petsc_garbage(capfd):
     steps(4)
     after = _petsc_garbage(comm, capfd)
     parallel_assert(after <= before, f"{after - before} PETSc objects left to collect after 4 steps")
+
+
+@pytest.mark.parallel([1, 2])
+@pytest.mark.parametrize("kind", ["pihc", "coupled", "independent", "loss"])
+def test_no_data_gradient_assembled_where_none_is_asked(kind, monkeypatch):
+    """Training's data are constants: a backward skips the data derivative's assembly then,
+    and gives the same basis gradient as when the data's gradient is asked for too."""
+    from fem_moe.expert import Expert
+    problem = nonlinear_diffusion(n=6)
+    layer = {"pihc": lambda: fem_moe.HardConstraint(problem, 3),
+             "coupled": lambda: fem_moe.MoEHardConstraint(problem, 3, n_experts=3),
+             "independent": lambda: fem_moe.MoEHardConstraint(problem, 3, n_experts=3,
+                                                              coupled=False, ridge_always=True),
+             "loss": lambda: (lambda b, d: fem_moe.residual_loss(problem, b[:, 0], d, reduction="none"))}[kind]()
+    calls = []
+    derivative = Expert._data_derivative
+    monkeypatch.setattr(Expert, "_data_derivative",
+                        lambda self: calls.append(1) or derivative(self))
+    basis, data = random_basis(problem, 3, batch=2), torch.cat([source(problem), source(problem, 2.0)])
+    grads = []
+    for asked in (True, False):
+        b, d = basis.clone().requires_grad_(), data.clone().requires_grad_(asked)
+        calls.clear()
+        layer(b, d).square().sum().backward()
+        grads.append(b.grad)
+        parallel_assert(bool(calls) == asked, f"data derivatives assembled: {len(calls)}")
+        parallel_assert((d.grad is not None) == asked)
+    scale = grads[0].abs().max()
+    parallel_assert(torch.allclose(grads[0], grads[1], rtol=0, atol=1e-12 * scale))

@@ -99,12 +99,20 @@ class PDE:
         """Firedrake's own Newton solve of the same discrete problem (``classical_parameters``,
         updated by ``solver_parameters``): returns (u Function, seconds, Newton iterations).
         Collective."""
+        from ..expert import residual_quadrature_degree
         u = self.initial_guess(problem, data)
         F = problem.residual(u, fd.TestFunction(problem.V), tuple(data))
         params = {**self.classical_parameters, **(solver_parameters or {})}
+        # The Jacobian at the residual's quadrature degree, as the layers assemble both: left to
+        # UFL, the derivative of a non-polynomial residual gets a higher degree, Newton's
+        # Jacobian is then not the derivative of the assembled residual, and Newton converges
+        # linearly -- on diffusion-sorption's graded time levels and small u0 it did not
+        # converge in 50 iterations. (The residual is then assembled at the largest degree over
+        # its integrals, also as the layers do.)
+        degree = {"quadrature_degree": residual_quadrature_degree(F)}
         solver = fd.NonlinearVariationalSolver(
-            fd.NonlinearVariationalProblem(F, u, bcs=problem.bcs), solver_parameters=params,
-            options_prefix="classical_")
+            fd.NonlinearVariationalProblem(F, u, bcs=problem.bcs, form_compiler_parameters=degree),
+            solver_parameters=params, options_prefix="classical_")
         t0 = time.perf_counter()
         solver.solve()
         seconds = time.perf_counter() - t0

@@ -895,20 +895,29 @@ class ResidualNorm:
         dofs, zero on Dirichlet rows)."""
         return self._rows.weigh(r)
 
-    def _residual_at(self, u, data):
-        """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""
+    def _set_point(self, u, data):
+        """Set the expert's u and m."""
         e = self._e
         if data is not None:
             e.set_data(data)
         e._set(e.u, u)
+
+    def _residual_at(self, u, data):
+        """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""
+        e = self._e
+        self._set_point(u, data)
         return e._assemble_residual(), np.where(e.bc_mask, u - e.g_vec, 0.0)
+
+    def _rows_at(self, u, data):
+        """(r, W r, b) at u (sets the expert's u and m)."""
+        r, b = self._residual_at(u, data)
+        return r, self._weighted(r), b
 
     def evaluate(self, u, data=None):
         """u [n], data [n_data] or None -> (value, rows): rows = (r, W r, b) at u, what
         :meth:`gradient` needs at the same u and data."""
-        r, b = self._residual_at(u, data)
-        z = self._weighted(r)
-        return float(self._e._sum(np.array([r @ z + b @ b]))[0]), (r, z, b)
+        r, z, b = rows = self._rows_at(u, data)
+        return float(self._e._sum(np.array([r @ z + b @ b]))[0]), rows
 
     def value(self, u, data=None):
         """u [n], data [n_data] or None -> float."""
@@ -920,13 +929,10 @@ class ResidualNorm:
         assembled again)."""
         e = self._e
         if rows is None:
-            r, b = self._residual_at(u, data)
-            z = self._weighted(r)
+            rows = self._rows_at(u, data)
         else:
-            r, z, b = rows
-            if data is not None:
-                e.set_data(data)
-            e._set(e.u, u)
+            self._set_point(u, data)
+        _, z, b = rows
         # J^T z assembled as the 1-form d<z, R(u)>/du: one vector assembly instead of the
         # Jacobian matrix and a product with it.
         e._set(e.r_fn, z)

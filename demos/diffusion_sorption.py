@@ -49,6 +49,9 @@ parser.add_argument("--models", default=None,
                     help="comma-separated labels of the models to train (default: all)")
 parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
                     help="the models' backbone (fem_moe.backbones)")
+parser.add_argument("--seed", type=int, default=0, help="of the initial weights and the batch order (train.seed)")
+parser.add_argument("--residual-norm", default="dual", choices=["dual", "lumped", "l2"],
+                    help="the physics loss's norm of the residual (train.residual_norm)")
 parser.add_argument("--fresh", action="store_true",
                     help="a new batch of inputs every step (train.fresh_inputs)")
 parser.add_argument("--no-extrapolation", action="store_true")
@@ -94,7 +97,8 @@ config = {
               "backbone": args.backbone},
     "train": {"loss": "physics", "steps": args.steps, "batch_size": 4, "lr": 2e-3,
               "val_every": max(args.steps // 5, 1), "checkpoint_every": args.steps,
-              "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh},
+              "progress": not args.tiny, "resume": False, "fresh_inputs": args.fresh,
+              "residual_norm": args.residual_norm, "seed": args.seed},
 }
 # The models (``fem_moe.study.standard_models``): soft, PI-HC and the coupled mixture in both
 # modes, the paper's independent experts; and the paper's own split beside PETSc's graph

@@ -118,6 +118,7 @@ def _generate(config, comm, force):
 def _print_result(r):
     rows = [("samples", r["samples"]), ("relative L2 (mean)", f"{r['rel_l2']:.4e}"),
             ("relative L2 (max)", f"{r['rel_l2_max']:.4e}"),
+            ("relative L2 over the domain (mean)", f"{r['rel_l2_field']:.4e}"),
             ("relative residual^2 (mean)", f"{r['residual']:.4e}")]
     if "residual_interface" in r:
         rows += [("RMS residual at interfaces (rel.)", f"{r['residual_interface']:.4e}"),

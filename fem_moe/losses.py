@@ -5,7 +5,7 @@ from mpi4py import MPI
 
 from .layer import residual_loss
 
-__all__ = ["global_sum", "relative_l2", "residual_loss", "lifting_residual"]
+__all__ = ["global_sum", "relative_l2", "relative_l2_field", "residual_loss", "lifting_residual"]
 
 
 class _GlobalSum(torch.autograd.Function):
@@ -36,6 +36,22 @@ def relative_l2(comm, u, target, reduction="mean"):
     ref = global_sum((target.detach() ** 2).sum(dim=1), comm)
     vals = torch.sqrt(err / ref.clamp_min(torch.finfo(ref.dtype).tiny))
     return vals.mean() if reduction == "mean" else vals
+
+
+def relative_l2_field(problem, u, target):
+    """||u - target||_L2 / ||target||_L2 per sample: the L2 norm over the domain of the fields
+    in ``problem.V`` (every component of a mixed or vector space) that ``u`` and ``target``
+    (``[batch, n_dofs]``, this rank's owned dofs) hold. Where the dof-vector norm of
+    :func:`relative_l2` weighs every dof alike, this one weighs each by the measure it spans:
+    on a graded or locally refined mesh the small cells' dofs stop dominating. A float64 tensor
+    ``[batch]`` on ``u``'s device, no gradient. Collective over ``problem.V``'s communicator."""
+    import firedrake as fd
+    errors = []
+    for a, b in zip(problem.function(u.detach()), problem.function(target.detach())):
+        e = fd.Function(problem.V).assign(a - b)
+        num, den = (fd.assemble(fd.inner(f, f) * fd.dx) for f in (e, b))
+        errors.append(np.sqrt(num / max(den, np.finfo(float).tiny)))
+    return torch.as_tensor(errors, dtype=torch.float64, device=u.device)
 
 
 def lifting_residual(problem, data, norm="l2"):

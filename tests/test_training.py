@@ -13,6 +13,7 @@ import warnings
 import numpy as np
 import pytest
 import torch
+import firedrake as fd
 from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
@@ -167,6 +168,11 @@ def test_evaluation_reports_each_sample_and_the_spread():
     assert np.allclose(out["rel_l2_samples"], expected, rtol=1e-10), (out["rel_l2_samples"], expected)
     assert np.isclose(out["rel_l2"], expected.mean()) and np.isclose(out["rel_l2_max"], expected.max())
     assert np.isclose(out["rel_l2_std"], expected.std()) and out["rel_l2_std"] > 0
+    # The norm over the domain, by Firedrake's errornorm (its own quadrature, a degree higher).
+    fields = [(trainer.problem.function(a), trainer.problem.function(b)) for a, b in zip(u, truth)]
+    expected = np.array([fd.errornorm(b, a) / fd.norm(b) for a, b in fields])
+    assert np.allclose(out["rel_l2_field_samples"], expected, rtol=1e-8), (out["rel_l2_field_samples"], expected)
+    assert np.isclose(out["rel_l2_field"], expected.mean()) and np.isclose(out["rel_l2_field_max"], expected.max())
 
 
 @pytest.mark.parallel([1, 2])

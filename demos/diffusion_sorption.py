@@ -37,6 +37,9 @@ parser.add_argument("--grading", type=float, default=1.0,
                     help="time levels graded towards t = 0: tau = T (s / s_end)^g (the PDE's "
                          "option; 1: uniform). The start's sqrt(t) front is what uniform levels "
                          "leave unresolved (README, against the PDE's solution)")
+parser.add_argument("--lifting", default="constant", choices=["constant", "erfc"],
+                    help="the lifting of the initial and inflow values (the PDE's option): "
+                         "'erfc' carries the start's front, the fields the rest")
 parser.add_argument("--extrapolate-to", type=float, default=None,
                     help="T' > T: the window [0, T'] of the extrapolation test (default 2T)")
 parser.add_argument("--n-train", type=int, default=32)
@@ -83,6 +86,8 @@ out = os.path.abspath(args.out)
 pde_options = {"nx": args.nx, "nt": args.nt, "t_end": args.t_end}
 if args.grading != 1.0:      # absent = uniform: datasets made before the option stay current
     pde_options["grading"] = args.grading
+if args.lifting != "constant":
+    pde_options["lifting"] = args.lifting
 
 # Training
 # --------

@@ -54,6 +54,26 @@ def test_study_demo_tiny(name):
             assert os.path.getsize(os.path.join(out, f)) > 0, f
 
 
+@pytest.mark.parallel([1, 2])
+def test_diffusion_sorption_demo_on_graded_levels_with_the_erfc_lifting():
+    """The stretch configuration's flags (README: --grading 3 --lifting erfc) reach the PDE, and
+    the run reports the error over the domain, extrapolation included."""
+    import json
+    import math
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    out = comm.bcast(tempfile.mkdtemp(prefix="fem_moe_demo_") if comm.rank == 0 else None)
+    run_demo("diffusion_sorption.py", "--tiny", "--grading", "3", "--lifting", "erfc",
+             "--models", "MoE K=2 galerkin", "--no-figures", "--out", out)
+    if comm.rank == 0:
+        doc = json.load(open(os.path.join(out, "results.json")))
+        assert doc["meta"]["config"]["pde"]["options"] == {"nx": 8, "nt": 4, "t_end": 500.0,
+                                                           "grading": 3.0, "lifting": "erfc"}
+        (row,) = doc["rows"]
+        assert 0 < row["rel_l2_field"] < 10 and math.isfinite(row["rel_l2_field_max"]), row
+        assert os.path.getsize(os.path.join(out, "extrapolation.json")) > 0
+
+
 def test_no_demo_left_untested():
     tested = {"nonlinear_poisson.py", "reaction_diffusion.py", "diffusion_sorption.py",
               "flow_past_obstacle.py", "decaying_turbulence.py"}

@@ -65,11 +65,17 @@ def relative_distance(fine, other):
 
 
 def parse_options(text):
-    """PDE options from "key=value,key=value" (numbers: a float where the value has '.' or 'e')."""
+    """PDE options from "key=value,key=value": an int where the value reads as one, else a
+    float, else the string (``lifting=erfc``)."""
     out = {}
     for item in filter(None, (text or "").split(",")):
         key, value = item.split("=")
-        out[key] = float(value) if "." in value or "e" in value else int(value)
+        for kind in (int, float, str):
+            try:
+                out[key] = kind(value)
+                break
+            except ValueError:
+                continue
     return out
 
 

@@ -53,7 +53,7 @@ from firedrake.petsc import PETSc
 
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      raise_on_all_ranks)
-from .expert import (DEFAULT_SOLVER_PARAMETERS, SampleInfo, gauss_newton_is_done,
+from .expert import (DEFAULT_SOLVER_PARAMETERS, ChordSteps, SampleInfo, gauss_newton_is_done,
                      fit_coefficients, linear_failure, orthonormal_coordinates, reason_name,
                      reduced_solver_defaults,
                      ridge_factor as resolve_ridge_factor, tolerance)
@@ -67,15 +67,6 @@ __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 #: Gauss-Newton far from the solution, a direct solve, MUMPS on any number of ranks), and the type of
 #: the block-sparse matrix (aij or baij, block size N).
 DEFAULT_COUPLING_PARAMETERS = {**DEFAULT_SOLVER_PARAMETERS, "mat_type": "aij"}
-
-
-def _dense_self(array):
-    """A dense sequential PETSc matrix holding a copy of ``array`` [n, M]."""
-    mat = PETSc.Mat().createDense(array.shape, comm=PETSc.COMM_SELF)
-    mat.setUp()
-    mat.getDenseArray()[:] = array
-    mat.assemble()
-    return mat
 
 
 class CoupledRows:
@@ -94,7 +85,26 @@ class CoupledRows:
         self.block = np.searchsorted(self.neighbours, owners)
         self.me = int(np.searchsorted(self.neighbours, self.k))
         self.own = space.rows & self.expert.col_mask
-        self.N = self.expert.N
+        self.N = N = self.expert.N
+        # Fixed by the partition: each neighbour's dofs, and where the columns of block k and
+        # of the other blocks sit among the L N columns of the block basis.
+        L = len(self.neighbours)
+        self.dofs_of = [np.flatnonzero(self.block == l) for l in range(L)]
+        self.n_cols = L * N
+        self.cols_me = np.arange(self.me * N, (self.me + 1) * N)
+        self.cols_nb = np.setdiff1d(np.arange(L * N), self.cols_me)
+        # The other blocks' columns are nonzero only on the overlap's dofs (owned by neighbours).
+        self.nb_dofs = np.flatnonzero(self.block != self.me)
+        # The block basis's columns, written in place by each sample (set_transforms): block
+        # k's as a dense PETSc matrix (for its sparse-dense products), the others' as a C-order
+        # array (scipy's sparse-dense products copy a Fortran-ordered operand every time). Their
+        # zeros -- a block's columns off its expert's dofs -- are the same for every sample.
+        n_sub = len(self.block)
+        self.blk_nb = np.zeros((n_sub, (L - 1) * N))
+        self._self_mat = PETSc.Mat().createDense((n_sub, N), comm=PETSc.COMM_SELF)
+        self._self_mat.setUp()
+        self._self_mat.getDenseArray()[:] = 0.0
+        self._self_mat.assemble()
 
     # ------------------------------------------------------------------ per sample
     def set_sample(self, Phi, data):
@@ -134,25 +144,21 @@ class CoupledRows:
     def set_transforms(self, T_nb):
         """The neighbours' T [L, N, N]: the basis in c coordinates, Phi_c[:, i] = T_l^T Phi[:, i]
         for dof i owned by neighbour l, and the block basis [n_sub, L N] (column block l: Phi_c
-        on l's dofs, zero elsewhere), split into block k's columns and the others'."""
-        N, L = self.N, len(self.neighbours)
+        on l's dofs, zero elsewhere), kept as block k's columns (``blk_me``, a view of the
+        PETSc matrix) and the others' (``blk_nb``)."""
+        N = self.N
         self.T_nb = T_nb
         self.Phi_c = np.empty_like(self.Phi)
-        blk = np.zeros((self.Phi.shape[1], L * N))
-        for l in range(L):
-            idx = self.block == l
+        for l, idx in enumerate(self.dofs_of):
             self.Phi_c[:, idx] = T_nb[l].T @ self.Phi[:, idx]
-            blk[idx, l * N:(l + 1) * N] = self.Phi_c[:, idx].T
-        self.blk = blk
-        self.cols_me = np.arange(self.me * N, (self.me + 1) * N)
-        self.cols_nb = np.setdiff1d(np.arange(L * N), self.cols_me)
-        # The other blocks' columns are nonzero only on the overlap's dofs (owned by neighbours).
-        self.nb_dofs = np.flatnonzero(self.block != self.me)
-        # C order: scipy's sparse-dense products copy a Fortran-ordered operand every time.
-        self.blk_nb = np.ascontiguousarray(blk[:, self.cols_nb])
-        if getattr(self, "_self_mat", None) is not None:
-            self._self_mat.destroy()
-        self._self_mat = _dense_self(blk[:, self.cols_me])
+        others = [l for l in range(len(self.dofs_of)) if l != self.me]
+        for j, l in enumerate(others):
+            idx = self.dofs_of[l]
+            self.blk_nb[idx, j * N:(j + 1) * N] = self.Phi_c[:, idx].T
+        own = self.dofs_of[self.me]
+        self.blk_me = self._self_mat.getDenseArray()
+        self.blk_me[own] = self.Phi_c[:, own].T
+        self._self_mat.assemble()
 
     def field(self, C_nb):
         """The stitched field on the submesh from the neighbours' coefficients C_nb [L, N] (in
@@ -219,15 +225,15 @@ class CoupledRows:
         H = e._assemble_hessian()
         H_own = e._times_phi(H, self._self_mat)               # H Phi_k [n_sub, N]
         D, me, nb = self.nb_dofs, self.cols_me, self.cols_nb
-        out = np.empty((self.blk.shape[1],) * 2)
-        out[np.ix_(me, me)] = self.blk[:, me].T @ H_own
+        out = np.empty((self.n_cols,) * 2)
+        out[np.ix_(me, me)] = self.blk_me.T @ H_own
         cross = self.blk_nb[D].T @ H_own[D]
         out[np.ix_(nb, me)], out[np.ix_(me, nb)] = cross, cross.T     # H is symmetric
         out[np.ix_(nb, nb)] = self.blk_nb[D].T @ (_csr(H)[D] @ self.blk_nb)
         return out
 
     def destroy(self):
-        if getattr(self, "_self_mat", None) is not None:
+        if self._self_mat is not None:
             self._self_mat.destroy()
             self._self_mat = None
 
@@ -244,7 +250,7 @@ class BlockColumns:
     def full(self):
         """The dense [n_sub, L N] array (for a norm that couples every row)."""
         r = self.rows
-        out = np.zeros((self.own.shape[0], r.blk.shape[1]))
+        out = np.zeros((self.own.shape[0], r.n_cols))
         out[:, r.cols_me] = self.own
         out[np.ix_(r.interface, r.cols_nb)] = self.nb
         return out
@@ -252,7 +258,7 @@ class BlockColumns:
     def transpose_times(self, x):
         """(P J Phi_blk)^T x [L N] for a row vector x [n_sub]."""
         r = self.rows
-        out = np.empty(r.blk.shape[1])
+        out = np.empty(r.n_cols)
         out[r.cols_me] = self.own.T @ x
         out[r.cols_nb] = self.nb.T @ x[r.interface]
         return out
@@ -262,7 +268,7 @@ class BlockColumns:
         interface rows, or Z_nb = W nb (placed on the interface rows: [n_sub, (L - 1) N])."""
         r = self.rows
         me, nbc, I = r.cols_me, r.cols_nb, r.interface
-        out = np.empty((r.blk.shape[1],) * 2)
+        out = np.empty((r.n_cols,) * 2)
         out[np.ix_(me, me)] = self.own.T @ Z
         cross = self.nb.T @ Z[I]
         out[np.ix_(nbc, me)], out[np.ix_(me, nbc)] = cross, cross.T     # W is symmetric
@@ -272,7 +278,7 @@ class BlockColumns:
     def tested(self, Phi_c):
         """Phi_c (P J Phi_blk) [N, L N]: the Galerkin rows (Phi_c [N, n_sub], the test basis)."""
         r = self.rows
-        out = np.empty((Phi_c.shape[0], r.blk.shape[1]))
+        out = np.empty((Phi_c.shape[0], r.n_cols))
         out[:, r.cols_me] = Phi_c @ self.own
         out[:, r.cols_nb] = Phi_c[:, r.interface] @ self.nb
         return out
@@ -414,6 +420,8 @@ class CoupledSolver:
         self._direct.setPC(snes.getKSP().getPC())
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
+        self.chord = ChordSteps(options.parameter(snes, "chord_contraction", 0.0)
+                                if self.mode == "galerkin" else 0.0)
         self._auto_delta0 = (snes.getType() == "newtontr"
                              and "snes_tr_delta0" not in options.parameters(snes))
         self.snes, self.prefix = snes, prefix
@@ -707,7 +715,8 @@ class CoupledSolver:
         self._state_at(X, "G")["G"].copy(G)
 
     def _snes_jacobian(self, snes, X, A, P):
-        self._state_at(X, "A")
+        if not self.chord.keep(self._state_at(X, "G")["gnorm"]):
+            self._state_at(X, "A")     # else A still holds an earlier iterate's: a chord step
         if A != P:
             A.assemble()
 
@@ -791,6 +800,7 @@ class CoupledSolver:
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
         self._callback_error = None
+        self.chord.start()
         try:
             with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
                 self.snes.solve(None, self.x)
@@ -814,7 +824,7 @@ class CoupledSolver:
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
-                          time=time.perf_counter() - t0, warm=warm)
+                          time=time.perf_counter() - t0, warm=warm, chord_steps=self.chord.kept)
         # The coupling's own cost, the slowest rank's: the solve less its experts' row work.
         info["coupling_time"] = self.comm.allreduce(info.time - self._local_seconds, op=_MAX)
         finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)

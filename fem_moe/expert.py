@@ -82,6 +82,12 @@ DEFAULT_SOLVER_PARAMETERS = {
     # source scales) 8.12 -> 7.27 iterations, no failures either way; moe_scaling at 103041
     # dofs 9.5 -> 7 (K = 1), 11.5 -> 8 (K = 2).
     "snes_tr_t1": 0.5,
+    # fem_moe's own option (Galerkin mode): keep the reduced Jacobian of an earlier iterate (a
+    # chord step) while the last step cut |G| by at least this factor; 0: a new Jacobian at every
+    # iterate (Newton). There G needs the residual alone, the Jacobian a sparse matrix assembly
+    # ~3x the residual's, and warm-started training solves start where chord steps contract as
+    # fast as Newton's (README, the training step). The backward always assembles its own.
+    "chord_contraction": 0.01,
 }
 
 
@@ -151,6 +157,28 @@ def gauss_newton_is_done(norm, g0, last, rtol):
     return norm <= rtol * g0 or (last is not None and norm > 0.5 * last)
 
 
+class ChordSteps:
+    """Whether a Galerkin solve's SNES may keep the reduced Jacobian it has (the matrix of an
+    earlier iterate of the same solve) at a new iterate: as long as each step cut |G| by at
+    least ``contraction`` (0: never, Newton's method). :meth:`start` before each solve (a new
+    basis, or sample: no matrix yet); :meth:`keep` at each SNES Jacobian request, with |G| at
+    the iterate (the same on every rank, so every rank decides alike)."""
+
+    def __init__(self, contraction):
+        self.contraction = float(contraction)
+        self.start()
+
+    def start(self):
+        self._last = None
+        self.kept = 0
+
+    def keep(self, gnorm):
+        last, self._last = self._last, float(gnorm)
+        keep = self.contraction > 0 and last is not None and gnorm <= self.contraction * last
+        self.kept += keep
+        return keep
+
+
 def _is_zero(form):
     return expand_derivatives(form).empty()
 
@@ -159,8 +187,10 @@ class SampleInfo(dict):
     """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
     ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
-    (started from a given w0); a coupled solve's also ``coupling_time``: its time less its
-    experts' own row work (assemblies, Riesz solves, dense products), the slowest rank's."""
+    (started from a given w0), ``chord_steps`` (iterations that kept an earlier iterate's
+    reduced Jacobian: :class:`ChordSteps`); a coupled solve's also ``coupling_time``: its time
+    less its experts' own row work (assemblies, Riesz solves, dense products), the slowest
+    rank's."""
     __getattr__ = dict.__getitem__
 
 
@@ -430,6 +460,8 @@ class Expert:
         options.set_up(snes, prefix, defaults, self.problem.solver_parameters, self._shared)
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
+        self.chord = ChordSteps(options.parameter(snes, "chord_contraction", 0.0)
+                                if self.mode == "galerkin" else 0.0)
         params = options.parameters(snes)
         self.snes = snes
         self._g0 = None
@@ -465,6 +497,8 @@ class Expert:
         G.setArray(self._local(self._T.T @ self._state_at(X, "G")["G"]))
 
     def _snes_jacobian(self, snes, X, A, P):
+        if self.chord.keep(np.linalg.norm(self._T.T @ self._state_at(X, "G")["G"])):
+            return          # P still holds the matrix of an earlier iterate: a chord step
         state = self._state_at(X, "A")
         T = self._T
         M = T.T @ state["A"] @ T
@@ -529,6 +563,7 @@ class Expert:
             M = T.T @ state.get("GN", state["A"]) @ T
             step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
             self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
+        self.chord.start()
         try:
             with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
                 self.snes.solve(None, self._wvec)
@@ -549,7 +584,7 @@ class Expert:
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=rank, ridge=self.rho, time=time.perf_counter() - t0,
-                          warm=w0 is not None)
+                          warm=w0 is not None, chord_steps=self.chord.kept)
         if reason < 0 or not np.all(np.isfinite(w)):
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
             raise SolverDivergedError(

@@ -7,10 +7,12 @@ from mpi4py import MPI
 import fem_moe
 
 
-def nonlinear_diffusion(n=4, degree=1, comm=MPI.COMM_WORLD, vector=False, **kwargs):
+def nonlinear_diffusion(n=4, degree=1, comm=MPI.COMM_WORLD, vector=False, mesh=None, **kwargs):
     """-div((1 + |u|^2) grad u) = m on the unit square, u = x + y (each component) on the
-    boundary; m, the source, is the data (a function in the same space)."""
-    mesh = fd.UnitSquareMesh(n, n, comm=comm)
+    boundary; m, the source, is the data (a function in the same space). ``mesh``: that mesh
+    instead of a new n x n one (two problems whose dofs must be compared: two meshes built
+    alike may be distributed differently over the ranks)."""
+    mesh = fd.UnitSquareMesh(n, n, comm=comm) if mesh is None else mesh
     if vector:
         V = fd.VectorFunctionSpace(mesh, "CG", degree)
     else:

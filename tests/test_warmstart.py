@@ -207,3 +207,42 @@ def test_trainer_passes_warm_start_and_training_rtol():
     layer = Trainer(config(shared_dir(), model={"kind": "pihc", "warm_start": False,
                                                 "training_rtol": 1e-8})).model.constraint
     assert layer.training_rtol == 1e-8 and layer.warm_starts.capacity == 0
+
+
+@pytest.mark.parallel([1, 2, 3])
+@pytest.mark.parametrize("kind", ["pihc", "coupled"])
+def test_chord_steps_keep_the_first_jacobian_and_give_newtons_solution_and_gradient(kind, monkeypatch):
+    """Galerkin mode: a warm-started solve keeps the reduced Jacobian of its first iterate while
+    each step cuts |G| by chord_contraction (chord steps: one sparse Jacobian assembly where
+    Newton takes one per iterate), and gives Newton's solution and, since the backward
+    assembles its own Jacobian at the solution, Newton's gradient."""
+    from fem_moe.expert import Expert
+    assembled = []
+    real = Expert._assemble_jacobian
+    monkeypatch.setattr(Expert, "_assemble_jacobian", lambda self: assembled.append(1) or real(self))
+
+    mesh = nonlinear_diffusion(n=8).V.mesh()
+
+    def run(contraction):
+        # A 5x stronger nonlinearity than the other tests' (the source's scale), so that Newton
+        # needs several iterates from the warm start.
+        problem = nonlinear_diffusion(mesh=mesh, solver_parameters={"chord_contraction": contraction})
+        layer = layers(problem, warm_start=True, mode="galerkin",
+                       **({} if kind == "pihc" else {"coupling_parameters": {"chord_contraction": contraction}}))[kind]()
+        data, basis = batch(problem, [5.0, 8.0]), random_basis(problem, N, batch=2)
+        layer(basis, data)
+        moved = (basis + 1e-3 * random_basis(problem, N, batch=2, seed=5)).requires_grad_()
+        assembled.clear()
+        u = layer(moved, data)
+        forward = len(assembled)
+        u.square().sum().backward()
+        return u.detach(), moved.grad, forward, infos(layer)
+
+    u_newton, g_newton, jac_newton, newton = run(0.0)
+    u_chord, g_chord, jac_chord, chord = run(1e-2)
+    assert all(i.warm for s in chord for i in s)
+    assert all(i.chord_steps == 0 for s in newton for i in s)
+    assert sum(i.chord_steps for s in chord for i in s) > 0, chord
+    assert jac_chord < jac_newton, (jac_chord, jac_newton)
+    assert torch.allclose(u_chord, u_newton, rtol=0, atol=1e-10 * u_newton.abs().max())
+    assert torch.allclose(g_chord, g_newton, rtol=0, atol=1e-8 * g_newton.abs().max())

@@ -721,19 +721,23 @@ class CoupledSolver:
             A.assemble()
 
     # ------------------------------------------------------------------ one sample
-    def prepare(self, Phi, data, sample=None, report=True):
+    def prepare(self, Phi, data, sample=None, report=True, blocks=None):
         """Set one sample's basis {k: [N, n_sub]} and data {k: [n_data_sub] or None} on my
         experts, compute and exchange the block transforms. A block whose basis is rank
         deficient over its expert's dofs is warned about (RankDeficientBasisWarning, every
         rank) and gets the ridge, or raises InputError with on_rank_deficient = "raise" (the
-        forward's ``report``; the backward sets the same sample again). Collective."""
+        forward's ``report``; the backward sets the same sample again). ``blocks``: the
+        :meth:`blocks` this basis was prepared with before (the backward's, from its forward):
+        they are taken instead of computed again (a rank-deficient block's ridge costs a
+        Jacobian assembly). Collective."""
         err, N = None, self.N
         self.T, self.rho, self.block_rank = {}, {}, {}
         try:
             for k in self.mine:
                 self.rows[k].set_sample(Phi[k], data[k])
-                self.T[k], self.rho[k], self.block_rank[k] = self.rows[k].block_transform(
-                    self.ridge_always, self.ridge_factor)
+                self.T[k], self.rho[k], self.block_rank[k] = (blocks[k] if blocks is not None else
+                                                            self.rows[k].block_transform(
+                                                                self.ridge_always, self.ridge_factor))
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
@@ -745,6 +749,10 @@ class CoupledSolver:
             self.rows[k].set_transforms(T_nb[k])
         self._cache = None
         self._g0 = None
+
+    def blocks(self):
+        """{k: (T_k, rho_k, rank_k)} of my experts for the prepared sample (see :meth:`prepare`)."""
+        return {k: (self.T[k], self.rho[k], self.block_rank[k]) for k in self.mine}
 
     def _report_rank(self, sample):
         """Warn (or raise, as asked) on every rank about rank-deficient blocks. Collective."""

@@ -460,9 +460,10 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
             warm)
         layer.warm_starts[keys[b]] = {k: u for k, (_, u) in result.items()}
         coupling.append(info)
+        blocks = solver.blocks()
         for k, (w, u) in result.items():
             outputs[k][:, b] = u
-            ws[k].append((w, 0.0))
+            ws[k].append((w, 0.0, blocks[k]))     # the blocks: for the backward's prepare
     diagnostics = Diagnostics(_expert_record(layer, k, samples[k], times[k]) for k in layer.experts)
     return outputs, ws, diagnostics, coupling
 
@@ -493,7 +494,7 @@ def _vjp_coupled(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
     for b in range(B):
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts},
-                       sample=b, report=False)
+                       sample=b, report=False, blocks={k: ws[k][b][2] for k in layer.experts})
         gp, gd = solver.vjp({k: ws[k][b][0] for k in layer.experts},
                             {k: Ub[k][:, b] for k in layer.experts}, sample=b,
                             data_gradient=data_gradient)

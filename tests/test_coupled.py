@@ -119,6 +119,29 @@ def test_coupled_gradcheck_nonlinear(n_experts, mode):
     assert torch.autograd.gradcheck(layer, (basis, data), eps=1e-6, atol=1e-6, rtol=1e-4)
 
 
+@pytest.mark.parallel([1, 2])
+def test_coupled_batch_gradient_is_each_samples_own_with_its_ridge():
+    """A batch whose samples' blocks differ (their bases, so the paper's ridge on each block,
+    which the backward holds fixed): each sample's backward takes its own forward's block
+    transforms and ridges (``CoupledSolver.prepare``'s ``blocks``, not computed again), so a
+    sample's gradient in a batch is its gradient alone."""
+    problem = nonlinear_diffusion(n=7, degree=1)
+    layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=2, mode="galerkin", ridge_always=True)
+    basis = random_basis(problem, 3, batch=2)
+    data = torch.cat([source(problem, 1.0), source(problem, 3.0)])
+
+    def gradient(b, d):
+        b = b.clone().requires_grad_()
+        layer(b, d).square().sum().backward()
+        return b.grad
+    together = gradient(basis, data)
+    for i in range(2):
+        alone = gradient(basis[i:i + 1], data[i:i + 1])[0]
+        scale = MPI.COMM_WORLD.allreduce(float(alone.abs().max()), op=MPI.MAX)
+        gap = MPI.COMM_WORLD.allreduce(float((together[i] - alone).abs().max()), op=MPI.MAX)
+        parallel_assert(gap < 1e-10 * scale, f"sample {i}: {gap:.2e} of {scale:.2e}")
+
+
 @pytest.mark.parametrize("norm", ["dual", "dual_blocks"])
 @pytest.mark.parametrize("n_experts", [2, 3])
 def test_coupled_gradcheck_dual_norm(n_experts, norm):

@@ -56,19 +56,23 @@ def test_study_demo_tiny(name):
 
 @pytest.mark.parallel([1, 2])
 def test_diffusion_sorption_demo_on_graded_levels_with_the_erfc_lifting():
-    """The stretch configuration's flags (README: --grading 3 --lifting erfc) reach the PDE, and
-    the run reports the error over the domain, extrapolation included."""
+    """The stretch configuration's flags (README: --grading 3 --lifting erfc, with the faster
+    step's --quadrature-degree 2 --dtype float32) reach the PDE and the trainer, and the run
+    reports the error over the domain, extrapolation included."""
     import json
     import math
     from mpi4py import MPI
     comm = MPI.COMM_WORLD
     out = comm.bcast(tempfile.mkdtemp(prefix="fem_moe_demo_") if comm.rank == 0 else None)
     run_demo("diffusion_sorption.py", "--tiny", "--grading", "3", "--lifting", "erfc",
+             "--quadrature-degree", "2", "--dtype", "float32",
              "--models", "MoE K=2 galerkin", "--no-figures", "--out", out)
     if comm.rank == 0:
         doc = json.load(open(os.path.join(out, "results.json")))
-        assert doc["meta"]["config"]["pde"]["options"] == {"nx": 8, "nt": 4, "t_end": 500.0,
-                                                           "grading": 3.0, "lifting": "erfc"}
+        config = doc["meta"]["config"]
+        assert config["pde"]["options"] == {"nx": 8, "nt": 4, "t_end": 500.0, "grading": 3.0,
+                                            "lifting": "erfc", "quadrature_degree": 2}
+        assert config["train"]["dtype"] == "float32"
         (row,) = doc["rows"]
         assert 0 < row["rel_l2_field"] < 10 and math.isfinite(row["rel_l2_field_max"]), row
         assert os.path.getsize(os.path.join(out, "extrapolation.json")) > 0

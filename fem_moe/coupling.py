@@ -420,8 +420,7 @@ class CoupledSolver:
         self._direct.setPC(snes.getKSP().getPC())
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
-        self.chord = ChordSteps(options.parameter(snes, "chord_contraction", 0.0)
-                                if self.mode == "galerkin" else 0.0)
+        self.chord = ChordSteps.of(snes, self.mode)
         self._auto_delta0 = (snes.getType() == "newtontr"
                              and "snes_tr_delta0" not in options.parameters(snes))
         self.snes, self.prefix = snes, prefix

@@ -168,6 +168,12 @@ class ChordSteps:
         self.contraction = float(contraction)
         self.start()
 
+    @classmethod
+    def of(cls, snes, mode):
+        """From the solver's ``chord_contraction`` option in Galerkin mode (least squares needs
+        the Jacobian for G itself: never)."""
+        return cls(options.parameter(snes, "chord_contraction", 0.0) if mode == "galerkin" else 0.0)
+
     def start(self):
         self._last = None
         self.kept = 0
@@ -460,8 +466,7 @@ class Expert:
         options.set_up(snes, prefix, defaults, self.problem.solver_parameters, self._shared)
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
-        self.chord = ChordSteps(options.parameter(snes, "chord_contraction", 0.0)
-                                if self.mode == "galerkin" else 0.0)
+        self.chord = ChordSteps.of(snes, self.mode)
         params = options.parameters(snes)
         self.snes = snes
         self._g0 = None

@@ -103,7 +103,8 @@ class CoupledRows:
         self.blk_nb = np.zeros((n_sub, (L - 1) * N))
         self._self_mat = PETSc.Mat().createDense((n_sub, N), comm=PETSc.COMM_SELF)
         self._self_mat.setUp()
-        self._self_mat.getDenseArray()[:] = 0.0
+        self.blk_me = self._self_mat.getDenseArray()     # a view of the matrix's values
+        self.blk_me[:] = 0.0
         self._self_mat.assemble()
 
     # ------------------------------------------------------------------ per sample
@@ -156,7 +157,6 @@ class CoupledRows:
             idx = self.dofs_of[l]
             self.blk_nb[idx, j * N:(j + 1) * N] = self.Phi_c[:, idx].T
         own = self.dofs_of[self.me]
-        self.blk_me = self._self_mat.getDenseArray()
         self.blk_me[own] = self.Phi_c[:, own].T
         self._self_mat.assemble()
 

@@ -70,15 +70,25 @@ class DiffusionSorption(PDE):
     D, phi, rho_s, k_f, n_f = 5e-4, 0.29, 2880.0, 3.5e-4, 0.874
     time_unit = 500.0
 
-    def mesh(self, comm):
+    def __init__(self, **options):
+        # The options are checked where the PDE is made: a mesh may come from elsewhere (another
+        # instance's mesh()), and problem() and data() read them too.
+        super().__init__(**options)
         o = self.opts
         if o["lifting"] not in self.liftings:
             raise InputError(f"diffusion_sorption: lifting must be one of {self.liftings}, got {o['lifting']!r}")
+        if not o["grading"] > 0:
+            raise InputError(f"diffusion_sorption: grading must be > 0, got {o['grading']}")
+        q = o["quadrature_degree"]
+        if q is not None and not (isinstance(q, (int, np.integer)) and q >= 1):
+            raise InputError(f"diffusion_sorption: quadrature_degree must be a positive integer "
+                             f"or None (UFL's estimate), got {q!r}")
+
+    def mesh(self, comm):
+        o = self.opts
         end = o["t_end"] / self.time_unit
         mesh = fd.RectangleMesh(o["nx"], o["nt"], 1.0, end, comm=comm)
         if o["grading"] != 1.0:
-            if not o["grading"] > 0:
-                raise InputError(f"diffusion_sorption: grading must be > 0, got {o['grading']}")
             tau = mesh.coordinates.dat.data[:, 1]
             tau[:] = end * (np.clip(tau, 0.0, end) / end) ** o["grading"]
         return mesh
@@ -92,9 +102,6 @@ class DiffusionSorption(PDE):
         T, D = self.time_unit, self.D
 
         q = self.opts["quadrature_degree"]
-        if q is not None and not (isinstance(q, (int, np.integer)) and q >= 1):
-            raise InputError(f"diffusion_sorption: quadrature_degree must be a positive integer "
-                             f"or None (UFL's estimate), got {q!r}")
         dx, ds = (fd.dx, fd.ds) if q is None else (fd.dx(degree=int(q)), fd.ds(degree=int(q)))
 
         def residual(du, v, m):

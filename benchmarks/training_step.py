@@ -3,7 +3,7 @@
     mpiexec -n 2 python benchmarks/training_step.py [--pde diffusion_sorption]
         [--options nx=1024,nt=100] [--kinds soft pihc moe] [--experts 4] [--n-basis 16]
         [--batch 4] [--warmup 8] [--steps 4] [--n-train 32] [--no-warm-start]
-        [--training-rtol 0] [--dtype float64] [--backbone deeponet] [--label after]
+        [--training-rtol 0] [--dtype float64] [--backbone deeponet] [--profile DIR] [--label after]
         [--out benchmarks/results/training_step.json]
 
 One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
@@ -25,6 +25,7 @@ Rows are appended to ``--out`` under ``--label`` (a row with the same label, kin
 replaced), so before/after rows measured in one session sit in one file.
 """
 import argparse
+import cProfile
 import json
 import os
 import sys
@@ -65,6 +66,8 @@ def main():
                         help="the layers' reduced problem (default: theirs)")
     parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
                         help="the trainer's backbone with the config's default sizes")
+    parser.add_argument("--profile", default=None, metavar="DIR",
+                        help="cProfile the measured steps of each kind into DIR/<kind>.<rank>.prof")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
     parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
@@ -142,7 +145,7 @@ def main():
         model.to(dtype=dtype)
         optimiser = torch.optim.Adam(model.parameters(), lr=2e-3)
         times = {p: [] for p in phases}
-        iterations = []
+        iterations, jacobians = [], []
 
         def timed(name, fn):
             comm.Barrier()
@@ -161,8 +164,11 @@ def main():
         for step in range(args.warmup + args.steps):
             if step == args.warmup:
                 times = {p: [] for p in phases}
-                iterations = []
+                iterations, jacobians = [], []
                 start = event_seconds()
+                if args.profile:
+                    profiler = cProfile.Profile()
+                    profiler.enable()
             if args.n_train:     # the trainer's batches: a permutation of the set per epoch
                 per_epoch = args.n_train // args.batch
                 epoch, i = divmod(step, per_epoch)
@@ -176,13 +182,18 @@ def main():
                 u = timed("constraint forward", lambda: torch.einsum("bnp,n->bp", basis, model.weights))
             else:
                 u = timed("constraint forward", lambda: model.constraint(basis, data))
-                iterations += _iterations(model.constraint)
+                iterations += _per_solve(model.constraint)
+                jacobians += _per_solve(model.constraint, "jacobians")
             loss = timed("loss forward", lambda: fem_moe.residual_loss(problem, u, data))
             optimiser.zero_grad()
             timed("backward", loss.backward)
             timed("bridge all-reduce", lambda: (served or bridge).allreduce_gradients(model))
             timed("optimiser", optimiser.step)
         end = event_seconds()
+        if args.profile:
+            profiler.disable()
+            os.makedirs(args.profile, exist_ok=True)
+            profiler.dump_stats(os.path.join(args.profile, f"{kind}.{comm.rank}.prof"))
         total = sum(np.mean(times[p]) for p in phases)
         row = {"label": args.label, "kind": kind, "backbone": args.backbone, "ranks": comm.size,
                "dofs": problem.V.dim(),
@@ -198,13 +209,17 @@ def main():
                "events": {name: {"seconds_per_step": (end[name][0] - start[name][0]) / args.steps,
                                  "calls_per_step": (end[name][1] - start[name][1]) / args.steps}
                           for name in EVENTS if end[name][1] > start[name][1]},
-               "iterations_mean": float(np.mean(iterations)) if iterations else None}
+               "iterations_mean": float(np.mean(iterations)) if iterations else None,
+               # Sparse Jacobians a forward solve assembled, per sample (the backward: one more).
+               "jacobians_mean": float(np.mean(jacobians)) if jacobians else None}
         rows.append(row)
         if comm.rank == 0:
             print(f"\n{args.label}: {kind}, {comm.size} ranks, {row['dofs']} dofs, N = {args.n_basis}, "
                   f"batch {args.batch}: {total:.3f} s per step"
                   + (f", {row['iterations_mean']:.1f} reduced iterations per solve"
-                     if iterations else ""))
+                     if iterations else "")
+                  + (f", {row['jacobians_mean']:.2f} Jacobians assembled per forward solve"
+                     if jacobians else ""))
             table = [{"what": p, "s": row["phases"][p], "share": row["phases"][p] / total} for p in phases]
             table += [{"what": f"  event {n}", "s": e["seconds_per_step"], "share": e["seconds_per_step"] / total}
                       for n, e in row["events"].items()]
@@ -225,19 +240,20 @@ def main():
         write_json(args.out, "training_step", old + rows, pde=args.pde, options=args.options)
 
 
-def _iterations(constraint):
-    """Iterations per solve of the last forward: the coupled solve's per sample where there is
-    one, else every reduced solve's (whatever the measured version of fem_moe keeps)."""
+def _per_solve(constraint, key="iterations"):
+    """``key`` (iterations, jacobians) per solve of the last forward: the coupled solve's per
+    sample where there is one, else every reduced solve's (whatever the measured version of
+    fem_moe keeps; none where it lacks the key)."""
     gather = getattr(constraint, "all_diagnostics", None)
     diags = gather() if gather is not None else getattr(constraint, "diagnostics", [])
-    coupled = [s["iterations"] for s in getattr(diags, "coupling", ())]
+    coupled = [s[key] for s in getattr(diags, "coupling", ()) if key in s]
     if coupled:
         return coupled
     found = []
     for d in diags:
         for s in (d.get("samples", [d]) if isinstance(d, dict) else [d]):
-            if isinstance(s, dict) and "iterations" in s:
-                found.append(s["iterations"])
+            if isinstance(s, dict) and key in s:
+                found.append(s[key])
     return found
 
 

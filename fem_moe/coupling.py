@@ -166,17 +166,23 @@ class CoupledRows:
         return np.einsum("ni,in->i", self.Phi_c, C_nb[self.block])
 
     # ------------------------------------------------------------------ evaluation
-    def residual(self, C_nb):
-        """Sets the expert's u to the stitched field; its owned rows r (zero elsewhere)."""
+    def set_field(self, C_nb):
+        """Set the expert's u to the stitched field."""
         e = self.expert
         e._set(e.u, e.g_vec + self.field(C_nb))
-        return e._assemble_residual()
 
-    def jacobian_blocks(self):
-        """P J Phi_blk at the expert's current u, as :class:`BlockColumns`: block k's columns on
-        every row, the other blocks' on the interface rows (the only rows they reach)."""
+    def residual(self, C_nb):
+        """Sets the expert's u to the stitched field; its owned rows r (zero elsewhere)."""
+        self.set_field(C_nb)
+        return self.expert._assemble_residual()
+
+    def jacobian_blocks(self, J=None):
+        """P J Phi_blk at the expert's current u (or with a given sparse Jacobian ``J`` of the
+        expert's, e.g. one stored at a nearby point), as :class:`BlockColumns`: block k's
+        columns on every row, the other blocks' on the interface rows (the only rows they
+        reach)."""
         e = self.expert
-        J = e._assemble_jacobian()
+        J = e._assemble_jacobian() if J is None else J
         own = e._times_phi(J, self._self_mat)
         own[~e.row_mask] = 0.0
         J = _csr(J)
@@ -501,8 +507,9 @@ class CoupledSolver:
             self._jacobian(state)
         return state
 
-    def _evaluate_residual(self, X):
-        """The residual rows of my experts at X, the objective and |r| (summed over ranks)."""
+    def _evaluate_residual(self, X, residuals=None):
+        """The residual rows of my experts at X, the objective and |r| (summed over ranks).
+        ``residuals``: {k: rows} at X if known (the experts' u is set, nothing assembled)."""
         err, rr, ridge = None, 0.0, 0.0
         state = {"c": X.getArray(readonly=True).copy(), "r": {}, "s": {}, "C": {}}
         try:
@@ -510,7 +517,11 @@ class CoupledSolver:
             for k in self.mine:
                 state["C"][k] = C[k]
                 with self._local():
-                    state["r"][k] = self.rows[k].residual(C[k])
+                    if residuals is None:
+                        state["r"][k] = self.rows[k].residual(C[k])
+                    else:
+                        self.rows[k].set_field(C[k])
+                        state["r"][k] = residuals[k]
                 w = self.T[k] @ C[k][self.rows[k].me]
                 ridge += self.rho[k] * (w @ w)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank below
@@ -603,15 +614,17 @@ class CoupledSolver:
                            for k in self.mine}
         return state["GN"]
 
-    def _jacobian(self, state, exact=None, descent=True):
+    def _jacobian(self, state, exact=None, descent=True, columns=None):
         """The block-sparse Jacobian into self.A: lstsq GN (+ the second-order term where
         ``exact``, default by the Gauss-Newton switch; with ``descent``, only where that is
-        positive definite), galerkin Phi_c P J Phi_blk."""
+        positive definite), galerkin Phi_c P J Phi_blk. ``columns``: {k: BlockColumns} to make
+        it from (Galerkin: stored Jacobians') instead of the state's own; A is then not the
+        state's."""
         if exact is None:
             exact = self._exact_hessian(state["gnorm"])
         err = None
         A = self.A
-        JPhi = self._jacobian_columns(state)
+        JPhi = self._jacobian_columns(state) if columns is None else columns
         A.zeroEntries()
         GN = self._gauss_newton_blocks(state) if self.mode == "lstsq" else None
         try:
@@ -641,6 +654,8 @@ class CoupledSolver:
             err = exc
         self._agree(err)
         A.assemble()
+        if columns is not None:
+            return
         state["A"] = exact
         if exact and descent and self.mode == "lstsq" and not self._positive_definite():
             # Newton's step must be a descent direction of the objective: where the exact
@@ -714,10 +729,43 @@ class CoupledSolver:
         self._state_at(X, "G")["G"].copy(G)
 
     def _snes_jacobian(self, snes, X, A, P):
-        if not self.chord.keep(self._state_at(X, "G")["gnorm"]):
-            self._state_at(X, "A")     # else A still holds an earlier iterate's: a chord step
+        if self.chord.keep(self._state_at(X, "G")["gnorm"]):
+            pass                       # A still holds an earlier iterate's: a chord step
+        elif self._stored is not None:
+            # The solve's first matrix, from the stored Jacobians; later iterates that need a
+            # new one assemble it.
+            self._stored_matrix(self._state_at(X, "G"))
+            self._stored = None
+        else:
+            self._state_at(X, "A")
         if A != P:
             A.assemble()
+
+    def _stored_matrix(self, state):
+        """Galerkin's block-sparse matrix into self.A from the stored Jacobians of my experts,
+        once per solve. Collective."""
+        if self._stored_filled:
+            return
+        columns, err = {}, None
+        try:
+            for k in self.mine:
+                with self._local():
+                    columns[k] = self.rows[k].jacobian_blocks(J=self._stored[k])
+        except Exception as exc:     # noqa: BLE001
+            err = exc
+        self._agree(err)
+        self._jacobian(state, columns=columns)
+        self._stored_filled = True
+
+    _stored, _stored_filled = None, False
+    #: The residual rows {k: [n_sub]} of my experts at the lifting and at the solution of the
+    #: last solve (None where it did not evaluate them), as Expert.solve's.
+    lifting_residuals = solution_residuals = None
+
+    def jacobians(self):
+        """{k: Mat} the sparse Jacobians my experts assembled last (the backward's at the
+        solution, after :meth:`vjp`); each is overwritten by the expert's next assembly."""
+        return {k: self.rows[k].expert.jacobian() for k in self.mine}
 
     # ------------------------------------------------------------------ one sample
     def prepare(self, Phi, data, sample=None, report=True, blocks=None):
@@ -782,18 +830,33 @@ class CoupledSolver:
         return out
 
     @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
-    def solve(self, w0, sample=None, rtol=None, warm=False):
+    def solve(self, w0, sample=None, rtol=None, warm=False, jacobians=None,
+              lifting_residuals=None):
         """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
         {k: u on k's submesh}, info). ``rtol``: this solve's SNES relative tolerance (default
-        the options'); ``warm``: w0 is a warm start (recorded in info). Raises
-        SolverDivergedError on every rank."""
+        the options'); ``warm``: w0 is a warm start (recorded in info). A warm start may bring
+        each of my experts' ``jacobians`` {k: Mat} at the sample's last solution and
+        ``lifting_residuals`` {k: rows} (Galerkin mode; see :meth:`fem_moe.expert.Expert.solve`:
+        the first chord matrix, and the cold |G| without an assembly); used only where every
+        rank has all of its experts'. Afterwards ``lifting_residuals`` and
+        ``solution_residuals`` hold my experts' rows at the lifting (where known) and at the
+        solution (:meth:`vjp`'s ``residuals``). Raises SolverDivergedError on every rank."""
         t0, self._local_seconds = time.perf_counter(), 0.0
+        assembled = self._assembled()
+        galerkin = self.mode == "galerkin"
+        self._stored, self._stored_filled = None, False
+        self.lifting_residuals = self.solution_residuals = None
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w0[k]) for k in self.mine})
-        g_cold = self._cold_gradient_if_warm_is_better() if warm else None
+        lifting = self._all_mine(lifting_residuals) if warm and galerkin else None
+        g_cold = self._cold_gradient_if_warm_is_better(lifting) if warm else None
         if warm and g_cold is None:
             self.x.zeroEntries()
             warm = False
+        elif warm and galerkin and self.chord.contraction > 0:
+            self._stored = self._all_mine(jacobians)
         start = self._state_at(self.x, "G")
+        if self.lifting_residuals is None and self.x.norm() == 0.0:     # the lifting's rows
+            self.lifting_residuals = start["r"]
         before, g_start = start["rnorm"], start["gnorm"]
         if g_cold is not None:
             g_start = max(g_start, g_cold)   # the stall test's scale: the cold solve's
@@ -801,15 +864,18 @@ class CoupledSolver:
             self._g0, self._last_norm = g_start, None
         if self._auto_delta0:
             # The first Gauss-Newton step's length starts the trust region (the experts' rule).
-            self._state_at(self.x, "A")
+            if self._stored is not None:
+                self._stored_matrix(start)
+            else:
+                self._state_at(self.x, "A")
             step = self.x.duplicate()
             self._direct_solve(start["G"], step)
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
         self._callback_error = None
-        self.chord.start()
         try:
             with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
+                self.chord.start(ChordSteps.target(self.snes, start["gnorm"]))
                 self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank
@@ -817,10 +883,11 @@ class CoupledSolver:
             self._agree(exc)
         finally:
             self._g0 = None
+            self._stored, self._stored_filled = None, False
         reason = self.snes.getConvergedReason()
         name = reason_name(reason)
         end = self._state_at(self.x, "G")
-        rnorm_end = end["rnorm"]
+        rnorm_end, self.solution_residuals = end["rnorm"], end["r"]
         if reason in _STALLS and self._stalled(g_start):
             reason, name = 1, "CONVERGED_STALLED"
         elif reason in _STALLS and rnorm_end <= self.stall_rtol * self._at_zero():
@@ -831,7 +898,8 @@ class CoupledSolver:
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
-                          time=time.perf_counter() - t0, warm=warm, chord_steps=self.chord.kept)
+                          time=time.perf_counter() - t0, warm=warm, chord_steps=self.chord.kept,
+                          jacobians=self.comm.allreduce(self._assembled() - assembled))
         # The coupling's own cost, the slowest rank's: the solve less its experts' row work.
         info["coupling_time"] = self.comm.allreduce(info.time - self._local_seconds, op=_MAX)
         finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
@@ -853,26 +921,39 @@ class CoupledSolver:
             out[k] = (self.T[k] @ C[k][rows.me], rows.expert.g_vec + rows.field(C[k]))
         return out
 
-    def _cold_gradient_if_warm_is_better(self):
+    def _assembled(self):
+        """Sparse Jacobians my experts have assembled so far."""
+        return sum(self.rows[k].expert.jacobians_assembled for k in self.mine)
+
+    def _all_mine(self, parts):
+        """{k: x} of my experts from ``parts`` if every rank has all of its experts' there, else
+        None (the same on every rank). Collective."""
+        have = parts is not None and all(parts.get(k) is not None for k in self.mine)
+        return {k: parts[k] for k in self.mine} if self.comm.allreduce(have, op=_LAND) else None
+
+    def _cold_gradient_if_warm_is_better(self, lifting_residuals=None):
         """|G| at all coefficients 0 if the start in self.x is lower there (the objective; |G| in
         Galerkin mode, where SNES drives G to zero), else None: a stale warm start can lie in a worse
         basin of a nonlinear PDE's objective, and the cold |G| is where a cold solve's
         tolerance is measured from (see :meth:`fem_moe.expert.Expert.
-        _cold_gradient_if_warm_is_better`). Collective. The start is evaluated last, so that
-        the solve reuses that evaluation."""
-        at_zero, g_zero = self._at_zero(gradient=True)
+        _cold_gradient_if_warm_is_better`). ``lifting_residuals``: my experts' rows at all
+        coefficients 0, if known (Galerkin: |G| there is then a product with the basis).
+        Collective. The start is evaluated last, so that the solve reuses that evaluation."""
+        at_zero, g_zero = self._at_zero(gradient=True, residuals=lifting_residuals)
         if self.mode == "lstsq":
             better = self._state_at(self.x, "objective")["objective"] <= 0.5 * at_zero ** 2
         else:
             better = self._state_at(self.x, "G")["gnorm"] <= g_zero
         return g_zero if better else None
 
-    def _at_zero(self, gradient=False):
+    def _at_zero(self, gradient=False, residuals=None):
         """|r| of the lifting alone (all coefficients 0): the residual's scale; with
-        ``gradient``, (|r|, |G|) there. Collective."""
+        ``gradient``, (|r|, |G|) there; ``residuals``: the rows there, if known (kept in
+        ``lifting_residuals`` either way). Collective."""
         zero = self.x.duplicate()
         zero.zeroEntries()
-        state = self._evaluate_residual(zero)
+        state = self._evaluate_residual(zero, residuals)
+        self.lifting_residuals = state["r"]
         if gradient:
             self._gradient(state)
             state["G"].destroy()
@@ -894,14 +975,19 @@ class CoupledSolver:
         return decrease <= self.stall_rtol * state["objective"]
 
     @PETSc.Log.EventDecorator("FemMoeCoupledVJP")
-    def vjp(self, w, u_bar, sample=None, data_gradient=True):
+    def vjp(self, w, u_bar, sample=None, data_gradient=True, residuals=None):
         """The IFT backward of one sample (after ``prepare`` with the forward's basis and data).
         w {k: [N]} the forward's coefficients; u_bar {k: [n_sub]} dL/du on k's owned dofs (zero
-        elsewhere). Returns ({k: Phi_bar [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
+        elsewhere); ``residuals``: my experts' rows at w if known (the forward's
+        ``solution_residuals``; used where every rank has them). The experts' Jacobians at the
+        solution stay :meth:`jacobians` until their next assembly. Returns ({k: Phi_bar [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
         over the experts sharing a dof; with ``data_gradient`` False, each data_bar is None.
         Collective."""
         N = self.N
         self._set_own_blocks(self.x, {k: np.linalg.solve(self.T[k], w[k]) for k in self.mine})
+        residuals = self._all_mine(residuals)
+        if residuals is not None:
+            self._cache = self._evaluate_residual(self.x, residuals)
         state = self._state_at(self.x, "G")
         self._jacobian(state, exact=True, descent=False)     # the exact gradient's matrix
         b = self.x.duplicate()

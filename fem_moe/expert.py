@@ -159,10 +159,14 @@ def gauss_newton_is_done(norm, g0, last, rtol):
 
 class ChordSteps:
     """Whether a Galerkin solve's SNES may keep the reduced Jacobian it has (the matrix of an
-    earlier iterate of the same solve) at a new iterate: as long as each step cut |G| by at
-    least ``contraction`` (0: never, Newton's method). :meth:`start` before each solve (a new
-    basis, or sample: no matrix yet); :meth:`keep` at each SNES Jacobian request, with |G| at
-    the iterate (the same on every rank, so every rank decides alike)."""
+    earlier iterate of the same solve) at a new iterate: while each step cuts |G| by at least
+    ``contraction`` (0: never, Newton's method), and, near the end, while the last step's rate
+    reaches the solve's tolerance in at most ``CHORD_FINISH`` more steps (at most half |G| each):
+    a chord step costs a residual, a new Jacobian a sparse assembly (~3-4 residuals at
+    diffusion-sorption's paper size) and a step after it. :meth:`start` before each solve (a
+    new basis, or sample: no matrix yet), with the |G| where SNES will stop; :meth:`keep` at
+    each SNES Jacobian request, with |G| at the iterate (the same on every rank, so every rank
+    decides alike)."""
 
     def __init__(self, contraction):
         self.contraction = float(contraction)
@@ -174,15 +178,37 @@ class ChordSteps:
         the Jacobian for G itself: never)."""
         return cls(options.parameter(snes, "chord_contraction", 0.0) if mode == "galerkin" else 0.0)
 
-    def start(self):
-        self._last = None
+    @staticmethod
+    def target(snes, gnorm0):
+        """The |G| at which ``snes`` stops (its tolerances, as set for the solve), from |G| at its
+        first iterate."""
+        rtol, atol = snes.getTolerances()[:2]
+        return max(atol, rtol * gnorm0)
+
+    def start(self, target=0.0):
+        self._last, self._target = None, float(target)
         self.kept = 0
 
     def keep(self, gnorm):
         last, self._last = self._last, float(gnorm)
-        keep = self.contraction > 0 and last is not None and gnorm <= self.contraction * last
+        keep = self.contraction > 0 and last is not None and (
+            gnorm <= self.contraction * last or self._finishes(gnorm / last if last else 1.0, gnorm))
         self.kept += keep
         return keep
+
+    def _finishes(self, rate, gnorm):
+        if not 0.0 < rate <= 0.5 or self._target <= 0.0 or gnorm <= self._target:
+            return False
+        return np.log(self._target / gnorm) / np.log(rate) <= CHORD_FINISH
+
+
+#: Chord steps a Galerkin solve may still take at its last rate to reach its tolerance rather
+#: than assemble a new Jacobian (:class:`ChordSteps`): about what a new Jacobian costs in
+#: residuals (3-4 at diffusion-sorption's paper size, 2 ranks) and the step after it. Measured
+#: there, warm starts from the stored Jacobian: |G| 3e-5 -> 1e-8 -> 6e-11 -> 9e-13 -> the
+#: tolerance 7e-15, or 1e-4 -> 5e-8 -> 1.3e-9 (rate 2.4e-2, 3.2 more steps): the rates miss
+#: the contraction 1e-2 by a little near the end, where a new Jacobian buys one step.
+CHORD_FINISH = 4
 
 
 def _is_zero(form):
@@ -194,7 +220,9 @@ class SampleInfo(dict):
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
     ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
     (started from a given w0), ``chord_steps`` (iterations that kept an earlier iterate's
-    reduced Jacobian: :class:`ChordSteps`); a coupled solve's also ``coupling_time``: its time
+    reduced Jacobian: :class:`ChordSteps`), ``jacobians`` (sparse Jacobians assembled: 0
+    where a stored one served, see ``jacobian`` of :meth:`Expert.solve`); a coupled solve's
+    also ``coupling_time``: its time
     less its experts' own row work (assemblies, Riesz solves, dense products), the slowest
     rank's."""
     __getattr__ = dict.__getitem__
@@ -312,6 +340,10 @@ class Expert:
         self._assemblers = {}
         self._J = None
         self._H = None
+        # A stored Jacobian serving as a solve's first chord matrix (see solve) and its reduced
+        # matrix; the residual rows at the lifting and at the solution of the last solve.
+        self._stored = self._stored_A = None
+        self.lifting_residual = self.solution_residual = None
         self._Phi_mat = None
         self._build_snes()
 
@@ -365,7 +397,16 @@ class Expert:
         return np.where(self.row_mask, self._get(self._R), 0.0)
 
     def _assemble_jacobian(self):
+        self.jacobians_assembled += 1
         self._J = self._assemble(self.dF, tensor=self._J, mat_type="aij")
+        return self._J.petscmat
+
+    #: Sparse Jacobians this expert has assembled (diagnostics: SampleInfo.jacobians).
+    jacobians_assembled = 0
+
+    def jacobian(self):
+        """The sparse Jacobian last assembled (a PETSc Mat on the mesh communicator, owned by the
+        expert: the next assembly overwrites it), e.g. by :meth:`vjp` at a solution."""
         return self._J.petscmat
 
     def _assemble_hessian(self):
@@ -381,16 +422,17 @@ class Expert:
         C.destroy()
         return out
 
-    def _evaluate(self, w, Phi, Phi_mat, jacobian=False):
+    def _evaluate(self, w, Phi, Phi_mat, jacobian=False, r=None):
         """The reduced problem at w: a dict with r (masked residual), objective (1/2 |r|^2), G and,
-        if ``jacobian``, A = dG/dw (and GN, its Gauss-Newton part, in lstsq mode). Sets self.u."""
-        state = self._evaluate_residual(w, Phi)
+        if ``jacobian``, A = dG/dw (and GN, its Gauss-Newton part, in lstsq mode). Sets self.u.
+        ``r``: the residual rows at w if known (not assembled again)."""
+        state = self._evaluate_residual(w, Phi, r)
         self._complete(state, Phi, Phi_mat, jacobian)
         return state
 
-    def _evaluate_residual(self, w, Phi):
+    def _evaluate_residual(self, w, Phi, r=None):
         self._set(self.u, self.g_vec + w @ Phi)
-        r = self._assemble_residual()
+        r = self._assemble_residual() if r is None else r
         s = self.weigh(r)                                  # W r
         rr = self._sum(np.array([r @ s]))[0]
         # The ridge enters the objective too, so that G stays its gradient.
@@ -420,9 +462,14 @@ class Expert:
             if "G" not in state:
                 state["G"] = self._sum(Phi @ r) + self.rho * w
             if jacobian and "A" not in state:
-                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
-                JPhi[~self.row_mask] = 0.0
-                state["A"] = self._sum(Phi @ JPhi) + self.rho * I
+                state["A"] = self._tested(self._assemble_jacobian(), Phi, Phi_mat)
+
+    def _tested(self, J, Phi, Phi_mat):
+        """Phi P J Phi^T + rho I: Galerkin's reduced Jacobian with the sparse Jacobian J (at the
+        state's point, or a stored one at a nearby point: a chord matrix)."""
+        JPhi = self._times_phi(J, Phi_mat)
+        JPhi[~self.row_mask] = 0.0
+        return self._sum(Phi @ JPhi) + self.rho * np.eye(self.N)
 
     def _exact_hessian(self, G):
         """Whether the SNES Jacobian gets the second-order term: always in the backward; in the
@@ -504,7 +551,30 @@ class Expert:
     def _snes_jacobian(self, snes, X, A, P):
         if self.chord.keep(np.linalg.norm(self._T.T @ self._state_at(X, "G")["G"])):
             return          # P still holds the matrix of an earlier iterate: a chord step
-        state = self._state_at(X, "A")
+        T = self._T
+        if self._stored is not None:
+            # The solve's first matrix, from the sample's stored Jacobian; later iterates that
+            # need a new one assemble it.
+            M = T.T @ self._stored_matrix() @ T
+            self._stored = None
+        else:
+            M = self._newton_matrix(self._state_at(X, "A"))
+        if self.comm.size == 1:
+            P.getDenseArray()[:] = M
+        elif self.comm.rank == 0:
+            P.setValues(range(self.N), range(self.N), M)
+        P.assemble()
+        if A != P:
+            A.assemble()
+
+    def _stored_matrix(self):
+        """Galerkin's reduced Jacobian with the stored sparse Jacobian, made once per solve."""
+        if self._stored_A is None:
+            self._stored_A = self._tested(self._stored, self._Phi, self._Phi_petsc)
+        return self._stored_A
+
+    def _newton_matrix(self, state):
+        """T^T A T of a state with its Jacobian, for the SNES (least squares: a descent one)."""
         T = self._T
         M = T.T @ state["A"] @ T
         if self.mode == "lstsq":
@@ -515,28 +585,38 @@ class Expert:
             except np.linalg.LinAlgError:
                 GN = T.T @ state["GN"] @ T
                 M = GN + (1e-8 * np.trace(GN) / self.N) * np.eye(self.N) + self.rho * T.T @ T
-        if self.comm.size == 1:
-            P.getDenseArray()[:] = M
-        elif self.comm.rank == 0:
-            P.setValues(range(self.N), range(self.N), M)
-        P.assemble()
-        if A != P:
-            A.assemble()
+        return M
 
     # ---------------------------------------------------------------- public
     @PETSc.Log.EventDecorator("FemMoeReducedSolve")
-    def solve(self, Phi, data=None, w0=None, sample=None, rtol=None, u0=None):
+    def solve(self, Phi, data=None, w0=None, sample=None, rtol=None, u0=None, jacobian=None,
+              lifting_residual=None):
         """Solve one sample. Collective over ``problem.comm``.
 
         Phi: [N, n] float64 (this rank's owned dofs); data: [n_data] float64 or None;
         w0: initial coefficients [N] (default 0); u0: instead of w0, a field [n] to start
         from (e.g. the sample's solution for an earlier basis): w0 is then its best fit by
         this basis (:func:`fit_coefficients`; a u0 of another size is ignored, on every rank);
-        rtol: the SNES relative tolerance of this solve (default: the options'). Returns
-        (w [N], u [n], SampleInfo). Raises SolverDivergedError (every rank) if SNES does not
-        converge.
+        rtol: the SNES relative tolerance of this solve (default: the options').
+
+        What a warm start's sample may bring from its last visit, in Galerkin mode (both depend
+        on the sample's data and a field, not on the basis): ``jacobian``, the sparse Jacobian
+        (a PETSc Mat like :meth:`jacobian`'s) at its last solution, taken as the first chord
+        matrix (``chord_contraction`` > 0) instead of one assembled at the start, which lies as
+        near the solution; and ``lifting_residual`` [n], the residual rows at the lifting
+        (w = 0), from which the cold |G| the start is compared with is a product with the basis
+        instead of an assembly. Both are ignored for a cold start (a refused warm one too).
+        After the solve, ``self.lifting_residual`` holds the residual rows at the lifting where
+        the solve knew them (else None) and ``self.solution_residual`` those at the solution (for
+        :meth:`vjp`'s ``residual``).
+
+        Returns (w [N], u [n], SampleInfo). Raises SolverDivergedError (every rank) if SNES does
+        not converge.
         """
-        t0 = time.perf_counter()
+        t0, assembled = time.perf_counter(), self.jacobians_assembled
+        self._stored = self._stored_A = None
+        self.lifting_residual = self.solution_residual = None
+        galerkin = self.mode == "galerkin"
         Phi = np.where(self.col_mask, Phi, 0.0)
         if data is not None:
             self.set_data(data)
@@ -551,11 +631,16 @@ class Expert:
         self._wvec.setArray(self._local(np.linalg.solve(self._T, w)))
         g_cold = None
         if w0 is not None:
-            g_cold = self._cold_gradient_if_warm_is_better()
+            g_cold = self._cold_gradient_if_warm_is_better(lifting_residual if galerkin else None)
             if g_cold is None:
                 w0 = None
                 self._wvec.zeroEntries()
-        before = self._state_at(self._wvec, "objective")["rnorm"]
+            elif galerkin and self.chord.contraction > 0:
+                self._stored = jacobian
+        start = self._state_at(self._wvec, "objective")
+        before = start["rnorm"]
+        if w0 is None:
+            self.lifting_residual = start["r"]
         G0 = self._state_at(self._wvec, "G")["G"]
         g_start = np.linalg.norm(self._T.T @ G0)
         if g_cold is not None:
@@ -563,20 +648,25 @@ class Expert:
         if self.mode == "lstsq" and self.gauss_newton_rtol > 0:
             self._g0, self._last_norm = np.linalg.norm(G0), None
         if self._auto_delta0:
-            state = self._state_at(self._wvec, "A")
             T = self._T
-            M = T.T @ state.get("GN", state["A"]) @ T
-            step = np.linalg.lstsq(M, T.T @ state["G"], rcond=None)[0]
+            if self._stored is not None:
+                M = T.T @ self._stored_matrix() @ T
+            else:
+                state = self._state_at(self._wvec, "A")
+                M = T.T @ state.get("GN", state["A"]) @ T
+            step = np.linalg.lstsq(M, T.T @ G0, rcond=None)[0]
             self.snes.setTRTolerances(delta_0=max(float(np.linalg.norm(step)), 1e-8))
-        self.chord.start()
         try:
             with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
+                self.chord.start(ChordSteps.target(self.snes, np.linalg.norm(self._T.T @ G0)))
                 self.snes.solve(None, self._wvec)
         finally:
             self._g0 = None
+            self._stored = self._stored_A = None
         reason = self.snes.getConvergedReason()
         w = self._T @ self._coefficients(self._wvec)
-        after = self._state_at(self._wvec, "objective")["rnorm"]
+        end = self._state_at(self._wvec, "objective")
+        after, self.solution_residual = end["rnorm"], end["r"]
         name = reason_name(reason)
         if reason == PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA:
             if self._stalled(g_start):
@@ -589,7 +679,8 @@ class Expert:
         info = SampleInfo(residual_before=before, residual_after=after,
                           iterations=self.snes.getIterationNumber(), reason=name,
                           rank=rank, ridge=self.rho, time=time.perf_counter() - t0,
-                          warm=w0 is not None, chord_steps=self.chord.kept)
+                          warm=w0 is not None, chord_steps=self.chord.kept,
+                          jacobians=self.jacobians_assembled - assembled)
         if reason < 0 or not np.all(np.isfinite(w)):
             who = "global layer" if self.expert_id is None else f"expert {self.expert_id}"
             raise SolverDivergedError(
@@ -600,7 +691,7 @@ class Expert:
                 expert=self.expert_id, sample=sample, reason=info.reason)
         return w, self.g_vec + w @ Phi, info
 
-    def _cold_gradient_if_warm_is_better(self):
+    def _cold_gradient_if_warm_is_better(self, lifting_residual=None):
         """|G| at the cold start w = 0 (in the SNES's coordinates) if the warm start in the SNES
         vector starts lower than it, else None: lower in the objective (least squares), or in
         |G| (Galerkin mode, where SNES drives G, not the residual, to zero: a Galerkin solution's
@@ -611,11 +702,17 @@ class Expert:
         trust region never climbs out of one (measured on the plate's cubic reaction-diffusion:
         training with unguarded warm starts ended 0.55 against 0.42 cold, with loss spikes of
         3e3). The cold |G| is where a cold solve's tolerance is measured from
-        (:func:`tolerance`); in Galerkin mode it costs a product with the basis, in least
-        squares the Jacobian at the lifting."""
+        (:func:`tolerance`); in Galerkin mode it costs a product with the basis (and the
+        residual at the lifting, unless ``lifting_residual`` gives it), in least squares the
+        Jacobian at the lifting."""
         T = self._T
+        if lifting_residual is not None:        # Galerkin: G(0) = Phi r(g) (w = 0: no ridge)
+            self.lifting_residual = lifting_residual
+            g_cold = float(np.linalg.norm(T.T @ self._sum(self._Phi @ lifting_residual)))
+            return g_cold if np.linalg.norm(T.T @ self._state_at(self._wvec, "G")["G"]) <= g_cold else None
         cold = self._evaluate_residual(np.zeros(self.N), self._Phi)
         self._complete(cold, self._Phi, self._Phi_petsc, False)
+        self.lifting_residual = cold["r"]
         g_cold = float(np.linalg.norm(T.T @ cold["G"]))
         self._cache = None          # u is now the cold start's
         if self.mode == "lstsq":
@@ -677,11 +774,13 @@ class Expert:
         return self.ridge_factor * max(abs(diag), 1e-300)
 
     @PETSc.Log.EventDecorator("FemMoeReducedVJP")
-    def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None, data_gradient=True):
+    def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None, data_gradient=True, residual=None):
         """The IFT backward of one sample. Collective over ``problem.comm``.
 
         Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
-        owned dofs). Returns (Phi_bar [N, n], data_bar [n_data]); with ``data_gradient`` False,
+        owned dofs); ``residual``: the residual rows at w, if known (the forward's
+        ``solution_residual``: not assembled again). The Jacobian at the solution it
+        assembles stays :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n], data_bar [n_data]); with ``data_gradient`` False,
         data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
         SolverDivergedError if the reduced Jacobian is singular or too ill-conditioned for a
         meaningful gradient.
@@ -691,7 +790,7 @@ class Expert:
             self.set_data(data)
         self.rho = rho
         Phi_mat = self._phi_mat(Phi)
-        state = self._evaluate(w, Phi, Phi_mat, True)
+        state = self._evaluate(w, Phi, Phi_mat, True, r=residual)
         r, s = state["r"], state["s"]
         lam = self._backward_solve(state["A"], Phi, self._sum(Phi @ u_bar), sample)
         z = lam @ Phi

@@ -7,7 +7,7 @@ from torch.autograd.function import once_differentiable
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
 from .problem import as_array, free_petsc_garbage
-from .warmstart import WarmStarts, solve_from
+from .warmstart import SampleJacobians, WarmStarts, solve_from
 
 __all__ = ["HardConstraint", "residual_loss", "residual_rows"]
 
@@ -63,6 +63,15 @@ def _like(a, x):
     return torch.from_numpy(np.ascontiguousarray(a)).to(device=x.device, dtype=x.dtype)
 
 
+def sample_jacobians(problem, mode, warm_start, memory):
+    """A layer's :class:`SampleJacobians`: kept only by a warm-started Galerkin layer on a problem
+    with data (samples are known by their data); ``memory`` bytes per rank (None: the default)."""
+    if memory is not None and (not np.isfinite(memory) or memory < 0):
+        raise InputError(f"warm_start_memory must be a number of bytes >= 0, got {memory!r}")
+    keep = warm_start and bool(problem.data_spaces) and mode == "galerkin"
+    return SampleJacobians(problem.comm, memory if keep else 0)
+
+
 def check_inputs(problem, name, x, shape, data):
     """Collective check of a tensor ``x`` named ``name`` (``shape`` as in check_tensor, batch
     first) and of the problem data going with it; returns ``data``, or an empty [batch, 0]
@@ -86,22 +95,28 @@ class _ConstrainedSolve(torch.autograd.Function):
     def forward(ctx, layer, basis, data):
         Phi, D = _to_numpy(basis), _to_numpy(data)
         has_data = D.shape[1] > 0
-        ws, rhos, us, infos, err = [], [], [], [], None
+        ws, rhos, us, infos, residuals, err = [], [], [], [], [], None
+        expert, stored = layer.expert, layer.jacobians
+        keys = [None] * Phi.shape[0]
         try:
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
                 w, u, info = solve_from(
-                    lambda u0: layer.expert.solve(Phi[b], D[b] if has_data else None, u0=u0,
-                                                  sample=b, rtol=layer._rtol),
+                    lambda u0: expert.solve(Phi[b], D[b] if has_data else None, u0=u0,
+                                            sample=b, rtol=layer._rtol,
+                                            jacobian=stored.jacobian(keys[b]),
+                                            lifting_residual=stored.lifting_residual(keys[b])),
                     layer.warm_starts[keys[b]] if hits[b] else None)
                 layer.warm_starts[keys[b]] = u
+                stored.keep_lifting_residuals(keys[b], {None: expert.lifting_residual})
                 ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
+                residuals.append(expert.solution_residual)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
         raise_on_all_ranks(layer.problem.comm, err)
         free_petsc_garbage(layer.problem.comm)
         layer.diagnostics = infos
-        ctx.layer, ctx.ws, ctx.rhos = layer, ws, rhos
+        ctx.layer, ctx.ws, ctx.rhos, ctx.keys, ctx.residuals = layer, ws, rhos, keys, residuals
         ctx.save_for_backward(basis, data)
         return _like(np.stack(us), basis)
 
@@ -114,17 +129,20 @@ class _ConstrainedSolve(torch.autograd.Function):
         has_data = D.shape[1] > 0
         want_data = has_data and wants_gradient(ctx, 2, comm)
         gPhi, gD = np.zeros_like(Phi), np.zeros_like(D)
-        err = None
-        try:
-            for b in range(Phi.shape[0]):
-                gPhi[b], gd = ctx.layer.expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b],
-                                                   Ub[b], rho=ctx.rhos[b], sample=b,
-                                                   data_gradient=want_data)
+        expert = ctx.layer.expert
+        for b in range(Phi.shape[0]):
+            err = None
+            try:
+                gPhi[b], gd = expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b], Ub[b],
+                                         rho=ctx.rhos[b], sample=b, data_gradient=want_data,
+                                         residual=ctx.residuals[b])
                 if want_data:
                     gD[b] = gd
-        except Exception as exc:     # noqa: BLE001 -- reaches every rank
-            err = exc
-        raise_on_all_ranks(comm, err)
+            except Exception as exc:     # noqa: BLE001 -- reaches every rank
+                err = exc
+            raise_on_all_ranks(comm, err)
+            # The Jacobian at the sample's solution: its next visit's first chord matrix.
+            ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian()})
         free_petsc_garbage(comm)
         return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None
 
@@ -160,7 +178,12 @@ class HardConstraint(torch.nn.Module):
     warm solve stops where a cold one would. Off by default, so that a layer's output is a
     function of its inputs alone; the trainer turns it on (``model.warm_start``): measured on
     diffusion-sorption, the coupled mixture then trains to a 3x smaller error (README).
-    ``layer.warm_starts.clear()`` forgets the stored starts.
+    ``layer.warm_starts.clear()`` forgets the stored starts. In Galerkin mode a warm-started
+    layer also keeps each sample's Jacobian at its last solution and its residual at the
+    lifting (:class:`fem_moe.warmstart.SampleJacobians`, ``layer.jacobians``), up to
+    ``warm_start_memory`` bytes per rank (default
+    :data:`fem_moe.warmstart.JACOBIAN_MEMORY`; 0: none): a revisit's solve then assembles no
+    Jacobian of its own where the stored one contracts (SampleInfo.jacobians).
 
     ``training_rtol``: the reduced SNES's relative tolerance in a training forward (the module
     in training mode, autograd recording); other forwards keep the solver options' (1e-12 by
@@ -178,11 +201,13 @@ class HardConstraint(torch.nn.Module):
     """
 
     def __init__(self, problem, n_basis, mode="lstsq", on_rank_deficient="ridge", ridge=None,
-                 ridge_always=False, norm=None, warm_start=False, training_rtol=None):
+                 ridge_always=False, norm=None, warm_start=False, training_rtol=None,
+                 warm_start_memory=None):
         super().__init__()
         self.problem, self.n_basis, self.mode = problem, int(n_basis), mode
         self.training_rtol = check_rtol(training_rtol)
         self.warm_starts = WarmStarts(problem.comm, warm_start and bool(problem.data_spaces))
+        self.jacobians = sample_jacobians(problem, mode, warm_start, warm_start_memory)
         self.expert = Expert(problem, n_basis, mode=mode, on_rank_deficient=on_rank_deficient,
                              ridge=ridge, ridge_always=ridge_always, norm=norm)
         self.norm = self.expert.norm

@@ -15,7 +15,8 @@ from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
-from .layer import HardConstraint, check_inputs, check_rtol, wants_gradient, _like, _to_numpy
+from .layer import (HardConstraint, check_inputs, check_rtol, sample_jacobians, wants_gradient,
+                    _like, _to_numpy)
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
 from .problem import ConstrainedProblem, free_petsc_garbage, owned_values
@@ -160,7 +161,10 @@ class MoEHardConstraint(torch.nn.Module):
     ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
     independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
     sample skips the first stage (``local_first``) and starts the coupled solve (or each
-    independent expert) from its last coefficients.
+    independent expert) from its last coefficients; a warm-started coupled Galerkin mixture
+    also keeps each sample's expert Jacobians at its last solution and residual rows at the
+    lifting (``layer.jacobians``, up to ``warm_start_memory`` bytes per rank, as
+    :class:`fem_moe.HardConstraint`'s).
 
     ``coupled=False``: the paper's independent experts. Each solves its own coefficients from
     the residual rows of the dofs it owns, evaluated on its own field, with no interface
@@ -202,12 +206,14 @@ class MoEHardConstraint(torch.nn.Module):
     def __init__(self, problem, n_basis, n_experts=None, mode="lstsq", on_rank_deficient="ridge",
                  ridge=None, partitioner_type=None, ridge_always=False, coupled=True,
                  local_first=False, coupling_parameters=None, norm=None,
-                 warm_start=False, training_rtol=None, partition=None):
+                 warm_start=False, training_rtol=None, partition=None, warm_start_memory=None):
         super().__init__()
         self.training_rtol = check_rtol(training_rtol)
         self.coupled, self.local_first = bool(coupled), bool(local_first)
         comm = problem.comm
         self.warm_starts = WarmStarts(comm, warm_start and bool(problem.data_spaces))
+        # Kept for the coupled solve (HardConstraint's warm_start_memory).
+        self.jacobians = sample_jacobians(problem, mode, warm_start and self.coupled, warm_start_memory)
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()
@@ -357,7 +363,7 @@ class _MoESolve(torch.autograd.Function):
         outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B, starts)
         layer.diagnostics, layer.coupling_diagnostics = diagnostics, coupling
         outputs = {k: np.where(layer.experts[k].rows[:, None], outputs[k], 0.0) for k in outputs}
-        ctx.layer, ctx.saved = layer, (Pk, Dk, ws)
+        ctx.layer, ctx.saved, ctx.keys = layer, (Pk, Dk, ws), starts[0]
         ctx.shape = (B, N, n)
         ctx.save_for_backward(basis)
         out = _like(layer.plan.gather_sum(outputs, B).T, basis)
@@ -374,7 +380,7 @@ class _MoESolve(torch.autograd.Function):
         Ub = {k: np.where(e.rows[:, None], Ub[k], 0.0) for k, e in layer.experts.items()}
         vjp = _vjp_coupled if layer.coupled else _vjp_independent
         want_data = wants_gradient(ctx, 2, layer.problem.comm)
-        g_Phi, g_D = vjp(layer, Pk, Dk, ws, Ub, B, want_data)
+        g_Phi, g_D = vjp(layer, Pk, Dk, ws, Ub, B, want_data, ctx.keys)
         g_Phi = {k: np.stack(g_Phi[k]).transpose(2, 0, 1).reshape(-1, B * N) for k in g_Phi}
         gb = layer.plan.gather_sum(g_Phi, B * N).reshape(n, B, N).transpose(1, 2, 0)
         basis, = ctx.saved_tensors
@@ -454,21 +460,27 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         solver = layer.coupling
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts}, sample=b)
+        stored = layer.jacobians
         result, info = solve_from(
-            lambda start: solver.solve(w0 if start is None else solver.fit(start), sample=b,
-                                       rtol=layer._rtol, warm=start is not None),
+            lambda start: solver.solve(
+                w0 if start is None else solver.fit(start), sample=b, rtol=layer._rtol,
+                warm=start is not None,
+                jacobians={k: stored.jacobian(keys[b], k) for k in layer.experts},
+                lifting_residuals={k: stored.lifting_residual(keys[b], k) for k in layer.experts}),
             warm)
         layer.warm_starts[keys[b]] = {k: u for k, (_, u) in result.items()}
+        stored.keep_lifting_residuals(keys[b], solver.lifting_residuals or {})
         coupling.append(info)
         blocks = solver.blocks()
         for k, (w, u) in result.items():
             outputs[k][:, b] = u
-            ws[k].append((w, 0.0, blocks[k]))     # the blocks: for the backward's prepare
+            # The blocks, for the backward's prepare; the residual rows at the solution.
+            ws[k].append((w, 0.0, blocks[k], solver.solution_residuals[k]))
     diagnostics = Diagnostics(_expert_record(layer, k, samples[k], times[k]) for k in layer.experts)
     return outputs, ws, diagnostics, coupling
 
 
-def _vjp_independent(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
+def _vjp_independent(layer, Pk, Dk, ws, Ub, B, data_gradient=True, keys=None):
     g_Phi, g_D, err = {}, {}, None
     by_expert = {d["expert"]: d for d in layer.diagnostics}
     try:
@@ -486,7 +498,7 @@ def _vjp_independent(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
     return g_Phi, g_D
 
 
-def _vjp_coupled(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
+def _vjp_coupled(layer, Pk, Dk, ws, Ub, B, data_gradient=True, keys=None):
     g_Phi = {k: [] for k in layer.experts}
     g_D = {k: [] for k in layer.experts}
     solver = layer.coupling
@@ -497,7 +509,11 @@ def _vjp_coupled(layer, Pk, Dk, ws, Ub, B, data_gradient=True):
                        sample=b, report=False, blocks={k: ws[k][b][2] for k in layer.experts})
         gp, gd = solver.vjp({k: ws[k][b][0] for k in layer.experts},
                             {k: Ub[k][:, b] for k in layer.experts}, sample=b,
-                            data_gradient=data_gradient)
+                            data_gradient=data_gradient,
+                            residuals={k: ws[k][b][3] for k in layer.experts})
+        # The Jacobians at the sample's solution: its next visit's first chord matrices.
+        if keys is not None:
+            layer.jacobians.keep_jacobians(keys[b], solver.jacobians())
         for k in layer.experts:
             g_Phi[k].append(gp[k]), g_D[k].append(gd[k])
     for d in layer.diagnostics:

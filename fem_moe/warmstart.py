@@ -22,10 +22,16 @@ import hashlib
 from collections import OrderedDict
 
 import numpy as np
+from firedrake.petsc import PETSc
+from mpi4py import MPI
 
 from .errors import SolverDivergedError
 
-__all__ = ["WarmStarts"]
+__all__ = ["WarmStarts", "SampleJacobians", "JACOBIAN_MEMORY"]
+
+#: Bytes per rank a layer's :class:`SampleJacobians` may hold by default (1 GiB: 230 samples of
+#: diffusion-sorption at PDEBench's size on 2 ranks).
+JACOBIAN_MEMORY = 2 ** 30
 
 
 class WarmStarts:
@@ -95,3 +101,94 @@ def solve_from(solve, w0):
         return solve(w0)
     except SolverDivergedError:
         return solve(None)
+
+
+class SampleJacobians:
+    """What a sample's next Galerkin solve can take from its last visit instead of assembling
+    it again: the sparse Jacobian at the sample's last solution (assembled by the last
+    backward, at that solution) and the residual rows at the lifting (w = 0).
+
+    Both depend on the sample's data and a field, not on the basis. The Jacobian becomes the
+    revisit's first chord matrix (``chord_contraction``; :meth:`fem_moe.expert.Expert.solve`):
+    the fitted warm start lies as near the last solution as to the new one, so the stored
+    matrix contracts as a Jacobian assembled at the start would, and with exact gradients a
+    training step then assembles one Jacobian per sample, in its backward, where it assembled
+    two or three. The lifting's residual gives the cold |G| (the warm start's yardstick) as a
+    product with the basis. Measured at diffusion-sorption's paper size: README, the training
+    step.
+
+    Entries are per sample key (:class:`WarmStarts`'), each a dict per part (an expert id, or
+    None for the global layer) of this rank's pieces. Least recently used first out, at most
+    as many samples as ``memory`` bytes per rank hold (the Jacobians' values and column
+    indices); that number is agreed over ``comm`` when the first Jacobians are kept (every rank
+    keeps and drops the same samples, so every rank of a solve takes the same branch).
+    ``memory`` 0: nothing is kept. Not checkpointed: after a restart each sample assembles
+    once more. :meth:`keep_jacobians` is collective over ``comm`` (every rank, same key); the
+    rest is local.
+    """
+
+    def __init__(self, comm, memory=JACOBIAN_MEMORY):
+        if memory is None:
+            memory = JACOBIAN_MEMORY
+        self.comm, self.memory = comm, int(memory)
+        self.capacity = None if self.memory > 0 else 0     # samples, once the first are kept
+        self._entries = OrderedDict()
+
+    def __len__(self):
+        return len(self._entries)
+
+    def jacobian(self, key, part=None):
+        """The stored Jacobian (a PETSc Mat) of a sample's part, or None."""
+        return self._entries.get(key, {}).get("jacobian", {}).get(part)
+
+    def lifting_residual(self, key, part=None):
+        """The stored residual rows at the lifting of a sample's part, or None."""
+        return self._entries.get(key, {}).get("lifting", {}).get(part)
+
+    def keep_lifting_residuals(self, key, residuals):
+        """Keep {part: rows} (None values skipped) for the sample ``key``. Local."""
+        if key is None or self.capacity == 0:
+            return
+        entry = self._entry(key)
+        entry["lifting"].update({p: r for p, r in residuals.items() if r is not None})
+        self._trim()
+
+    def keep_jacobians(self, key, matrices):
+        """Keep a copy of each {part: Mat} for the sample ``key`` (into the matrices kept for it
+        before, whose sparsity is the same). Collective over ``comm``."""
+        if key is None or self.capacity == 0:
+            return
+        if self.capacity is None:
+            size = sum(_bytes(m) for m in matrices.values())
+            self.capacity = max(1, self.memory // max(self.comm.allreduce(size, op=MPI.MAX), 1))
+        kept = self._entry(key)["jacobian"]
+        for part, mat in matrices.items():
+            if part in kept:
+                mat.copy(kept[part], structure=PETSc.Mat.Structure.SAME_NONZERO_PATTERN)
+            else:
+                kept[part] = mat.copy()
+        self._trim()
+
+    def clear(self):
+        """Forget every entry (their matrices destroyed: collective over ``comm``)."""
+        while self._entries:
+            self._drop()
+
+    def _entry(self, key):
+        entry = self._entries.setdefault(key, {"jacobian": {}, "lifting": {}})
+        self._entries.move_to_end(key)
+        return entry
+
+    def _trim(self):
+        while self.capacity is not None and len(self._entries) > self.capacity:
+            self._drop()
+
+    def _drop(self):
+        _, entry = self._entries.popitem(last=False)
+        for mat in entry["jacobian"].values():
+            mat.destroy()
+
+
+def _bytes(mat):
+    """Memory of a sparse matrix's values and column indices on this rank."""
+    return int(mat.getInfo(PETSc.Mat.InfoType.LOCAL)["nz_allocated"]) * 12

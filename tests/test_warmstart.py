@@ -246,3 +246,55 @@ def test_chord_steps_keep_the_first_jacobian_and_give_newtons_solution_and_gradi
     assert jac_chord < jac_newton, (jac_chord, jac_newton)
     assert torch.allclose(u_chord, u_newton, rtol=0, atol=1e-10 * u_newton.abs().max())
     assert torch.allclose(g_chord, g_newton, rtol=0, atol=1e-8 * g_newton.abs().max())
+
+
+@pytest.mark.parallel([1, 2, 3])
+@pytest.mark.parametrize("kind", ["pihc", "coupled"])
+def test_a_revisit_takes_its_stored_jacobian_and_gives_the_same_solution_and_gradient(kind):
+    """A warm-started Galerkin layer keeps each sample's Jacobian at the solution its backward
+    assembled, and its residual at the lifting: the sample's next solve takes that Jacobian as
+    its first chord matrix and assembles fewer of its own (none where it contracts), and gives
+    the solution and gradient of a layer that keeps nothing."""
+    mesh = nonlinear_diffusion(n=8).V.mesh()
+    problem = nonlinear_diffusion(mesh=mesh)
+    keeping = layers(problem, warm_start=True, mode="galerkin")[kind]()
+    plain = layers(problem, warm_start=True, mode="galerkin", warm_start_memory=0)[kind]()
+    data, basis = batch(problem, [5.0, 8.0]), random_basis(problem, N, batch=2)
+    moved = basis + 1e-3 * random_basis(problem, N, batch=2, seed=5)
+    out = {}
+    for name, layer in (("keeping", keeping), ("plain", plain)):
+        b = basis.clone().requires_grad_()
+        layer(b, data).square().sum().backward()
+        b = moved.clone().requires_grad_()
+        u = layer(b, data)
+        u.square().sum().backward()
+        out[name] = u.detach(), b.grad, [i for s in infos(layer) for i in s]
+    assert len(keeping.jacobians) == 2 and len(plain.jacobians) == 0
+    used = sum(i.jacobians for i in out["keeping"][2])
+    own = sum(i.jacobians for i in out["plain"][2])
+    assert all(i.warm for i in out["keeping"][2] + out["plain"][2])
+    assert used < own, (used, own)
+    u, g = out["plain"][:2]
+    assert torch.allclose(out["keeping"][0], u, rtol=0, atol=1e-10 * u.abs().max())
+    assert torch.allclose(out["keeping"][1], g, rtol=0, atol=1e-8 * g.abs().max())
+    if kind == "pihc":
+        # The kept lifting residual is the sample's: the residual rows at u = g, m = its data.
+        keys, _ = keeping.warm_starts.lookup(data.numpy())
+        lifting = torch.tensor(keeping.expert.g_vec)[None].expand(2, -1)
+        assert np.allclose(np.stack([keeping.jacobians.lifting_residual(k) for k in keys]),
+                           fem_moe.layer.residual_rows(problem, lifting, data), rtol=0, atol=1e-13)
+
+
+@pytest.mark.parallel([1, 2])
+def test_stored_jacobians_stay_within_their_memory():
+    """At most as many samples as warm_start_memory bytes per rank hold (at least one), the
+    least recently used dropped; the count agreed over the ranks."""
+    problem = nonlinear_diffusion(n=6)
+    layer = fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=1)
+    basis = random_basis(problem, N, batch=3).requires_grad_()
+    layer(basis, batch(problem, [1.0, 2.0, 3.0])).sum().backward()
+    assert layer.jacobians.capacity == 1 and len(layer.jacobians) == 1
+    keys, _ = layer.warm_starts.lookup(batch(problem, [3.0]).numpy())
+    assert layer.jacobians.jacobian(keys[0]) is not None
+    with pytest.raises(InputError, match="warm_start_memory"):
+        fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=-1)

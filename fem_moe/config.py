@@ -52,6 +52,7 @@ DEFAULTS = {
         "coupling_parameters": {},  # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
         "norm": "auto",    # auto (the layer's: dual, dual_blocks for mixtures) | euclidean | lumped | dual | dual_blocks: the least-squares residual's norm (fem_moe.norms)
         "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
+        "warm_start_memory": 1024,  # MiB per rank for each sample's Jacobian at its last solution (Galerkin warm starts: fem_moe.warmstart.SampleJacobians); 0: none
         "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
         "global_steps": 0,      # moe only: the first global_steps training steps train the backbone through the global layer (PI-HC) on the same basis, then the mixture trains on with the same optimiser (from scratch a mixture's basis can learn only what its per-expert coefficients use: README)
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)

@@ -237,6 +237,7 @@ class Trainer:
             norm = "dual"
         options = {"ridge": m["ridge_factor"] or None, "ridge_always": m["ridge"] == "always",
                    "norm": norm, "warm_start": m["warm_start"],
+                   "warm_start_memory": m["warm_start_memory"] * 2 ** 20,
                    "training_rtol": m["training_rtol"] or None}
         if kind == "moe":
             options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"],

@@ -207,6 +207,11 @@ def test_trainer_passes_warm_start_and_training_rtol():
     layer = Trainer(config(shared_dir(), model={"kind": "pihc", "warm_start": False,
                                                 "training_rtol": 1e-8})).model.constraint
     assert layer.training_rtol == 1e-8 and layer.warm_starts.capacity == 0
+    # Jacobians are kept for Galerkin layers only, within model.warm_start_memory MiB per rank.
+    assert Trainer(config(shared_dir(), model={"kind": "pihc"})).model.constraint.jacobians.capacity == 0
+    layer = Trainer(config(shared_dir(), model={"kind": "moe", "mode": "galerkin",
+                                                "warm_start_memory": 3})).model.constraint
+    assert layer.jacobians.memory == 3 * 2 ** 20 and layer.jacobians.capacity is None
 
 
 @pytest.mark.parallel([1, 2, 3])

@@ -993,7 +993,8 @@ class CoupledSolver:
         w {k: [N]} the forward's coefficients; u_bar {k: [n_sub]} dL/du on k's owned dofs (zero
         elsewhere); ``residuals``: my experts' rows at w if known (the forward's
         ``solution_residuals``; used where every rank has them). The experts' Jacobians at the
-        solution stay :meth:`jacobians` until their next assembly. Returns ({k: Phi_bar [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
+        solution stay :meth:`jacobians` until their next assembly. Returns ({k: Phi_bar
+        [N, n_sub]}, {k: data_bar [n_data_sub]}), to be summed
         over the experts sharing a dof; with ``data_gradient`` False, each data_bar is None.
         Collective."""
         N = self.N

@@ -780,8 +780,8 @@ class Expert:
         Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
         owned dofs); ``residual``: the residual rows at w, if known (the forward's
         ``solution_residual``: not assembled again). The Jacobian at the solution it
-        assembles stays :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n], data_bar [n_data]); with ``data_gradient`` False,
-        data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
+        assembles stays :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n],
+        data_bar [n_data]); with ``data_gradient`` False, data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
         SolverDivergedError if the reduced Jacobian is singular or too ill-conditioned for a
         meaningful gradient.
         """

@@ -115,7 +115,8 @@ class _ConstrainedSolve(torch.autograd.Function):
                                             lifting_residual=stored.lifting_residual(keys[b])),
                     layer.warm_starts[keys[b]] if hits[b] else None)
                 layer.warm_starts[keys[b]] = u
-                stored.keep_lifting_residuals(keys[b], {None: expert.lifting_residual})
+                if layer._recording:
+                    stored.keep_lifting_residuals(keys[b], {None: expert.lifting_residual})
                 ws.append(w), rhos.append(info.ridge), us.append(u), infos.append(info)
                 residuals.append(expert.solution_residual)
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
@@ -221,13 +222,21 @@ class HardConstraint(torch.nn.Module):
         self.diagnostics = []
 
     @property
+    def recording(self):
+        """Whether the current forward is a training one (training mode, autograd recording):
+        it has the training tolerance, and keeps what the samples' next solves take
+        (``jacobians``); other forwards (evaluation, validation) use what is kept."""
+        return self.training and torch.is_grad_enabled()
+
+    @property
     def rtol_now(self):
         """The reduced solves' relative tolerance in the current forward (None: the options')."""
-        return self.training_rtol if self.training and torch.is_grad_enabled() else None
+        return self.training_rtol if self.recording else None
 
     def forward(self, basis, data=None):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
-        self._rtol = self.rtol_now    # autograd.Function.forward runs without grad mode
+        # autograd.Function.forward runs without grad mode
+        self._rtol, self._recording = self.rtol_now, self.recording
         return _ConstrainedSolve.apply(self, basis, data)
 
     def extra_repr(self):

@@ -321,11 +321,12 @@ class MoEHardConstraint(torch.nn.Module):
         """The expert owning each of this rank's owned dofs, int [n_dofs]."""
         return self.partition.dof_expert.copy()
 
-    rtol_now = HardConstraint.rtol_now
+    recording, rtol_now = HardConstraint.recording, HardConstraint.rtol_now
 
     def forward(self, basis, data=None):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
-        self._rtol = self.rtol_now    # autograd.Function.forward runs without grad mode
+        # autograd.Function.forward runs without grad mode
+        self._rtol, self._recording = self.rtol_now, self.recording
         return _MoESolve.apply(self, basis, data)
 
     def all_diagnostics(self):
@@ -469,7 +470,8 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
                 lifting_residuals={k: stored.lifting_residual(keys[b], k) for k in layer.experts}),
             warm)
         layer.warm_starts[keys[b]] = {k: u for k, (_, u) in result.items()}
-        stored.keep_lifting_residuals(keys[b], solver.lifting_residuals or {})
+        if layer._recording:
+            stored.keep_lifting_residuals(keys[b], solver.lifting_residuals or {})
         coupling.append(info)
         blocks = solver.blocks()
         for k, (w, u) in result.items():

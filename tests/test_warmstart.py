@@ -293,7 +293,7 @@ def test_a_revisit_takes_its_stored_jacobian_and_gives_the_same_solution_and_gra
 @pytest.mark.parallel([1, 2])
 def test_stored_jacobians_stay_within_their_memory():
     """At most as many samples as warm_start_memory bytes per rank hold (at least one), the
-    least recently used dropped; the count agreed over the ranks."""
+    least recently used dropped; the count agreed over the ranks; only training forwards keep."""
     problem = nonlinear_diffusion(n=6)
     layer = fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=1)
     basis = random_basis(problem, N, batch=3).requires_grad_()
@@ -301,5 +301,10 @@ def test_stored_jacobians_stay_within_their_memory():
     assert layer.jacobians.capacity == 1 and len(layer.jacobians) == 1
     keys, _ = layer.warm_starts.lookup(batch(problem, [3.0]).numpy())
     assert layer.jacobians.jacobian(keys[0]) is not None
+    # An evaluation forward (validation inputs) takes what is kept and keeps nothing: it would
+    # push the training samples' Jacobians out.
+    with torch.no_grad():
+        layer(random_basis(problem, N, batch=2), batch(problem, [4.0, 5.0]))
+    assert len(layer.jacobians) == 1 and layer.jacobians.jacobian(keys[0]) is not None
     with pytest.raises(InputError, match="warm_start_memory"):
         fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=-1)

@@ -28,7 +28,9 @@ def check_tensor(comm, name, x, shape, dtype=None, device=None):
     elif x.dim() != len(shape) or any(s is not None and s != t for s, t in zip(shape, x.shape)):
         want = "[" + ", ".join("*" if s is None else str(s) for s in shape) + "]"
         err = f"{name} has shape {list(x.shape)}, expected {want}"
-    else:
+    elif not torch.isfinite(x.detach().sum()):
+        # A finite sum has finite terms (an inf or nan term makes it inf or nan); a sum that
+        # overflowed is looked at element by element. One pass instead of two over the basis.
         bad = ~torch.isfinite(x.detach())
         if bad.any():
             idx = bad.nonzero()[0].tolist()

@@ -327,6 +327,15 @@ class TestBadInput:
         with pytest.raises(fem_moe.InputError, match=f"{what} has 1 non-finite values"):
             layer(basis, data)
 
+    def test_finite_values_whose_sum_overflows_pass_the_check(self, setup):
+        from fem_moe.layer import check_tensor
+        problem, _, _ = setup
+        x = torch.full((2, 3), 1e308, dtype=torch.float64)
+        check_tensor(problem.comm, "x", x, (None, 3))
+        x[1, 2] = -float("inf")
+        with pytest.raises(fem_moe.InputError, match="x has 1 non-finite values"):
+            check_tensor(problem.comm, "x", x, (None, 3))
+
     def test_rank_deficient_basis(self, setup):
         problem, layer, data = setup
         basis = random_basis(problem, 3)

@@ -308,3 +308,27 @@ def test_stored_jacobians_stay_within_their_memory():
     assert len(layer.jacobians) == 1 and layer.jacobians.jacobian(keys[0]) is not None
     with pytest.raises(InputError, match="warm_start_memory"):
         fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=-1)
+
+
+def test_chord_steps_keep_a_matrix_that_contracts_or_finishes():
+    """ChordSteps: keep the matrix while |G| falls by the contraction per step, or while the
+    last rate reaches the tolerance within CHORD_FINISH steps; never with contraction 0, never
+    at the first request, and not on a rate that gains less than half per step."""
+    from fem_moe.expert import CHORD_FINISH, ChordSteps
+    chord = ChordSteps(1e-2)
+    chord.start(target=1e-14)
+    assert not chord.keep(1e-5)                 # the first request: no matrix yet
+    assert chord.keep(1e-8)                     # cut 1000-fold
+    assert chord.keep(2e-10)                    # rate 2e-2 > 1e-2, but 2.5 steps to 1e-14
+    assert not chord.keep(1e-10)                # rate 0.5 and far: a new matrix
+    chord.start(target=1e-14)
+    chord.keep(1e-5)
+    assert not chord.keep(3e-7)                 # rate 3e-2, 5.5 steps to go (> CHORD_FINISH)
+    assert CHORD_FINISH < 5.5
+    chord.start()                               # no tolerance known: contraction alone
+    chord.keep(1e-5)
+    assert not chord.keep(2e-7) and chord.kept == 0
+    newton = ChordSteps(0.0)
+    newton.start(target=1e-14)
+    newton.keep(1e-5)
+    assert not newton.keep(1e-12)

@@ -75,7 +75,11 @@ def _like(a, x):
 def sample_jacobians(problem, mode, warm_start, memory):
     """A layer's :class:`SampleJacobians`: kept only by a warm-started Galerkin layer on a problem
     with data (samples are known by their data); ``memory`` bytes per rank (None: the default)."""
-    if memory is not None and (not np.isfinite(memory) or memory < 0):
+    try:
+        ok = memory is None or (np.isfinite(float(memory)) and float(memory) >= 0)
+    except (TypeError, ValueError):
+        ok = False
+    if not ok:
         raise InputError(f"warm_start_memory must be a number of bytes >= 0, got {memory!r}")
     keep = warm_start and bool(problem.data_spaces) and mode == "galerkin"
     return SampleJacobians(problem.comm, memory if keep else 0)
@@ -127,6 +131,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         free_petsc_garbage(layer.problem.comm)
         layer.diagnostics = infos
         ctx.layer, ctx.ws, ctx.rhos, ctx.keys, ctx.residuals = layer, ws, rhos, keys, residuals
+        ctx.recording = layer._recording
         ctx.save_for_backward(basis, data)
         return _like(np.stack(us), basis)
 
@@ -152,7 +157,8 @@ class _ConstrainedSolve(torch.autograd.Function):
                 err = exc
             raise_on_all_ranks(comm, err)
             # The Jacobian at the sample's solution: its next visit's first chord matrix.
-            ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian()})
+            if ctx.recording:
+                ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian()})
         free_petsc_garbage(comm)
         return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None
 

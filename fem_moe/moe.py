@@ -364,7 +364,9 @@ class _MoESolve(torch.autograd.Function):
         outputs, ws, diagnostics, coupling = solve(layer, Pk, Dk, B, starts)
         layer.diagnostics, layer.coupling_diagnostics = diagnostics, coupling
         outputs = {k: np.where(layer.experts[k].rows[:, None], outputs[k], 0.0) for k in outputs}
-        ctx.layer, ctx.saved, ctx.keys = layer, (Pk, Dk, ws), starts[0]
+        # Keys of the samples whose Jacobians the backward keeps (a training forward's).
+        ctx.layer, ctx.saved = layer, (Pk, Dk, ws)
+        ctx.keys = starts[0] if layer._recording else None
         ctx.shape = (B, N, n)
         ctx.save_for_backward(basis)
         out = _like(layer.plan.gather_sum(outputs, B).T, basis)

@@ -306,8 +306,13 @@ def test_stored_jacobians_stay_within_their_memory():
     with torch.no_grad():
         layer(random_basis(problem, N, batch=2), batch(problem, [4.0, 5.0]))
     assert len(layer.jacobians) == 1 and layer.jacobians.jacobian(keys[0]) is not None
-    with pytest.raises(InputError, match="warm_start_memory"):
-        fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=-1)
+    # Nor does the backward of an evaluation-mode forward.
+    quiet = fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True).eval()
+    quiet(random_basis(problem, N).requires_grad_(), batch(problem, [1.0])).sum().backward()
+    assert len(quiet.jacobians) == 0
+    for bad in (-1, "lots", float("nan")):
+        with pytest.raises(InputError, match="warm_start_memory"):
+            fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=bad)
 
 
 def test_chord_steps_keep_a_matrix_that_contracts_or_finishes():

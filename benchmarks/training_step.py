@@ -195,7 +195,8 @@ def main():
             os.makedirs(args.profile, exist_ok=True)
             profiler.dump_stats(os.path.join(args.profile, f"{kind}.{comm.rank}.prof"))
         total = sum(np.mean(times[p]) for p in phases)
-        row = {"label": args.label, "kind": kind, "backbone": args.backbone, "ranks": comm.size,
+        row = {"label": args.label, "kind": kind, "backbone": args.backbone, "options": args.options,
+               "ranks": comm.size,
                "dofs": problem.V.dim(),
                "backbone_ranks": args.backbone_ranks or "all",
                "experts": model.constraint.n_experts if kind == "moe" else (1 if kind == "pihc" else 0),

@@ -1051,7 +1051,7 @@ class CoupledSolver:
         multipliers per dof."""
         rows = self.rows[k]
         e = rows.expert
-        J = e._J.petscmat
+        J = e.jacobian()
         z = rows.field(Lam_c)
         Jz = np.where(e.row_mask, e._matvec(J, z), 0.0) if self.mode == "lstsq" else None
         # w-space coefficients and multipliers per dof (the dof's owner's).

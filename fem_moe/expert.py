@@ -794,7 +794,7 @@ class Expert:
         r, s = state["r"], state["s"]
         lam = self._backward_solve(state["A"], Phi, self._sum(Phi @ u_bar), sample)
         z = lam @ Phi
-        J = self._J.petscmat
+        J = self.jacobian()
         Jt = lambda x: self._matvec(J, x, transpose=True)
         if self.mode == "lstsq":
             y = self.weigh(self._matvec(J, z))           # W P J z
@@ -826,7 +826,7 @@ class Expert:
         self.rho = rho
         state = self._evaluate(w, Phi, self._phi_mat(Phi), True)
         r, s = state["r"], state["s"]
-        J = self._J.petscmat
+        J = self.jacobian()
         Jt = lambda x: self._matvec(J, x, transpose=True)
         du_w = w @ dPhi                               # the field's change at fixed w
         dR_m = self._data_direction(ddata)            # dR/dm dm (full rows), or 0

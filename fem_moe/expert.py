@@ -422,12 +422,13 @@ class Expert:
         C.destroy()
         return out
 
-    def _evaluate(self, w, Phi, Phi_mat, jacobian=False, r=None):
+    def _evaluate(self, w, Phi, Phi_mat, jacobian=False, r=None, J=None):
         """The reduced problem at w: a dict with r (masked residual), objective (1/2 |r|^2), G and,
         if ``jacobian``, A = dG/dw (and GN, its Gauss-Newton part, in lstsq mode). Sets self.u.
-        ``r``: the residual rows at w if known (not assembled again)."""
+        ``r``: the residual rows at w if known (not assembled again); ``J``: the sparse
+        Jacobian at w if known (a PETSc Mat; else assembled)."""
         state = self._evaluate_residual(w, Phi, r)
-        self._complete(state, Phi, Phi_mat, jacobian)
+        self._complete(state, Phi, Phi_mat, jacobian, J)
         return state
 
     def _evaluate_residual(self, w, Phi, r=None):
@@ -439,13 +440,18 @@ class Expert:
         return {"w": w, "r": r, "s": s, "rnorm": np.sqrt(rr),
                 "objective": 0.5 * (rr + self.rho * w @ w)}
 
-    def _complete(self, state, Phi, Phi_mat, jacobian):
+    def _complete(self, state, Phi, Phi_mat, jacobian, J=None):
         """Add G (and A if ``jacobian``) to a state from _evaluate_residual; u must still be the
-        state's (the SNES callbacks guarantee it: they evaluate in order at one w)."""
+        state's (the SNES callbacks guarantee it: they evaluate in order at one w). ``J``: the
+        sparse Jacobian there, if known."""
         w, r, I = state["w"], state["r"], np.eye(self.N)
+        # Least squares needs J for G (J Phi^T, kept), Galerkin only for A.
+        needs_J = "JPhi" not in state if self.mode == "lstsq" else jacobian and "A" not in state
+        if J is None and needs_J:
+            J = self._assemble_jacobian()
         if self.mode == "lstsq":
             if "JPhi" not in state:
-                JPhi = self._times_phi(self._assemble_jacobian(), Phi_mat)
+                JPhi = self._times_phi(J, Phi_mat)
                 JPhi[~self.row_mask] = 0.0                      # P J Phi^T
                 state["JPhi"] = JPhi
                 state["G"] = self._sum(JPhi.T @ state["s"]) + self.rho * w
@@ -462,7 +468,7 @@ class Expert:
             if "G" not in state:
                 state["G"] = self._sum(Phi @ r) + self.rho * w
             if jacobian and "A" not in state:
-                state["A"] = self._tested(self._assemble_jacobian(), Phi, Phi_mat)
+                state["A"] = self._tested(J, Phi, Phi_mat)
 
     def _tested(self, J, Phi, Phi_mat):
         """Phi P J Phi^T + rho I: Galerkin's reduced Jacobian with the sparse Jacobian J (at the
@@ -774,13 +780,15 @@ class Expert:
         return self.ridge_factor * max(abs(diag), 1e-300)
 
     @PETSc.Log.EventDecorator("FemMoeReducedVJP")
-    def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None, data_gradient=True, residual=None):
+    def vjp(self, Phi, data, w, u_bar, rho=0.0, sample=None, data_gradient=True, residual=None,
+            jacobian=None):
         """The IFT backward of one sample. Collective over ``problem.comm``.
 
         Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
         owned dofs); ``residual``: the residual rows at w, if known (the forward's
-        ``solution_residual``: not assembled again). The Jacobian at the solution it
-        assembles stays :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n],
+        ``solution_residual``: not assembled again); ``jacobian``: the sparse Jacobian at w, if
+        known (a PETSc Mat, e.g. a :class:`fem_moe.points.FieldPoint`'s), else assembled --
+        and then :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n],
         data_bar [n_data]); with ``data_gradient`` False, data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
         SolverDivergedError if the reduced Jacobian is singular or too ill-conditioned for a
         meaningful gradient.
@@ -790,11 +798,11 @@ class Expert:
             self.set_data(data)
         self.rho = rho
         Phi_mat = self._phi_mat(Phi)
-        state = self._evaluate(w, Phi, Phi_mat, True, r=residual)
+        state = self._evaluate(w, Phi, Phi_mat, True, r=residual, J=jacobian)
         r, s = state["r"], state["s"]
         lam = self._backward_solve(state["A"], Phi, self._sum(Phi @ u_bar), sample)
         z = lam @ Phi
-        J = self.jacobian()
+        J = self.jacobian() if jacobian is None else jacobian
         Jt = lambda x: self._matvec(J, x, transpose=True)
         if self.mode == "lstsq":
             y = self.weigh(self._matvec(J, z))           # W P J z
@@ -1043,39 +1051,53 @@ class ResidualNorm:
 
     def _residual_at(self, u, data):
         """The masked residual r and the Dirichlet misfit b at u (sets the expert's u and m)."""
-        e = self._e
         self._set_point(u, data)
-        return e._assemble_residual(), np.where(e.bc_mask, u - e.g_vec, 0.0)
+        return self._e._assemble_residual(), self._misfit(u)
+
+    def _misfit(self, u):
+        """The Dirichlet misfit B (u - g) (zero off the Dirichlet dofs)."""
+        e = self._e
+        return np.where(e.bc_mask, u - e.g_vec, 0.0)
 
     def _rows_at(self, u, data):
         """(r, W r, b) at u (sets the expert's u and m)."""
         r, b = self._residual_at(u, data)
         return r, self._weighted(r), b
 
-    def evaluate(self, u, data=None):
+    def evaluate(self, u, data=None, residual=None):
         """u [n], data [n_data] or None -> (value, rows): rows = (r, W r, b) at u, what
-        :meth:`gradient` needs at the same u and data."""
-        r, z, b = rows = self._rows_at(u, data)
+        :meth:`gradient` needs at the same u and data. ``residual``: the residual rows r at u,
+        if known (e.g. a :class:`fem_moe.points.FieldPoint`'s; not assembled again)."""
+        if residual is None:
+            r, z, b = rows = self._rows_at(u, data)
+        else:
+            r, b = residual, self._misfit(u)
+            z = self._weighted(r)
+            rows = (r, z, b)
         return float(self._e._sum(np.array([r @ z + b @ b]))[0]), rows
 
     def value(self, u, data=None):
         """u [n], data [n_data] or None -> float."""
         return self.evaluate(u, data)[0]
 
-    def gradient(self, u, data=None, rows=None, data_gradient=True):
+    def gradient(self, u, data=None, rows=None, data_gradient=True, jacobian=None):
         """u [n], data [n_data] or None -> (dvalue/du [n], dvalue/ddata [n_data], or None
         without ``data_gradient``). ``rows``: :meth:`evaluate`'s at the same u and data (else
-        assembled again)."""
+        assembled again); ``jacobian``: the sparse Jacobian at u if known (a PETSc Mat, e.g.
+        a :class:`fem_moe.points.FieldPoint`'s, which the layer's backward takes too)."""
         e = self._e
         if rows is None:
             rows = self._rows_at(u, data)
-        else:
+        elif jacobian is None or data_gradient:
             self._set_point(u, data)
         _, z, b = rows
-        # J^T z assembled as the 1-form d<z, R(u)>/du: one vector assembly instead of the
-        # Jacobian matrix and a product with it.
-        e._set(e.r_fn, z)
-        du = 2 * e._get(e._assemble(e.JT_r, tensor=self._JTz)) + 2 * b
+        if jacobian is not None:
+            du = 2 * e._matvec(jacobian, z, transpose=True) + 2 * b
+        else:
+            # J^T z assembled as the 1-form d<z, R(u)>/du: one vector assembly instead of the
+            # Jacobian matrix and a product with it.
+            e._set(e.r_fn, z)
+            du = 2 * e._get(e._assemble(e.JT_r, tensor=self._JTz)) + 2 * b
         if not data_gradient:
             return du, None
         e._set(e.z_fn, z)

@@ -6,6 +6,7 @@ from torch.autograd.function import once_differentiable
 
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
+from .points import FieldPoint, field_points
 from .problem import as_array, free_petsc_garbage
 from .warmstart import SampleJacobians, WarmStarts, solve_from
 
@@ -133,7 +134,21 @@ class _ConstrainedSolve(torch.autograd.Function):
         ctx.layer, ctx.ws, ctx.rhos, ctx.keys, ctx.residuals = layer, ws, rhos, keys, residuals
         ctx.recording = layer._recording
         ctx.save_for_backward(basis, data)
-        return _like(np.stack(us), basis)
+        U = np.stack(us)
+        out = _like(U, basis)
+        # A training forward's fields, where the physics loss and this backward share one
+        # Jacobian (fem_moe.points): the fields as delivered (float32: rounded), with the solve's
+        # residual where they are its solutions bit for bit.
+        ctx.points = None
+        if ctx.recording:
+            exact = basis.dtype == torch.float64
+            delivered = U if exact else _to_numpy(out)
+            ctx.points = [FieldPoint(expert, delivered[b], D[b] if has_data else None,
+                                     residual=residuals[b] if exact else None)
+                          for b in range(len(us))]
+            for point in ctx.points:
+                field_points(layer.problem).add(point)
+        return out
 
     @staticmethod
     @once_differentiable
@@ -147,10 +162,12 @@ class _ConstrainedSolve(torch.autograd.Function):
         expert = ctx.layer.expert
         for b in range(Phi.shape[0]):
             err = None
+            point = ctx.points[b] if ctx.points else None
             try:
+                J = None if point is None else point.jacobian()
                 gPhi[b], gd = expert.vjp(Phi[b], D[b] if has_data else None, ctx.ws[b], Ub[b],
                                          rho=ctx.rhos[b], sample=b, data_gradient=want_data,
-                                         residual=ctx.residuals[b])
+                                         residual=ctx.residuals[b], jacobian=J)
                 if want_data:
                     gD[b] = gd
             except Exception as exc:     # noqa: BLE001 -- reaches every rank
@@ -158,7 +175,9 @@ class _ConstrainedSolve(torch.autograd.Function):
             raise_on_all_ranks(comm, err)
             # The Jacobian at the sample's solution: its next visit's first chord matrix.
             if ctx.recording:
-                ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian()})
+                ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian() if J is None else J})
+            if point is not None:
+                point.release()
         free_petsc_garbage(comm)
         return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None
 
@@ -255,11 +274,17 @@ class _ResidualNorm2(torch.autograd.Function):
     @staticmethod
     def forward(ctx, norm, u, data):
         U, D = _to_numpy(u), _to_numpy(data)
+        D = D if D.shape[1] else None
         ctx.norm = norm
         ctx.save_for_backward(u, data)
+        # A field a PI-HC layer delivered in training brings its residual, and its Jacobian for
+        # the backward (fem_moe.points).
+        ctx.points = field_points(norm.problem).find(U, D)
         # Each sample's rows (r, W r, Dirichlet misfit) are kept for the backward, which would
         # otherwise assemble and weigh them again at the same u.
-        evaluated = [norm.evaluate(U[b], D[b] if D.shape[1] else None) for b in range(U.shape[0])]
+        evaluated = [norm.evaluate(U[b], None if D is None else D[b],
+                                   residual=None if p is None else p.residual())
+                     for b, p in enumerate(ctx.points)]
         ctx.rows = [rows for _, rows in evaluated]
         free_petsc_garbage(norm.problem.comm)
         return _like(np.array([value for value, _ in evaluated]), u)
@@ -273,9 +298,10 @@ class _ResidualNorm2(torch.autograd.Function):
         has_data = D.shape[1] > 0
         want_data = has_data and wants_gradient(ctx, 2, comm)
         gu, gd = np.zeros_like(U), np.zeros_like(D)
-        for b in range(U.shape[0]):
+        for b, point in enumerate(ctx.points):
             du, dd = ctx.norm.gradient(U[b], D[b] if has_data else None, rows=ctx.rows[b],
-                                       data_gradient=want_data)
+                                       data_gradient=want_data,
+                                       jacobian=None if point is None else point.jacobian())
             gu[b] = G[b] * du
             if want_data:
                 gd[b] = G[b] * dd

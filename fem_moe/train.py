@@ -318,9 +318,15 @@ class Trainer:
         """The model's physical fields for dataset samples ``idx``: ``[len(idx), n_dofs]``
         (this rank's owned dofs); ``model``: another with the same backbone (default the
         trained one)."""
+        return self._physical(self._unknown(idx, model), idx)
+
+    def _unknown(self, idx, model=None):
+        """The model's output for samples ``idx``: the unknown the physical field is made of."""
         T = self._tensors
-        u = (self.model if model is None else model)(T["inputs"][idx], T["data"][idx])
-        return u if self._lift is None else u + self._lift[idx]
+        return (self.model if model is None else model)(T["inputs"][idx], T["data"][idx])
+
+    def _physical(self, unknown, idx):
+        return unknown if self._lift is None else unknown + self._lift[idx]
 
     def _training_model(self):
         """The model this step trains: the global layer on the mixture's basis during
@@ -333,20 +339,25 @@ class Trainer:
         t = self._tensors["targets"][idx]
         return t if self._lift is None else t + self._lift[idx]
 
-    def physics_loss(self, u, idx, reduction="mean"):
-        """Squared global residual of the constrained unknown, relative to the lifting's."""
-        unknown = u if self._lift is None else u - self._lift[idx]
+    def physics_loss(self, u, idx, reduction="mean", unknown=None):
+        """Squared global residual of the constrained unknown, relative to the lifting's, for
+        physical fields ``u``; ``unknown``: the model's output they were made of, if at hand
+        (taken as it stands: a PI-HC layer's training output then brings its residual and
+        Jacobian, :mod:`fem_moe.points`, which ``u`` minus the lifting, rounded, would not)."""
+        if unknown is None:
+            unknown = u if self._lift is None else u - self._lift[idx]
         vals = residual_loss(self.problem, unknown, self._tensors["data"][idx], reduction="none",
                              norm=self.config["train"]["residual_norm"])
         vals = vals / self._residual_scale[idx]
         return vals.mean() if reduction == "mean" else vals
 
-    def losses(self, u, idx):
-        """(total, {"physics": float, "supervised": float}) for predictions u of samples idx."""
+    def losses(self, u, idx, unknown=None):
+        """(total, {"physics": float, "supervised": float}) for predictions u of samples idx
+        (``unknown``: as in :meth:`physics_loss`)."""
         t = self.config["train"]
         parts, total = {}, 0.0
         if t["loss"] in ("physics", "mixed"):
-            phys = self.physics_loss(u, idx)
+            phys = self.physics_loss(u, idx, unknown=unknown)
             parts["physics"] = phys.item()
             total = total + (t["physics_weight"] if t["loss"] == "mixed" else 1.0) * phys
         if t["loss"] in ("supervised", "mixed"):
@@ -396,8 +407,8 @@ class Trainer:
         self.optimizer.zero_grad()
         try:
             with self._rank_deficiency_counted(record):
-                u = self.predict(idx, model)
-            loss, parts = self.losses(u, idx)
+                unknown = self._unknown(idx, model)
+            loss, parts = self.losses(self._physical(unknown, idx), idx, unknown)
             if not math.isfinite(loss.item()):
                 raise FemMoeError(f"training diverged: the loss is {loss.item()} at step "
                                   f"{self.step + 1} (batch {idx.tolist()})")

@@ -204,6 +204,32 @@ def test_resume_equals_uninterrupted_training(fresh):
 
 
 @pytest.mark.parallel([1, 2])
+def test_a_pihc_step_takes_the_layers_jacobian_into_its_physics_loss(monkeypatch):
+    """Where the physical field is the model's output plus a lifting (diffusion-sorption), the
+    physics loss is taken on the output itself: in a PI-HC training step it then finds the
+    layer's fields (fem_moe.points) and assembles no transposed-Jacobian action of its own."""
+    comm = MPI.COMM_WORLD
+    path = os.path.join(shared_dir(comm), "ds.h5")
+    options = {"nx": 12, "nt": 6}
+    generate(pdes.get("diffusion_sorption", **options), path, 6, seed=1, comm=comm, progress=False)
+    trainer = Trainer(config(shared_dir(), pde={"name": "diffusion_sorption", "options": options},
+                             data={"path": path, "n_train": 4, "n_val": 1, "n_test": 1},
+                             model={"kind": "pihc", "mode": "galerkin"}, train={"batch_size": 2}))
+    assert trainer._lift is not None
+    actions = []
+    assemble = fem_moe.expert.Expert._assemble
+
+    def counted(self, form, *args, **kwargs):
+        actions.append(form is self.JT_r)
+        return assemble(self, form, *args, **kwargs)
+
+    monkeypatch.setattr(fem_moe.expert.Expert, "_assemble", counted)
+    record = trainer.train_step()
+    assert not record["skipped"] and np.isfinite(record["loss"])
+    assert any(not a for a in actions) and not any(actions), sum(actions)
+
+
+@pytest.mark.parallel([1, 2])
 def test_fresh_inputs_draw_a_new_batch_every_step():
     comm = MPI.COMM_WORLD
     trainer = Trainer(config(shared_dir(), train={"fresh_inputs": True, "batch_size": 2}))

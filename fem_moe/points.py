@@ -23,7 +23,6 @@ import itertools
 import weakref
 
 import numpy as np
-from mpi4py import MPI
 
 __all__ = ["FieldPoint", "FieldPoints", "field_points"]
 

@@ -73,6 +73,13 @@ def _like(a, x):
     return out
 
 
+def delivered_precision(basis):
+    """The relative precision of an output in ``basis``'s dtype where it is coarser than the
+    float64 solves' (float32: its epsilon), else None: the solves stop where their next step
+    would change the output by less (:class:`fem_moe.expert.PrecisionStop`)."""
+    return None if basis.dtype == torch.float64 else torch.finfo(basis.dtype).eps
+
+
 def sample_jacobians(problem, mode, warm_start, memory):
     """A layer's :class:`SampleJacobians`: kept only by a warm-started Galerkin layer on a problem
     with data (samples are known by their data); ``memory`` bytes per rank (None: the default)."""
@@ -112,6 +119,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         ws, rhos, us, infos, residuals, err = [], [], [], [], [], None
         expert, stored = layer.expert, layer.jacobians
         keys = [None] * Phi.shape[0]
+        precision = delivered_precision(basis)
         try:
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
@@ -119,7 +127,8 @@ class _ConstrainedSolve(torch.autograd.Function):
                     lambda u0: expert.solve(Phi[b], D[b] if has_data else None, u0=u0,
                                             sample=b, rtol=layer._rtol,
                                             jacobian=stored.jacobian(keys[b]),
-                                            lifting_residual=stored.lifting_residual(keys[b])),
+                                            lifting_residual=stored.lifting_residual(keys[b]),
+                                            precision=precision),
                     layer.warm_starts[keys[b]] if hits[b] else None)
                 layer.warm_starts[keys[b]] = u
                 if layer._recording:
@@ -195,7 +204,10 @@ class HardConstraint(torch.nn.Module):
     * returns ``u``: ``[batch, n_dofs]`` = g + sum_i w_i basis_i, with w solved per sample by
       PETSc SNES (options prefix ``problem.options_prefix``) so that the residual vanishes in the
       least-squares (``mode="lstsq"``) or Galerkin (``"galerkin"``) sense. Same dtype and device
-      as ``basis``. Computation is in float64 on the CPU.
+      as ``basis``. Computation is in float64 on the CPU; for a float32 output the solves stop
+      where their next step would change the field by less than float32's epsilon (relative,
+      :class:`fem_moe.expert.PrecisionStop`): the output is the fully converged one to float32's
+      precision, in fewer iterations.
 
     ``norm`` (least squares): the residual's norm, "euclidean" (its dof vector, the paper's),
     "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the

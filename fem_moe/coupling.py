@@ -53,7 +53,7 @@ from firedrake.petsc import PETSc
 
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      raise_on_all_ranks)
-from .expert import (DEFAULT_SOLVER_PARAMETERS, ChordSteps, SampleInfo, gauss_newton_is_done,
+from .expert import (DEFAULT_SOLVER_PARAMETERS, ChordSteps, PrecisionStop, SampleInfo, gauss_newton_is_done,
                      fit_coefficients, linear_failure, orthonormal_coordinates, reason_name,
                      reduced_solver_defaults,
                      ridge_factor as resolve_ridge_factor, tolerance)
@@ -440,6 +440,7 @@ class CoupledSolver:
         self.gauss_newton_rtol = options.parameter(snes, "gauss_newton_rtol", 0.0)
         self.stall_rtol = options.parameter(snes, "stall_rtol", 0.0)
         self.chord = ChordSteps.of(snes, self.mode)
+        self.precision = PrecisionStop()
         self._auto_delta0 = (snes.getType() == "newtontr"
                              and "snes_tr_delta0" not in options.parameters(snes))
         self.snes, self.prefix = snes, prefix
@@ -740,8 +741,17 @@ class CoupledSolver:
 
     def _snes_function(self, snes, X, G):
         self._state_at(X, "G")["G"].copy(G)
+        if self.precision.active:
+            # The next step from X, with the matrix the SNES holds (factored already). The
+            # coordinates are orthonormal per block over the dofs its expert owns, and the
+            # experts own disjoint dofs: |step| and |X| are the field's change and norm.
+            step = G.duplicate()
+            self._direct_solve(G, step)
+            self.precision.at(G.norm(), step.norm(), X.norm())
+            step.destroy()
 
     def _snes_jacobian(self, snes, X, A, P):
+        self.precision.ready = True
         if self.chord.keep(self._state_at(X, "G")["gnorm"]):
             pass                       # A still holds an earlier iterate's: a chord step
         elif self._stored is not None:
@@ -844,7 +854,7 @@ class CoupledSolver:
 
     @PETSc.Log.EventDecorator("FemMoeCoupledSolve")
     def solve(self, w0, sample=None, rtol=None, warm=False, jacobians=None,
-              lifting_residuals=None):
+              lifting_residuals=None, precision=None):
         """The coupled solve from w0 {k: [N]} (after ``prepare``): returns ({k: w_k},
         {k: u on k's submesh}, info). ``rtol``: this solve's SNES relative tolerance (default
         the options'); ``warm``: w0 is a warm start (recorded in info). A warm start may bring
@@ -853,7 +863,10 @@ class CoupledSolver:
         the first chord matrix, and the cold |G| without an assembly); used only where every
         rank has all of its experts'. Afterwards ``lifting_residuals`` and
         ``solution_residuals`` hold my experts' rows at the lifting (where known) and at the
-        solution (:meth:`vjp`'s ``residuals``). Raises SolverDivergedError on every rank."""
+        solution (:meth:`vjp`'s ``residuals``). ``precision``: the relative precision the field
+        is delivered at (:class:`fem_moe.expert.PrecisionStop`; not where a block is rank
+        deficient: its coordinates are not orthonormal). Raises SolverDivergedError on every
+        rank."""
         t0, self._local_seconds = time.perf_counter(), 0.0
         assembled = self._assembled()
         galerkin = self.mode == "galerkin"
@@ -886,9 +899,12 @@ class CoupledSolver:
             self.snes.setTRTolerances(delta_0=max(step.norm(), 1e-8))
             step.destroy()
         self._callback_error = None
+        rank = min(self.comm.allgather(min(self.block_rank.values(), default=self.N)))
         try:
             with tolerance(self.snes, rtol, g_cold), options.used(self.snes):
                 self.chord.start(ChordSteps.target(self.snes, start["gnorm"]))
+                self.precision.start(self.snes, precision if rank == self.N else None)
+                self.precision.ready = self._auto_delta0     # the start's matrix is factored
                 self.snes.solve(None, self.x)
         except PETSc.Error as exc:
             if self._callback_error is not None:    # already agreed on by every rank
@@ -899,6 +915,8 @@ class CoupledSolver:
             self._stored, self._stored_filled = None, False
         reason = self.snes.getConvergedReason()
         name = reason_name(reason)
+        if reason == PETSc.SNES.ConvergedReason.CONVERGED_FNORM_ABS and self.precision.reached:
+            name = "CONVERGED_FIELD_PRECISION"
         end = self._state_at(self.x, "G")
         rnorm_end, self.solution_residuals = end["rnorm"], end["r"]
         if reason in _STALLS and self._stalled(g_start):
@@ -909,7 +927,7 @@ class CoupledSolver:
             reason, name = 1, "CONVERGED_AT_FLOOR"
         info = SampleInfo(residual_before=before, residual_after=rnorm_end,
                           iterations=self.snes.getIterationNumber(), reason=name,
-                          rank=min(self.comm.allgather(min(self.block_rank.values(), default=self.N))),
+                          rank=rank,
                           ridge=self.comm.allreduce(max(self.rho.values(), default=0.0), op=_MAX),
                           time=time.perf_counter() - t0, warm=warm, chord_steps=self.chord.kept,
                           jacobians=self.comm.allreduce(self._assembled() - assembled))

@@ -221,27 +221,25 @@ class PrecisionStop:
     1e-10 -> 1e-12 in |G| relative to the cold start's, and the last one or two of them only
     refined digits a float32 output drops. The stop passes SNES's absolute tolerance at that
     iterate (:meth:`at`, from the function callback), so SNES's own tests and bookkeeping stay;
-    the solve then reports ``CONVERGED_FIELD_PRECISION``. ``start`` per solve (after its
-    tolerances are set), ``matrix`` set where the SNES takes a new reduced Jacobian."""
+    the solve then reports ``CONVERGED_FIELD_PRECISION``. :meth:`start` per solve (after its
+    tolerances are set); ``ready`` once the SNES holds a reduced Jacobian to predict steps with."""
 
     def start(self, snes, precision=None):
         self.eps = float(precision) if precision else 0.0
-        self.matrix, self.reached = None, False
+        self.ready = self.reached = False
         self._snes, self._atol = snes, snes.getTolerances()[1]
 
-    def at(self, g, field_norm):
-        """At an iterate with SNES function ``g`` (SNES coordinates): ``field_norm(step)`` is the
-        field change of a step in those coordinates (``step=None``: the field's own norm)."""
-        if not self.eps or self.matrix is None:
-            return
-        try:
-            step = np.linalg.solve(self.matrix, g)
-        except np.linalg.LinAlgError:
-            return
-        self.reached = bool(field_norm(step) <= self.eps * field_norm(None))
-        # Strictly above |g|, which SNES compares with "<".
-        self._snes.setTolerances(atol=max(self._atol, 2.0 * np.linalg.norm(g)) if self.reached
-                                 else self._atol)
+    @property
+    def active(self):
+        """Whether :meth:`at` should be called (the caller's step prediction is worth making)."""
+        return self.eps > 0 and self.ready
+
+    def at(self, gnorm, step_norm, field_norm):
+        """At an iterate with SNES function norm ``gnorm`` whose next step changes the field by
+        ``step_norm``, the field's own norm being ``field_norm``."""
+        self.reached = bool(step_norm <= self.eps * field_norm)
+        # Strictly above |G|, which SNES compares with "<".
+        self._snes.setTolerances(atol=max(self._atol, 2.0 * gnorm) if self.reached else self._atol)
 
 
 def _is_zero(form):
@@ -589,7 +587,12 @@ class Expert:
         state = self._state_at(X, "G")
         g = self._T.T @ state["G"]
         G.setArray(self._local(g))
-        self.precision.at(g, lambda step: self._field_norm(state["w"] if step is None else self._T @ step))
+        if self.precision.active:
+            try:
+                step = self._T @ np.linalg.solve(self._M, g)
+            except np.linalg.LinAlgError:
+                return
+            self.precision.at(np.linalg.norm(g), self._field_norm(step), self._field_norm(state["w"]))
 
     def _field_norm(self, w):
         """|w Phi| in the dof l2 norm over every rank (the Gram matrix of the solve's basis)."""
@@ -606,7 +609,7 @@ class Expert:
             self._stored = None
         else:
             M = self._newton_matrix(self._state_at(X, "A"))
-        self.precision.matrix = M
+        self._M, self.precision.ready = M, True     # what the next steps are taken with
         if self.comm.size == 1:
             P.getDenseArray()[:] = M
         elif self.comm.rank == 0:

@@ -143,6 +143,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         ctx.layer, ctx.ws, ctx.rhos, ctx.keys, ctx.residuals = layer, ws, rhos, keys, residuals
         ctx.recording = layer._recording
         ctx.save_for_backward(basis, data)
+        ctx.Phi = Phi       # float64 already: the backward need not convert the basis again
         U = np.stack(us)
         out = _like(U, basis)
         # A training forward's fields, where the physics loss and this backward share one
@@ -163,11 +164,11 @@ class _ConstrainedSolve(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, u_bar):
         basis, data = ctx.saved_tensors
-        Phi, D, Ub = _to_numpy(basis), _to_numpy(data), _to_numpy(u_bar)
+        Phi, D, Ub = ctx.Phi, _to_numpy(data), _to_numpy(u_bar)
         comm = ctx.layer.problem.comm
         has_data = D.shape[1] > 0
         want_data = has_data and wants_gradient(ctx, 2, comm)
-        gPhi, gD = np.zeros_like(Phi), np.zeros_like(D)
+        gPhi, gD = np.empty_like(Phi), np.zeros_like(D)     # every sample's gPhi is written
         expert = ctx.layer.expert
         for b in range(Phi.shape[0]):
             err = None
@@ -309,7 +310,7 @@ class _ResidualNorm2(torch.autograd.Function):
         comm = ctx.norm.problem.comm
         has_data = D.shape[1] > 0
         want_data = has_data and wants_gradient(ctx, 2, comm)
-        gu, gd = np.zeros_like(U), np.zeros_like(D)
+        gu, gd = np.empty_like(U), np.zeros_like(D)         # every sample's gu is written
         for b, point in enumerate(ctx.points):
             du, dd = ctx.norm.gradient(U[b], D[b] if has_data else None, rows=ctx.rows[b],
                                        data_gradient=want_data,

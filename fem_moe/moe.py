@@ -15,7 +15,7 @@ from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
-from .layer import (HardConstraint, check_inputs, check_rtol, sample_jacobians, wants_gradient,
+from .layer import (HardConstraint, check_inputs, check_rtol, delivered_precision, sample_jacobians, wants_gradient,
                     _like, _to_numpy)
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
@@ -327,6 +327,7 @@ class MoEHardConstraint(torch.nn.Module):
         data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
         # autograd.Function.forward runs without grad mode
         self._rtol, self._recording = self.rtol_now, self.recording
+        self._precision = delivered_precision(basis)
         return _MoESolve.apply(self, basis, data)
 
     def all_diagnostics(self):
@@ -415,7 +416,8 @@ def _solve_independent(layer, Pk, Dk, B, starts):
             for b in range(B):
                 d = None if Dk[k] is None else Dk[k][b]
                 w, u, info = solve_from(
-                    lambda u0: e.expert.solve(Pk[k][b], d, u0=u0, sample=b, rtol=layer._rtol),
+                    lambda u0: e.expert.solve(Pk[k][b], d, u0=u0, sample=b, rtol=layer._rtol,
+                                             precision=layer._precision),
                     stored[b].get(k))
                 stored[b][k] = u
                 sols.append((w, u, info))
@@ -452,7 +454,8 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
                     t0 = time.perf_counter()
                     d = None if Dk[k] is None else Dk[k][b]
                     try:
-                        w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b, rtol=layer._rtol)
+                        w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b, rtol=layer._rtol,
+                                                                    precision=layer._precision)
                     except SolverDivergedError as exc:
                         info = SampleInfo(reason=exc.reason, failed=str(exc))
                     samples[k].append(info)
@@ -467,7 +470,7 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         result, info = solve_from(
             lambda start: solver.solve(
                 w0 if start is None else solver.fit(start), sample=b, rtol=layer._rtol,
-                warm=start is not None,
+                warm=start is not None, precision=layer._precision,
                 jacobians={k: stored.jacobian(keys[b], k) for k in layer.experts},
                 lifting_residuals={k: stored.lifting_residual(keys[b], k) for k in layer.experts}),
             warm)

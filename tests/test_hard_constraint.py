@@ -654,25 +654,32 @@ def test_no_data_gradient_assembled_where_none_is_asked(kind, monkeypatch):
 
 @pytest.mark.parallel([1, 2])
 @pytest.mark.parametrize("mode", ["galerkin", "lstsq"])
-def test_a_float32_output_is_solved_to_float32s_precision(mode):
-    """A float32 basis gets a float32 output: its reduced solves stop where the next step would
-    change the field by less than float32's epsilon (relative to the field, dof l2 norm), in
-    fewer iterations than the float64 solves to the options' tolerance, and the output is the
-    float64 one to float32's precision."""
+@pytest.mark.parametrize("kind", ["pihc", "coupled"])
+def test_a_float32_output_is_solved_to_float32s_precision(kind, mode):
+    """A float32 basis gets a float32 output: its reduced solves (the global layer's, the
+    coupled mixture's) stop where the next step would change the field by less than float32's
+    epsilon (relative to the field, dof l2 norm), in fewer iterations than the float64 solves
+    to the options' tolerance, and the output is the float64 one to float32's precision."""
     problem = nonlinear_diffusion(n=8)
     basis = random_basis(problem, 4, batch=2).float()
     data = torch.cat([source(problem, 4.0), source(problem, 7.0)])
-    single, double = (fem_moe.HardConstraint(problem, 4, mode=mode) for _ in range(2))
+    if kind == "pihc":
+        single, double = (fem_moe.HardConstraint(problem, 4, mode=mode) for _ in range(2))
+        g = torch.tensor(single.expert.g_vec)
+        solves = lambda layer: layer.diagnostics
+    else:
+        single, double = (fem_moe.MoEHardConstraint(problem, 4, n_experts=3, mode=mode) for _ in range(2))
+        g = torch.tensor(fem_moe.expert.dirichlet_dofs(problem)[1])
+        solves = lambda layer: layer.coupling_diagnostics
     u32 = single(basis, data.float()).double()
     u64 = double(basis.double(), data)
-    g = torch.tensor(single.expert.g_vec)
     norm = lambda x: float(np.sqrt(MPI.COMM_WORLD.allreduce(float((x ** 2).sum()))))
     eps = torch.finfo(torch.float32).eps
     for b in range(2):
         err = norm(u32[b] - u64[b])
         bound = eps * (norm(u64[b] - g) + norm(u64[b]))
         parallel_assert(err <= bound, f"sample {b}: |u32 - u64| = {err:.3e} > {bound:.3e}")
-    its = lambda layer: [i.iterations for i in layer.diagnostics]
+    its = lambda layer: [i.iterations for i in solves(layer)]
     assert sum(its(single)) < sum(its(double)), (its(single), its(double))
-    assert "CONVERGED_FIELD_PRECISION" in [i.reason for i in single.diagnostics]
-    assert all(i.reason != "CONVERGED_FIELD_PRECISION" for i in double.diagnostics)
+    assert "CONVERGED_FIELD_PRECISION" in [i.reason for i in solves(single)]
+    assert all(i.reason != "CONVERGED_FIELD_PRECISION" for i in solves(double))

@@ -347,7 +347,12 @@ def residual_loss(problem, u, data=None, reduction="mean", norm="l2"):
     mass diagonal) or "dual" (the dual norm of H1, see
     :class:`fem_moe.expert.ResidualNorm`). Differentiable w.r.t. ``u`` [batch, n_dofs] and
     ``data`` [batch, n_data_dofs]. ``reduction``: "mean" | "sum" | "none" (per sample, [batch]).
-    Summed over ranks: every rank gets the same value. Collective over ``problem.comm``."""
+    Summed over ranks: every rank gets the same value. Collective over ``problem.comm``.
+
+    A field that a :class:`HardConstraint` of the same problem delivered in a training forward
+    (the same values and data, bit for bit) brings its residual and sparse Jacobian
+    (:mod:`fem_moe.points`): the gradient is then a sparse product with the Jacobian the layer's
+    backward takes too, instead of an assembly of its own."""
     if reduction not in ("mean", "sum", "none"):
         raise InputError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
     norm = _residual_norm(problem, norm)

@@ -15,8 +15,8 @@ from .coupling import CoupledRows, CoupledSolver
 from .errors import InputError, SolverDivergedError, raise_on_all_ranks
 from .expert import Expert, SampleInfo, dirichlet_dofs
 from .norms import WholeMesh, check_norm
-from .layer import (HardConstraint, check_inputs, check_rtol, delivered_precision, sample_jacobians, wants_gradient,
-                    _like, _to_numpy)
+from .layer import (HardConstraint, check_inputs, check_rtol, delivered_precision, sample_jacobians,
+                    wants_gradient, _like, _to_numpy)
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
 from .problem import ConstrainedProblem, free_petsc_garbage, owned_values
@@ -455,7 +455,7 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
                     d = None if Dk[k] is None else Dk[k][b]
                     try:
                         w0[k], _, info = e.expert.solve(Pk[k][b], d, sample=b, rtol=layer._rtol,
-                                                                    precision=layer._precision)
+                                                        precision=layer._precision)
                     except SolverDivergedError as exc:
                         info = SampleInfo(reason=exc.reason, failed=str(exc))
                     samples[k].append(info)

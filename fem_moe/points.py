@@ -102,4 +102,6 @@ class FieldPoints:
 
 def field_points(problem):
     """The problem's :class:`FieldPoints` (made on first use, on every rank alike)."""
-    return problem.__dict__.setdefault("_field_points", FieldPoints(problem.comm))
+    if "_field_points" not in problem.__dict__:
+        problem._field_points = FieldPoints(problem.comm)
+    return problem._field_points

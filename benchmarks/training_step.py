@@ -70,6 +70,10 @@ def main():
                         help="cProfile the measured steps of each kind into DIR/<kind>.<rank>.prof")
     parser.add_argument("--label", default="after")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
+    parser.add_argument("--turns", default=None, metavar="DIR:ME:OTHER",
+                        help="take turns step by step with another job (e.g. an older checkout's "
+                             "run started beside this one; benchmarks/turns.py): both then see "
+                             "the same machine speed")
     parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
                         help="ranks holding the backbone (bridge.BackboneRanks; default every "
                              "rank): the backbone phase then includes the fields' transfers")
@@ -90,6 +94,7 @@ def main():
         build_backbone = None
     from fem_moe.model import NeuralSolver
     from common import Timer, parse_options, print_table, write_json
+    from turns import Turns
 
     comm = MPI.COMM_WORLD
     PETSc.Log.begin()
@@ -114,6 +119,7 @@ def main():
     if args.n_train:
         train_inputs, train_data = draw(args.n_train)
     rows = []
+    turns = Turns(args.turns, comm) if args.turns else None
     for kind in args.kinds:
         torch.manual_seed(0)
         n_inputs = len(pde.inputs(pde.sample(rng, 1))[0])
@@ -162,6 +168,8 @@ def main():
             return out
 
         for step in range(args.warmup + args.steps):
+            if turns:
+                turns.wait()
             if step == args.warmup:
                 times = {p: [] for p in phases}
                 iterations, jacobians = [], []
@@ -189,6 +197,8 @@ def main():
             timed("backward", loss.backward)
             timed("bridge all-reduce", lambda: (served or bridge).allreduce_gradients(model))
             timed("optimiser", optimiser.step)
+            if turns:
+                turns.hand_over(done=kind == args.kinds[-1] and step == args.warmup + args.steps - 1)
         end = event_seconds()
         if args.profile:
             profiler.disable()
@@ -205,6 +215,7 @@ def main():
                "warm_start": bool(options.get("warm_start", False)),
                "training_rtol": options.get("training_rtol"),
                "norm": options.get("norm"), "mode": options.get("mode"),
+               "turns": args.turns,
                "step_seconds": float(total),
                "phases": {p: float(np.mean(times[p])) for p in phases},
                "events": {name: {"seconds_per_step": (end[name][0] - start[name][0]) / args.steps,

@@ -183,10 +183,10 @@ class _ConstrainedSolve(torch.autograd.Function):
             except Exception as exc:     # noqa: BLE001 -- reaches every rank
                 err = exc
             raise_on_all_ranks(comm, err)
-            # The Jacobian at the sample's solution: its next visit's first chord matrix.
-            if ctx.recording:
-                ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: expert.jacobian() if J is None else J})
+            # The Jacobian at the sample's solution (a training forward's point's): its next
+            # visit's first chord matrix.
             if point is not None:
+                ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: J})
                 point.release()
         free_petsc_garbage(comm)
         return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None

@@ -1111,21 +1111,16 @@ class ResidualNorm:
         e = self._e
         return np.where(e.bc_mask, u - e.g_vec, 0.0)
 
-    def _rows_at(self, u, data):
-        """(r, W r, b) at u (sets the expert's u and m)."""
-        r, b = self._residual_at(u, data)
+    def _rows_at(self, u, data, residual=None):
+        """(r, W r, b) at u (sets the expert's u and m, unless ``residual``, r at u, is given)."""
+        r, b = self._residual_at(u, data) if residual is None else (residual, self._misfit(u))
         return r, self._weighted(r), b
 
     def evaluate(self, u, data=None, residual=None):
         """u [n], data [n_data] or None -> (value, rows): rows = (r, W r, b) at u, what
         :meth:`gradient` needs at the same u and data. ``residual``: the residual rows r at u,
         if known (e.g. a :class:`fem_moe.points.FieldPoint`'s; not assembled again)."""
-        if residual is None:
-            r, z, b = rows = self._rows_at(u, data)
-        else:
-            r, b = residual, self._misfit(u)
-            z = self._weighted(r)
-            rows = (r, z, b)
+        r, z, b = rows = self._rows_at(u, data, residual)
         return float(self._e._sum(np.array([r @ z + b @ b]))[0]), rows
 
     def value(self, u, data=None):

@@ -241,7 +241,7 @@ class CoupledRows:
             return None
         e._set(e.r_fn, s)
         H = e._assemble_hessian()
-        H_own = e._times_phi(H, self._self_mat)               # H Phi_k [n_sub, N]
+        H_own = e._times_phi(H, self._self_mat, "H")          # H Phi_k [n_sub, N]
         D, me, nb = self.nb_dofs, self.cols_me, self.cols_nb
         out = np.empty((self.n_cols,) * 2)
         out[np.ix_(me, me)] = self.blk_me.T @ H_own

@@ -148,13 +148,14 @@ class _ConstrainedSolve(torch.autograd.Function):
         out = _like(U, basis)
         # A training forward's fields, where the physics loss and this backward share one
         # Jacobian (fem_moe.points): the fields as delivered (float32: rounded), with the solve's
-        # residual where they are its solutions bit for bit.
+        # residual where they are its solutions bit for bit, else to carry to the rounded field.
         ctx.points = None
         if ctx.recording:
             exact = basis.dtype == torch.float64
             delivered = U if exact else _to_numpy(out)
             ctx.points = [FieldPoint(expert, delivered[b], D[b] if has_data else None,
-                                     residual=residuals[b] if exact else None)
+                                     residual=residuals[b] if exact else None,
+                                     near=None if exact else (U[b], residuals[b]))
                           for b in range(len(us))]
             for point in ctx.points:
                 field_points(layer.problem).add(point)

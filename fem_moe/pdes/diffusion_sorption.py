@@ -55,9 +55,9 @@ class DiffusionSorption(PDE):
     per triangle, each evaluating R(u) (a power) and, in the Jacobian, R'(u). That arithmetic,
     not the sparse insertion, is most of an assembly at PDEBench's size (1 rank, 1024 x 100:
     residual 33 ms, Jacobian 93 ms at degree 5; 16 and 47 ms at degree 2, which integrates the
-    linear terms of P1 exactly). A degree changes the discrete problem by as little as it
-    changes its solution (README: the classical solutions at degrees 2 and 5, each against the
-    same converged reference).
+    linear terms of P1 exactly; both with R written as a power, see :meth:`retardation`). A
+    degree changes the discrete problem by as little as it changes its solution (README: the
+    classical solutions at degrees 2 and 5, each against the same converged reference).
 
     Options: ``nx``, ``nt`` (cells in x and in t), ``t_end`` (T, default 500), ``eps``,
     ``degree``, ``grading``, ``lifting``, ``quadrature_degree``.

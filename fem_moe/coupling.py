@@ -54,8 +54,8 @@ from firedrake.petsc import PETSc
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      raise_on_all_ranks)
 from .expert import (DEFAULT_SOLVER_PARAMETERS, ChordSteps, PrecisionStop, SampleInfo,
-                     gauss_newton_is_done, fit_coefficients, linear_failure, orthonormal_coordinates, reason_name,
-                     reduced_solver_defaults,
+                     gauss_newton_is_done, fit_coefficients, linear_failure,
+                     orthonormal_coordinates, reason_name, reduced_solver_defaults,
                      ridge_factor as resolve_ridge_factor, tolerance)
 from . import options
 from .norms import ExpertBlocks

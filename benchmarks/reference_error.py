@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import firedrake as fd  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
-from fem_moe import pdes  # noqa: E402
+from fem_moe import checkpoint, pdes  # noqa: E402
 from fem_moe.errors import InputError  # noqa: E402
 from fem_moe.report import print_table  # noqa: E402
 from fem_moe.train import CHECKPOINT, Trainer  # noqa: E402
@@ -62,7 +62,7 @@ if not names:
 
 def trainer_of(name):
     """The model trained in ``run/name``, resumed from its checkpoint, on the run's data."""
-    config = torch.load(os.path.join(run, name, CHECKPOINT), map_location="cpu", weights_only=False)["config"]
+    config = checkpoint.load(os.path.join(run, name, CHECKPOINT), map_location="cpu")["config"]
     if config["pde"]["name"] != "diffusion_sorption":
         raise InputError(f"{name}: a {config['pde']['name']} run; this script refines "
                          "diffusion-sorption's space-time mesh")

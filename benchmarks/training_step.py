@@ -3,7 +3,7 @@
     mpiexec -n 2 python benchmarks/training_step.py [--pde diffusion_sorption]
         [--options nx=1024,nt=100] [--kinds soft pihc moe] [--experts 4] [--n-basis 16]
         [--batch 4] [--warmup 8] [--steps 4] [--n-train 32] [--no-warm-start]
-        [--training-rtol 0] [--dtype float64] [--backbone deeponet] [--profile DIR] [--label after]
+        [--training-rtol 0] [--dtype float64] [--backbone deeponet] [--profile DIR] [--label NAME]
         [--out benchmarks/results/training_step.json]
 
 One step = a batch of a fixed training set of inputs drawn from the PDE's input family (one
@@ -17,12 +17,10 @@ shows the slowest rank's time per phase (mean over the steps after one warm-up s
 Inside the phases, PETSc's own log events split the time further (summed over the measured
 steps, slowest rank, per step): every Firedrake assembly kernel (``ParLoopExecute``), the
 products of sparse matrices with the dense basis (``MatMatMult``), the reduced and coupled SNES
-(``SNESSolve``), and fem_moe's events (``FemMoe*``: reduced solves, IFT backwards, coupling). The
-script only reads events: it runs unchanged against an older fem_moe (``PYTHONPATH=<checkout>``),
-which is how the "before" rows are measured; events that version lacks are reported as absent.
+(``SNESSolve``), and fem_moe's events (``FemMoe*``: reduced solves, IFT backwards, coupling).
 
 Rows are appended to ``--out`` under ``--label`` (a row with the same label, kind and size is
-replaced), so before/after rows measured in one session sit in one file.
+replaced), so that the configurations measured sit in one file.
 """
 import argparse
 import cProfile
@@ -68,12 +66,8 @@ def main():
                         help="the trainer's backbone with the config's default sizes")
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="cProfile the measured steps of each kind into DIR/<kind>.<rank>.prof")
-    parser.add_argument("--label", default="after")
+    parser.add_argument("--label", default="default", help="the rows' name in --out")
     parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
-    parser.add_argument("--turns", default=None, metavar="DIR:ME:OTHER",
-                        help="take turns step by step with another job (e.g. an older checkout's "
-                             "run started beside this one; benchmarks/turns.py): both then see "
-                             "the same machine speed")
     parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
                         help="ranks holding the backbone (bridge.BackboneRanks; default every "
                              "rank): the backbone phase then includes the fields' transfers")
@@ -87,14 +81,9 @@ def main():
     from fem_moe import bridge, pdes
     from fem_moe.data import sample_arrays
     from fem_moe.config import DEFAULTS
-    try:
-        from fem_moe.train import build_backbone
-    except ImportError:     # an older fem_moe (a "before" row): the DeepONet built as it was then
-        from fem_moe.backbones import DeepONetBasis
-        build_backbone = None
+    from fem_moe.train import build_backbone
     from fem_moe.model import NeuralSolver
     from common import Timer, parse_options, print_table, write_json
-    from turns import Turns
 
     comm = MPI.COMM_WORLD
     PETSc.Log.begin()
@@ -119,23 +108,12 @@ def main():
     if args.n_train:
         train_inputs, train_data = draw(args.n_train)
     rows = []
-    turns = Turns(args.turns, comm) if args.turns else None
     for kind in args.kinds:
         torch.manual_seed(0)
         n_inputs = len(pde.inputs(pde.sample(rng, 1))[0])
-        if build_backbone is not None:
-            config = {**DEFAULTS["model"], "n_basis": args.n_basis, "backbone": args.backbone}
-            backbone = build_backbone(config, problem, pde, n_inputs, comm).to(dtype)
-        else:
-            X = problem.mesh.coordinates.dat.data_ro
-            lo = np.min(comm.allgather(X.min(axis=0)), axis=0)
-            hi = np.max(comm.allgather(X.max(axis=0)), axis=0)
-            backbone = DeepONetBasis(n_inputs, args.n_basis, problem.mesh.geometric_dimension,
-                                     n_components=problem.n_components,
-                                     shift=torch.tensor((lo + hi) / 2),
-                                     scale=torch.tensor(np.maximum((hi - lo) / 2, 1e-12))).to(dtype)
+        config = {**DEFAULTS["model"], "n_basis": args.n_basis, "backbone": args.backbone}
+        backbone = build_backbone(config, problem, pde, n_inputs, comm).to(dtype)
         bridge.broadcast_parameters(backbone)
-        # Only options the measured version has: the "before" rows pass neither.
         options = {}
         if kind != "soft" and not args.no_warm_start:
             options["warm_start"] = True
@@ -168,8 +146,6 @@ def main():
             return out
 
         for step in range(args.warmup + args.steps):
-            if turns:
-                turns.wait()
             if step == args.warmup:
                 times = {p: [] for p in phases}
                 iterations, jacobians = [], []
@@ -197,8 +173,6 @@ def main():
             timed("backward", loss.backward)
             timed("bridge all-reduce", lambda: (served or bridge).allreduce_gradients(model))
             timed("optimiser", optimiser.step)
-            if turns:
-                turns.hand_over(done=kind == args.kinds[-1] and step == args.warmup + args.steps - 1)
         end = event_seconds()
         if args.profile:
             profiler.disable()
@@ -215,7 +189,6 @@ def main():
                "warm_start": bool(options.get("warm_start", False)),
                "training_rtol": options.get("training_rtol"),
                "norm": options.get("norm"), "mode": options.get("mode"),
-               "turns": args.turns,
                "step_seconds": float(total),
                "phases": {p: float(np.mean(times[p])) for p in phases},
                "events": {name: {"seconds_per_step": (end[name][0] - start[name][0]) / args.steps,

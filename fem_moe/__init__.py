@@ -23,6 +23,7 @@ _EXPORTS = {
     "NeuralSolver": "model",
     "Trainer": "train",
     "relative_l2": "losses",
+    "load": "inference", "TrainedModel": "inference",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,4 +1,9 @@
-"""``python -m fem_moe generate|train|evaluate CONFIG [--set section.key=value ...] [PETSc options]``
+"""``python -m fem_moe generate|train|evaluate|predict CONFIG [--set section.key=value ...] [PETSc options]``
+
+``predict CONFIG --params "0.1,0.3" [--params ...] --out u.pvd``: the trained model's fields for
+new parameter vectors (ParaView's .pvd, or a Firedrake CheckpointFile for .h5), with the wall
+time per input beside the classical solver's. ``convert-checkpoint PATH``: rewrite a checkpoint
+of an older fem_moe as plain data (it unpickles the file: only for files you made).
 
 Runs under ``mpirun -n P`` as it runs serially. Options with a single dash go to PETSc (e.g.
 ``-expert_snes_monitor``, ``-classical_snes_monitor``); ``--set train.steps=50`` overrides a
@@ -12,16 +17,25 @@ import sys
 def _parser():
     p = argparse.ArgumentParser(prog="python -m fem_moe", description=__doc__.split("\n\n")[1],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("command", choices=("generate", "train", "evaluate"),
+    p.add_argument("command", choices=("generate", "train", "evaluate", "predict",
+                                       "convert-checkpoint"),
                    help="generate: make the dataset with the classical solver; train: train (and "
                    "resume) the model, then evaluate it on the test split; evaluate: measure the "
-                   "last checkpoint")
-    p.add_argument("config", help="a TOML file (see fem_moe.config)")
+                   "last checkpoint; predict: apply the trained model to new inputs; "
+                   "convert-checkpoint: rewrite an older checkpoint as plain data")
+    p.add_argument("config", help="a TOML file (see fem_moe.config); convert-checkpoint: the "
+                   "checkpoint file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config entry, e.g. --set model.kind=pihc (repeatable)")
     p.add_argument("--split", default="test", choices=("train", "val", "test"),
                    help="evaluate: which samples (default test)")
     p.add_argument("--force", action="store_true", help="generate: remake an existing dataset")
+    p.add_argument("--params", action="append", default=[], metavar="P1,P2,...",
+                   help="predict: one input's parameter vector, comma-separated (repeatable)")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="predict: where the fields go: .pvd (ParaView) or .h5 (CheckpointFile)")
+    p.add_argument("--no-classical", action="store_true",
+                   help="predict: do not time the classical solver on the same inputs")
     return p
 
 
@@ -80,6 +94,13 @@ def _is_number(s):
 def _run(args, comm):
     from .config import load_config
     from .errors import raise_on_all_ranks, FemMoeError
+    from .lifetime import run_first_at_exit
+    run_first_at_exit()     # Firedrake and PETSc are imported: every command ends through it
+    if args.command == "convert-checkpoint":
+        from .checkpoint import convert
+        if comm.rank == 0:
+            print(f"rewrote {convert(args.config)} as plain data")
+        return 0
     err, config = None, None
     try:
         config = load_config(args.config, args.overrides)
@@ -88,6 +109,8 @@ def _run(args, comm):
     raise_on_all_ranks(comm, err)
     if args.command == "generate":
         return _generate(config, comm, args.force)
+    if args.command == "predict":
+        return _predict(config, comm, args)
     from .train import Trainer
     trainer = Trainer(config, comm)
     if args.command == "train":
@@ -113,6 +136,57 @@ def _generate(config, comm, force):
         print(f"wrote {path}: {n} samples of {pde.describe()} on {comm.size} rank(s)" if made else
               f"{path} is up to date ({n} samples of {pde.describe()}); --force remakes it")
     return 0
+
+
+def _predict(config, comm, args):
+    import numpy as np
+    import firedrake as fd
+    from .errors import InputError
+    from .inference import load
+    err, params = None, None
+    try:
+        params = np.array([[float(x) for x in p.split(",")] for p in args.params])
+    except ValueError as e:
+        err = f"--params: {e}"
+    if not args.params:
+        err = "predict needs at least one --params"
+    if args.out and not args.out.endswith((".pvd", ".h5")):
+        err = f"--out {args.out}: the file must end in .pvd (ParaView) or .h5 (CheckpointFile)"
+    if err:
+        raise InputError(err)
+    model = load(config["train"]["out"], comm)
+    fields = model.predict(params)
+    classical = []
+    if not args.no_classical:
+        for p in params:
+            data = model.pde.data(model.problem, p)
+            classical.append(model.pde.classical_solve(model.problem, data)[1])
+    if args.out:
+        _write_fields(fd, args.out, fields, model.problem.mesh)
+    if comm.rank == 0:
+        print(f"predicted {len(fields)} field(s) with {model.model.kind} (step {model.step}) on "
+              f"{comm.size} rank(s)" + (f"; wrote {args.out}" if args.out else ""))
+        for i, p in enumerate(params):
+            line = f"  input {i} ({', '.join(f'{x:g}' for x in p)}): {model.times[i]:.4f} s"
+            if classical:
+                line += (f"; classical solver {classical[i]:.4f} s "
+                         f"({classical[i] / model.times[i]:.1f}x)")
+            print(line)
+    return 0
+
+
+def _write_fields(fd, path, fields, mesh):
+    """Predicted fields to ``path``: ParaView (one time step per input) or a CheckpointFile."""
+    if path.endswith(".pvd"):
+        out = fd.VTKFile(path, comm=mesh.comm)
+        for i, u in enumerate(fields):
+            parts = u.subfunctions if len(u.function_space()) > 1 else (u,)
+            out.write(*parts, time=float(i))
+        return
+    with fd.CheckpointFile(path, "w", comm=mesh.comm) as f:
+        f.save_mesh(mesh)
+        for i, u in enumerate(fields):
+            f.save_function(u, idx=i)
 
 
 def _print_result(r):

@@ -23,6 +23,7 @@ from mpi4py import MPI
 from torch.autograd.function import once_differentiable
 
 from .collective import InputError, raise_on_all_ranks
+from .lifetime import free_at_exit
 
 __all__ = ["init_process_group", "device_for_rank", "broadcast_parameters", "allreduce_gradients",
            "BackboneRanks"]
@@ -156,6 +157,7 @@ class BackboneRanks:
         self.everywhere = len(ranks) == comm.size
         # The server is rank 0 of its group, its clients after it in rank order.
         self.group = comm.Split(self.server, 0 if self.is_backbone else 1 + comm.rank)
+        free_at_exit(self.group)
         if self.is_backbone and gpus:
             index = local_rank % gpus      # the node's first local ranks are its backbone ranks
             torch.cuda.set_device(index)

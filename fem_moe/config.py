@@ -3,7 +3,7 @@
 A config has four sections; anything left out takes the default below. Example::
 
     [pde]
-    name = "reaction_diffusion"      # fem_moe.pdes.REGISTRY
+    name = "reaction_diffusion"      # fem_moe.pdes.REGISTRY, or "package.module:ClassName"
     options = { n = 8 }             # the PDE's own options
 
     [data]
@@ -27,7 +27,7 @@ import tomllib
 
 from .errors import InputError
 
-__all__ = ["DEFAULTS", "load_config", "apply_overrides", "validate"]
+__all__ = ["DEFAULTS", "load_config", "as_config", "apply_overrides", "validate"]
 
 DEFAULTS = {
     "pde": {
@@ -173,6 +173,11 @@ def validate(config, source="config"):
         raise InputError(f"{source}: train.warmup_steps must be >= 0 (0: none)")
     if config["train"]["max_skipped_in_a_row"] < 0:
         raise InputError(f"{source}: train.max_skipped_in_a_row must be >= 0 (0: never stop)")
+    from .pdes import lookup
+    try:
+        lookup(config["pde"]["name"])
+    except InputError as e:
+        raise InputError(f"{source}: pde.name: {e}") from None
     if config["model"]["n_basis"] < 1 or config["model"]["n_experts"] < 1:
         raise InputError(f"{source}: model.n_basis and model.n_experts must be >= 1")
     if config["model"]["fourier_features"] < 0 or not config["model"]["fourier_scale"] > 0:
@@ -225,3 +230,17 @@ def load_config(path=None, overrides=(), base_dir=None):
         if config[section][key] or (section, key) not in UNSET_WHEN_EMPTY:
             config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
     return validate(config, path or "config")
+
+
+def as_config(config):
+    """A validated config from ``config``: a TOML file's path, None (the defaults), or a dict
+    over :data:`DEFAULTS` (the sections and entries it leaves out take their defaults; its data
+    path and output directory are taken relative to the working directory)."""
+    if config is None or isinstance(config, (str, os.PathLike)):
+        return load_config(config)
+    if not isinstance(config, dict):
+        raise InputError(f"config must be a path or a dict, got {type(config).__name__}")
+    merged = _merge(DEFAULTS, config, (), "config")
+    for section, key in (("data", "path"), ("train", "out")):
+        merged[section][key] = os.path.abspath(merged[section][key])
+    return validate(merged)

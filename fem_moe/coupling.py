@@ -3,13 +3,13 @@
 The stitched output is u(w) = g + sum_k P_k Phi^T w_k (P_k keeps the dofs expert k owns), with
 w = (w_1, ..., w_K) in R^{KN}. Independent experts choose each w_k from the rows of the dofs k owns,
 evaluated on k's own field; nothing ties an expert to its neighbours, and an expert far from the
-boundary or initial data has a family of local solutions (DESIGN.md section 7). The coupled
+boundary or initial data has a family of local solutions (the method page of the docs). The coupled
 mixture solves for all of w at once, on the stitched field and every residual row:
 
-* ``"lstsq"``: minimise 1/2 |P R(u(w); m)|_W^2 + 1/2 sum_k rho_k |w_k|^2 (rho_k = 0 unless block k is
+* ``"lstsq"``: minimise 1/2 ‖P R(u(w); m)‖_W^2 + 1/2 sum_k rho_k ‖w_k‖^2 (rho_k = 0 unless block k is
   rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
   k is the global layer's output, so the coupled residual is never larger than the global one
-  with the same basis (exactly so for a linear PDE) and the same norm. |.|_W is the norm's
+  with the same basis (exactly so for a linear PDE) and the same norm. ‖.‖_W is the norm's
   weight (:mod:`fem_moe.norms`): by default each expert's rows in their own dual norm (block
   diagonal over the experts), or the Euclidean norm, or the whole mesh's dual norm (W couples
   every row: the reduced matrix is then dense).
@@ -373,7 +373,8 @@ class CoupledSolver:
         self.scatter = PETSc.Scatter().create(self.x, is_from, self.local, None)
         is_from.destroy()
         # The transforms T_k travel the same way, N^2 numbers per block.
-        self.tx = PETSc.Vec().createMPI((len(self.mine) * N * N, PETSc.DECIDE), bsize=N * N, comm=comm)
+        self.tx = PETSc.Vec().createMPI((len(self.mine) * N * N, PETSc.DECIDE), bsize=N * N,
+                                        comm=comm)
         self.tlocal = PETSc.Vec().createSeq(len(needed) * N * N, bsize=N * N, comm=PETSc.COMM_SELF)
         is_t = PETSc.IS().createBlock(N * N, self.needed.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
         self.tscatter = PETSc.Scatter().create(self.tx, is_t, self.tlocal, None)
@@ -522,7 +523,7 @@ class CoupledSolver:
         return state
 
     def _evaluate_residual(self, X, residuals=None):
-        """The residual rows of my experts at X, the objective and |r| (summed over ranks).
+        """The residual rows of my experts at X, the objective and ‖r‖ (summed over ranks).
         ``residuals``: {k: rows} at X if known (the experts' u is set, nothing assembled)."""
         err, rr, ridge = None, 0.0, 0.0
         state = {"c": X.getArray(readonly=True).copy(), "r": {}, "s": {}, "C": {}}
@@ -724,7 +725,7 @@ class CoupledSolver:
         return self.comm.allreduce(definite, op=_LAND) if self._redundant else definite
 
     def _exact_hessian(self, gnorm):
-        """As the experts' switch: Gauss-Newton until |G| <= gauss_newton_rtol |G0| or
+        """As the experts' switch: Gauss-Newton until ‖G‖ <= gauss_newton_rtol ‖G0‖ or
         Gauss-Newton stalls, then the exact Hessian (always in the backward)."""
         if self.mode != "lstsq":
             return False
@@ -744,7 +745,7 @@ class CoupledSolver:
         if self.precision.active:
             # The next step from X, with the matrix the SNES holds (factored already). The
             # coordinates are orthonormal per block over the dofs its expert owns, and the
-            # experts own disjoint dofs: |step| and |X| are the field's change and norm.
+            # experts own disjoint dofs: ‖step‖ and ‖X‖ are the field's change and norm.
             step = G.duplicate()
             self._direct_solve(G, step)
             self.precision.at(G.norm(), step.norm(), X.norm())
@@ -860,7 +861,7 @@ class CoupledSolver:
         the options'); ``warm``: w0 is a warm start (recorded in info). A warm start may bring
         each of my experts' ``jacobians`` {k: Mat} at the sample's last solution and
         ``lifting_residuals`` {k: rows} (Galerkin mode; see :meth:`fem_moe.expert.Expert.solve`:
-        the first chord matrix, and the cold |G| without an assembly); used only where every
+        the first chord matrix, and the cold ‖G‖ without an assembly); used only where every
         rank has all of its experts'. Afterwards ``lifting_residuals`` and
         ``solution_residuals`` hold my experts' rows at the lifting (where known) and at the
         solution (:meth:`vjp`'s ``residuals``). ``precision``: the relative precision the field
@@ -923,7 +924,7 @@ class CoupledSolver:
             reason, name = 1, "CONVERGED_STALLED"
         elif reason in _STALLS and rnorm_end <= self.stall_rtol * self._at_zero():
             # The first stage left the field at the residual's round-off floor (a basis that
-            # spans the solution): |G| cannot fall relative to where it started.
+            # spans the solution): ‖G‖ cannot fall relative to where it started.
             reason, name = 1, "CONVERGED_AT_FLOOR"
         info = SampleInfo(residual_before=before, residual_after=rnorm_end,
                           iterations=self.snes.getIterationNumber(), reason=name,
@@ -963,12 +964,12 @@ class CoupledSolver:
         return {k: parts[k] for k in self.mine} if self.comm.allreduce(have, op=_LAND) else None
 
     def _cold_gradient_if_warm_is_better(self, lifting_residuals=None):
-        """|G| at all coefficients 0 if the start in self.x is lower there (the objective; |G| in
+        """‖G‖ at all coefficients 0 if the start in self.x is lower there (the objective; ‖G‖ in
         Galerkin mode, where SNES drives G to zero), else None: a stale warm start can lie in a worse
-        basin of a nonlinear PDE's objective, and the cold |G| is where a cold solve's
+        basin of a nonlinear PDE's objective, and the cold ‖G‖ is where a cold solve's
         tolerance is measured from (see :meth:`fem_moe.expert.Expert.
         _cold_gradient_if_warm_is_better`). ``lifting_residuals``: my experts' rows at all
-        coefficients 0, if known (Galerkin: |G| there is then a product with the basis).
+        coefficients 0, if known (Galerkin: ‖G‖ there is then a product with the basis).
         Collective. The start is evaluated last, so that the solve reuses that evaluation."""
         at_zero, g_zero = self._at_zero(gradient=True, residuals=lifting_residuals)
         if self.mode == "lstsq":
@@ -978,8 +979,8 @@ class CoupledSolver:
         return g_zero if better else None
 
     def _at_zero(self, gradient=False, residuals=None):
-        """|r| of the lifting alone (all coefficients 0): the residual's scale; with
-        ``gradient``, (|r|, |G|) there; ``residuals``: the rows there, if known (kept in
+        """‖r‖ of the lifting alone (all coefficients 0): the residual's scale; with
+        ``gradient``, (‖r‖, ‖G‖) there; ``residuals``: the rows there, if known (kept in
         ``lifting_residuals`` either way). Collective."""
         zero = self.x.duplicate()
         zero.zeroEntries()

@@ -14,8 +14,9 @@ import numpy as np
 import firedrake as fd
 from mpi4py import MPI
 
-from .errors import raise_on_all_ranks
-from .pdes import get as get_pde
+from .config import as_config
+from .errors import InputError, raise_on_all_ranks
+from .pdes import get as get_pde, reference
 from .problem import owned_values
 
 __all__ = ["generate", "ensure_dataset", "Dataset", "describe", "is_current"]
@@ -61,7 +62,7 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
                 ds[...] = value
             del ds
         del group, h5       # HDF5 will not close the file while h5py objects are open in it
-        f.set_attr("fem_moe", "pde", json.dumps({"name": pde.name, "options": pde.opts}))
+        f.set_attr("fem_moe", "pde", json.dumps({"name": reference(pde), "options": pde.opts}))
         f.set_attr("fem_moe", "n_samples", n)
         f.set_attr("fem_moe", "seed", seed)
         f.set_attr("fem_moe", "format", FORMAT)
@@ -83,10 +84,11 @@ class Dataset:
     seconds, max over the ranks that made the file). Collective.
 
     ``expect``: a (name, options) pair; if given, a file made for another PDE or other options
-    raises InputError on every rank.
+    raises InputError on every rank. ``pde``: the PDE instance to use (a PDE of your own made in
+    your script) instead of one made from the file's name and options, which must be its own.
     """
 
-    def __init__(self, path, comm=MPI.COMM_WORLD, expect=None, problem_kwargs=None):
+    def __init__(self, path, comm=MPI.COMM_WORLD, expect=None, problem_kwargs=None, pde=None):
         err = None
         if not os.path.isfile(path):
             err = f"dataset {path!r} not found (make it with `python -m fem_moe generate CONFIG`)"
@@ -98,15 +100,20 @@ class Dataset:
         raise_on_all_ranks(comm, None if meta else
                            f"{path!r} is not a fem_moe dataset (cannot read it as HDF5 with a "
                            "fem_moe/pde attribute)")
+        if pde is not None:
+            expect = (reference(pde), pde.opts)
         with fd.CheckpointFile(path, "r", comm=comm) as f:
-            if expect is not None:
-                name, options = expect
-                want = get_pde(name, **options).opts
-                if meta["name"] != name or _pde_options(meta) != want:
-                    err = (f"dataset {path!r} was made for {meta['name']} {meta['options']}, "
-                           f"but the config asks for {name} {want}: regenerate it")
+            try:
+                if expect is not None:
+                    name, options = expect
+                    want = get_pde(name, **options).opts if pde is None else pde.opts
+                    if meta["name"] != name or _pde_options(meta) != want:
+                        err = (f"dataset {path!r} was made for {meta['name']} {meta['options']}, "
+                               f"but the config asks for {name} {want}: regenerate it")
+                self.pde = pde if pde is not None else get_pde(meta["name"], **meta["options"])
+            except InputError as e:
+                err = e
             raise_on_all_ranks(comm, err)
-            self.pde = get_pde(meta["name"], **meta["options"])
             self.mesh = f.load_mesh(MESH_NAME)
             self.problem = self.pde.problem(self.mesh, **(problem_kwargs or {}))
             n = meta["n_samples"]
@@ -171,17 +178,21 @@ def is_current(path, pde, n, seed, comm=MPI.COMM_WORLD):
     """Does ``path`` hold the dataset ``generate(pde, path, n, seed)`` would make, in the
     current format? Collective (rank 0 reads the file)."""
     have = comm.bcast(describe(path) if comm.rank == 0 and os.path.isfile(path) else None, root=0)
-    if have is None or have["name"] != pde.name:
+    if have is None or have["name"] != reference(pde):
         return False
     return {**have, "options": _pde_options(have)} == {
-        "name": pde.name, "options": pde.opts, "n_samples": n, "seed": seed, "format": FORMAT}
+        "name": reference(pde), "options": pde.opts, "n_samples": n, "seed": seed,
+        "format": FORMAT}
 
 
-def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True, force=False):
-    """Make ``config``'s dataset (its ``pde`` and ``data`` sections) with the classical solver,
-    unless an identical one (same PDE, options, sample count, seed and format) is already there
-    and not ``force``. Returns (pde, number of samples, whether it was made). Collective."""
-    pde = get_pde(config["pde"]["name"], **config["pde"]["options"])
+def ensure_dataset(config, comm=MPI.COMM_WORLD, progress=True, force=False, pde=None):
+    """Make ``config``'s dataset (its ``pde`` and ``data`` sections, or the PDE instance ``pde``)
+    with the classical solver, unless an identical one (same PDE, options, sample count, seed and
+    format) is already there and not ``force``. Returns (pde, number of samples, whether it was
+    made). Collective."""
+    config = as_config(config)
+    if pde is None:
+        pde = get_pde(config["pde"]["name"], **config["pde"]["options"])
     d = config["data"]
     n = d["n_train"] + d["n_val"] + d["n_test"]
     if is_current(d["path"], pde, n, d["seed"], comm) and not force:

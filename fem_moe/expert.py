@@ -3,14 +3,14 @@
 Given basis fields Phi (N x n dof vectors) and data m, the expert finds w in R^N such that
 u = g + Phi^T w satisfies the PDE in the chosen sense, on the residual rows it is responsible for:
 
-* ``"lstsq"`` (the paper's choice): w = argmin 1/2 ||r(w)||^2, r = P R(g + Phi^T w; m), with P
+* ``"lstsq"`` (the paper's choice): w = argmin 1/2 ‖r(w)‖^2, r = P R(g + Phi^T w; m), with P
   the selection of the expert's residual rows (all non-Dirichlet rows for the global layer). The
   reduced equations are G(w) = Phi J^T r + rho w = 0, J = dR/du.
 * ``"galerkin"``: G(w) = Phi P R(g + Phi^T w; m) + rho w = 0.
 
 rho is 0 unless the basis is rank deficient (see ``on_rank_deficient``).
 
-In least squares, |r|^2 is r^T W r with W the norm's weight on the constraint rows
+In least squares, ‖r‖^2 is r^T W r with W the norm's weight on the constraint rows
 (:mod:`fem_moe.norms`: the H1-dual norm by default; the Euclidean norm of the dof vector, as the
 paper measures its residual at collocation points; the lumped-mass norm); the formulas below are written
 for W = I, and W enters wherever a residual row is weighed (s = W r in place of r, W J Phi^T in
@@ -51,7 +51,7 @@ from .problem import owned_size, owned_values, set_owned_values, subspaces
 __all__ = ["Expert", "DEFAULT_SOLVER_PARAMETERS", "SampleInfo", "dirichlet_dofs", "NORMS",
            "reduced_solver_defaults"]
 
-#: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 |r|^2 (in lstsq mode),
+#: Defaults of the reduced SNES: trust-region Newton on the objective 1/2 ‖r‖^2 (in lstsq mode),
 #: Gauss-Newton Jacobians far from the solution and the exact Hessian near it (Levenberg-Marquardt
 #: damping where the Hessian is not positive definite), dense LU. Chosen by measurement over random
 #: bases, K = 1, 2, 3, P1/P2: line searches (bt, l2, cp) either stall at the objective's round-off
@@ -62,16 +62,16 @@ DEFAULT_SOLVER_PARAMETERS = {
     "snes_atol": 1e-13,
     "snes_stol": 0.0,
     "snes_max_it": 100,
-    # fem_moe's own option: Gauss-Newton Jacobians until |G| falls below this times |G(w0)| or
+    # fem_moe's own option: Gauss-Newton Jacobians until ‖G‖ falls below this times ‖G(w0)‖ or
     # Gauss-Newton stalls (0: the exact Hessian throughout). Measured over 216 random reduced
     # problems: 0 failures and 6.75 mean iterations, against 2 failures and 6.97 with 0.
     "gauss_newton_rtol": 1e-3,
     # fem_moe's own option: a trust region that collapses (DIVERGED_TR_DELTA) where the Newton
-    # step could lower the objective 1/2 |r|^2 by at most this fraction of it (the predicted
+    # step could lower the objective 1/2 ‖r‖^2 by at most this fraction of it (the predicted
     # decrease 1/2 G^T A^-1 G, A the Hessian or, where that is not positive definite, the
     # Gauss-Newton matrix) is accepted as converged, reason "CONVERGED_STALLED": the objective's
-    # round-off floor, where |G| <= rtol |G(w0)| is out of reach. Galerkin mode: |G| below this
-    # times |G(w0)|.
+    # round-off floor, where ‖G‖ <= rtol ‖G(w0)‖ is out of reach. Galerkin mode: ‖G‖ below this
+    # times ‖G(w0)‖.
     "stall_rtol": 1e-10,
     "ksp_type": "preonly",
     "pc_type": "lu",
@@ -83,7 +83,7 @@ DEFAULT_SOLVER_PARAMETERS = {
     # dofs 9.5 -> 7 (K = 1), 11.5 -> 8 (K = 2).
     "snes_tr_t1": 0.5,
     # fem_moe's own option (Galerkin mode): keep the reduced Jacobian of an earlier iterate (a
-    # chord step) while the last step cut |G| by at least this factor; 0: a new Jacobian at every
+    # chord step) while the last step cut ‖G‖ by at least this factor; 0: a new Jacobian at every
     # iterate (Newton). There G needs the residual alone, the Jacobian a sparse matrix assembly
     # ~3x the residual's, and warm-started training solves start where chord steps contract as
     # fast as Newton's (README, the training step). The backward always assembles its own.
@@ -136,7 +136,7 @@ def fit_coefficients(gram, projected):
     to the basis of its last visit, and once the optimiser has moved the basis they start
     further from the solution than w = 0 does (measured on diffusion-sorption at 103,525 dofs,
     Galerkin: every stored start was refused); the last *solution* fitted by today's basis
-    starts 2-3 orders of magnitude closer than w = 0 in |G| (README)."""
+    starts 2-3 orders of magnitude closer than w = 0 in ‖G‖ (README)."""
     return np.linalg.lstsq(gram, projected, rcond=None)[0]
 
 
@@ -152,20 +152,20 @@ def orthonormal_coordinates(gram):
 
 
 def gauss_newton_is_done(norm, g0, last, rtol):
-    """The switch from Gauss-Newton to the exact Hessian: |G| <= rtol |G0|, or Gauss-Newton
-    stalls (|G| fell by less than half since the last Jacobian)."""
+    """The switch from Gauss-Newton to the exact Hessian: ‖G‖ <= rtol ‖G0‖, or Gauss-Newton
+    stalls (‖G‖ fell by less than half since the last Jacobian)."""
     return norm <= rtol * g0 or (last is not None and norm > 0.5 * last)
 
 
 class ChordSteps:
     """Whether a Galerkin solve's SNES may keep the reduced Jacobian it has (the matrix of an
-    earlier iterate of the same solve) at a new iterate: while each step cuts |G| by at least
+    earlier iterate of the same solve) at a new iterate: while each step cuts ‖G‖ by at least
     ``contraction`` (0: never, Newton's method), and, near the end, while the last step's rate
-    reaches the solve's tolerance in at most ``CHORD_FINISH`` more steps (at most half |G| each):
+    reaches the solve's tolerance in at most ``CHORD_FINISH`` more steps (at most half ‖G‖ each):
     a chord step costs a residual, a new Jacobian a sparse assembly (~3-4 residuals at
     diffusion-sorption's paper size) and a step after it. :meth:`start` before each solve (a
-    new basis, or sample: no matrix yet), with the |G| where SNES will stop; :meth:`keep` at
-    each SNES Jacobian request, with |G| at the iterate (the same on every rank, so every rank
+    new basis, or sample: no matrix yet), with the ‖G‖ where SNES will stop; :meth:`keep` at
+    each SNES Jacobian request, with ‖G‖ at the iterate (the same on every rank, so every rank
     decides alike)."""
 
     def __init__(self, contraction):
@@ -180,7 +180,7 @@ class ChordSteps:
 
     @staticmethod
     def target(snes, gnorm0):
-        """The |G| at which ``snes`` stops (its tolerances, as set for the solve), from |G| at its
+        """The ‖G‖ at which ``snes`` stops (its tolerances, as set for the solve), from ‖G‖ at its
         first iterate."""
         rtol, atol = snes.getTolerances()[:2]
         return max(atol, rtol * gnorm0)
@@ -205,7 +205,7 @@ class ChordSteps:
 #: Chord steps a Galerkin solve may still take at its last rate to reach its tolerance rather
 #: than assemble a new Jacobian (:class:`ChordSteps`): about what a new Jacobian costs in
 #: residuals (3-4 at diffusion-sorption's paper size, 2 ranks) and the step after it. Measured
-#: there, warm starts from the stored Jacobian: |G| 3e-5 -> 1e-8 -> 6e-11 -> 9e-13 -> the
+#: there, warm starts from the stored Jacobian: ‖G‖ 3e-5 -> 1e-8 -> 6e-11 -> 9e-13 -> the
 #: tolerance 7e-15, or 1e-4 -> 5e-8 -> 1.3e-9 (rate 2.4e-2, 3.2 more steps): the rates miss
 #: the contraction 1e-2 by a little near the end, where a new Jacobian buys one step.
 CHORD_FINISH = 4
@@ -218,7 +218,7 @@ class PrecisionStop:
     less than ``eps`` times the field (u - g, both in the dof l2 norm): the steps after it would
     not move the delivered field past its last bits. Measured at diffusion-sorption's paper size
     (README, the training step): the warm-started chord steps went 4e-3 -> 1e-6 -> 9e-9 ->
-    1e-10 -> 1e-12 in |G| relative to the cold start's, and the last one or two of them only
+    1e-10 -> 1e-12 in ‖G‖ relative to the cold start's, and the last one or two of them only
     refined digits a float32 output drops. The stop passes SNES's absolute tolerance at that
     iterate (:meth:`at`, from the function callback), so SNES's own tests and bookkeeping stay;
     the solve then reports ``CONVERGED_FIELD_PRECISION``. :meth:`start` per solve (after its
@@ -238,7 +238,7 @@ class PrecisionStop:
         """At an iterate with SNES function norm ``gnorm`` whose next step changes the field by
         ``step_norm``, the field's own norm being ``field_norm``."""
         self.reached = bool(step_norm <= self.eps * field_norm)
-        # Strictly above |G|, which SNES compares with "<".
+        # Strictly above ‖G‖, which SNES compares with "<".
         self._snes.setTolerances(atol=max(self._atol, 2.0 * gnorm) if self.reached else self._atol)
 
 
@@ -247,7 +247,7 @@ def _is_zero(form):
 
 
 class SampleInfo(dict):
-    """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (||r||
+    """Diagnostics of one sample's reduced solve: ``residual_before``/``residual_after`` (‖r‖
     at w0 and at the solution), ``iterations``, ``reason`` (PETSc converged reason name),
     ``rank`` (numerical rank of the basis), ``ridge`` (rho), ``time`` (seconds), ``warm``
     (started from a given w0), ``chord_steps`` (iterations that kept an earlier iterate's
@@ -269,6 +269,7 @@ class Expert:
     n_basis : int
         N, the number of basis fields.
     mode : "lstsq" or "galerkin"
+        The reduced problem: least squares or Galerkin (the module's docstring).
     row_mask : bool array [n_dofs], optional
         The residual rows this expert is responsible for (owned dofs of its subdomain). Dirichlet
         rows are always excluded. Default: every owned row.
@@ -415,7 +416,7 @@ class Expert:
 
     def _assemble(self, form, tensor=None, **kwargs):
         """Assemble ``form`` with an assembler built once per form: UFL preprocessing costs more
-        than the assembly itself on small meshes (DESIGN.md section 6)."""
+        than the assembly itself on small meshes (the design page of the docs)."""
         key = id(form)
         with _expert_subdomains_may_be_empty(self.expert_id is not None):
             if key not in self._assemblers:
@@ -466,7 +467,7 @@ class Expert:
         return C.getDenseArray().copy()     # the next product overwrites C
 
     def _evaluate(self, w, Phi, Phi_mat, jacobian=False, r=None, J=None):
-        """The reduced problem at w: a dict with r (masked residual), objective (1/2 |r|^2), G and,
+        """The reduced problem at w: a dict with r (masked residual), objective (1/2 ‖r‖^2), G and,
         if ``jacobian``, A = dG/dw (and GN, its Gauss-Newton part, in lstsq mode). Sets self.u.
         ``r``: the residual rows at w if known (not assembled again); ``J``: the sparse
         Jacobian at w if known (a PETSc Mat; else assembled)."""
@@ -522,8 +523,8 @@ class Expert:
 
     def _exact_hessian(self, G):
         """Whether the SNES Jacobian gets the second-order term: always in the backward; in the
-        solve from the first iterate where |G| <= gauss_newton_rtol |G(w0)| or where Gauss-Newton
-        stalls (|G| fell by less than half since the last Jacobian: a large residual at the
+        solve from the first iterate where ‖G‖ <= gauss_newton_rtol ‖G(w0)‖ or where Gauss-Newton
+        stalls (‖G‖ fell by less than half since the last Jacobian: a large residual at the
         solution makes Gauss-Newton linear). Gauss-Newton steps cost one assembly less and are as
         good far from the solution; the exact Hessian gives the fast final convergence."""
         if self._g0 is None:
@@ -550,7 +551,8 @@ class Expert:
         if comm.size == 1:
             self._Amat = PETSc.Mat().createDense((N, N), comm=comm)
         else:
-            self._Amat = PETSc.Mat().createAIJ(((n_local, N), (n_local, N)), nnz=(N, 0), comm=comm)
+            self._Amat = PETSc.Mat().createAIJ(((n_local, N), (n_local, N)), nnz=(N, 0),
+                                               comm=comm)
         self._Amat.setUp()
         snes.setFunction(self._snes_function, self._Gvec)
         snes.setJacobian(self._snes_jacobian, self._Amat)
@@ -607,7 +609,7 @@ class Expert:
             self.precision.at(np.linalg.norm(g), self._field_norm(step), self._field_norm(state["w"]))
 
     def _field_norm(self, w):
-        """|w Phi| in the dof l2 norm over every rank (the Gram matrix of the solve's basis)."""
+        """‖w Phi‖ in the dof l2 norm over every rank (the Gram matrix of the solve's basis)."""
         return float(np.sqrt(max(w @ self._gram @ w, 0.0)))
 
     def _snes_jacobian(self, snes, X, A, P):
@@ -667,7 +669,7 @@ class Expert:
         (a PETSc Mat like :meth:`jacobian`'s) at its last solution, taken as the first chord
         matrix (``chord_contraction`` > 0) instead of one assembled at the start, which lies as
         near the solution; and ``lifting_residual`` [n], the residual rows at the lifting
-        (w = 0), from which the cold |G| the start is compared with is a product with the basis
+        (w = 0), from which the cold ‖G‖ the start is compared with is a product with the basis
         instead of an assembly. Both are ignored for a cold start (a refused warm one too).
         After the solve, ``self.lifting_residual`` holds the residual rows at the lifting where
         the solve knew them (else None) and ``self.solution_residual`` those at the solution (for
@@ -762,16 +764,16 @@ class Expert:
         return w, self.g_vec + w @ Phi, info
 
     def _cold_gradient_if_warm_is_better(self, lifting_residual=None):
-        """|G| at the cold start w = 0 (in the SNES's coordinates) if the warm start in the SNES
+        """‖G‖ at the cold start w = 0 (in the SNES's coordinates) if the warm start in the SNES
         vector starts lower than it, else None: lower in the objective (least squares), or in
-        |G| (Galerkin mode, where SNES drives G, not the residual, to zero: a Galerkin solution's
+        ‖G‖ (Galerkin mode, where SNES drives G, not the residual, to zero: a Galerkin solution's
         residual can be larger than the lifting's, and comparing residual norms refused every
         warm start on diffusion-sorption). The warm start is evaluated last and through the
         state cache, so that the solve starts from that evaluation. On a nonlinear PDE the stale
         coefficients of a sample can lie in a worse basin than 0 once the basis has moved; the
         trust region never climbs out of one (measured on the plate's cubic reaction-diffusion:
         training with unguarded warm starts ended 0.55 against 0.42 cold, with loss spikes of
-        3e3). The cold |G| is where a cold solve's tolerance is measured from
+        3e3). The cold ‖G‖ is where a cold solve's tolerance is measured from
         (:func:`tolerance`); in Galerkin mode it costs a product with the basis (and the
         residual at the lifting, unless ``lifting_residual`` gives it), in least squares the
         Jacobian at the lifting."""
@@ -980,9 +982,9 @@ class Expert:
 def tolerance(snes, rtol=None, cold_gradient=None):
     """For the duration of one solve: SNES's relative tolerance ``rtol`` (None: its own) and,
     for a solve from a warm start, the stopping point of a cold one. SNES measures rtol from
-    the start's |G|, so a warm start near the solution would be driven rtol below *its* |G|,
+    the start's ‖G‖, so a warm start near the solution would be driven rtol below *its* ‖G‖,
     orders below where a cold solve stops, and converge no sooner than a cold solve.
-    ``cold_gradient`` = |G| at the cold start (in the SNES's coordinates) makes the absolute
+    ``cold_gradient`` = ‖G‖ at the cold start (in the SNES's coordinates) makes the absolute
     tolerance rtol x that (or the options' atol, if larger): a warm solve then stops as soon as
     it is as converged as a cold solve would be, and no later than rtol below its own start."""
     old_rtol, old_atol = snes.getTolerances()[:2]
@@ -1044,8 +1046,8 @@ def residual_quadrature_degree(F):
     assembled with it: left to itself, UFL estimates higher degrees for the derivatives of a
     non-polynomial residual (e.g. a coefficient (u^2 + eps^2)^p), and a Jacobian that is not the
     exact derivative of the assembled residual stalls the reduced solves and biases the IFT
-    gradient (measured: 6e-9 relative gradient error, trust regions collapsing at |G| ~ 5e-5
-    |G0|)."""
+    gradient (measured: 6e-9 relative gradient error, trust regions collapsing at ‖G‖ ~ 5e-5
+    ‖G0‖)."""
     from ufl.algorithms import estimate_total_polynomial_degree
     degrees = [estimate_total_polynomial_degree(itg.integrand()) for itg in F.integrals()]
     return max(degrees) if degrees else 2
@@ -1075,14 +1077,14 @@ class ResidualNorm:
     """The squared residual norm of a given field and its gradient: the soft-constraint loss and
     the physics-informed training loss.
 
-    ``norm="l2"``: ||P R(u; m)||^2 + ||B (u - g)||^2, with P the non-Dirichlet rows and B the
+    ``norm="l2"``: ‖P R(u; m)‖^2 + ‖B (u - g)‖^2, with P the non-Dirichlet rows and B the
     Dirichlet dofs (the boundary misfit, zero for an output of a hard-constraint layer): the
     Euclidean norm of the assembled residual, as the paper's point residuals.
 
-    ``norm="lumped"``: (P R)^T D^{-1} (P R) + ||B (u - g)||^2, D the diagonal of the mass
+    ``norm="lumped"``: (P R)^T D^{-1} (P R) + ‖B (u - g)‖^2, D the diagonal of the mass
     matrix: the L2 norm of the strong residual (see :mod:`fem_moe.norms`).
 
-    ``norm="dual"``: (P R)^T A^{-1} (P R) + ||B (u - g)||^2, A the H1 Gram matrix (grad u . grad v
+    ``norm="dual"``: (P R)^T A^{-1} (P R) + ‖B (u - g)‖^2, A the H1 Gram matrix (grad u . grad v
     + u . v, Dirichlet rows and columns replaced by the identity): the residual's norm in the dual
     of H1, which for a linear elliptic PDE is equivalent to the error in the energy norm, on any
     mesh. The Euclidean norm weighs high frequencies by the square of the stiffness and barely

@@ -7,7 +7,8 @@ from torch.autograd.function import once_differentiable
 from .errors import InputError, raise_on_all_ranks
 from .expert import Expert, ResidualNorm
 from .points import FieldPoint, field_points
-from .problem import as_array, free_petsc_garbage
+from .lifetime import collect_garbage
+from .problem import as_array
 from .warmstart import SampleJacobians, WarmStarts, solve_from
 
 __all__ = ["HardConstraint", "residual_loss", "residual_rows"]
@@ -138,7 +139,7 @@ class _ConstrainedSolve(torch.autograd.Function):
         except Exception as exc:     # noqa: BLE001 -- reaches every rank
             err = exc
         raise_on_all_ranks(layer.problem.comm, err)
-        free_petsc_garbage(layer.problem.comm)
+        collect_garbage(layer.problem.comm)
         layer.diagnostics = infos
         ctx.layer, ctx.ws, ctx.rhos, ctx.keys, ctx.residuals = layer, ws, rhos, keys, residuals
         ctx.recording = layer._recording
@@ -189,7 +190,7 @@ class _ConstrainedSolve(torch.autograd.Function):
             if point is not None:
                 ctx.layer.jacobians.keep_jacobians(ctx.keys[b], {None: J})
                 point.release()
-        free_petsc_garbage(comm)
+        collect_garbage(comm)
         return None, _like(gPhi, basis), _like(gD, data) if want_data or not has_data else None
 
 
@@ -237,7 +238,7 @@ class HardConstraint(torch.nn.Module):
     ``training_rtol``: the reduced SNES's relative tolerance in a training forward (the module
     in training mode, autograd recording); other forwards keep the solver options' (1e-12 by
     default). The gradient is then the implicit-function gradient at a point where
-    |G| <= training_rtol |G(0)| (at the cold start, also for a warm-started solve) instead
+    ‖G‖ <= training_rtol ‖G(0)‖ (at the cold start, also for a warm-started solve) instead
     of 0: fewer iterations, a less accurate gradient
     (``benchmarks/training_options.py`` measures what that does to training). Default None.
 
@@ -300,7 +301,7 @@ class _ResidualNorm2(torch.autograd.Function):
                                    residual=None if p is None else p.residual())
                      for b, p in enumerate(ctx.points)]
         ctx.rows = [rows for _, rows in evaluated]
-        free_petsc_garbage(norm.problem.comm)
+        collect_garbage(norm.problem.comm)
         return _like(np.array([value for value, _ in evaluated]), u)
 
     @staticmethod
@@ -319,7 +320,7 @@ class _ResidualNorm2(torch.autograd.Function):
             gu[b] = G[b] * du
             if want_data:
                 gd[b] = G[b] * dd
-        free_petsc_garbage(comm)
+        collect_garbage(comm)
         return None, _like(gu, u), _like(gd, data) if want_data or not has_data else None
 
 
@@ -342,7 +343,7 @@ def _residual_norm(problem, norm="l2"):
 
 
 def residual_loss(problem, u, data=None, reduction="mean", norm="l2"):
-    """The soft-constraint (and physics-informed) loss: ||P R(u; m)||^2 + ||B(u - g)||^2 per
+    """The soft-constraint (and physics-informed) loss: ‖P R(u; m)‖^2 + ‖B(u - g)‖^2 per
     sample, the squared norm of the assembled residual on non-Dirichlet rows plus the Dirichlet
     misfit. ``norm``: "l2" (= "euclidean", the paper's), "lumped" (rows weighted by the inverse
     mass diagonal) or "dual" (the dual norm of H1, see

@@ -19,7 +19,8 @@ from .layer import (HardConstraint, check_inputs, check_rtol, delivered_precisio
                     wants_gradient, _like, _to_numpy)
 from .distributed import DistributedPartition
 from .partition import ExchangePlan, Partition
-from .problem import ConstrainedProblem, free_petsc_garbage, owned_values
+from .lifetime import collect_garbage
+from .problem import ConstrainedProblem, owned_values
 from .warmstart import WarmStarts, solve_from
 
 __all__ = ["MoEHardConstraint"]
@@ -371,7 +372,7 @@ class _MoESolve(torch.autograd.Function):
         ctx.shape = (B, N, n)
         ctx.save_for_backward(basis)
         out = _like(layer.plan.gather_sum(outputs, B).T, basis)
-        free_petsc_garbage(layer.problem.comm)
+        collect_garbage(layer.problem.comm)
         return out
 
     @staticmethod
@@ -392,7 +393,7 @@ class _MoESolve(torch.autograd.Function):
         if want_data:
             g_D = {k: np.stack(g_D[k]) if Dk[k] is not None else np.zeros((B, 0)) for k in g_D}
             gd = _like(layer._gather_data(g_D, B), basis)
-        free_petsc_garbage(layer.problem.comm)
+        collect_garbage(layer.problem.comm)
         return None, _like(gb, basis), gd
 
 

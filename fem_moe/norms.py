@@ -5,9 +5,9 @@ residual's constraint rows (P: the rows the expert is responsible for, never Dir
 W a symmetric positive definite weight on those rows:
 
 * ``"euclidean"``: W = I, the residual's dof vector as the paper's point residuals. It weighs an
-  error mode e by |A e|^2 (A the PDE's operator): high frequencies by the square of the stiffness,
+  error mode e by ‖A e‖^2 (A the PDE's operator): high frequencies by the square of the stiffness,
   smooth errors barely at all, so the projection keeps the fields' rough parts right and their
-  smooth parts wrong (DESIGN.md section 7).
+  smooth parts wrong (the method page of the docs, *Residual norms*).
 * ``"lumped"``: W = D^{-1}, D the diagonal of V's mass matrix: the L2 norm of the strong residual,
   independent of the mesh's grading. Same frequency weighting as the Euclidean norm.
 * ``"dual"``: W = (E^T G E)^{-1}, G the H1 Gram matrix of V (grad u . grad v + u . v) and E the

@@ -21,20 +21,6 @@ def subspaces(V):
     return tuple(V[i] for i in range(len(V))) if len(V) > 1 else (V,)
 
 
-def free_petsc_garbage(comm):
-    """Destroy the PETSc objects on ``comm`` that Python has released. Collective over ``comm``.
-
-    petsc4py does not destroy an object on a communicator of more than one rank when Python
-    frees it (a destroy is collective, and garbage collection runs at different times on
-    different ranks): it parks it until ``PETSc.garbage_cleanup(comm)``. Firedrake's solvers
-    call that after each solve; the layers call this at the end of each forward and backward,
-    where every rank is. Without it, every assembled vector, matrix and solver of a training
-    step stayed alive on 2 ranks: resident memory grew ~15 MiB per step at diffusion-sorption's
-    paper size, to 6-8 GB per rank after 600 steps (README)."""
-    if comm.size > 1:
-        PETSc.garbage_cleanup(comm)
-
-
 def mesh_of(V):
     """The mesh of a space, mixed or not (a mixed space's mesh() is a mesh sequence)."""
     return subspaces(V)[0].mesh()

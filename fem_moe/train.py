@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import bridge
+from . import bridge, checkpoint
 from .backbones import DeepONetBasis, ParametricFNOBasis
-from .config import DEFAULTS, FREE, _merge, load_config, validate
+from .config import DEFAULTS, FREE, as_config
 from .data import Dataset, sample_arrays
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      TrainingStalledError, raise_on_all_ranks)
@@ -53,9 +53,10 @@ from .layer import residual_loss, residual_rows
 from .losses import lifting_residual, relative_l2, relative_l2_field
 from .model import NeuralSolver
 from .partition import mesh_periods
+from .pdes import PDE, lookup, reference
 from .report import peak_rss_mb, write_atomic
 
-__all__ = ["Trainer", "build_backbone"]
+__all__ = ["Trainer", "build_backbone", "layer_options", "solver_from_config"]
 
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
@@ -94,11 +95,46 @@ def build_backbone(model, problem, pde, n_inputs, comm=MPI.COMM_WORLD):
                          fourier_scale=model["fourier_scale"])
 
 
+def layer_options(model, kind):
+    """The constraint layer's options that a config's ``model`` section gives a model of
+    ``kind`` (a mixture's "dual_blocks" is the whole mesh's "dual" for the global layer)."""
+    if kind == "soft":
+        return {}
+    norm = None if model["norm"] == "auto" else model["norm"]
+    if kind == "pihc" and norm == "dual_blocks":
+        norm = "dual"
+    options = {"ridge": model["ridge_factor"] or None, "ridge_always": model["ridge"] == "always",
+               "norm": norm, "warm_start": model["warm_start"],
+               "warm_start_memory": model["warm_start_memory"] * 2 ** 20,
+               "training_rtol": model["training_rtol"] or None}
+    if kind == "moe":
+        options.update(coupled=model["coupled"], coupling_parameters=model["coupling_parameters"],
+                       partition=None if model["partition"] == "auto" else model["partition"])
+    return options
+
+
+def solver_from_config(config, problem, backbone, kind=None, backbone_ranks=None, device=None,
+                       **overrides):
+    """The NeuralSolver that ``config`` describes (``kind``: another than its ``model.kind``)
+    on ``problem`` around ``backbone``, in the config's ``train.dtype`` on ``device``;
+    ``overrides`` replace layer options. Collective over ``problem``'s communicator."""
+    m = config["model"]
+    kind = kind or m["kind"]
+    model = NeuralSolver(problem, backbone, kind=kind, n_basis=m["n_basis"],
+                         n_experts=m["n_experts"], mode=m["mode"],
+                         partitioner_type=m["partitioner"], backbone_ranks=backbone_ranks,
+                         **{**layer_options(m, kind), **overrides})
+    return model.to(device=device, dtype=getattr(torch, config["train"]["dtype"]))
+
+
 def _resume_differences(saved, config):
     """[(name, saved value, config's value)] for the RESUME_KEYS where a checkpoint's config and
     ``config`` disagree, option by option. An option the checkpoint's config lacks (made
     before the option existed) counts as its default, the behaviour of the version that wrote
-    it; where a default changed since, the option is named."""
+    it; where a default changed since, the option is named. The PDE's options are compared as
+    the PDE resolves them (an option left out is its default)."""
+    saved, config = ({**c, "pde": _resolved_pde(c.get("pde", DEFAULTS["pde"]))}
+                     for c in (saved, config))
     out = []
     for keys in RESUME_KEYS:
         old, new, default = saved, config, DEFAULTS
@@ -112,6 +148,16 @@ def _resume_differences(saved, config):
         elif old != new:
             out.append((".".join(keys), old, new))
     return out
+
+
+def _resolved_pde(section):
+    """A config's pde section with every option of the PDE, as it resolves them (unchanged if
+    the PDE cannot be made)."""
+    try:
+        return {"name": section["name"],
+                "options": lookup(section["name"])(**section["options"]).opts}
+    except (InputError, KeyError, TypeError):
+        return section
 
 
 def _finite_mean(values):
@@ -129,15 +175,11 @@ def _spread(key, values, ok):
             f"{key}_samples": [float(x) for x in values.cpu()]}
 
 
-def _as_config(config):
-    if config is None or isinstance(config, (str, os.PathLike)):
-        return load_config(config)
-    if not isinstance(config, dict):
-        raise InputError(f"config must be a path or a dict, got {type(config).__name__}")
-    merged = _merge(DEFAULTS, config, (), "config")
-    for section, key in (("data", "path"), ("train", "out")):
-        merged[section][key] = os.path.abspath(merged[section][key])
-    return validate(merged)
+def _pde_section(pde):
+    """A config's pde section for the PDE instance ``pde`` (a shipped one or your own)."""
+    if not isinstance(pde, PDE):
+        raise InputError(f"pde must be a fem_moe.pdes.PDE instance, got {type(pde).__name__}")
+    return {"name": reference(pde), "options": dict(pde.opts)}
 
 
 class Trainer:
@@ -146,20 +188,25 @@ class Trainer:
     Attributes: ``config``, ``dataset`` (:class:`fem_moe.data.Dataset`), ``problem``, ``model``
     (:class:`fem_moe.model.NeuralSolver`), ``optimizer`` (Adam), ``scheduler``, ``step`` (steps
     taken), ``history`` (per-step dicts), ``validation`` (per-validation dicts), ``diverged``
-    (recorded solver failures), ``device``.
+    (recorded solver failures), ``device``. ``pde``: the PDE instance to train on (a PDE of
+    your own made in your script) instead of the one the config names; it must be the one the
+    dataset was made with.
     """
 
-    def __init__(self, config=None, comm=MPI.COMM_WORLD):
+    def __init__(self, config=None, comm=MPI.COMM_WORLD, pde=None):
         self.comm = comm
         err = None
         try:
-            self.config = cfg = _as_config(config)
+            self.config = cfg = as_config(config)
+            if pde is not None:
+                cfg["pde"] = _pde_section(pde)
         except FemMoeError as e:
             err = e
         raise_on_all_ranks(comm, err)       # every rank reads the same file; make sure anyway
         m, t, d = cfg["model"], cfg["train"], cfg["data"]
         self.dataset = ds = Dataset(d["path"], comm, expect=(cfg["pde"]["name"], cfg["pde"]["options"]),
-                                    problem_kwargs={"solver_parameters": m["solver_parameters"]})
+                                    problem_kwargs={"solver_parameters": m["solver_parameters"]},
+                                    pde=pde)
         need = d["n_train"] + d["n_val"] + d["n_test"]
         raise_on_all_ranks(comm, None if need <= len(ds) else
                            f"{d['path']}: the config asks for {d['n_train']} + {d['n_val']} + "
@@ -219,30 +266,8 @@ class Trainer:
         with this config's layer options, on the trainer's device and dtype: the trained model,
         the global layer of ``model.global_steps``, the trained model on another mesh
         (:func:`fem_moe.study.transfer`). Collective over ``problem``'s communicator."""
-        m = self.config["model"]
-        model = NeuralSolver(problem, backbone, kind=kind, n_basis=m["n_basis"],
-                             n_experts=m["n_experts"], mode=m["mode"],
-                             partitioner_type=m["partitioner"], backbone_ranks=self._served(),
-                             **self._layer_options(kind))
-        return model.to(device=self.device, dtype=self.dtype)
-
-    def _layer_options(self, kind):
-        """The constraint layer's options for a model of ``kind`` (a mixture's "dual_blocks"
-        is the whole mesh's "dual" for the global layer)."""
-        m = self.config["model"]
-        if kind == "soft":
-            return {}
-        norm = None if m["norm"] == "auto" else m["norm"]
-        if kind == "pihc" and norm == "dual_blocks":
-            norm = "dual"
-        options = {"ridge": m["ridge_factor"] or None, "ridge_always": m["ridge"] == "always",
-                   "norm": norm, "warm_start": m["warm_start"],
-                   "warm_start_memory": m["warm_start_memory"] * 2 ** 20,
-                   "training_rtol": m["training_rtol"] or None}
-        if kind == "moe":
-            options.update(coupled=m["coupled"], coupling_parameters=m["coupling_parameters"],
-                           partition=None if m["partition"] == "auto" else m["partition"])
-        return options
+        return solver_from_config(self.config, problem, backbone, kind, self._served(),
+                                  self.device)
 
     def _backbone(self):
         return build_backbone(self.config["model"], self.problem, self.dataset.pde,
@@ -254,11 +279,11 @@ class Trainer:
         run's basis). The optimiser starts afresh. Collective."""
         err = None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)["model"]
+            state = checkpoint.load(path, map_location=self.device)["model"]
             prefix = "backbone."
             self.model.backbone.load_state_dict(
                 {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)})
-        except (OSError, RuntimeError, KeyError, EOFError) as e:
+        except (checkpoint.CheckpointError, RuntimeError, KeyError) as e:
             err = f"model.backbone_from: cannot start the backbone from {path}: {e}"
         raise_on_all_ranks(self.comm, err)
 
@@ -608,10 +633,8 @@ class Trainer:
         warm = {name: self.comm.gather(layer.warm_starts.state(), root=0)
                 for name, layer in self._layers().items()}
         if self.comm.rank == 0:
-            buf = io.BytesIO()
             keyed = {f"warm_starts{name}": w for name, w in warm.items()}
-            torch.save({**self.state(), **keyed}, buf)
-            write_atomic(path, lambda f: f.write(buf.getvalue()))
+            checkpoint.save(path, {**self.state(), **keyed})
             self.write_metrics()
         self.comm.barrier()
 
@@ -620,14 +643,16 @@ class Trainer:
         every rank). Collective."""
         err, state = None, None
         try:
-            state = torch.load(path, map_location=self.device, weights_only=False)
+            state = checkpoint.load(path, map_location=self.device)
             differ = _resume_differences(state["config"], self.config)
             if differ:
                 err = (f"checkpoint {path} was made with " + ", ".join(
                     f"{name} = {old!r} (the config now says {new!r})" for name, old, new in differ)
                     + ": use another train.out or set train.resume = false")
-        except (OSError, RuntimeError, KeyError, EOFError) as e:
+        except checkpoint.CheckpointError as e:
             err = f"cannot resume from {path}: {e}"
+        except KeyError as e:
+            err = f"cannot resume from {path}: it holds no {e}"
         raise_on_all_ranks(self.comm, err)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
@@ -639,7 +664,7 @@ class Trainer:
             warm = state.get(f"warm_starts{name}")
             if warm is not None and len(warm) == self.comm.size:
                 # (On another rank count the ranks hold other parts: the solves start cold.)
-                layer.warm_starts.load_state(warm[self.comm.rank])
+                layer.warm_starts.load_state(checkpoint.to_arrays(warm[self.comm.rank]))
 
     def _layers(self):
         """The constraint layers whose warm starts a checkpoint keeps, by the suffix of their

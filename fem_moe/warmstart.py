@@ -6,8 +6,8 @@ per expert for a mixture), and a revisit starts from that field's best fit by th
 basis (:func:`fem_moe.expert.fit_coefficients`): the coefficients themselves belong to the
 basis they were solved in, and after the 8 optimiser steps between two visits of a sample
 (diffusion-sorption, 32 inputs, batch 4) they started further from the solution than w = 0 --
-every one was refused -- where the fitted field starts 2-3 orders of magnitude closer in |G|.
-A warm-started solve then stops where a cold solve would (its tolerance measured from |G| at
+every one was refused -- where the fitted field starts 2-3 orders of magnitude closer in ‖G‖.
+A warm-started solve then stops where a cold solve would (its tolerance measured from ‖G‖ at
 w = 0, :func:`fem_moe.expert.tolerance`), not a full relative tolerance below its own start.
 A sample is recognised by its problem data (the data spaces' dofs, hashed): the same data is
 the same physical problem, whatever the backbone's inputs. Samples of problems without data
@@ -113,7 +113,7 @@ class SampleJacobians:
     the fitted warm start lies as near the last solution as to the new one, so the stored
     matrix contracts as a Jacobian assembled at the start would, and with exact gradients a
     training step then assembles one Jacobian per sample, in its backward, where it assembled
-    two or three. The lifting's residual gives the cold |G| (the warm start's yardstick) as a
+    two or three. The lifting's residual gives the cold ‖G‖ (the warm start's yardstick) as a
     product with the basis. Measured at diffusion-sorption's paper size: README, the training
     step.
 

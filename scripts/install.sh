@@ -18,6 +18,9 @@ MPI4PY_VERSION=4.1.2
 H5PY_VERSION=3.16.0
 TORCH_VERSION=2.13.0          # whatever build the index resolves: CPU here, CUDA on a GPU workstation
 VTK_VERSION=9.7.2             # ParaView output (firedrake.VTKFile)
+SPHINX_VERSION=9.0.4          # the docs (docs/), with MyST Markdown
+MYST_VERSION=5.2.0
+RUFF_VERSION=0.17.5           # the linter CI runs before the tests
 RECIPE_REVISION=1             # bump when the recipe below changes in a way that needs a rebuild
 PY_TAG=$(python3 -c 'import sys; print(f"py{sys.version_info[0]}{sys.version_info[1]}")')
 
@@ -149,6 +152,10 @@ vtk_() {
     pip_ install "vtk==$VTK_VERSION"
 }
 
+dev_tools() {
+    pip_ install "sphinx==$SPHINX_VERSION" "myst-parser==$MYST_VERSION" "ruff==$RUFF_VERSION"
+}
+
 check() {
     "$VENV/bin/python" - <<'PY'
 import firedrake, pyadjoint, torch, petsc4py, mpi4py, h5py
@@ -173,6 +180,7 @@ step h5py h5py_parallel
 step firedrake firedrake_
 step tools tools
 step vtk vtk_
+step dev-tools dev_tools
 step check check
 
 # The editable install points at this clone; clones differ, so it is redone every time (seconds).

@@ -12,6 +12,8 @@ from firedrake.adjoint import pause_annotation, get_working_tape  # noqa: E402
 from firedrake.petsc import PETSc  # noqa: E402
 from mpi4py import MPI  # noqa: E402
 
+from fem_moe import lifetime  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
 
@@ -28,18 +30,9 @@ def clean_tape():
 
 @pytest.fixture(autouse=True, scope="module")
 def garbage_cleanup():
+    """Between test modules, every rank releases the same objects and destroys them."""
     yield
-    PETSc.garbage_cleanup(MPI.COMM_WORLD)
-
-
-# PetscFinalize cleans up the garbage of PETSC_COMM_WORLD collectively, but only on the ranks
-# where that communicator's inner (PETSc) communicator is still alive, i.e. where some object
-# still uses it. Which objects the garbage collector has freed by then differs from rank to
-# rank, so some ranks entered the cleanup's MPI_Allreduce while another went on to
-# MPI_Finalize: the whole -n 3 group hung at exit after its tests passed (seen with every test
-# file, not with any file left out). An object on PETSC_COMM_WORLD kept to the end on every
-# rank makes every rank take part.
-_WORLD_ANCHOR = PETSc.Vec().createMPI((0, PETSc.DECIDE), comm=PETSc.COMM_WORLD)
+    lifetime.clean_up()
 
 
 @pytest.fixture

@@ -78,9 +78,24 @@ def test_diffusion_sorption_demo_on_graded_levels_with_the_erfc_lifting():
         assert os.path.getsize(os.path.join(out, "extrapolation.json")) > 0
 
 
+@pytest.mark.parallel([1, 2])
+def test_bratu_a_pde_of_ones_own():
+    """The docs' worked example of a PDE fem_moe does not ship: generated, trained, evaluated,
+    loaded and applied to a new input."""
+    from mpi4py import MPI
+    comm = MPI.COMM_WORLD
+    out = comm.bcast(tempfile.mkdtemp(prefix="fem_moe_demo_") if comm.rank == 0 else None)
+    sys.path.insert(0, DEMOS)
+    try:
+        run_demo("bratu.py", "--tiny", "--out", out)
+    finally:
+        sys.path.remove(DEMOS)
+    assert os.path.isfile(os.path.join(out, "run", "checkpoint.pt"))
+
+
 def test_no_demo_left_untested():
     tested = {"nonlinear_poisson.py", "reaction_diffusion.py", "diffusion_sorption.py",
-              "flow_past_obstacle.py", "decaying_turbulence.py"}
+              "flow_past_obstacle.py", "decaying_turbulence.py", "bratu.py"}
     assert {f for f in os.listdir(DEMOS) if f.endswith(".py")} == tested
 
 

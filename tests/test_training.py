@@ -18,6 +18,7 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
+import fem_moe.checkpoint
 import fem_moe.losses
 from fem_moe import pdes
 from fem_moe.data import Dataset, generate
@@ -338,9 +339,9 @@ def test_resume_names_what_differs_and_accepts_older_checkpoints():
     Trainer(config(out, train={"steps": 2, "checkpoint_every": 2})).fit()
     path = os.path.join(out, "checkpoint.pt")
     if MPI.COMM_WORLD.rank == 0:
-        state = torch.load(path, weights_only=False)
+        state = fem_moe.checkpoint.load(path)
         del state["config"]["model"]["fourier_features"]      # as before the option existed
-        torch.save(state, path)
+        fem_moe.checkpoint.save(path, state)
     MPI.COMM_WORLD.barrier()
     resumed = Trainer(config(out, train={"steps": 2, "checkpoint_every": 2}))
     parallel_assert(resumed.step == 2, f"resumed at step {resumed.step}")
@@ -514,9 +515,13 @@ def test_mixed_space_dataset_keeps_every_sample():
                     f"{norms} {data}")
 
 
-def _cli(*args, n=2, cwd=None, timeout=600):
+def _cli(*args, n=2, cwd=None, timeout=600, path=None):
+    """``python -m fem_moe *args`` under ``mpiexec -n n``; ``path``: a folder put on
+    PYTHONPATH (where a PDE of one's own is found)."""
     env = dict(os.environ, OMP_NUM_THREADS="1", OMPI_ALLOW_RUN_AS_ROOT="1",
                OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMPI_MCA_rmaps_base_oversubscribe="1")
+    if path:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [path, os.environ.get("PYTHONPATH")]))
     env.pop("FIREDRAKE_DISABLE_OPTIONS_LEFT", None)
     cmd = ["mpiexec", "-n", str(n), sys.executable, "-m", "fem_moe", *args]
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)

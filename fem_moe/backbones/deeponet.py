@@ -35,7 +35,7 @@ class DeepONetBasis(nn.Module):
 
     ``fourier_features`` = m > 0 adds random Fourier features (Tancik et al., 2020): the trunk
     also sees cos(2 pi x.b_j) and sin(2 pi x.b_j) for m frequency vectors b_j drawn once from
-    N(0, ``fourier_scale``^2) per scaled coordinate (whole numbers of cycles per period along a
+    N(0, s^2), s = ``fourier_scale``, per scaled coordinate (whole numbers of cycles per period along a
     periodic one, so periodicity is kept). A plain MLP on coordinates learns the smooth part of
     a field first and its boundary layers and wakes last (spectral bias); with the features its
     fields resolve them: the span of the trunk fitted to the channel's solutions leaves 11 % of

@@ -167,7 +167,7 @@ class FNOBasis(nn.Module):
         # Each point reads only its own component's N channels: the points grouped by component,
         # each group interpolated from its channels, then put back in order. Interpolating all
         # N * C channels at every point and keeping one in C took half the soft step on the
-        # turbulence window (C = 20) and a sixth of PI-HC's (README, training_step_turbulence).
+        # turbulence window (C = 20) and a sixth of PI-HC's (benchmarks/training_step.py).
         grid = grid.view(grid.shape[0], self.n_basis, self.n_components, *grid.shape[2:])
         components = components.long().to(grid.device)
         order = torch.argsort(components, stable=True)

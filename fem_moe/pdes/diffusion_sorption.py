@@ -27,7 +27,7 @@ class DiffusionSorption(PDE):
 
     **The singular retardation.** u^(n_f - 1) = u^-0.126 is infinite at u = 0 and undefined
     below; we use (u^2 + eps^2)^((n_f - 1)/2), eps = ``eps`` (default 1e-3), equal to
-    |u|^(n_f - 1) to within 0.07 % for |u| > 1e-2 (4 % at |u| = 1e-3) and finite and smooth
+    ‖u‖^(n_f - 1) to within 0.07 % for ‖u‖ > 1e-2 (4 % at ‖u‖ = 1e-3) and finite and smooth
     everywhere, so Newton and the reduced solves may pass through u <= 0 (space-time Galerkin
     undershoots slightly near the initial jump at x = 0). A smaller eps makes R's curvature near
     u = 0 grow like eps^(n_f - 3) (1e12 at 1e-6), which the reduced Newton solves then have to

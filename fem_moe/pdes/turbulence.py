@@ -30,7 +30,7 @@ class DecayingTurbulence(PDE):
     **Gauge.** On a periodic domain psi is defined up to a constant; the residual uses
     -lap psi + gauge psi = w with ``gauge`` = 1e-2, which fixes psi's mean to that of w (zero: the
     discrete dynamics conserve the mean vorticity) and changes the velocity of the slowest mode
-    (|k| = 2 pi) by gauge / (4 pi^2) = 2.5e-4 relative.
+    (‖k‖ = 2 pi) by gauge / (4 pi^2) = 2.5e-4 relative.
 
     **Weight of the streamfunction rows.** The Poisson rows are multiplied by ``stream_weight``
     / dt, so that both blocks of the residual measure a vorticity error in the same unit (per
@@ -41,8 +41,8 @@ class DecayingTurbulence(PDE):
     rows), breaking the Poisson rows instead; measured at T = 1 (``README``: the residual
     halved while the vorticity hardly moved and psi's error rose above persistence's).
 
-    **Initial vorticity.** w_0 = sum_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) / |k|^2 over the
-    wavevectors k of the half plane with max(|k_x|, |k_y|) <= ``modes`` (12 of them for modes =
+    **Initial vorticity.** w_0 = sum_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) / ‖k‖^2 over the
+    wavevectors k of the half plane with max(‖k_x‖, ‖k_y‖) <= ``modes`` (12 of them for modes =
     2), a_k, b_k ~ N(0, amplitude^2): a smooth random field of zero mean, energy decaying with
     the wavenumber. The backbone sees (a, b) / amplitude. The lifting is w_0 held constant in
     time, with its streamfunction: the constrained unknown is the change from it.
@@ -151,7 +151,7 @@ class DecayingTurbulence(PDE):
         return modes.T[:, None, :]
 
     def _fourier_modes(self, V):
-        """cos and sin of 2 pi k.x / |k|^2 for every wavevector, by one kernel (the wavevector
+        """cos and sin of 2 pi k.x / ‖k‖^2 for every wavevector, by one kernel (the wavevector
         is a Constant)."""
         x, k = fd.SpatialCoordinate(V.mesh()), fd.Constant((0.0, 0.0))
         phase, mode, modes = 2 * np.pi * fd.dot(k, x), fd.Function(V), []

@@ -16,7 +16,7 @@ from mpi4py import MPI
 
 from .config import as_config
 from .errors import InputError, raise_on_all_ranks
-from .pdes import get as get_pde, reference
+from .pdes import config_section, get as get_pde, reference
 from .problem import owned_values
 
 __all__ = ["generate", "ensure_dataset", "Dataset", "describe", "is_current"]
@@ -62,7 +62,7 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
                 ds[...] = value
             del ds
         del group, h5       # HDF5 will not close the file while h5py objects are open in it
-        f.set_attr("fem_moe", "pde", json.dumps({"name": reference(pde), "options": pde.opts}))
+        f.set_attr("fem_moe", "pde", json.dumps(config_section(pde)))
         f.set_attr("fem_moe", "n_samples", n)
         f.set_attr("fem_moe", "seed", seed)
         f.set_attr("fem_moe", "format", FORMAT)

@@ -19,7 +19,7 @@ from mpi4py import MPI
 from . import checkpoint
 from .collective import InputError, raise_on_all_ranks
 from .data import sample_arrays
-from .pdes import PDE, get as get_pde
+from .pdes import config_section, get as get_pde
 from .train import CHECKPOINT, build_backbone, solver_from_config
 
 __all__ = ["load", "TrainedModel"]
@@ -40,8 +40,8 @@ def load(path, comm=MPI.COMM_WORLD, pde=None, mesh=None, device=None):
         config = state["config"]
         if pde is None:
             pde = get_pde(config["pde"]["name"], **config["pde"]["options"])
-        elif not isinstance(pde, PDE):
-            raise InputError(f"pde must be a fem_moe.pdes.PDE, got {type(pde).__name__}")
+        else:
+            config_section(pde)     # InputError unless it is a PDE
     except (InputError, KeyError, TypeError) as e:
         err = e if isinstance(e, InputError) else InputError(f"{file} is not a fem_moe checkpoint "
                                                              f"(no {e})")

@@ -97,33 +97,30 @@ def collect_garbage(comm):
     has released the same objects when PETSc destroys them."""
     if comm.size == 1:
         return
-    from petsc4py import PETSc
-    key = comm.py2f()
-    if key not in _cleaned_at and comm.Compare(MPI.COMM_WORLD) != MPI.UNEQUAL:
+    if comm.py2f() not in _cleaned_at and comm.Compare(MPI.COMM_WORLD) != MPI.UNEQUAL:
         run_first_at_exit()
-    paused = gc.isenabled()
-    gc.disable()
-    try:
-        freed = _freed[0] != _cleaned_at.get(key)
-        if comm.allreduce(freed, op=MPI.LOR):
-            gc.collect()
-        _cleaned_at[key] = _freed[0]
-        PETSc.garbage_cleanup(comm)
-    finally:
-        if paused:
-            gc.enable()
+    _destroy_released(comm, _freed[0] != _cleaned_at.get(comm.py2f()))
 
 
 def clean_up():
     """Collective over ``COMM_WORLD``: a full collection on every rank, then the released PETSc
     objects on ``COMM_WORLD`` destroyed. For exit, and between test modules."""
+    _destroy_released(MPI.COMM_WORLD, True)
+
+
+def _destroy_released(comm, collect):
+    """Collective over ``comm``: with the cycle collector paused, a full collection on every
+    rank if ``collect`` holds on any rank, then PETSc's garbage on ``comm`` destroyed (where
+    PETSc is running)."""
     PETSc = _petsc()
     paused = gc.isenabled()
-    gc.disable()        # nothing released on one rank only while PETSc destroys
+    gc.disable()
     try:
-        gc.collect()
+        if comm.allreduce(collect, op=MPI.LOR):
+            gc.collect()
+        _cleaned_at[comm.py2f()] = _freed[0]
         if PETSc is not None and PETSc.Sys.isInitialized() and not PETSc.Sys.isFinalized():
-            PETSc.garbage_cleanup(PETSc.COMM_WORLD)
+            PETSc.garbage_cleanup(comm)
     finally:
         if paused:
             gc.enable()

@@ -4,7 +4,6 @@ from collections.abc import Sequence
 import numpy as np
 import firedrake as fd
 import ufl
-from firedrake.petsc import PETSc
 
 from .errors import InputError
 

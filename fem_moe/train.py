@@ -53,7 +53,7 @@ from .layer import residual_loss, residual_rows
 from .losses import lifting_residual, relative_l2, relative_l2_field
 from .model import NeuralSolver
 from .partition import mesh_periods
-from .pdes import PDE, lookup, reference
+from .pdes import config_section, lookup
 from .report import peak_rss_mb, write_atomic
 
 __all__ = ["Trainer", "build_backbone", "layer_options", "solver_from_config"]
@@ -175,13 +175,6 @@ def _spread(key, values, ok):
             f"{key}_samples": [float(x) for x in values.cpu()]}
 
 
-def _pde_section(pde):
-    """A config's pde section for the PDE instance ``pde`` (a shipped one or your own)."""
-    if not isinstance(pde, PDE):
-        raise InputError(f"pde must be a fem_moe.pdes.PDE instance, got {type(pde).__name__}")
-    return {"name": reference(pde), "options": dict(pde.opts)}
-
-
 class Trainer:
     """Train and evaluate one model on one dataset. Collective over ``comm`` (all methods).
 
@@ -199,7 +192,7 @@ class Trainer:
         try:
             self.config = cfg = as_config(config)
             if pde is not None:
-                cfg["pde"] = _pde_section(pde)
+                cfg["pde"] = config_section(pde)
         except FemMoeError as e:
             err = e
         raise_on_all_ranks(comm, err)       # every rank reads the same file; make sure anyway

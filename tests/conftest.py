@@ -10,7 +10,6 @@ import pytest  # noqa: E402
 import firedrake  # noqa: E402,F401
 from firedrake.adjoint import pause_annotation, get_working_tape  # noqa: E402
 from firedrake.petsc import PETSc  # noqa: E402
-from mpi4py import MPI  # noqa: E402
 
 from fem_moe import lifetime  # noqa: E402
 

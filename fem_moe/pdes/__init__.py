@@ -16,7 +16,7 @@ from .turbulence import DecayingTurbulence
 
 __all__ = ["PDE", "CLASSICAL_SOLVER_PARAMETERS", "DecayingTurbulence", "DiffusionSorption",
            "FlowPastObstacle", "NonlinearDiffusion3D", "ReactionDiffusion", "REGISTRY", "get",
-           "lookup", "reference"]
+           "lookup", "reference", "config_section"]
 
 REGISTRY = {cls.name: cls for cls in (ReactionDiffusion, DiffusionSorption, FlowPastObstacle,
                                         DecayingTurbulence, NonlinearDiffusion3D)}
@@ -53,6 +53,14 @@ def reference(pde):
     if REGISTRY.get(cls.name) is cls or ":" in (cls.name or ""):
         return cls.name
     return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def config_section(pde):
+    """The config's ``pde`` section (and a dataset's record) of the PDE instance ``pde``: its
+    :func:`reference` and every option. InputError if ``pde`` is not a :class:`PDE`."""
+    if not isinstance(pde, PDE):
+        raise InputError(f"pde must be a fem_moe.pdes.PDE instance, got {type(pde).__name__}")
+    return {"name": reference(pde), "options": dict(pde.opts)}
 
 
 def get(name, **options):

@@ -21,12 +21,12 @@
 # problem, its input distribution and its data fields are.
 import argparse
 import os
-import sys
 
 import numpy as np
 import firedrake as fd
 
 import fem_moe
+from fem_moe import arguments
 from fem_moe.pdes.base import PDE, sine_modes
 
 
@@ -92,8 +92,7 @@ def main():
     parser.add_argument("--out", default="results/bratu")
     parser.add_argument("--steps", type=int, default=100)
     parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
-    args, petsc_options = parser.parse_known_args()
-    sys.argv = sys.argv[:1] + petsc_options
+    args = arguments.parse(parser)
     from mpi4py import MPI
     from fem_moe.data import ensure_dataset
     from fem_moe.train import Trainer

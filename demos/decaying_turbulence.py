@@ -32,23 +32,19 @@
 # the seam is a periodic submesh, connected across it as the whole mesh is.
 import argparse
 import os
-import sys
 
-parser = argparse.ArgumentParser(description="decaying turbulence: soft vs PI-HC vs MoE")
-parser.add_argument("--n-train", type=int, default=24)
-parser.add_argument("--n-test", type=int, default=16)
-parser.add_argument("--steps", type=int, default=None, help="training steps (500; --paper 1500)")
+from fem_moe import arguments
+
+parser = arguments.demo_parser("Decaying turbulence on a periodic square: soft constraint, PI-HC "
+                               "and the mixture of experts over a window of time steps",
+                               out="results/decaying_turbulence", steps=None, n_train=24,
+                               n_test=16, experts=4)
 parser.add_argument("--lr", type=float, default=2e-3, help="Adam's learning rate (cosine schedule)")
 parser.add_argument("--warmup-steps", type=int, default=0,
                     help="the learning rate's linear warm-up (train.warmup_steps): for models that "
                          "start from a trained backbone (--pihc-checkpoint)")
-parser.add_argument("--n-basis", type=int, default=16)
-parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--time-steps", type=int, default=10, help="backward-Euler steps")
 parser.add_argument("--t-end", type=float, default=0.6, help="the horizon")
-parser.add_argument("--models", default=None,
-                    help="comma-separated labels of the models to train (default: soft, PI-HC "
-                         "and the coupled mixture)")
 parser.add_argument("--backbone", default="fno", choices=["deeponet", "fno"],
                     help="the models' backbone (fem_moe.backbones)")
 parser.add_argument("--pihc-checkpoint", default=None,
@@ -59,14 +55,10 @@ parser.add_argument("--fresh", action=argparse.BooleanOptionalAction, default=Tr
                          "the --n-train fixed ones")
 parser.add_argument("--products", action=argparse.BooleanOptionalAction, default=None,
                     help="the FNO's layers form pointwise products (model.fno_products; default "
-                         "on, off with --paper: the paper's FNO, as the README's paper runs)")
-parser.add_argument("--out", default="results/decaying_turbulence")
+                         "on, off with --paper: the paper's FNO)")
 parser.add_argument("--paper", action="store_true",
-                    help="the README's run: the paper's FNO, 1500 steps on fresh inputs")
-parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
-parser.add_argument("--no-figures", action="store_true")
-args, petsc_options = parser.parse_known_args()
-sys.argv = sys.argv[:1] + petsc_options      # what PETSc reads when Firedrake is imported
+                    help="the paper's FNO, 1500 steps on fresh inputs")
+args = arguments.parse(parser)   # before Firedrake is imported: the rest are PETSc's options
 if args.steps is None:
     args.steps = 1500 if args.paper else 500
 if args.products is None:

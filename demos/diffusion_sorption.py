@@ -32,11 +32,15 @@
 #
 #     mpiexec -n 2 python demos/diffusion_sorption.py --paper --grading 3 --lifting erfc \
 #         --quadrature-degree 2 --dtype float32 --steps 600 --models "PI-HC galerkin,MoE K=4 galerkin"
-import argparse
 import os
 import sys
 
-parser = argparse.ArgumentParser(description="diffusion-sorption: soft vs PI-HC vs MoE, extrapolation")
+from fem_moe import arguments
+
+parser = arguments.demo_parser("Diffusion-sorption in space-time: soft constraint, PI-HC and the "
+                               "mixture of experts, and extrapolation in time",
+                               out="results/diffusion_sorption", steps=150, n_train=32, n_test=8,
+                               experts=4)
 parser.add_argument("--nx", type=int, default=32, help="cells in x")
 parser.add_argument("--nt", type=int, default=16, help="cells in t over [0, T]")
 parser.add_argument("--t-end", type=float, default=500.0, help="T: the training window [0, T]")
@@ -54,14 +58,6 @@ parser.add_argument("--dtype", default="float64", choices=["float64", "float32"]
                     help="the backbone's (train.dtype; the solves are float64)")
 parser.add_argument("--extrapolate-to", type=float, default=None,
                     help="T' > T: the window [0, T'] of the extrapolation test (default 2T)")
-parser.add_argument("--n-train", type=int, default=32)
-parser.add_argument("--n-test", type=int, default=8)
-parser.add_argument("--steps", type=int, default=150)
-parser.add_argument("--n-basis", type=int, default=16)
-parser.add_argument("--experts", type=int, default=4)
-parser.add_argument("--out", default="results/diffusion_sorption")
-parser.add_argument("--models", default=None,
-                    help="comma-separated labels of the models to train (default: all)")
 parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
                     help="the models' backbone (fem_moe.backbones)")
 parser.add_argument("--seed", type=int, default=0, help="of the initial weights and the batch order (train.seed)")
@@ -73,10 +69,7 @@ parser.add_argument("--no-extrapolation", action="store_true")
 parser.add_argument("--paper", action="store_true",
                     help="PDEBench's resolution: 1024 cells in x, a time level every 5 s "
                          "(100 cells on [0, 500]), 16 test inputs")
-parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
-parser.add_argument("--no-figures", action="store_true")
-args, petsc_options = parser.parse_known_args()
-sys.argv = sys.argv[:1] + petsc_options      # what PETSc reads when Firedrake is imported
+args = arguments.parse(parser)   # before Firedrake is imported: the rest are PETSc's options
 if args.tiny:
     args.nx, args.nt, args.n_train, args.n_test, args.steps = 8, 4, 4, 2, 3
     args.n_basis, args.experts = 4, 2

@@ -16,25 +16,18 @@
 # coefficients of a subdomain of the channel, so its residual rows are momentum *and* continuity
 # rows of the dofs it owns. Independent experts downstream of the inlet see no inflow and output
 # no flow; coupled, every expert's coefficients are chosen for the whole channel's residual.
-import argparse
 import os
-import sys
 
-parser = argparse.ArgumentParser(description="flow past a cylinder: soft vs PI-HC vs MoE")
-parser.add_argument("--n-train", type=int, default=24)
-parser.add_argument("--n-test", type=int, default=6)
-parser.add_argument("--steps", type=int, default=600)
-parser.add_argument("--n-basis", type=int, default=16)
-parser.add_argument("--experts", type=int, default=4)
+from fem_moe import arguments
+
+parser = arguments.demo_parser("Steady flow past a cylinder: soft constraint, PI-HC and the "
+                               "mixture of experts", out="results/flow_past_obstacle", steps=600,
+                               n_train=24, n_test=6, experts=4)
 parser.add_argument("--nu", type=float, default=0.02, help="viscosity (Re = U 0.1 / nu)")
 parser.add_argument("--fourier-features", type=int, default=32,
                     help="random Fourier features of the coordinates the DeepONet trunk sees "
                          "(model.fourier_features; 0: the plain trunk)")
-parser.add_argument("--out", default="results/flow_past_obstacle")
-parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
-parser.add_argument("--no-figures", action="store_true")
-args, petsc_options = parser.parse_known_args()
-sys.argv = sys.argv[:1] + petsc_options      # what PETSc reads when Firedrake is imported
+args = arguments.parse(parser)   # before Firedrake is imported: the rest are PETSc's options
 if args.tiny:
     args.n_train, args.n_test, args.steps, args.n_basis = 4, 2, 2, 4
 
@@ -59,7 +52,7 @@ config = {
               "progress": not args.tiny, "resume": False},
 }
 K = args.experts
-models = study.standard_models(K)
+models = study.select(study.standard_models(K), args.models)
 rows, trainers = study.run(config, models, out, "flow past a cylinder, Taylor-Hood "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)
 if MPI.COMM_WORLD.rank == 0:

@@ -25,24 +25,17 @@
 # solver (Firedrake's Newton with MUMPS) makes the reference solutions; the networks see only
 # theta and, in training, only the PDE: the loss is the relative squared residual of their
 # output in the dual norm of H1 (``train.loss = "physics"``), no solutions.
-import argparse
 import os
-import sys
 
-parser = argparse.ArgumentParser(description="soft vs PI-HC vs MoE on a gmsh plate with holes")
-parser.add_argument("--refine", type=int, default=0, help="uniform refinements of the gmsh mesh")
-parser.add_argument("--n-train", type=int, default=32)
-parser.add_argument("--n-test", type=int, default=8)
+from fem_moe import arguments
+
 # The default budget: what the coupled Galerkin mixture needs to reach 1 % on this plate
-# (benchmarks/mode_norm_study.py, K = 8: 0.69 % after 600 steps; K = 4 after 150: 2.8 %).
-parser.add_argument("--steps", type=int, default=600)
-parser.add_argument("--n-basis", type=int, default=16)
-parser.add_argument("--experts", type=int, default=8, help="K of the mixture")
-parser.add_argument("--out", default="results/reaction_diffusion")
-parser.add_argument("--tiny", action="store_true", help="a seconds-long run (the test suite's)")
-parser.add_argument("--no-figures", action="store_true")
-args, petsc_options = parser.parse_known_args()
-sys.argv = sys.argv[:1] + petsc_options     # what PETSc reads when Firedrake is imported
+# (benchmarks/studies/mode_norm_study.py, K = 8: 0.69 % after 600 steps; K = 4 after 150: 2.8 %).
+parser = arguments.demo_parser("Soft constraint, PI-HC and the mixture of experts on a gmsh "
+                               "plate with holes", out="results/reaction_diffusion", steps=600,
+                               n_train=32, n_test=8, experts=8)
+parser.add_argument("--refine", type=int, default=0, help="uniform refinements of the gmsh mesh")
+args = arguments.parse(parser)   # before Firedrake is imported: the rest are PETSc's options
 
 from mpi4py import MPI  # noqa: E402
 from fem_moe import study  # noqa: E402
@@ -79,6 +72,7 @@ models = study.standard_models(args.experts) + [
 # held-out test inputs, prints the table and writes ``results.json``, ParaView files
 # (``fields.pvd``: the classical solution, each prediction and its error; ``partition.pvd``)
 # and PNG figures into ``out``.
+models = study.select(models, args.models)
 rows, trainers = study.run(config, models, out, "reaction-diffusion on the plate with holes "
                            f"({MPI.COMM_WORLD.size} rank(s))", figures=not args.no_figures)
 
@@ -96,7 +90,7 @@ rows, trainers = study.run(config, models, out, "reaction-diffusion on the plate
 # expert's cells are scattered over the whole plate: its submesh (the cells touching its dofs)
 # is most of the mesh, and almost every row is an interface row.
 if MPI.COMM_WORLD.rank == 0:
-    moe = next(r for r in rows if r["label"] == f"MoE K={args.experts} galerkin")
-    print(f"\nMoE: interface rows {moe['interface_dofs']} of {moe['dofs']} dofs; RMS residual "
-          f"there {moe['residual_interface']:.2e} vs {moe['residual_interior']:.2e} elsewhere.")
+    for moe in (r for r in rows if r["label"] == f"MoE K={args.experts} galerkin"):
+        print(f"\nMoE: interface rows {moe['interface_dofs']} of {moe['dofs']} dofs; RMS residual "
+              f"there {moe['residual_interface']:.2e} vs {moe['residual_interior']:.2e} elsewhere.")
     print(f"results, figures and ParaView files in {out}")

@@ -838,9 +838,11 @@ class CoupledSolver:
                f"< N = {self.N}")
         if self.on_rank_deficient == "raise":
             raise InputError(msg + " (on_rank_deficient='raise')")
-        warnings.warn(msg + f"; regularised with the ridge term rho*w_k, rho up to {rho:.3e} "
-                      f"({self.ridge_factor:g} x the mean diagonal of the block's Gauss-Newton "
-                      "matrix)", RankDeficientBasisWarning, stacklevel=3)
+        warnings.warn(RankDeficientBasisWarning(
+            msg + f"; regularised with the ridge term rho*w_k, rho up to {rho:.3e} "
+            f"({self.ridge_factor:g} x the mean diagonal of the block's Gauss-Newton matrix)",
+            rank=min(r for _, r in deficient), n_basis=self.N,
+            experts=[k for k, _ in deficient], sample=sample), stacklevel=3)
 
     def fit(self, fields):
         """Coefficients {k: w_k} to start a solve from: each of my experts' best fit of the

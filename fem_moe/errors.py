@@ -25,4 +25,10 @@ class TrainingStalledError(SolverDivergedError):
 
 class RankDeficientBasisWarning(UserWarning):
     """The basis fields of a sample are (numerically) linearly dependent; the message says how
-    the reduced problem was regularised."""
+    the reduced problem was regularised. Attributes: ``rank`` (the lowest numerical rank found),
+    ``n_basis`` (N), ``experts`` (the experts concerned; None for the global layer) and
+    ``sample`` (index in the batch, where known)."""
+
+    def __init__(self, message, rank=None, n_basis=None, experts=None, sample=None):
+        super().__init__(message)
+        self.rank, self.n_basis, self.experts, self.sample = rank, n_basis, experts, sample

@@ -832,11 +832,12 @@ class Expert:
         if self.on_rank_deficient == "raise" or rank == 0:
             raise InputError(msg + " (on_rank_deficient='raise')" if rank else msg + ": all zero")
         rho = self._ridge(Phi)
-        warnings.warn(msg + f"; regularised with the ridge term rho*w, rho = {rho:.3e} "
-                      f"({self.ridge_factor:g} x mean diagonal of the reduced Jacobian); the "
-                      "backward holds rho fixed: it is the exact gradient of the problem "
-                      "regularised with this rho", RankDeficientBasisWarning,
-                      stacklevel=4)
+        experts = None if self.expert_id is None else [self.expert_id]
+        warnings.warn(RankDeficientBasisWarning(
+            msg + f"; regularised with the ridge term rho*w, rho = {rho:.3e} "
+            f"({self.ridge_factor:g} x mean diagonal of the reduced Jacobian); the backward holds "
+            "rho fixed: it is the exact gradient of the problem regularised with this rho",
+            rank=rank, n_basis=self.N, experts=experts, sample=sample), stacklevel=4)
         return rank, rho, np.eye(self.N)
 
     def _ridge(self, Phi):

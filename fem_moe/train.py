@@ -28,7 +28,6 @@ checkpoint and raises. Skipping stops too (checkpoint, then TrainingStalledError
 SolverDivergedError) once ``train.max_skipped_in_a_row`` steps in a row were skipped: the
 weights no longer change. A non-finite loss always stops.
 """
-import contextlib
 import csv
 import io
 import json
@@ -46,6 +45,7 @@ from . import bridge, checkpoint
 from .backbones import DeepONetBasis, ParametricFNOBasis
 from .config import DEFAULTS, FREE, as_config
 from .data import Dataset, sample_arrays
+from .diagnostics import WarningSummary
 from .errors import (FemMoeError, InputError, RankDeficientBasisWarning, SolverDivergedError,
                      TrainingStalledError, raise_on_all_ranks)
 from .expert import dirichlet_dofs
@@ -237,7 +237,9 @@ class Trainer:
         self._lift = None if ds.lifting is None else self._tensor(ds.lifting)
         self._residual_scale = self._lifting_scale(self._tensors["data"])
         self.step, self.history, self.validation, self.diverged = 0, [], [], []
-        self._rank_warned = False
+        # Rank-deficient bases are common while a backbone is young: one summary per fit and
+        # per evaluation instead of a warning per expert, input and step.
+        self._rank_deficiency = WarningSummary(RankDeficientBasisWarning)
         self.out = t["out"]
         if comm.rank == 0:
             os.makedirs(self.out, exist_ok=True)
@@ -385,27 +387,13 @@ class Trainer:
         return total, parts
 
     # ------------------------------------------------------------------ training
-    @contextlib.contextmanager
-    def _rank_deficiency_counted(self, record):
-        """Rank-deficient bases are common while a backbone is young: count them into
-        ``record["rank_deficient"]`` (and the metrics) and show only the first warning of the
-        run, instead of one per sample and step. Other warnings pass through."""
-        with warnings.catch_warnings(record=True) as caught:
-            warnings.simplefilter("always", RankDeficientBasisWarning)
-            try:
-                yield
-            finally:
-                record["rank_deficient"] = 0
-        for w in caught:
-            if issubclass(w.category, RankDeficientBasisWarning):
-                record["rank_deficient"] += 1
-                if not self._rank_warned:
-                    self._rank_warned = True
-                    warnings.warn(f"{w.message} (rank-deficient samples are counted in the "
-                                  "metrics as rank_deficient; no further warnings)",
-                                  RankDeficientBasisWarning, stacklevel=3)
-            else:
-                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    def _subject(self):
+        """The model, as the warnings' summaries name it."""
+        m = self.config["model"]
+        what = {"soft": "soft-constrained model", "pihc": f"PI-HC ({m['mode']})",
+                "moe": f"MoE K={m['n_experts']} ({m['mode']}, "
+                       f"{'coupled' if m['coupled'] else 'independent'})"}[m["kind"]]
+        return f"{what} in {self.out}"
 
     def _record_divergence(self, error, batch, step, phase):
         """Append a SolverDivergedError of ``batch`` (dataset indices) to ``self.diverged``;
@@ -424,8 +412,9 @@ class Trainer:
         model.train()
         self.optimizer.zero_grad()
         try:
-            with self._rank_deficiency_counted(record):
+            with self._rank_deficiency.gathering("train", self.step + 1, idx) as found:
                 unknown = self._unknown(idx, model)
+            record["rank_deficient"] = found["count"]
             loss, parts = self.losses(self._physical(unknown, idx), idx, unknown)
             if not math.isfinite(loss.item()):
                 raise FemMoeError(f"training diverged: the loss is {loss.item()} at step "
@@ -499,6 +488,7 @@ class Trainer:
                     self.validate()
                 if self.step % t["checkpoint_every"] == 0 or self.step == steps:
                     self.save_checkpoint()
+        self._rank_deficiency.issue(self.comm, self._subject())
         return self.history
 
     # ------------------------------------------------------------------ evaluation
@@ -513,7 +503,7 @@ class Trainer:
         for i in range(0, len(idx), bs):
             batch = idx[i:i + bs]
             try:
-                with torch.no_grad(), self._rank_deficiency_counted({}):
+                with torch.no_grad(), self._rank_deficiency.gathering(split, self.step, batch):
                     parts.append(self.predict(batch))
             except SolverDivergedError as e:
                 if self.config["train"]["on_diverge"] == "stop":
@@ -573,6 +563,7 @@ class Trainer:
         t0 = time.perf_counter()
         u = self._predict_split(split)
         seconds = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        self._rank_deficiency.issue(self.comm, self._subject())
         rel, field, res = self._measure(u, idx)
         ok = torch.isfinite(rel)
         if not ok.any():

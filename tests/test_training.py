@@ -600,3 +600,58 @@ def test_training_with_one_backbone_rank_follows_the_replicated_run():
                     f"losses differ: {runs}")
     parallel_assert(runs["one"][-1] < runs["one"][0], f"no learning: {runs['one']}")
     parallel_assert(os.path.isfile(os.path.join(base, "one", "checkpoint.pt")), "no checkpoint")
+
+
+@pytest.mark.parallel([1, 2])
+def test_rank_deficient_bases_are_summarised_once_per_fit_and_evaluation(caplog):
+    """Four experts on a 49-dof mesh with N = 16 fields: every expert's block is rank deficient
+    at every input. Training warns once (rank 0), with the counts and the worst case; each
+    occurrence is logged at DEBUG level for whoever asks; evaluation adds one summary."""
+    comm = MPI.COMM_WORLD
+    out = shared_dir()
+    tr = Trainer(config(out, model={"n_basis": 16, "n_experts": 4, "mode": "galerkin"},
+                        train={"steps": 3, "val_every": 3}))
+    with warnings.catch_warnings(record=True) as caught, caplog.at_level("DEBUG", "fem_moe"):
+        warnings.simplefilter("always")
+        tr.fit()
+        tr.evaluate(write=False)
+    summaries = [w for w in caught if issubclass(w.category, fem_moe.RankDeficientBasisWarning)]
+    texts = [str(w.message) for w in summaries]
+    parallel_assert(len(summaries) == (2 if comm.rank == 0 else 0), f"summaries: {texts}")
+    if comm.rank == 0:
+        assert "12 of 12 inputs over 3 train steps; 2 of 2 inputs over 1 val evaluation;" in texts[0]
+        assert "MoE K=4 (galerkin, coupled)" in texts[0] and "Worst: numerical rank" in texts[0]
+        assert "2 of 2 inputs over 1 test evaluation;" in texts[1]
+    logged = [r for r in caplog.records if "numerical rank" in r.getMessage()]
+    parallel_assert(len(logged) >= 3 * 4 + 2 + 2, f"{len(logged)} occurrences logged")
+    assert [r["rank_deficient"] for r in tr.history] == [4, 4, 4]
+
+
+@pytest.mark.parallel([1, 2])
+def test_a_rank_deficiency_summary_made_an_error_raises_on_every_rank():
+    """A user's filter that turns the warning into an error: every rank raises (rank 0 alone
+    would leave the others in the next collective)."""
+    out = shared_dir()
+    tr = Trainer(config(out, model={"n_basis": 16, "n_experts": 4, "mode": "galerkin"},
+                        train={"steps": 1, "val_every": 1}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", fem_moe.RankDeficientBasisWarning)
+        with pytest.raises(fem_moe.FemMoeError, match="linearly dependent"):
+            tr.fit()
+
+
+def test_other_warnings_pass_through_the_rank_deficiency_summary():
+    """A warning of another kind raised during a training step reaches the caller as it was."""
+    tr = Trainer(config(shared_dir(), model={"kind": "pihc"}, train={"steps": 1}))
+    forward = tr.model.forward
+
+    def warning_forward(*args, **kwargs):
+        warnings.warn("a warning of the user's own", UserWarning)
+        return forward(*args, **kwargs)
+
+    tr.model.forward = warning_forward
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        tr.train_step()
+    assert [str(w.message) for w in caught if w.category is UserWarning] == \
+        ["a warning of the user's own"]

@@ -23,10 +23,10 @@ backbone rank: the backbone's forward and backward at every point it serves, no 
 the layout: fields and backbone gradients against every rank evaluating its own points on a CPU
 copy of the same weights, relative to the largest entry.
 """
-import argparse
 import os
 import sys
 import time
+
 
 import numpy as np
 import torch
@@ -34,9 +34,8 @@ from mpi4py import MPI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
-sys.path.insert(0, HERE)
 
-from common import print_table, write_json  # noqa: E402
+from common import benchmark_parser, print_table, write_json  # noqa: E402
 from fem_moe import bridge  # noqa: E402
 from fem_moe.backbones import DeepONetBasis, ParametricFNOBasis  # noqa: E402
 
@@ -135,7 +134,7 @@ def measure(comm, kind, layout, args, dtype):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="backbone_serving.json")
     parser.add_argument("--points", type=int, default=103525,
                         help="dofs over all ranks (default: diffusion-sorption at the paper's size)")
     parser.add_argument("--n-basis", type=int, default=16)
@@ -144,7 +143,6 @@ def main():
     parser.add_argument("--layouts", nargs="+", default=["all", "served"], choices=["all", "served"])
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=5, help="measured steps (after one warm-up)")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "backbone_serving.json"))
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     dtype = getattr(torch, args.dtype)

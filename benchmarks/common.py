@@ -1,11 +1,30 @@
-"""Helpers of the benchmark scripts: memory readings, timing, the table and the JSON file."""
+"""Helpers of the benchmark scripts: their command line, memory readings, timing, the table and
+the JSON file. No Firedrake at import: a script parses its command line before PETSc reads it."""
+import argparse
 import json
 import math
 import os
-import platform
 import time
 
+from fem_moe.arguments import parse as parse_arguments, provenance  # noqa: F401
 from fem_moe.report import peak_rss_mb, print_table, reset_peak_rss, write_atomic  # noqa: F401
+
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "results")
+
+
+def benchmark_parser(doc, out=None, results=RESULTS):
+    """A benchmark's argument parser. ``doc``: the script's docstring, which says what it
+    measures and how; ``--help`` prints it as written. ``out``: the name of the results file
+    in the folder ``results`` (adds ``--out``; ``benchmarks/results/`` by default, the design
+    studies' is ``benchmarks/studies/results/``)."""
+    parser = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Options starting with '-' that are not listed go to PETSc. The results file "
+               "records the command, the machine and the date.")
+    if out is not None:
+        parser.add_argument("--out", default=os.path.join(results, out),
+                            help="the JSON file of the results (default: %(default)s)")
+    return parser
 
 
 def rss_mb():
@@ -79,9 +98,10 @@ def parse_options(text):
     return out
 
 
-def write_json(path, name, rows, **meta):
-    meta.update(machine=platform.node(), cpus=os.cpu_count(), python=platform.python_version(),
-                date=time.strftime("%Y-%m-%dT%H:%M:%S"))
+def write_json(path, name, rows, ranks=1, **meta):
+    """``rows`` and ``meta`` of benchmark ``name`` to ``path``, with the command that ran (on
+    ``ranks`` MPI ranks), the machine and the date."""
+    meta.update(provenance(ranks))
     doc = {"benchmark": name, "meta": meta, "rows": rows}
     write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1).encode()))
     print(f"wrote {path}")

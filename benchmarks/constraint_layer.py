@@ -14,11 +14,12 @@ import json
 import os
 import sys
 
+from common import benchmark_parser, parse_arguments
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def measure(n, n_basis, mode, repeat):
-    sys.path.insert(0, HERE)
     from common import Timer, nonlinear_diffusion, reset_peak, peak_above, rss_mb
     import torch
     import fem_moe
@@ -48,18 +49,16 @@ def measure(n, n_basis, mode, repeat):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="constraint_layer.json")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--n-basis", type=int, nargs="+", default=[8, 32, 128])
     parser.add_argument("--mode", default="lstsq", choices=["lstsq", "galerkin"])
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "constraint_layer.json"))
     parser.add_argument("--single", nargs=2, type=int, help=argparse.SUPPRESS)
-    args, _ = parser.parse_known_args()
+    args = parse_arguments(parser)
     if args.single:
         print(json.dumps(measure(*args.single, args.mode, args.repeat)))
         return
-    sys.path.insert(0, HERE)
     from common import print_table, run_child, write_json
     rows = []
     for n in args.sizes:

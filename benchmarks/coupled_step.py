@@ -9,13 +9,13 @@ distribution, the basis an untrained DeepONet's (seeded). Prints, per layer, the
 forward + backward (after a warm-up that compiles kernels), the coupled SNES iterations per
 sample, and writes ``benchmarks/results/coupled_step.json``.
 """
-import argparse
 import os
-import sys
 import time
 
+from common import benchmark_parser, parse_arguments
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = benchmark_parser(__doc__)
 parser.add_argument("--pde", default="reaction_diffusion")
 parser.add_argument("--mesh", default="plate_with_holes", help="reaction_diffusion's mesh option")
 parser.add_argument("--experts", type=int, default=4)
@@ -23,9 +23,7 @@ parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--batch", type=int, default=4)
 parser.add_argument("--repeat", type=int, default=3)
 parser.add_argument("--mode", default="galerkin", choices=["lstsq", "galerkin"])
-args, petsc_options = parser.parse_known_args()
-command = "python " + " ".join(sys.argv)
-sys.argv = sys.argv[:1] + petsc_options
+args = parse_arguments(parser)   # before Firedrake is imported: the rest are PETSc's options
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -36,7 +34,6 @@ from fem_moe.backbones import DeepONetBasis  # noqa: E402
 from fem_moe.pdes import REGISTRY  # noqa: E402
 from fem_moe.problem import owned_values  # noqa: E402
 
-sys.path.insert(0, HERE)
 from common import print_table, write_json  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -89,5 +86,5 @@ if comm.rank == 0:
                        ("backward_s", "backward s", "{:.3f}"), ("step_s", "step s", "{:.3f}"),
                        ("coupled_iterations", "coupled its/sample", "{:.1f}")])
     write_json(os.path.join(HERE, "results", "coupled_step.json"), "coupled_step", rows,
-               command=command, pde=args.pde, dofs=problem.V.dim(), n_basis=N, batch=args.batch,
-               mode=args.mode, ranks=comm.size)
+               ranks=comm.size, pde=args.pde, dofs=problem.V.dim(), n_basis=N, batch=args.batch,
+               mode=args.mode)

@@ -10,7 +10,6 @@ garbage cleanup of ``PetscFinalize``, if ranks disagree on what is left to clean
 
 The table goes to the terminal, the rows to ``benchmarks/results/exit_stress.json``.
 """
-import argparse
 import os
 import re
 import signal
@@ -19,6 +18,7 @@ import subprocess
 import sys
 import tempfile
 import time
+
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 REPO = os.path.dirname(HERE)
@@ -68,18 +68,14 @@ def launch(n, timeout, backtraces=False):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    from common import benchmark_parser, print_table, write_json
+    parser = benchmark_parser(__doc__, out="exit_stress.json")
     parser.add_argument("--ranks", type=int, nargs="+", default=[2, 3], help="rank counts")
     parser.add_argument("--runs", type=int, default=20, help="runs per rank count")
     parser.add_argument("--timeout", type=float, default=240,
                         help="seconds a run may take before it counts as hung and is killed")
     parser.add_argument("--backtraces", action="store_true", help="gdb backtraces of hung runs")
-    parser.add_argument("--json", default=os.path.join(HERE, "results", "exit_stress.json"))
     args = parser.parse_args()
-
-    sys.path.insert(0, HERE)
-    from common import print_table, write_json
 
     rows = []
     for n in args.ranks:
@@ -103,8 +99,7 @@ def main():
                        ("hung_at_exit", "hung at exit", "{}"), ("other", "other", "{}"),
                        ("median_s", "median s", "{:.1f}"), ("max_s", "max s", "{:.1f}")],
                 title=f"tests/exit_job.py under mpiexec, limit {args.timeout:.0f} s per run")
-    write_json(args.json, "exit_stress", rows, timeout_s=args.timeout,
-               command="python benchmarks/exit_stress.py " + " ".join(sys.argv[1:]))
+    write_json(args.out, "exit_stress", rows, timeout_s=args.timeout)
     return 0 if all(r["ended"] == r["runs"] for r in rows) else 1
 
 

@@ -26,11 +26,12 @@ import json
 import os
 import sys
 
+from common import benchmark_parser, parse_arguments
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
 def measure(n, kind, K, n_basis, batch, repeat):
-    sys.path.insert(0, HERE)
     from common import Timer, forward_backward, nonlinear_diffusion, reset_peak, peak_above, rss_mb
     import numpy as np
     import torch
@@ -90,7 +91,7 @@ def measure(n, kind, K, n_basis, batch, repeat):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="moe_scaling.json")
     parser.add_argument("--sizes", type=int, nargs="+", default=[32, 64, 128, 192])
     parser.add_argument("--experts", type=int, nargs="+", default=[1, 2, 4, 8])
     parser.add_argument("--kinds", nargs="+", default=["coupled", "moe"],
@@ -100,10 +101,9 @@ def main():
     parser.add_argument("--n-basis", type=int, default=16)
     parser.add_argument("--batch", type=int, default=2)
     parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "moe_scaling.json"))
     parser.add_argument("--plot", help="a PNG of the step and inference times against dofs")
     parser.add_argument("--single", nargs=3, help=argparse.SUPPRESS)
-    args, _ = parser.parse_known_args()
+    args = parse_arguments(parser)
     if args.single:
         n, kind, K = int(args.single[0]), args.single[1], int(args.single[2])
         row = measure(n, kind, K, args.n_basis, args.batch, args.repeat)
@@ -111,7 +111,6 @@ def main():
         if MPI.COMM_WORLD.rank == 0:
             print(json.dumps(row))
         return
-    sys.path.insert(0, HERE)
     from common import print_table, run_child, write_json
     rows = []
     for n in args.sizes:

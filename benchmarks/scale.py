@@ -28,6 +28,8 @@ import json
 import os
 import sys
 
+from common import benchmark_parser
+
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -43,7 +45,6 @@ def _problem(dim, size, degree):
 
 
 def measure_setup(dim, size, partition, K, degree=1):
-    sys.path.insert(0, HERE)
     from common import Timer, reset_peak, peak_above, rss_mb
     from mpi4py import MPI
     import fem_moe
@@ -79,7 +80,6 @@ def _smooth_basis(problem, N):
 
 
 def measure_inference(refine, degree, N, K, mumps=True):
-    sys.path.insert(0, HERE)
     from common import Timer, forward_backward
     import numpy as np
     import torch
@@ -140,7 +140,7 @@ def _slopes(rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser = benchmark_parser(__doc__)
     sub = parser.add_subparsers(dest="what", required=True)
     s = sub.add_parser("setup")
     s.add_argument("--sizes2d", type=int, nargs="*", default=[128, 256, 512, 1024])
@@ -162,7 +162,6 @@ def main():
     i.add_argument("--out", default=os.path.join(HERE, "results", "scale_inference.json"))
     i.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    sys.path.insert(0, HERE)
     from common import print_table, run_child, write_json
 
     if args.what == "inference":

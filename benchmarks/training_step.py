@@ -22,11 +22,11 @@ products of sparse matrices with the dense basis (``MatMatMult``), the reduced a
 Rows are appended to ``--out`` under ``--label`` (a row with the same label, kind and size is
 replaced), so that the configurations measured sit in one file.
 """
-import argparse
 import cProfile
 import json
 import os
-import sys
+
+from common import benchmark_parser, parse_arguments
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 # This script's flags are not PETSc's: no unused-options report at exit.
@@ -38,7 +38,7 @@ EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "KSPSolve", "KSPMa
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="training_step.json")
     parser.add_argument("--pde", default="diffusion_sorption")
     parser.add_argument("--options", default=None,
                         help="the PDE's options, key=value,...; default nx=1024,nt=100 for "
@@ -67,12 +67,10 @@ def main():
     parser.add_argument("--profile", default=None, metavar="DIR",
                         help="cProfile the measured steps of each kind into DIR/<kind>.<rank>.prof")
     parser.add_argument("--label", default="default", help="the rows' name in --out")
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "training_step.json"))
     parser.add_argument("--backbone-ranks", type=int, nargs="+", default=None,
                         help="ranks holding the backbone (bridge.BackboneRanks; default every "
                              "rank): the backbone phase then includes the fields' transfers")
-    args, _ = parser.parse_known_args()
-    sys.path.insert(0, HERE)
+    args = parse_arguments(parser)
     import numpy as np
     import torch
     from firedrake.petsc import PETSc

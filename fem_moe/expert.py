@@ -78,7 +78,7 @@ DEFAULT_SOLVER_PARAMETERS = {
     # A rejected step halves the trust region (PETSc's default quarters it). The first
     # Gauss-Newton step on these quartic objectives often overshoots by a little; quartered twice,
     # the region took several doubling steps to grow back. Measured (README, the reduced solve;
-    # benchmarks/reduced_solves.py): 108 random reduced problems (global, K = 2, 3; P1/P2; two
+    # benchmarks/studies/reduced_solves.py): 108 random reduced problems (global, K = 2, 3; P1/P2; two
     # source scales) 8.12 -> 7.27 iterations, no failures either way; moe_scaling at 103041
     # dofs 9.5 -> 7 (K = 1), 11.5 -> 8 (K = 2).
     "snes_tr_t1": 0.5,

@@ -240,7 +240,7 @@ class HardConstraint(torch.nn.Module):
     default). The gradient is then the implicit-function gradient at a point where
     ‖G‖ <= training_rtol ‖G(0)‖ (at the cold start, also for a warm-started solve) instead
     of 0: fewer iterations, a less accurate gradient
-    (``benchmarks/training_options.py`` measures what that does to training). Default None.
+    (``benchmarks/studies/training_options.py`` measures what that does to training). Default None.
 
     Gradients w.r.t. ``basis`` and ``data`` are exact implicit-function-theorem gradients: one
     N x N linear solve per sample, no unrolled iterations. ``layer.diagnostics`` holds a

@@ -51,7 +51,7 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: PETSc's own LU, whose solves cost 4 ms where MUMPS's cost 30 ms (103,525 rows; 16 columns:
 #: 61-72 ms against 73-149 ms), on several ranks redundantly (each rank factors the whole Gram
 #: matrix, as PCREDUNDANT does, and solves its share of a block's columns: :class:`SplitColumns`).
-#: Measured by benchmarks/riesz_solve.py.
+#: Measured by benchmarks/studies/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
 #: One rank's vectors when the blocks are MUMPS's (options prefix ``<prefix>riesz_vector_``).
 VECTOR_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "petsc"}

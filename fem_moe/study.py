@@ -12,6 +12,7 @@ import firedrake as fd
 from mpi4py import MPI
 
 from . import report
+from .arguments import provenance
 from .data import ensure_dataset
 from .errors import InputError, SolverDivergedError, TrainingStalledError
 from .pdes import PDE
@@ -116,8 +117,10 @@ def print_table(rows, title=None, file=None):
 
 
 def write_json(path, rows, **meta):
-    """Rows and metadata to ``path`` atomically (rank 0 only)."""
-    doc = {"meta": meta, "rows": rows}
+    """Rows and metadata to ``path`` atomically (rank 0 only), with how they were made: the
+    command (on ``meta["ranks"]`` ranks), the machine, the date and the commit
+    (:func:`fem_moe.arguments.provenance`)."""
+    doc = {"meta": {**provenance(meta.get("ranks", 1)), **meta}, "rows": rows}
     write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
 
 

@@ -37,7 +37,7 @@ class DiffusionSorption(PDE):
     s_end)^g of the uniform one s, so the levels crowd towards t = 0. The inflow value 1 meets
     the initial u0 < 0.2 at (0, 0), and the front it starts moves like sqrt(t): u_t grows like
     t^(-1/2) there, and on uniform meshes the discrete solution converges to the PDE's at order
-    0.74 only (``benchmarks/reference_convergence.py``); graded levels resolve the start, which
+    0.74 only (``benchmarks/studies/reference_convergence.py``); graded levels resolve the start, which
     is what a reference for the PDE's solution needs. The demo trains on uniform meshes by
     default (g = 1); on g = 3 with the erfc lifting below, its coupled mixture is 0.72 % from the
     PDE at PDEBench's size (README).

@@ -13,17 +13,19 @@ Richardson's estimate of each level's own error from the PDE's solution (the fin
 too, which no finer solve measures: 8192 x 800 cells, 6.6e6 dofs, needs more than this
 machine's 24 GB with MUMPS on one rank).
 
-    python benchmarks/reference_convergence.py                          # 256x25 ... 2048x200
-    mpiexec -n 2 python benchmarks/reference_convergence.py --levels 4   # up to 4096 x 400
+    python benchmarks/studies/reference_convergence.py                          # 256x25 ... 2048x200
+    mpiexec -n 2 python benchmarks/studies/reference_convergence.py --levels 4   # up to 4096 x 400
 
-Prints a table and writes ``benchmarks/results/reference_convergence.json``.
+Prints a table and writes ``benchmarks/studies/results/reference_convergence.json``.
 """
-import argparse
 import json
 import os
 import sys
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments, provenance  # noqa: E402
+
+parser = benchmark_parser(__doc__)
 parser.add_argument("--nx", type=int, default=256, help="cells in x of the coarsest level")
 parser.add_argument("--nt", type=int, default=25, help="cells in t over [0, T] of the coarsest level")
 parser.add_argument("--levels", type=int, default=3, help="refinements above the coarsest")
@@ -34,9 +36,7 @@ parser.add_argument("--samples", type=int, default=3, help="inputs u0, drawn as 
 parser.add_argument("--seed", type=int, default=0)
 parser.add_argument("--out", default=os.path.join(os.path.dirname(os.path.abspath(__file__)),
                                                   "results", "reference_convergence.json"))
-args, petsc_options = parser.parse_known_args()
-command = "python " + " ".join(sys.argv)
-sys.argv = sys.argv[:1] + petsc_options
+args = parse_arguments(parser)   # before Firedrake is imported: the rest are PETSc's options
 
 import numpy as np  # noqa: E402
 import firedrake as fd  # noqa: E402
@@ -44,7 +44,6 @@ from mpi4py import MPI  # noqa: E402
 
 from fem_moe import pdes  # noqa: E402
 from fem_moe.report import print_table  # noqa: E402
-sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import relative_distance  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -102,5 +101,5 @@ if comm.rank == 0:
                        ("seconds", "s per solve", "{:.2f}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({"command": command, "ranks": comm.size, "t_end": args.t_end, "grading": args.grading,
+        json.dump({**provenance(comm.size), "ranks": comm.size, "t_end": args.t_end, "grading": args.grading,
                    "params": params.tolist(), "rows": rows}, f, indent=1)

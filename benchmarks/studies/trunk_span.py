@@ -5,16 +5,18 @@ solutions of a fem_moe dataset (Adam on the mean squared relative projection err
 training solutions, less the lifting) and reports the test solutions' projection error, per
 field component: the backbone's share of a model's error, without training a model.
 
-    python benchmarks/trunk_span.py demos/results/flow_past_obstacle/data.h5 \\
+    python benchmarks/studies/trunk_span.py demos/results/flow_past_obstacle/data.h5 \\
         --variants 0 32 [--scale 3] [--width 64] [--depth 3] [--steps 2000]
 
 ``--variants``: numbers of random Fourier features (model.fourier_features; 0: the plain trunk).
-One rank. Prints a table; writes ``benchmarks/results/trunk_span_<pde>.json``.
+One rank. Prints a table; writes ``benchmarks/studies/results/trunk_span_<pde>.json``.
 """
-import argparse
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -34,7 +36,7 @@ def projection_error(F, Y):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__)
     parser.add_argument("data", help="a fem_moe dataset (data.h5 of a demo's output directory)")
     parser.add_argument("--variants", type=int, nargs="+", default=[0, 32])
     parser.add_argument("--scale", type=float, default=3.0, help="model.fourier_scale")
@@ -45,13 +47,12 @@ def main():
     parser.add_argument("--n-test", type=int, default=6)
     parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--out", default=None)
-    args, _ = parser.parse_known_args()
+    args = parse_arguments(parser)
     import numpy as np
     import torch
     from mpi4py import MPI
     from fem_moe.data import describe
     from fem_moe.train import Trainer
-    sys.path.insert(0, HERE)
     from common import print_table, write_json
     if MPI.COMM_WORLD.size != 1:
         sys.exit("trunk_span.py runs on one rank")
@@ -104,7 +105,7 @@ def main():
     print_table(rows, columns, f"{info['name']}: the trunk's span fitted to the training solutions "
                 f"({args.width} x {args.depth}, latent {args.latent}, scale {args.scale}, {args.steps} steps)")
     write_json(args.out or os.path.join(HERE, "results", f"trunk_span_{info['name']}.json"),
-               "trunk_span", rows, command="python " + " ".join(sys.argv))
+               "trunk_span", rows)
 
 
 if __name__ == "__main__":

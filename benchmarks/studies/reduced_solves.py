@@ -2,17 +2,20 @@
 by the global layer and the coupled mixture (K = 2, 3) under the default solver options and
 under each ``--variant`` (PETSc options given to both layers' prefixes).
 
-    python benchmarks/reduced_solves.py --variant "snes_tr_t1 0.25"
+    python benchmarks/studies/reduced_solves.py --variant "snes_tr_t1 0.25"
 
 Each problem: -div((1 + u^2) grad u) = m on a 16 x 16 unit square, P1 and P2, u = x + y on the
 boundary, N = 8 random smooth basis fields (9 seeds) and two source scales (m of size 1 and
 20: the second strongly nonlinear). Prints, per variant and layer, the solves that diverged and
-the mean iterations of the others; writes ``benchmarks/results/reduced_solves.json``.
+the mean iterations of the others; writes ``benchmarks/studies/results/reduced_solves.json``.
 """
 import argparse
 import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 PREFIXES = ("fem_moe_", "moe_")     # the global layer's and the coupled mixture's
@@ -26,7 +29,6 @@ def measure(variant):
     from firedrake.petsc import PETSc
     import fem_moe
 
-    sys.path.insert(0, HERE)
     from common import nonlinear_diffusion
 
     words = variant.split()
@@ -76,16 +78,14 @@ def summary(rows):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="reduced_solves.json", results=os.path.join(HERE, "results"))
     parser.add_argument("--variant", action="append", default=[],
                         help='PETSc options without prefix, e.g. "snes_tr_t1 0.25" (repeatable)')
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "reduced_solves.json"))
     parser.add_argument("--single", help=argparse.SUPPRESS)
-    args, _ = parser.parse_known_args()
+    args = parse_arguments(parser)
     if args.single is not None:
         print(json.dumps({"rows": measure(args.single)}))
         return
-    sys.path.insert(0, HERE)
     from common import run_child, write_json
     results = []
     for variant in [""] + args.variant:
@@ -95,7 +95,7 @@ def main():
         for label, s in results[-1]["summary"].items():
             print(f"{results[-1]['variant']:>24s}  {label:>12s}: {s['failed']} of {s['solves']} "
                   f"diverged, {s['mean_iterations']:.2f} iterations on average")
-    write_json(args.out, "reduced_solves", results, command="python " + " ".join(sys.argv))
+    write_json(args.out, "reduced_solves", results)
 
 
 if __name__ == "__main__":

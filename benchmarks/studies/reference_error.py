@@ -7,28 +7,30 @@ refinement halves the cells in x and in t), with its time levels graded towards 
 (``--grading``, the PDE's option; 1: uniform, and the meshes are nested) — the error a user of
 the prediction sees against the PDE. The reference integrates the residual at UFL's estimated
 degree even where the run chose another (diffusion_sorption's ``quadrature_degree``). A model's P1 field moves to the reference's mesh by
-interpolation (exact on nested meshes). ``benchmarks/reference_convergence.py`` (same
+interpolation (exact on nested meshes). ``benchmarks/studies/reference_convergence.py`` (same
 ``--grading``) says how far that reference is from the PDE.
 
-    mpiexec -n 2 python benchmarks/reference_error.py demos/results/diffusion_sorption_paper \\
+    mpiexec -n 2 python benchmarks/studies/reference_error.py demos/results/diffusion_sorption_paper \\
         --refine 1 --grading 3
 
 Every subdirectory of the run holding a ``checkpoint.pt`` is a trained model (``--models``:
 some of them); the run's ``data.h5`` holds the test inputs. Any number of ranks. Prints a
-table and writes ``benchmarks/results/reference_error_<run>.json``: per model the relative L2 error against the
+table and writes ``benchmarks/studies/results/reference_error_<run>.json``: per model the relative L2 error against the
 refined reference and against the same-mesh classical solution, mean, standard deviation and
 max over the test inputs, and the distance of the same-mesh classical solution itself to the
 refined one. Errors are L2 norms over the space-time domain (``firedrake.errornorm``) of the
 physical field, initial and inflow values included — not the demos' norm of dof vectors, which
 on these uniform meshes is close to it.
 """
-import argparse
 import json
 import os
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments, provenance  # noqa: E402
+
 HERE = os.path.dirname(os.path.abspath(__file__))
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+parser = benchmark_parser(__doc__)
 parser.add_argument("run", help="a diffusion-sorption run's output directory (data.h5, <model>/checkpoint.pt)")
 parser.add_argument("--refine", type=int, default=1, help="refinements of the run's mesh (each halves h and dt)")
 parser.add_argument("--grading", type=float, default=3.0,
@@ -36,9 +38,7 @@ parser.add_argument("--grading", type=float, default=3.0,
 parser.add_argument("--models", default=None, help="comma-separated subdirectories (default: every trained one)")
 parser.add_argument("--split", default="test")
 parser.add_argument("--out", default=None)
-args, petsc_options = parser.parse_known_args()
-command = "python " + " ".join(sys.argv)
-sys.argv = sys.argv[:1] + petsc_options
+args = parse_arguments(parser)   # before Firedrake is imported: the rest are PETSc's options
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
@@ -49,7 +49,6 @@ from fem_moe import checkpoint, pdes  # noqa: E402
 from fem_moe.errors import InputError  # noqa: E402
 from fem_moe.report import print_table  # noqa: E402
 from fem_moe.train import CHECKPOINT, Trainer  # noqa: E402
-sys.path.insert(0, HERE)
 from common import relative_distance  # noqa: E402
 
 comm = MPI.COMM_WORLD
@@ -139,7 +138,7 @@ if comm.rank == 0:
                         ("same", "rel. L2 to the run's classical (mean)", "{:.3e}")])
     out = args.out or os.path.join(HERE, "results", f"reference_error_{os.path.basename(run)}.json")
     with open(out, "w") as f:
-        json.dump({"command": command, "ranks": comm.size, "refine": args.refine, "grading": args.grading,
+        json.dump({**provenance(comm.size), "ranks": comm.size, "refine": args.refine, "grading": args.grading,
                    "reference_cells": [fine_pde.opts["nx"], fine_pde.opts["nt"]],
                    "reference_dofs": V_fine.dim(), "reference_seconds": float(np.mean(seconds)),
                    "split": args.split, "rows": rows}, f, indent=1)

@@ -1,7 +1,7 @@
 """What the training options do to accuracy: warm starts, the training tolerance, fresh inputs.
 
-    python benchmarks/training_options.py [--kinds pihc moe] [--steps 300] [--seeds 0 1 2]
-        [--variants cold warm cold_rtol1e-8 warm_rtol1e-8 fresh] [--out benchmarks/results/training_options.json]
+    python benchmarks/studies/training_options.py [--kinds pihc moe] [--steps 300] [--seeds 0 1 2]
+        [--variants cold warm cold_rtol1e-8 warm_rtol1e-8 fresh] [--out benchmarks/studies/results/training_options.json]
 
 Diffusion-sorption as the demo sets it up (32 x 16 space-time cells, 32 training inputs, 16 test
 inputs, DeepONet, N = 16, K = 4, physics loss, batch 4, lr 2e-3, cosine schedule); each variant
@@ -17,12 +17,14 @@ solutions (relative L2, mean over the test inputs). Variants:
 Rows (kind, variant, seed, rel_l2, residual, skipped steps, seconds) go to ``--out``; the table
 shows the mean and spread over seeds.
 """
-import argparse
 import json
 import os
 import sys
 import tempfile
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
@@ -37,14 +39,12 @@ VARIANTS = {
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="training_options.json", results=os.path.join(HERE, "results"))
     parser.add_argument("--kinds", nargs="+", default=["pihc", "moe"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "training_options.json"))
-    args, _ = parser.parse_known_args()
-    sys.path.insert(0, HERE)
+    args = parse_arguments(parser)
     import numpy as np
     from mpi4py import MPI
     from fem_moe import study

@@ -1,7 +1,7 @@
 """The dual norm's Riesz solve: which direct solver, at which size (fem_moe.norms' defaults).
 
-    mpiexec -n P python benchmarks/riesz_solve.py [--pdes decaying_turbulence diffusion_sorption]
-        [--squares 128 320] [--columns 16] [--repeats 5] [--out benchmarks/results/riesz_solve.json]
+    mpiexec -n P python benchmarks/studies/riesz_solve.py [--pdes decaying_turbulence diffusion_sorption]
+        [--squares 128 320] [--columns 16] [--repeats 5] [--out benchmarks/studies/results/riesz_solve.json]
 
 For each PDE's space at its paper size (turbulence: the 10-step window, 6060 rows;
 diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
@@ -13,10 +13,12 @@ solve, and ``--columns`` right-hand sides solved as one block (KSPMatSolve) and 
 time, slowest rank. A Gauss-Newton
 matrix in the dual norm needs one block of N columns (W J Phi^T), every objective one column.
 """
-import argparse
 import os
 import sys
 import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
@@ -109,15 +111,13 @@ def measure_split(pde_name, G, comm, args):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = benchmark_parser(__doc__, out="riesz_solve.json", results=os.path.join(HERE, "results"))
     parser.add_argument("--pdes", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--squares", type=int, nargs="*", default=[],
                         help="also P1 on n x n unit squares (the names square<n>)")
     parser.add_argument("--columns", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--out", default=os.path.join(HERE, "results", "riesz_solve.json"))
-    args, _ = parser.parse_known_args()
-    sys.path.insert(0, HERE)
+    args = parse_arguments(parser)
     from mpi4py import MPI
     from common import merged_rows, print_table, write_json
     spaces = args.pdes + [f"square{n}" for n in args.squares]

@@ -2,19 +2,21 @@
 layers, the global layer (PI-HC) and the coupled mixture, trained the same way on one demo's
 problem (physics-informed loss, no solutions), then evaluated on held-out inputs.
 
-    python benchmarks/mode_norm_study.py --pde reaction_diffusion --steps 150
-    mpiexec -n 2 python benchmarks/mode_norm_study.py --pde diffusion_sorption --experts 4
+    python benchmarks/studies/mode_norm_study.py --pde reaction_diffusion --steps 150
+    mpiexec -n 2 python benchmarks/studies/mode_norm_study.py --pde diffusion_sorption --experts 4
 
 Prints a table (relative L2 error against the classical solver, residual, step time) and writes
-``benchmarks/results/mode_norm_<pde>_K<K>_<steps>steps.json``. The demos' configurations: ``reaction_diffusion``
+``benchmarks/studies/results/mode_norm_<pde>_K<K>_<steps>steps.json``. The demos' configurations: ``reaction_diffusion``
 (the gmsh plate with holes), ``diffusion_sorption`` (the space-time window), ``flow_past_obstacle``
 (steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
 """
-import argparse
 import os
 import sys
 
-parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # common.py
+from common import benchmark_parser, parse_arguments  # noqa: E402
+
+parser = benchmark_parser(__doc__)
 parser.add_argument("--pde", default="reaction_diffusion",
                     choices=["reaction_diffusion", "diffusion_sorption", "flow_past_obstacle",
                              "decaying_turbulence"])
@@ -51,15 +53,12 @@ parser.add_argument("--options", default=None,
                     help="PDE options over the study's, e.g. steps=5,t_end=0.3; its own JSON "
                          "(..._<options>.json)")
 parser.add_argument("--out", default=None)
-args, petsc_options = parser.parse_known_args()
-command = "python " + " ".join(sys.argv)
-sys.argv = sys.argv[:1] + petsc_options
+args = parse_arguments(parser)   # before Firedrake is imported: the rest are PETSc's options
 
 from mpi4py import MPI  # noqa: E402
 from fem_moe import study  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, HERE)
 from common import merged_rows, parse_options  # noqa: E402
 out = os.path.abspath(args.out or os.path.join("results", f"mode_norm_{args.pde}"))
 PDE_OPTIONS = {
@@ -116,5 +115,5 @@ if MPI.COMM_WORLD.rank == 0:
     # Rows of earlier runs (other --only selections) stay, unless measured again now.
     rows = merged_rows(name, rows, lambda row: row["label"])
     study.write_json(name, rows,
-                     title=title, command=command, steps=args.steps, experts=K,
+                     title=title, steps=args.steps, experts=K,
                      ranks=MPI.COMM_WORLD.size)

@@ -14,7 +14,7 @@ author = "the fem_moe developers"
 copyright = "the fem_moe developers"
 
 extensions = ["sphinx.ext.autodoc", "sphinx.ext.mathjax", "sphinx.ext.viewcode", "myst_parser",
-              "literate_demos"]
+              "literate_demos", "results_tables", "api_coverage"]
 source_suffix = {".rst": "restructuredtext", ".md": "markdown"}
 myst_enable_extensions = ["dollarmath", "amsmath"]
 myst_heading_anchors = 3

@@ -19,6 +19,8 @@ from mpi4py import MPI
 from . import checkpoint
 from .collective import InputError, raise_on_all_ranks
 from .data import sample_arrays
+from .diagnostics import WarningSummary
+from .errors import RankDeficientBasisWarning
 from .pdes import config_section, get as get_pde
 from .train import CHECKPOINT, build_backbone, solver_from_config
 
@@ -79,6 +81,7 @@ class TrainedModel:
         self.model.eval()
         self.dtype = getattr(torch, self.config["train"]["dtype"])
         self.times = []
+        self._rank_deficiency = WarningSummary(RankDeficientBasisWarning)
 
     def _params(self, params):
         """``params`` as a float64 array [n, n_params], checked to be the same on every rank."""
@@ -106,9 +109,11 @@ class TrainedModel:
         inputs, data = tensor(self.pde.inputs(params)), tensor(np.array(rows))
         self.comm.Barrier()
         t0 = time.perf_counter()
-        with torch.no_grad():
+        with torch.no_grad(), self._rank_deficiency.gathering("predict", self.step,
+                                                              range(len(params))):
             u = self.model(inputs, data).to(device="cpu", dtype=torch.float64)
         seconds = self.comm.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+        self._rank_deficiency.issue(self.comm, f"{self!r}")
         self.times = [seconds / len(params)] * len(params)
         if lifts[0] is not None:
             u = u + torch.tensor(np.array(lifts))

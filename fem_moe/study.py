@@ -20,11 +20,13 @@ from .report import write_atomic
 from .problem import from_owned_values, owned_values
 from .train import Trainer
 
-__all__ = ["run", "compare", "standard_models", "ensure_dataset", "print_table", "write_json", "write_fields", "plot_fields",
+__all__ = ["run", "compare", "standard_models", "ensure_dataset", "print_table", "write_json",
+           "write_readme", "write_fields", "plot_fields",
            "plot_losses", "transfer", "relative_l2_where", "pod_basis", "pod_check"]
 
-COLUMNS = [("label", "model", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
-           ("rel_l2_field", "rel. L2 (field)", "{:.3e}"),
+# The paper's metric first: the relative L2 norm of the error over the domain.
+COLUMNS = [("label", "model", "{:s}"), ("rel_l2_field", "rel. L2 (field)", "{:.3e}"),
+           ("rel_l2", "rel. L2 (dofs)", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
            ("residual_interior", "res. elsewhere", "{:.3e}"), ("step_time", "train s/step", "{:.3f}"),
            ("inference_time", "infer s/sample", "{:.4f}"),
@@ -299,7 +301,43 @@ def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
             plot_fields(path, out)
             plot_losses(trainers, os.path.join(out, "losses.png"))
         comm.barrier()
+    if comm.rank == 0:
+        write_readme(out, title, rows, json.load(open(os.path.join(out, "results.json")))["meta"])
     return rows, trainers
+
+
+FIGURES = (("solutions.png", "the classical solution of a test input, each model's prediction "
+                             "and its error"),
+           ("partition.png", "the experts' subdomains"),
+           ("basis.png", "the first basis fields of each hard-constrained model"),
+           ("losses.png", "the training loss of each model"))
+
+
+def write_readme(out, title, rows, meta):
+    """``out/README.md``: what the folder holds, for a reader who did not run it -- the command
+    that made it, the machine, the date and the commit (``meta``, as :func:`write_json` records
+    them), the table (:data:`COLUMNS`, in Markdown) and the figures found in ``out``. Call on
+    one rank."""
+    def cell(row, key, fmt):
+        value = row.get(key)
+        return "-" if value is None else fmt.format(value)
+    commit = meta.get("commit")
+    lines = [f"# {title}", "",
+             f"Made by `{meta.get('command', '?')}` on {meta.get('machine', '?')}, "
+             f"{meta.get('date', '?')}" + (f", commit {commit}." if commit else "."), "",
+             "Relative L2 errors against the classical solver on the held-out test inputs "
+             "(means): *field* is the norm over the domain (the paper's metric), *dofs* the "
+             "norm of the dof vectors. `results.json` holds these rows (with every input's "
+             "error) and the config; each model's folder its training metrics and evaluation.",
+             "", "| " + " | ".join(h for _, h, _ in COLUMNS) + " |",
+             "|" + "|".join("---" if k == "label" else "---:" for k, _, _ in COLUMNS) + "|"]
+    lines += ["| " + " | ".join(cell(r, k, f) for k, _, f in COLUMNS) + " |" for r in rows]
+    shown = [(name, what) for name, what in FIGURES if os.path.exists(os.path.join(out, name))]
+    if shown:
+        lines += ["", "## Figures", ""]
+        lines += [f"{what.capitalize()}:\n\n![{name}]({name})\n" for name, what in shown]
+    with open(os.path.join(out, "README.md"), "w") as f:
+        f.write("\n".join(lines).rstrip() + "\n")
 
 
 def transfer(trainer, problem):

@@ -337,8 +337,11 @@ class Trainer:
     def predict(self, idx, model=None):
         """The model's physical fields for dataset samples ``idx``: ``[len(idx), n_dofs]``
         (this rank's owned dofs); ``model``: another with the same backbone (default the
-        trained one)."""
-        return self._physical(self._unknown(idx, model), idx)
+        trained one). Rank-deficient bases are summarised in one warning. Collective."""
+        with self._rank_deficiency.gathering("predict", self.step, idx):
+            u = self._physical(self._unknown(idx, model), idx)
+        self._rank_deficiency.issue(self.comm, self._subject())
+        return u
 
     def _unknown(self, idx, model=None):
         """The model's output for samples ``idx``: the unknown the physical field is made of."""
@@ -504,7 +507,7 @@ class Trainer:
             batch = idx[i:i + bs]
             try:
                 with torch.no_grad(), self._rank_deficiency.gathering(split, self.step, batch):
-                    parts.append(self.predict(batch))
+                    parts.append(self._physical(self._unknown(batch), batch))
             except SolverDivergedError as e:
                 if self.config["train"]["on_diverge"] == "stop":
                     raise

@@ -55,3 +55,46 @@ def test_the_headline_table_is_what_the_results_files_say():
 @pytest.mark.parallel(1)
 def test_the_readme_is_short():
     assert len(readme().splitlines()) <= 250
+
+
+def results_folders():
+    base = os.path.join(REPO, "demos", "results")
+    return sorted(d for d in os.listdir(base) if os.path.isdir(os.path.join(base, d)))
+
+
+@pytest.mark.parallel(1)
+@pytest.mark.parametrize("folder", results_folders())
+def test_a_results_folder_says_how_it_was_made(folder):
+    path = os.path.join(REPO, "demos", "results", folder)
+    with open(os.path.join(path, "results.json")) as f:
+        meta = json.load(f)["meta"]
+    for key in ("command", "machine", "date"):
+        assert meta.get(key), f"{folder}/results.json does not record its {key}"
+    with open(os.path.join(path, "README.md")) as f:
+        text = f.read()
+    assert meta["command"] in text and meta["date"] in text and "rel. L2 (field)" in text
+
+
+@pytest.mark.parallel(1)
+def test_every_results_folder_is_cited():
+    """A folder that neither the README's table nor the docs name is a run nobody reads."""
+    cited = readme() + open(os.path.join(REPO, "demos", "results", "headline.json")).read()
+    for root, _, files in os.walk(os.path.join(REPO, "docs")):
+        if "_build" in root:
+            continue
+        for name in files:
+            if name.endswith((".md", ".rst", ".py")):
+                with open(os.path.join(root, name)) as f:
+                    cited += f.read()
+    uncited = [d for d in results_folders() if f"demos/results/{d}" not in cited]
+    assert not uncited, f"results folders cited nowhere: {uncited}"
+
+
+@pytest.mark.parallel(1)
+def test_the_main_jobs_time_is_what_its_timing_file_says():
+    with open(os.path.join(REPO, "demos", "results", "reaction_diffusion_2_ranks",
+                           "wall_time.json")) as f:
+        timing = json.load(f)
+    assert timing["command"].startswith("scripts/run demo")
+    assert f"`scripts/run demo` took {timing['wall_s'] / 60:.1f} minutes on 2 cores" in \
+        " ".join(readme().split())

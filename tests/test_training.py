@@ -606,7 +606,8 @@ def test_training_with_one_backbone_rank_follows_the_replicated_run():
 def test_rank_deficient_bases_are_summarised_once_per_fit_and_evaluation(caplog):
     """Four experts on a 49-dof mesh with N = 16 fields: every expert's block is rank deficient
     at every input. Training warns once (rank 0), with the counts and the worst case; each
-    occurrence is logged at DEBUG level for whoever asks; evaluation adds one summary."""
+    occurrence is logged at DEBUG level for whoever asks; an evaluation and a prediction add
+    one summary each."""
     comm = MPI.COMM_WORLD
     out = shared_dir()
     tr = Trainer(config(out, model={"n_basis": 16, "n_experts": 4, "mode": "galerkin"},
@@ -615,13 +616,15 @@ def test_rank_deficient_bases_are_summarised_once_per_fit_and_evaluation(caplog)
         warnings.simplefilter("always")
         tr.fit()
         tr.evaluate(write=False)
+        tr.predict(tr.splits["test"])
     summaries = [w for w in caught if issubclass(w.category, fem_moe.RankDeficientBasisWarning)]
     texts = [str(w.message) for w in summaries]
-    parallel_assert(len(summaries) == (2 if comm.rank == 0 else 0), f"summaries: {texts}")
+    parallel_assert(len(summaries) == (3 if comm.rank == 0 else 0), f"summaries: {texts}")
     if comm.rank == 0:
         assert "12 of 12 inputs over 3 train steps; 2 of 2 inputs over 1 val evaluation;" in texts[0]
         assert "MoE K=4 (galerkin, coupled)" in texts[0] and "Worst: numerical rank" in texts[0]
         assert "2 of 2 inputs over 1 test evaluation;" in texts[1]
+        assert "2 of 2 inputs over 1 predict evaluation;" in texts[2]
     logged = [r for r in caplog.records if "numerical rank" in r.getMessage()]
     parallel_assert(len(logged) >= 3 * 4 + 2 + 2, f"{len(logged)} occurrences logged")
     assert [r["rank_deficient"] for r in tr.history] == [4, 4, 4]

@@ -8,7 +8,7 @@ from torch import nn
 
 class SpectralConv(nn.Module):
     """Fourier layer over the last ``d`` dims (d = 1, 2 or 3): keep ``modes`` frequencies per
-    dim, multiply by learned complex weights. [batch, c_in, *grid] -> [batch, c_out, *grid]."""
+    dim, multiply by learned complex weights. ``[batch, c_in, *grid] -> [batch, c_out, *grid]``."""
 
     def __init__(self, c_in, c_out, modes):
         super().__init__()

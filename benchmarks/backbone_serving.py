@@ -72,7 +72,8 @@ def measure(comm, kind, layout, args, dtype):
     n = args.points // comm.size + (comm.rank < args.points % comm.size)
     rng = np.random.default_rng(1 + comm.rank)
     points_cpu = torch.tensor(rng.random((n, 2)), dtype=dtype)
-    inputs_cpu = torch.tensor(np.random.default_rng(0).standard_normal((args.batch, N_INPUTS)), dtype=dtype)
+    inputs_cpu = torch.tensor(np.random.default_rng(0).standard_normal((args.batch, N_INPUTS)),
+                              dtype=dtype)
     upstream_cpu = torch.tensor(rng.standard_normal((args.batch, args.n_basis, n)), dtype=dtype)
     points, inputs = points_cpu.to(device), inputs_cpu.to(device)
 
@@ -98,7 +99,8 @@ def measure(comm, kind, layout, args, dtype):
     (ref_fields * upstream_cpu).sum().backward()
     ref_fields = ref_fields.detach()
     scale = comm.allreduce(float(ref_fields.abs().max()), op=MPI.MAX)
-    diff_fields = comm.allreduce(float((fields.detach().cpu() - ref_fields).abs().max()), op=MPI.MAX)
+    diff_fields = comm.allreduce(float((fields.detach().cpu() - ref_fields).abs().max()),
+                                 op=MPI.MAX)
     diff_grads, largest = 0.0, 0.0
     for p, q in zip(net.parameters(), reference.parameters()):
         total = np.empty_like(q.grad.numpy())
@@ -113,7 +115,8 @@ def measure(comm, kind, layout, args, dtype):
     served_points = served.group.allreduce(n) if not served.everywhere else n
     alone = 0.0
     if served.is_backbone:
-        pts = torch.tensor(np.random.default_rng(2).random((served_points, 2)), dtype=dtype, device=device)
+        pts = torch.tensor(np.random.default_rng(2).random((served_points, 2)), dtype=dtype,
+                           device=device)
         for step in range(args.steps + 1):
             net.zero_grad(set_to_none=True)
             synchronize(device)
@@ -125,7 +128,8 @@ def measure(comm, kind, layout, args, dtype):
     alone = slowest(comm, alone)
     f, b = float(np.mean(forward)), float(np.mean(backward))
     return dict(backbone_kind=kind, layout=layout, ranks=comm.size,
-                backbone_ranks=len(served.ranks), device=str(device) if served.is_backbone else "cpu",
+                backbone_ranks=len(served.ranks),
+                device=str(device) if served.is_backbone else "cpu",
                 device_name=torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
                 points=args.points, n_basis=args.n_basis, batch=args.batch, dtype=args.dtype,
                 forward_s=f, backward_s=b, step_s=f + b, backbone_s=alone,
@@ -136,23 +140,30 @@ def measure(comm, kind, layout, args, dtype):
 def main():
     parser = benchmark_parser(__doc__, out="backbone_serving.json")
     parser.add_argument("--points", type=int, default=103525,
-                        help="dofs over all ranks (default: diffusion-sorption at the paper's size)")
+                        help="dofs over all ranks (default: diffusion-sorption at the paper's "
+                             "size)")
     parser.add_argument("--n-basis", type=int, default=16)
     parser.add_argument("--batch", type=int, default=4)
-    parser.add_argument("--backbones", nargs="+", default=["deeponet", "fno"], choices=["deeponet", "fno"])
-    parser.add_argument("--layouts", nargs="+", default=["all", "served"], choices=["all", "served"])
+    parser.add_argument("--backbones", nargs="+", default=["deeponet", "fno"],
+                        choices=["deeponet", "fno"])
+    parser.add_argument("--layouts", nargs="+", default=["all", "served"],
+                        choices=["all", "served"])
     parser.add_argument("--dtype", default="float64", choices=["float32", "float64"])
     parser.add_argument("--steps", type=int, default=5, help="measured steps (after one warm-up)")
     args = parser.parse_args()
     comm = MPI.COMM_WORLD
     dtype = getattr(torch, args.dtype)
-    rows = [measure(comm, kind, layout, args, dtype) for kind in args.backbones for layout in args.layouts]
+    rows = [measure(comm, kind, layout, args, dtype) for kind in args.backbones
+            for layout in args.layouts]
     if comm.rank == 0:
         print_table(rows, [("backbone_kind", "backbone", "{}"), ("layout", "layout", "{}"),
                            ("ranks", "ranks", "{}"), ("backbone_ranks", "bb ranks", "{}"),
-                           ("device_name", "device (rank 0)", "{}"), ("forward_s", "forward s", "{:.4f}"),
-                           ("backward_s", "backward s", "{:.4f}"), ("backbone_s", "backbone s", "{:.4f}"),
-                           ("bridge_s", "bridge s", "{:.4f}"), ("max_diff_fields", "max diff fields", "{:.1e}"),
+                           ("device_name", "device (rank 0)", "{}"),
+                           ("forward_s", "forward s", "{:.4f}"),
+                           ("backward_s", "backward s", "{:.4f}"),
+                           ("backbone_s", "backbone s", "{:.4f}"),
+                           ("bridge_s", "bridge s", "{:.4f}"),
+                           ("max_diff_fields", "max diff fields", "{:.1e}"),
                            ("max_diff_grads", "max diff grads", "{:.1e}")],
                     title=f"backbone and bridge per step: {args.points} dofs on {comm.size} ranks, "
                           f"N = {args.n_basis}, batch {args.batch}, {args.dtype}")

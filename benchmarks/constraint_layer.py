@@ -68,7 +68,8 @@ def main():
             print(f"  measured {rows[-1]['dofs']} dofs, N = {nb}", file=sys.stderr)
     print_table(rows, [("dofs", "dofs", "{}"), ("n_basis", "N", "{}"), ("mode", "mode", "{}"),
                        ("forward_s", "forward s", "{:.4f}"), ("backward_s", "backward s", "{:.4f}"),
-                       ("peak_extra_mb", "peak MiB", "{:.1f}"), ("snes_iterations", "SNES its", "{}"),
+                       ("peak_extra_mb", "peak MiB", "{:.1f}"),
+                       ("snes_iterations", "SNES its", "{}"),
                        ("residual_ratio", "|r|/|r0|", "{:.1e}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     write_json(args.out, "constraint_layer", rows, repeat=args.repeat)

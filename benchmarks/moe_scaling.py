@@ -44,11 +44,13 @@ def measure(n, kind, K, n_basis, batch, repeat):
         if kind == "global":
             layer = fem_moe.HardConstraint(problem, n_basis)
         else:
-            layer = fem_moe.MoEHardConstraint(problem, n_basis, n_experts=K, coupled=kind == "coupled")
+            layer = fem_moe.MoEHardConstraint(problem, n_basis, n_experts=K,
+                                              coupled=kind == "coupled")
     X = problem.dof_coordinates()
     k = np.arange(1, n_basis + 1)[:, None]
     # Smooth, partition-independent basis fields: the same problem on any rank count.
-    fields = np.sin(k * np.pi * X[:, 0] / 3 + 0.3 * k) * np.cos((k % 5) * X[:, 1]) + 0.05 * k * X[:, 1]
+    fields = np.sin(k * np.pi * X[:, 0] / 3 + 0.3 * k) * np.cos((k % 5)
+                                                                * X[:, 1]) + 0.05 * k * X[:, 1]
     basis = torch.tensor(fields)[None].repeat(batch, 1, 1)
     data = data.repeat(batch, 1) * torch.linspace(1, 2, batch, dtype=torch.float64)[:, None]
 
@@ -87,7 +89,8 @@ def measure(n, kind, K, n_basis, batch, repeat):
                                        if coupling else float("nan")),
             # Of that, the coupling's own cost (the coupled solve less the experts' own row work:
             # assemblies, Riesz solves, dense products), as a share of the forward.
-            "coupling_overhead_share": (overhead[best] / times[best][0] if overhead else float("nan"))}
+            "coupling_overhead_share": (overhead[best] / times[best][0] if overhead
+                                        else float("nan"))}
 
 
 def main():
@@ -115,13 +118,15 @@ def main():
     rows = []
     for n in args.sizes:
         for P in args.ranks:
-            for kind, K in [("global", 1)] + [(kind, K) for kind in args.kinds for K in args.experts]:
+            for kind, K in [("global", 1)] + [(kind, K) for kind in args.kinds
+                                              for K in args.experts]:
                 cmd = ["mpiexec", "-n", str(P), "--oversubscribe", "--bind-to", "none",
                        sys.executable, __file__, "--single", str(n), kind, str(K),
                        "--n-basis", str(args.n_basis), "--batch", str(args.batch),
                        "--repeat", str(args.repeat)]
                 rows.append(run_child(cmd))
-                print(f"  measured n={n} P={P} {kind} K={K}: {rows[-1]['step_s']:.3f} s", file=sys.stderr)
+                print(f"  measured n={n} P={P} {kind} K={K}: {rows[-1]['step_s']:.3f} s",
+                      file=sys.stderr)
     for n in args.sizes:
         ref = next(r for r in rows if r["cells"] == n and r["kind"] == args.kinds[0]
                    and r["experts"] == 1 and r["ranks"] == 1)
@@ -129,7 +134,8 @@ def main():
         for r in rows:
             if r["cells"] == n:
                 r["time_vs_K1_1rank"] = r["step_s"] / ref["step_s"]
-                r["memory_vs_global"] = r["peak_mb_per_rank"] / max(glob[r["ranks"]]["peak_mb_per_rank"], 1e-9)
+                global_mb = max(glob[r["ranks"]]["peak_mb_per_rank"], 1e-9)
+                r["memory_vs_global"] = r["peak_mb_per_rank"] / global_mb
     print_table(rows, [("dofs", "dofs", "{}"), ("ranks", "ranks", "{}"), ("kind", "layer", "{}"),
                        ("experts", "K", "{}"), ("forward_s", "fwd s", "{:.3f}"),
                        ("backward_s", "bwd s", "{:.3f}"), ("step_s", "step s", "{:.3f}"),
@@ -139,9 +145,11 @@ def main():
                        ("mean_snes_iterations", "SNES its", "{:.1f}"),
                        ("coupled_iterations", "coupled its", "{:.1f}"),
                        ("coupling_share_forward", "coupling/fwd", "{:.2f}"),
-                       ("coupling_overhead_share", "its own/fwd", "{:.2f}"), ("setup_s", "setup s", "{:.2f}")])
+                       ("coupling_overhead_share", "its own/fwd", "{:.2f}"),
+                       ("setup_s", "setup s", "{:.2f}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
-    write_json(args.out, "moe_scaling", rows, n_basis=args.n_basis, batch=args.batch, repeat=args.repeat)
+    write_json(args.out, "moe_scaling", rows, n_basis=args.n_basis, batch=args.batch,
+               repeat=args.repeat)
     if args.plot:
         plot(rows, args.plot)
 

@@ -2,20 +2,21 @@
 partitions), and inference at a million dofs in 3D against the classical solver.
 
     python benchmarks/scale.py setup [--sizes2d 128 256 512 1024] [--refine3d 1 2 3]
-                                     [--ranks 1 2] [--experts 4] [--partitions canonical distributed]
+                                     [--ranks 1 2] [--experts 4]
+                                     [--partitions canonical distributed]
                                      [--plot benchmarks/results/scale_setup.png]
     python benchmarks/scale.py inference [--refine 3] [--degree 2] [--ranks 2] [--n-basis 16]
                                          [--experts 4]
 
 ``setup``: for each mesh (P1 on an n x n unit square; P2 (``--degree3d``) on
-``meshes/block_with_holes.msh`` refined r times), rank count and partition, a fresh ``mpiexec -n P`` process builds a mixture on
-the smallest mesh of the kind (compiling the kernels), makes the mesh and problem, then measures
-building ``MoEHardConstraint(problem, 16, n_experts=K, mode="galerkin", partition=...)``
-(Galerkin: the least-squares default's dual norm would add each expert's Gram factorisation,
-which in 3D P2 dominates everything else):
-the slowest rank's time and the largest rank's resident high-water mark above its level before
-(the mesh itself is not counted). Rows to ``benchmarks/results/scale_setup.json``; the slope of
-log(memory) against log(dofs) per series; ``--plot`` draws them (log-log).
+``meshes/block_with_holes.msh`` refined r times), rank count and partition, a fresh ``mpiexec -n P``
+process builds a mixture on the smallest mesh of the kind (compiling the kernels), makes the mesh
+and problem, then measures building ``MoEHardConstraint(problem, 16, n_experts=K, mode="galerkin",
+partition=...)`` (Galerkin: the least-squares default's dual norm would add each expert's Gram
+factorisation, which in 3D P2 dominates everything else): the slowest rank's time and the largest
+rank's resident high-water mark above its level before (the mesh itself is not counted). Rows to
+``benchmarks/results/scale_setup.json``; the slope of log(memory) against log(dofs) per series;
+``--plot`` draws them (log-log).
 
 ``inference``: on 3D mesh of ``--refine`` refinements at ``--degree``, one input: the forward
 and backward of the global layer (Galerkin) and of the coupled mixture (Galerkin, distributed
@@ -93,7 +94,8 @@ def measure_inference(refine, degree, N, K, mumps=True):
     data_fields = pde.data(problem, pde.sample(np.random.default_rng(0), 1)[0])
     data = torch.tensor(owned_values(data_fields[0]))[None]
     rows = []
-    common = dict(refine=refine, degree=degree, ranks=comm.size, dofs=int(comm.allreduce(problem.n_dofs)),
+    common = dict(refine=refine, degree=degree, ranks=comm.size,
+                  dofs=int(comm.allreduce(problem.n_dofs)),
                   cells=int(comm.allreduce(problem.mesh.cell_set.size)), mesh_s=tm.seconds)
     classical = [("classical Newton-Krylov (GMRES + GAMG)", None)]
     if mumps:
@@ -105,7 +107,8 @@ def measure_inference(refine, degree, N, K, mumps=True):
                          iterations=int(its)))
         print(json.dumps(rows[-1]), flush=True) if comm.rank == 0 else None
     basis = _smooth_basis(problem, N)
-    for label, make in (("PI-HC galerkin", lambda: fem_moe.HardConstraint(problem, N, mode="galerkin")),
+    for label, make in (("PI-HC galerkin",
+                         lambda: fem_moe.HardConstraint(problem, N, mode="galerkin")),
                         (f"coupled MoE K={K} galerkin (distributed)",
                          lambda: fem_moe.MoEHardConstraint(problem, N, n_experts=K, mode="galerkin",
                                                            partition="distributed"))):
@@ -120,7 +123,8 @@ def measure_inference(refine, degree, N, K, mumps=True):
             extra = dict(halo_values_max_rank=comm.allreduce(off, op=MPI.MAX),
                          owned_dofs_max_rank=comm.allreduce(problem.n_dofs, op=MPI.MAX),
                          coupled_iterations=[int(i.iterations) for i in layer.coupling_diagnostics])
-        rows.append(dict(common, model=label, n_basis=N, setup_s=comm.allreduce(ts.seconds, op=MPI.MAX),
+        rows.append(dict(common, model=label, n_basis=N,
+                         setup_s=comm.allreduce(ts.seconds, op=MPI.MAX),
                          forward_s=times[-1][0], backward_s=times[-1][1],
                          first_forward_s=times[0][0], **extra))
         print(json.dumps(rows[-1]), flush=True) if comm.rank == 0 else None
@@ -135,7 +139,8 @@ def _slopes(rows):
                         if (r["dim"], r["partition"], r["ranks"]) == key)
         if len(series) >= 2:
             d, m, s = (np.log(np.array(x, dtype=float)) for x in zip(*series))
-            out[key] = (float(np.polyfit(d[-2:], m[-2:], 1)[0]), float(np.polyfit(d[-2:], s[-2:], 1)[0]))
+            out[key] = (float(np.polyfit(d[-2:], m[-2:], 1)[0]),
+                        float(np.polyfit(d[-2:], s[-2:], 1)[0]))
     return out
 
 
@@ -145,7 +150,8 @@ def main():
     s = sub.add_parser("setup")
     s.add_argument("--sizes2d", type=int, nargs="*", default=[128, 256, 512, 1024])
     s.add_argument("--refine3d", type=int, nargs="*", default=[1, 2, 3])
-    s.add_argument("--degree3d", type=int, default=2, help="3D: P2 reaches 1.9e6 dofs at 3 refinements")
+    s.add_argument("--degree3d", type=int, default=2,
+                   help="3D: P2 reaches 1.9e6 dofs at 3 refinements")
     s.add_argument("--ranks", type=int, nargs="+", default=[1, 2])
     s.add_argument("--experts", type=int, default=4)
     s.add_argument("--partitions", nargs="+", default=["canonical", "distributed"])
@@ -172,13 +178,16 @@ def main():
             if MPI.COMM_WORLD.rank == 0:
                 print(json.dumps({"rows": rows}), flush=True)
             return
-        cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, os.path.abspath(__file__), "inference",
+        cmd = ["mpiexec", "-n", str(args.ranks), sys.executable, os.path.abspath(__file__),
+               "inference",
                "--refine", str(args.refine), "--degree", str(args.degree), "--n-basis",
                str(args.n_basis), "--experts", str(args.experts), "--child"] + (
                    ["--no-mumps"] if args.no_mumps else [])
         rows = run_child(cmd)["rows"]
-        print_table(rows, [("model", "model", "{}"), ("dofs", "dofs", "{}"), ("ranks", "ranks", "{}"),
-                           ("forward_s", "forward s", "{:.2f}"), ("backward_s", "backward s", "{:.2f}"),
+        print_table(rows,
+                    [("model", "model", "{}"), ("dofs", "dofs", "{}"), ("ranks", "ranks", "{}"),
+                           ("forward_s", "forward s", "{:.2f}"),
+                           ("backward_s", "backward s", "{:.2f}"),
                            ("iterations", "Newton its", "{}"), ("setup_s", "setup s", "{:.2f}")])
         write_json(args.out, "scale_inference", rows, refine=args.refine, degree=args.degree)
         return
@@ -204,13 +213,14 @@ def main():
                 print(f"{dim}D {size}: {partition} on {P} rank(s): {r['dofs']} dofs, "
                       f"{r['setup_s']:.2f} s, {r['setup_peak_mib']:.0f} MiB", flush=True)
                 write_json(args.out, "scale_setup", rows, experts=args.experts)
-    print_table(rows, [("dim", "dim", "{}"), ("dofs", "dofs", "{}"), ("partition", "partition", "{}"),
+    print_table(rows,
+                [("dim", "dim", "{}"), ("dofs", "dofs", "{}"), ("partition", "partition", "{}"),
                        ("ranks", "ranks", "{}"), ("setup_s", "setup s", "{:.2f}"),
                        ("setup_peak_mib", "setup peak MiB/rank", "{:.0f}"),
                        ("expert_dofs_max_rank", "expert dofs/rank", "{}")])
     for (dim, partition, P), (memory, time) in _slopes(rows).items():
-        print(f"{dim}D {partition}, {P} rank(s): memory ~ dofs^{memory:.2f}, time ~ dofs^{time:.2f} "
-              "(last two sizes)")
+        print(f"{dim}D {partition}, {P} rank(s): memory ~ dofs^{memory:.2f}, "
+              f"time ~ dofs^{time:.2f} (last two sizes)")
     if args.plot:
         import matplotlib
         matplotlib.use("Agg")

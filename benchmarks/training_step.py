@@ -32,7 +32,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 # This script's flags are not PETSc's: no unused-options report at exit.
 os.environ.setdefault("FIREDRAKE_DISABLE_OPTIONS_LEFT", "1")
 
-EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "KSPSolve", "KSPMatSolve", "SNESSolve",
+EVENTS = ("ParLoopExecute", "MatMatMultNum", "MatMatMultSym", "KSPSolve", "KSPMatSolve",
+          "SNESSolve",
           "FemMoeReducedSolve", "FemMoeReducedVJP",
           "FemMoeCoupledSolve", "FemMoeCoupledVJP")
 
@@ -59,7 +60,8 @@ def main():
                              "solver options' tolerance)")
     parser.add_argument("--dtype", default="float64", choices=["float64", "float32"],
                         help="the backbone's (solves are float64)")
-    parser.add_argument("--norm", default=None, help="the layers' least-squares norm (default: theirs)")
+    parser.add_argument("--norm", default=None,
+                        help="the layers' least-squares norm (default: theirs)")
     parser.add_argument("--mode", default=None, choices=["lstsq", "galerkin"],
                         help="the layers' reduced problem (default: theirs)")
     parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
@@ -129,10 +131,10 @@ def main():
         times = {p: [] for p in phases}
         iterations, jacobians = [], []
 
-        def timed(name, fn):
+        def timed(name, fn, *args, times=times):
             comm.Barrier()
             with Timer() as t:
-                out = fn()
+                out = fn(*args)
             times[name].append(comm.allreduce(t.seconds, MPI.MAX))
             return out
 
@@ -144,8 +146,9 @@ def main():
             return out
 
         for step in range(args.warmup + args.steps):
-            if step == args.warmup:
-                times = {p: [] for p in phases}
+            if step == args.warmup:     # the warm-up's measurements are dropped
+                for seconds in times.values():
+                    seconds.clear()
                 iterations, jacobians = [], []
                 start = event_seconds()
                 if args.profile:
@@ -154,22 +157,23 @@ def main():
             if args.n_train:     # the trainer's batches: a permutation of the set per epoch
                 per_epoch = args.n_train // args.batch
                 epoch, i = divmod(step, per_epoch)
-                idx = np.random.default_rng([0, epoch]).permutation(args.n_train)[i * args.batch:(i + 1) * args.batch]
+                order = np.random.default_rng([0, epoch]).permutation(args.n_train)
+                idx = order[i * args.batch:(i + 1) * args.batch]
                 inputs, data = train_inputs[idx], train_data[idx]
             else:
                 inputs, data = draw(args.batch)
-            basis = timed("backbone", lambda: model.basis(inputs))
+            basis = timed("backbone", model.basis, inputs)
             data = data.to(basis.dtype)
             if kind == "soft":
-                u = timed("constraint forward", lambda: torch.einsum("bnp,n->bp", basis, model.weights))
+                u = timed("constraint forward", torch.einsum, "bnp,n->bp", basis, model.weights)
             else:
-                u = timed("constraint forward", lambda: model.constraint(basis, data))
+                u = timed("constraint forward", model.constraint, basis, data)
                 iterations += _per_solve(model.constraint)
                 jacobians += _per_solve(model.constraint, "jacobians")
-            loss = timed("loss forward", lambda: fem_moe.residual_loss(problem, u, data))
+            loss = timed("loss forward", fem_moe.residual_loss, problem, u, data)
             optimiser.zero_grad()
             timed("backward", loss.backward)
-            timed("bridge all-reduce", lambda: (served or bridge).allreduce_gradients(model))
+            timed("bridge all-reduce", (served or bridge).allreduce_gradients, model)
             timed("optimiser", optimiser.step)
         end = event_seconds()
         if args.profile:
@@ -177,11 +181,13 @@ def main():
             os.makedirs(args.profile, exist_ok=True)
             profiler.dump_stats(os.path.join(args.profile, f"{kind}.{comm.rank}.prof"))
         total = sum(np.mean(times[p]) for p in phases)
-        row = {"label": args.label, "kind": kind, "backbone": args.backbone, "options": args.options,
+        row = {"label": args.label, "kind": kind, "backbone": args.backbone,
+               "options": args.options,
                "ranks": comm.size,
                "dofs": problem.V.dim(),
                "backbone_ranks": args.backbone_ranks or "all",
-               "experts": model.constraint.n_experts if kind == "moe" else (1 if kind == "pihc" else 0),
+               "experts": model.constraint.n_experts if kind == "moe"
+               else (1 if kind == "pihc" else 0),
                "n_basis": args.n_basis, "batch": args.batch, "steps": args.steps,
                "warmup": args.warmup, "n_train": args.n_train, "dtype": args.dtype,
                "warm_start": bool(options.get("warm_start", False)),
@@ -197,16 +203,19 @@ def main():
                "jacobians_mean": float(np.mean(jacobians)) if jacobians else None}
         rows.append(row)
         if comm.rank == 0:
-            print(f"\n{args.label}: {kind}, {comm.size} ranks, {row['dofs']} dofs, N = {args.n_basis}, "
-                  f"batch {args.batch}: {total:.3f} s per step"
+            print(f"\n{args.label}: {kind}, {comm.size} ranks, {row['dofs']} dofs, "
+                  f"N = {args.n_basis}, batch {args.batch}: {total:.3f} s per step"
                   + (f", {row['iterations_mean']:.1f} reduced iterations per solve"
                      if iterations else "")
                   + (f", {row['jacobians_mean']:.2f} Jacobians assembled per forward solve"
                      if jacobians else ""))
-            table = [{"what": p, "s": row["phases"][p], "share": row["phases"][p] / total} for p in phases]
-            table += [{"what": f"  event {n}", "s": e["seconds_per_step"], "share": e["seconds_per_step"] / total}
+            table = [{"what": p, "s": row["phases"][p], "share": row["phases"][p] / total}
+                     for p in phases]
+            table += [{"what": f"  event {n}", "s": e["seconds_per_step"],
+                       "share": e["seconds_per_step"] / total}
                       for n, e in row["events"].items()]
-            print_table(table, [("what", "phase", "{}"), ("s", "s per step (slowest rank)", "{:.4f}"),
+            print_table(table,
+                        [("what", "phase", "{}"), ("s", "s per step (slowest rank)", "{:.4f}"),
                                 ("share", "share", "{:.1%}")])
     if comm.rank == 0:
         old = []

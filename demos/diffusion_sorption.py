@@ -27,11 +27,12 @@
 #     mpiexec -n 2 python demos/diffusion_sorption.py --paper --t-end 400 --extrapolate-to 500
 #
 # For accuracy at PDEBench's size, time levels graded towards the start and a lifting that
-# carries the inflow's front (the README's stretch result), with the cheaper training step's
-# options (a degree-2 quadrature of the residual, a float32 backbone)::
+# carries the inflow's front (``demos/results/diffusion_sorption_paper``), with the cheaper
+# training step's options (a degree-2 quadrature of the residual, a float32 backbone)::
 #
 #     mpiexec -n 2 python demos/diffusion_sorption.py --paper --grading 3 --lifting erfc \
-#         --quadrature-degree 2 --dtype float32 --steps 600 --models "PI-HC galerkin,MoE K=4 galerkin"
+#         --quadrature-degree 2 --dtype float32 --steps 600 \
+#         --models "PI-HC galerkin,MoE K=4 galerkin"
 import os
 import sys
 
@@ -47,7 +48,7 @@ parser.add_argument("--t-end", type=float, default=500.0, help="T: the training 
 parser.add_argument("--grading", type=float, default=1.0,
                     help="time levels graded towards t = 0: tau = T (s / s_end)^g (the PDE's "
                          "option; 1: uniform). The start's sqrt(t) front is what uniform levels "
-                         "leave unresolved (README, against the PDE's solution)")
+                         "leave unresolved (benchmarks/studies/reference_convergence.py)")
 parser.add_argument("--lifting", default="constant", choices=["constant", "erfc"],
                     help="the lifting of the initial and inflow values (the PDE's option): "
                          "'erfc' carries the start's front, the fields the rest")
@@ -60,7 +61,8 @@ parser.add_argument("--extrapolate-to", type=float, default=None,
                     help="T' > T: the window [0, T'] of the extrapolation test (default 2T)")
 parser.add_argument("--backbone", default="deeponet", choices=["deeponet", "fno"],
                     help="the models' backbone (fem_moe.backbones)")
-parser.add_argument("--seed", type=int, default=0, help="of the initial weights and the batch order (train.seed)")
+parser.add_argument("--seed", type=int, default=0,
+                    help="of the initial weights and the batch order (train.seed)")
 parser.add_argument("--residual-norm", default="dual", choices=["dual", "lumped", "l2"],
                     help="the physics loss's norm of the residual (train.residual_norm)")
 parser.add_argument("--fresh", action="store_true",

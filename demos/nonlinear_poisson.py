@@ -73,7 +73,8 @@ iterations = solver.snes.getIterationNumber()
 norm = fd.norm(u)
 grad_norm = dJdf.dat.norm
 if comm.rank == 0:
-    print(f"ranks {comm.size}: {V.dim()} dofs (P{args.degree}), {mesh.num_cells()} local cells on rank 0")
+    print(f"ranks {comm.size}: {V.dim()} dofs (P{args.degree}), {mesh.num_cells()} local cells "
+          "on rank 0")
     print(f"  Newton: {iterations} iterations, reason {reason}, {t_solve:.2f} s")
     print(f"  J = int u^2 = {float(J):.10e}, ||u||_L2 = {norm:.10e}")
     print(f"  |dJ/df| (l2 of the dual vector) = {grad_norm:.10e}, adjoint {t_adjoint:.2f} s")

@@ -1,4 +1,5 @@
-"""``python -m fem_moe generate|train|evaluate|predict CONFIG [--set section.key=value ...] [PETSc options]``
+"""``python -m fem_moe generate|train|evaluate|predict CONFIG [--set section.key=value ...]
+[PETSc options]``
 
 ``predict CONFIG --params "0.1,0.3" [--params ...] --out u.pvd``: the trained model's fields for
 new parameter vectors (ParaView's .pvd, or a Firedrake CheckpointFile for .h5), with the wall
@@ -53,7 +54,7 @@ def main(argv=None):
         if comm.rank == 0:
             print(f"fem_moe {args.command}: error: {e}", file=sys.stderr)
         return 2 if type(e).__name__ == "InputError" else 1
-    except Exception:
+    except Exception:     # noqa: BLE001 -- reported, then the whole job aborted
         # Anything else may have struck one rank only, leaving the others in a collective:
         # print it and abort the whole job rather than hang.
         import traceback
@@ -74,7 +75,8 @@ def _split_values(argv):
             petsc.append(a)
             positional = [x for x in ours if not x.startswith("-")]
             nxt = argv[i + 1] if i + 1 < len(argv) else None
-            if nxt is not None and len(positional) >= 2 and (not nxt.startswith("-") or _is_number(nxt)):
+            if nxt is not None and len(positional) >= 2 and (not nxt.startswith("-")
+                                                             or _is_number(nxt)):
                 petsc.append(nxt)
                 i += 1
         else:

@@ -62,7 +62,8 @@ class ConstrainedSolveBlock(Block):
         return list(Phi_bar) + self.expert.problem.split_data(D_bar)
 
     def evaluate_adj_component(self, inputs, adj_inputs, block_variable, idx, prepared=None):
-        return from_owned_values(inputs[idx].function_space().dual(), prepared[idx], cls=fd.Cofunction)
+        return from_owned_values(inputs[idx].function_space().dual(), prepared[idx],
+                                 cls=fd.Cofunction)
 
     def evaluate_tlm_component(self, inputs, tlm_inputs, block_variable, idx, prepared=None):
         Phi, D, w, rho = self._solve(inputs)
@@ -71,7 +72,8 @@ class ConstrainedSolveBlock(Block):
         dPhi = np.stack([get(t, Phi[i]) for i, t in enumerate(tlm_inputs[:N])])
         ddata = None
         if D is not None and any(t is not None for t in tlm_inputs[N:]):
-            ddata = np.concatenate([get(t, Expert._get(f)) for t, f in zip(tlm_inputs[N:], inputs[N:])])
+            ddata = np.concatenate([get(t, Expert._get(f))
+                                    for t, f in zip(tlm_inputs[N:], inputs[N:])])
         du = self.expert.jvp(Phi, D, w, dPhi, ddata, rho=rho)
         return from_owned_values(self.expert.problem.V, du)
 
@@ -94,7 +96,8 @@ class ConstrainedSolveBlock(Block):
             dD = None if D is None else np.concatenate(
                 [get(t, Expert._get(f)) for t, f in zip(tlm[N:], inputs[N:])])
             size = e.comm.allreduce(max(np.abs(dPhi).max(initial=0.0),
-                                        0.0 if dD is None else np.abs(dD).max(initial=0.0)), op=MPI.MAX)
+                                        0.0 if dD is None else np.abs(dD).max(initial=0.0)),
+                                    op=MPI.MAX)
             scale = e.comm.allreduce(np.abs(Phi).max(initial=0.0), op=MPI.MAX)
             eps = self.hessian_step * max(scale, 1.0) / max(size, 1e-300)
             lam = Expert._get(adj_inputs[0])
@@ -112,7 +115,8 @@ class ConstrainedSolveBlock(Block):
 
     def evaluate_hessian_component(self, inputs, hessian_inputs, adj_inputs, block_variable, idx,
                                    relevant_dependencies, prepared=None):
-        return from_owned_values(inputs[idx].function_space().dual(), prepared[idx], cls=fd.Cofunction)
+        return from_owned_values(inputs[idx].function_space().dual(), prepared[idx],
+                                 cls=fd.Cofunction)
 
 
 def constrained_solve(expert, basis, data=()):

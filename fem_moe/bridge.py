@@ -91,9 +91,9 @@ def broadcast_parameters(module, src=0, comm=MPI.COMM_WORLD):
     shapes = [tuple(t.shape) for t in list(module.parameters()) + list(module.buffers())]
     everyone = comm.allgather(shapes)
     raise_on_all_ranks(comm, None if all(s == everyone[src] for s in everyone) else
-                       f"the backbone replicas differ across ranks: parameter shapes {shapes} here, "
-                       f"{everyone[src]} on rank {src}; give the backbone inputs of the same size "
-                       "on every rank")
+                       f"the backbone replicas differ across ranks: parameter shapes {shapes} "
+                       f"here, {everyone[src]} on rank {src}; give the backbone inputs of the "
+                       "same size on every rank")
     with torch.no_grad():
         for tensor in list(module.parameters()) + list(module.buffers()):
             dist.broadcast(tensor.data, src=src)
@@ -147,13 +147,14 @@ class BackboneRanks:
         else:
             ranks = sorted({int(r) for r in ranks})
             if not ranks or ranks[0] != 0 or ranks[-1] >= comm.size:
-                error = InputError(f"backbone ranks {ranks}: they must include rank 0 (which writes "
-                                   f"the checkpoints) and lie in 0..{comm.size - 1}")
+                error = InputError(f"backbone ranks {ranks}: they must include rank 0 (which "
+                                   f"writes the checkpoints) and lie in 0..{comm.size - 1}")
         raise_on_all_ranks(comm, error)
         self.ranks = ranks
         self.is_backbone = comm.rank in ranks
         mine = [r for r in node_ranks if r in ranks]
-        self.server = comm.rank if self.is_backbone else (mine[0] if mine else ranks[comm.rank % len(ranks)])
+        self.server = comm.rank if self.is_backbone else (mine[0] if mine
+                                                          else ranks[comm.rank % len(ranks)])
         self.everywhere = len(ranks) == comm.size
         # The server is rank 0 of its group, its clients after it in rank order.
         self.group = comm.Split(self.server, 0 if self.is_backbone else 1 + comm.rank)
@@ -191,10 +192,12 @@ class BackboneRanks:
         if group.rank == 0:
             everything = np.empty((int(counts.sum()), width))
             group.Gatherv(mine, [everything, counts * width])
-            pts = torch.tensor(everything[:, :width - extra], dtype=points.dtype, device=points.device)
+            pts = torch.tensor(everything[:, :width - extra], dtype=points.dtype,
+                               device=points.device)
             args = (inputs, pts)
             if extra:
-                args += (torch.tensor(everything[:, -1], dtype=components.dtype, device=components.device),)
+                args += (torch.tensor(everything[:, -1], dtype=components.dtype,
+                                      device=components.device),)
             return _Serve.apply(backbone(*args), group, counts)
         group.Gatherv(mine, None)
         return _Receive.apply(next(backbone.parameters()), group, len(points))
@@ -262,7 +265,8 @@ class _Serve(torch.autograd.Function):
         theirs = np.empty(int(sizes.sum()), dtype=ctx.dtype)
         ctx.group.Gatherv(np.empty(0, dtype=ctx.dtype), [theirs, sizes])
         theirs = torch.from_numpy(theirs).to(device=grad.device, dtype=grad.dtype)
-        blocks = [grad] + [block.view(B, N, -1) for block in torch.split(theirs, sizes[1:].tolist())]
+        blocks = [grad] + [block.view(B, N, -1)
+                           for block in torch.split(theirs, sizes[1:].tolist())]
         return torch.cat(blocks, dim=2), None, None
 
 

@@ -45,34 +45,62 @@ DEFAULTS = {
         "kind": "moe",          # soft | pihc | moe
         "n_basis": 16,
         "n_experts": 2,         # moe only
-        "partitioner": "ptscotch",  # moe only: ptscotch | strips (slabs across x) | random (a control)
-        "partition": "auto",    # moe only: auto (canonical up to 250k cells) | canonical (rank-count independent; every rank holds the mesh) | distributed (no rank holds the mesh)
+        # moe only: ptscotch | strips (slabs across x) | random (a control)
+        "partitioner": "ptscotch",
+        # moe only: auto (canonical up to 250k cells) | canonical (rank-count independent; every
+        # rank holds the mesh) | distributed (no rank holds the mesh)
+        "partition": "auto",
         "mode": "lstsq",        # lstsq | galerkin
-        "coupled": True,        # moe only: experts solved together on the stitched field (False: the paper's independent experts)
-        "coupling_parameters": {},  # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
-        "norm": "auto",    # auto (the layer's: dual, dual_blocks for mixtures) | euclidean | lumped | dual | dual_blocks: the least-squares residual's norm (fem_moe.norms)
-        "warm_start": True,     # each sample's solve from its last solution (fem_moe.warmstart; README: the mixture trains 3x more accurately)
-        "warm_start_memory": 1024,  # MiB per rank for each sample's Jacobian at its last solution (Galerkin warm starts: fem_moe.warmstart.SampleJacobians); 0: none
-        "training_rtol": 0.0,   # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the options' (README: 1e-8 trained worse)
-        "global_steps": 0,      # moe only: the first global_steps training steps train the backbone through the global layer (PI-HC) on the same basis, then the mixture trains on with the same optimiser (from scratch a mixture's basis can learn only what its per-expert coefficients use: README)
+        # moe only: experts solved together on the stitched field (False: the paper's independent
+        # experts)
+        "coupled": True,
+        # moe only: the coupled SNES's (fem_moe.coupling.DEFAULT_COUPLING_PARAMETERS)
+        "coupling_parameters": {},
+        # auto (the layer's: dual, dual_blocks for mixtures) | euclidean | lumped | dual |
+        # dual_blocks: the least-squares residual's norm (fem_moe.norms)
+        "norm": "auto",
+        # each sample's solve from its last solution (fem_moe.warmstart; the decision record on
+        # warm starts)
+        "warm_start": True,
+        # MiB per rank for each sample's Jacobian at its last solution (Galerkin warm starts:
+        # fem_moe.warmstart.SampleJacobians); 0: none
+        "warm_start_memory": 1024,
+        # > 0: the solves' SNES rtol in training steps (evaluation keeps the options'); 0: the
+        # options' (1e-8 trained worse: benchmarks/studies/training_options.py)
+        "training_rtol": 0.0,
+        # moe only: the first global_steps training steps train the backbone through the global
+        # layer (PI-HC) on the same basis, then the mixture trains on with the same optimiser (from
+        # scratch a mixture's basis can learn only what its per-expert coefficients use)
+        "global_steps": 0,
         "backbone": "deeponet",     # deeponet | fno (fem_moe.backbones)
-        "backbone_from": "",    # a checkpoint.pt whose backbone weights start this model's (e.g. a PI-HC run's, to train a mixture from it); "": random
-        "backbone_ranks": "auto",   # auto (one per GPU per node with CUDA, else every rank) | all | a list of ranks holding rank 0 (fem_moe.bridge.BackboneRanks)
+        # a checkpoint.pt whose backbone weights start this model's (e.g. a PI-HC run's, to train a
+        # mixture from it); "": random
+        "backbone_from": "",
+        # auto (one per GPU per node with CUDA, else every rank) | all | a list of ranks holding
+        # rank 0 (fem_moe.bridge.BackboneRanks)
+        "backbone_ranks": "auto",
         "width": 64,            # hidden width (deeponet MLPs; fno channels)
         "depth": 3,             # deeponet: MLP layers; fno: Fourier layers
         "latent": 64,           # deeponet: branch/trunk latent size
-        "fourier_features": 0,  # deeponet: random Fourier features of the coordinates the trunk also sees (0: none)
-        "fourier_scale": 3.0,   # deeponet: their frequencies' standard deviation, cycles per half-width of the mesh
+        # deeponet: random Fourier features of the coordinates the trunk also sees (0: none)
+        "fourier_features": 0,
+        # deeponet: their frequencies' standard deviation, cycles per half-width of the mesh
+        "fourier_scale": 3.0,
         "grid": 32,             # fno: grid nodes per axis over the mesh's bounding box
         "modes": 8,             # fno: Fourier modes kept per axis
-        "fno_products": False,  # fno: each layer adds a pointwise product of two projections of its channels (quadratic terms such as advection: README)
+        # fno: each layer adds a pointwise product of two projections of its channels (quadratic
+        # terms such as advection)
+        "fno_products": False,
         "ridge": "rank_deficient",  # rank_deficient | always: when the reduced solve adds rho w
-        "ridge_factor": 0.0,    # rho = ridge_factor x mean diagonal of the Gauss-Newton matrix; 0: the layers' (1e-4 with ridge = always, the paper's; 1e-10 for a rank-deficient basis)
+        # rho = ridge_factor x mean diagonal of the Gauss-Newton matrix; 0: the layers' (1e-4 with
+        # ridge = always, the paper's; 1e-10 for a rank-deficient basis)
+        "ridge_factor": 0.0,
         "solver_parameters": {},    # the reduced SNES's (fem_moe.DEFAULT_SOLVER_PARAMETERS)
     },
     "train": {
         "loss": "physics",      # physics | supervised | mixed
-        "residual_norm": "dual",    # dual | l2 (= euclidean) | lumped: the physics loss's norm (fem_moe.residual_loss)
+        # dual | l2 (= euclidean) | lumped: the physics loss's norm (fem_moe.residual_loss)
+        "residual_norm": "dual",
         "physics_weight": 1.0,  # mixed: physics_weight * physics + supervised_weight * supervised
         "supervised_weight": 1.0,
         "steps": 100,
@@ -82,13 +110,20 @@ DEFAULTS = {
         "step_size": 100,       # step schedule: lr *= gamma every step_size steps
         "gamma": 0.5,
         "min_lr": 0.0,          # cosine schedule's floor
-        "warmup_steps": 0,      # lr rises linearly from lr/warmup_steps to the schedule's over these steps (a fresh Adam's first steps move every weight by ~lr: a trained backbone, model.backbone_from, is thrown off)
+        # lr rises linearly from lr/warmup_steps to the schedule's over these steps (a fresh Adam's
+        # first steps move every weight by ~lr: a trained backbone, model.backbone_from, is thrown
+        # off)
+        "warmup_steps": 0,
         "val_every": 20,
         "checkpoint_every": 20,
         "seed": 0,              # of the initial weights and the batch order
-        "fresh_inputs": False,  # physics loss only: every step a new batch drawn from the PDE's inputs (data.n_train unused)
+        # physics loss only: every step a new batch drawn from the PDE's inputs (data.n_train
+        # unused)
+        "fresh_inputs": False,
         "on_diverge": "skip",   # skip | stop: what a diverging expert solve does to the step
-        "max_skipped_in_a_row": 50,  # skip: stop (checkpoint, then SolverDivergedError) after this many skipped steps in a row; 0: never
+        # skip: stop (checkpoint, then SolverDivergedError) after this many skipped steps in a row;
+        # 0: never
+        "max_skipped_in_a_row": 50,
         "out": "runs/default",  # relative to the config file: checkpoint.pt, metrics.json/csv
         "resume": True,         # continue from out/checkpoint.pt when it exists
         "progress": True,       # tqdm bar on rank 0
@@ -228,7 +263,8 @@ def load_config(path=None, overrides=(), base_dir=None):
     base_dir = base_dir or os.getcwd()
     for section, key in PATHS:
         if config[section][key] or (section, key) not in UNSET_WHEN_EMPTY:
-            config[section][key] = os.path.normpath(os.path.join(base_dir, os.path.expanduser(config[section][key])))
+            given = os.path.expanduser(config[section][key])
+            config[section][key] = os.path.normpath(os.path.join(base_dir, given))
     return validate(config, path or "config")
 
 

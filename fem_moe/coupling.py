@@ -6,13 +6,13 @@ evaluated on k's own field; nothing ties an expert to its neighbours, and an exp
 boundary or initial data has a family of local solutions (the method page of the docs). The coupled
 mixture solves for all of w at once, on the stitched field and every residual row:
 
-* ``"lstsq"``: minimise 1/2 ‖P R(u(w); m)‖_W^2 + 1/2 sum_k rho_k ‖w_k‖^2 (rho_k = 0 unless block k is
-  rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
-  k is the global layer's output, so the coupled residual is never larger than the global one
-  with the same basis (exactly so for a linear PDE) and the same norm. ‖.‖_W is the norm's
-  weight (:mod:`fem_moe.norms`): by default each expert's rows in their own dual norm (block
-  diagonal over the experts), or the Euclidean norm, or the whole mesh's dual norm (W couples
-  every row: the reduced matrix is then dense).
+* ``"lstsq"``: minimise 1/2 ‖P R(u(w); m)‖_W^2 + 1/2 sum_k rho_k ‖w_k‖^2 (rho_k = 0 unless block k
+  is rank deficient or the paper's ridge is asked for). It *nests* the global layer: w_k = w for all
+  k is the global layer's output, so the coupled residual is never larger than the global one with
+  the same basis (exactly so for a linear PDE) and the same norm. ‖.‖_W is the norm's weight
+  (:mod:`fem_moe.norms`): by default each expert's rows in their own dual norm (block diagonal over
+  the experts), or the Euclidean norm, or the whole mesh's dual norm (W couples every row: the
+  reduced matrix is then dense).
 * ``"galerkin"``: the global residual tested against every expert's block basis,
   G_k = (P_k Phi) P R(u(w); m) + rho_k w_k = 0.
 
@@ -64,8 +64,8 @@ __all__ = ["CoupledSolver", "DEFAULT_COUPLING_PARAMETERS"]
 
 #: Defaults of the coupled SNES (options prefix ``moe_``): the experts' own choices
 #: (:data:`fem_moe.expert.DEFAULT_SOLVER_PARAMETERS`: trust-region Newton on the objective,
-#: Gauss-Newton far from the solution, a direct solve, MUMPS on any number of ranks), and the type of
-#: the block-sparse matrix (aij or baij, block size N).
+#: Gauss-Newton far from the solution, a direct solve, MUMPS on any number of ranks), and the type
+#: of the block-sparse matrix (aij or baij, block size N).
 DEFAULT_COUPLING_PARAMETERS = {**DEFAULT_SOLVER_PARAMETERS, "mat_type": "aij"}
 
 
@@ -376,7 +376,8 @@ class CoupledSolver:
         self.tx = PETSc.Vec().createMPI((len(self.mine) * N * N, PETSc.DECIDE), bsize=N * N,
                                         comm=comm)
         self.tlocal = PETSc.Vec().createSeq(len(needed) * N * N, bsize=N * N, comm=PETSc.COMM_SELF)
-        is_t = PETSc.IS().createBlock(N * N, self.needed.astype(PETSc.IntType), comm=PETSc.COMM_SELF)
+        is_t = PETSc.IS().createBlock(N * N, self.needed.astype(PETSc.IntType),
+                                      comm=PETSc.COMM_SELF)
         self.tscatter = PETSc.Scatter().create(self.tx, is_t, self.tlocal, None)
         is_t.destroy()
         self.G = self.x.duplicate()      # the SNES's residual vector
@@ -494,7 +495,8 @@ class CoupledSolver:
         return out
 
     def _neighbour_blocks(self, vec, local, scatter, shape):
-        """The blocks of each of my experts' neighbours from distributed ``vec``: {k: [L, *shape]}."""
+        """The blocks of each of my experts' neighbours from distributed ``vec``:
+        {k: [L, *shape]}."""
         scatter.scatter(vec, local, PETSc.InsertMode.INSERT_VALUES, PETSc.ScatterMode.FORWARD)
         arr = local.getArray(readonly=True).reshape((-1,) + shape)
         return {k: arr[self.slots[k]].copy() for k in self.mine}
@@ -586,7 +588,8 @@ class CoupledSolver:
                 rows = self.rows[k]
                 if self.mode == "lstsq":
                     with self._local():
-                        g, idx = JPhi[k].transpose_times(state["s"][k]), self.position[rows.neighbours]
+                        g = JPhi[k].transpose_times(state["s"][k])
+                        idx = self.position[rows.neighbours]
                 else:
                     g, idx = rows.Phi_c @ state["r"][k], self.position[[k]]
                 g = g.reshape(-1, N)
@@ -662,7 +665,8 @@ class CoupledSolver:
                 # M is a fresh array: block k's ridge goes into its (k, k) block.
                 mi, me = (list(idx).index(self.position[k]) for idx in (idx_r, idx_c))
                 N = self.N
-                M[mi * N:(mi + 1) * N, me * N:(me + 1) * N] += self._ridge_terms(k, state["C"][k])[1]
+                ridge = self._ridge_terms(k, state["C"][k])[1]
+                M[mi * N:(mi + 1) * N, me * N:(me + 1) * N] += ridge
                 A.setValuesBlocked(idx_r.astype(PETSc.IntType), idx_c.astype(PETSc.IntType),
                                    M.ravel(), addv=PETSc.InsertMode.ADD_VALUES)
         except Exception as exc:     # noqa: BLE001
@@ -694,7 +698,8 @@ class CoupledSolver:
         if not self.dense:
             return slice(None)
         N = self.N
-        return np.concatenate([np.arange(p * N, (p + 1) * N) for p in self.position[self.rows[k].neighbours]])
+        return np.concatenate([np.arange(p * N, (p + 1) * N)
+                               for p in self.position[self.rows[k].neighbours]])
 
     def _columns(self, k, JPhi):
         """Expert k's columns (its neighbours' blocks) as the matrix's column blocks: JPhi
@@ -806,9 +811,9 @@ class CoupledSolver:
         try:
             for k in self.mine:
                 self.rows[k].set_sample(Phi[k], data[k])
-                self.T[k], self.rho[k], self.block_rank[k] = (blocks[k] if blocks is not None else
-                                                            self.rows[k].block_transform(
-                                                                self.ridge_always, self.ridge_factor))
+                self.T[k], self.rho[k], self.block_rank[k] = (
+                    blocks[k] if blocks is not None else
+                    self.rows[k].block_transform(self.ridge_always, self.ridge_factor))
         except Exception as exc:     # noqa: BLE001
             err = exc
         self._agree(err)
@@ -936,7 +941,8 @@ class CoupledSolver:
                           jacobians=self.comm.allreduce(self._assembled() - assembled))
         # The coupling's own cost, the slowest rank's: the solve less its experts' row work.
         info["coupling_time"] = self.comm.allreduce(info.time - self._local_seconds, op=_MAX)
-        finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))), op=_LAND)
+        finite = self.comm.allreduce(bool(np.all(np.isfinite(self.x.getArray(readonly=True)))),
+                                     op=_LAND)
         if reason < 0 or not finite:
             raise SolverDivergedError(
                 f"coupled mixture: the coupled SNES diverged on sample {sample} ({name}) after "
@@ -967,12 +973,12 @@ class CoupledSolver:
 
     def _cold_gradient_if_warm_is_better(self, lifting_residuals=None):
         """‖G‖ at all coefficients 0 if the start in self.x is lower there (the objective; ‖G‖ in
-        Galerkin mode, where SNES drives G to zero), else None: a stale warm start can lie in a worse
-        basin of a nonlinear PDE's objective, and the cold ‖G‖ is where a cold solve's
+        Galerkin mode, where SNES drives G to zero), else None: a stale warm start can lie in a
+        worse basin of a nonlinear PDE's objective, and the cold ‖G‖ is where a cold solve's
         tolerance is measured from (see :meth:`fem_moe.expert.Expert.
         _cold_gradient_if_warm_is_better`). ``lifting_residuals``: my experts' rows at all
-        coefficients 0, if known (Galerkin: ‖G‖ there is then a product with the basis).
-        Collective. The start is evaluated last, so that the solve reuses that evaluation."""
+        coefficients 0, if known (Galerkin: ‖G‖ there is then a product with the basis). Collective.
+        The start is evaluated last, so that the solve reuses that evaluation."""
         at_zero, g_zero = self._at_zero(gradient=True, residuals=lifting_residuals)
         if self.mode == "lstsq":
             better = self._state_at(self.x, "objective")["objective"] <= 0.5 * at_zero ** 2
@@ -1026,7 +1032,8 @@ class CoupledSolver:
         state = self._state_at(self.x, "G")
         self._jacobian(state, exact=True, descent=False)     # the exact gradient's matrix
         b = self.x.duplicate()
-        self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, self.rows[k].own] @ u_bar[k][self.rows[k].own]
+        own = {k: self.rows[k].own for k in self.mine}
+        self._set_own_blocks(b, {k: self.rows[k].Phi_c[:, own[k]] @ u_bar[k][own[k]]
                                  for k in self.mine})
         lam = self.x.duplicate()
         err = None
@@ -1037,8 +1044,10 @@ class CoupledSolver:
         if err is None and self._direct.getConvergedReason() < 0:
             err = (f"coupled mixture, sample {sample}: the backward's block-sparse solve failed "
                    f"({self._direct.getConvergedReason()}); options prefix {self.prefix!r}")
-        if err is None and not self.comm.allreduce(bool(np.all(np.isfinite(lam.getArray(readonly=True)))), op=_LAND):
-            err = f"coupled mixture, sample {sample}: the backward's solve gave non-finite values (singular reduced Jacobian)"
+        finite = bool(np.all(np.isfinite(lam.getArray(readonly=True))))
+        if err is None and not self.comm.allreduce(finite, op=_LAND):
+            err = (f"coupled mixture, sample {sample}: the backward's solve gave non-finite values "
+                   "(singular reduced Jacobian)")
         self._agree(err)
         Lam = self._neighbour_blocks(lam, self.local, self.scatter, (N,))
         W = self._neighbour_blocks(self.x, self.local, self.scatter, (N,))
@@ -1112,8 +1121,8 @@ class CoupledSolver:
         for name in ("_inertia_mat", "_inertia_copy"):
             if getattr(self, name, None) is not None:
                 getattr(self, name).destroy()
-        for obj in (self._direct, self.snes, self.A, self.x, self.G, self._acc, self.local, self.scatter, self.tx,
-                    self.tlocal, self.tscatter):
+        for obj in (self._direct, self.snes, self.A, self.x, self.G, self._acc, self.local,
+                    self.scatter, self.tx, self.tlocal, self.tscatter):
             obj.destroy()
         for rows in self.rows.values():
             rows.destroy()
@@ -1123,4 +1132,5 @@ class CoupledSolver:
 
 from mpi4py import MPI  # noqa: E402
 _LOR, _LAND, _MAX = MPI.LOR, MPI.LAND, MPI.MAX
-_STALLS = (PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA, PETSc.SNES.ConvergedReason.DIVERGED_LINE_SEARCH)
+_STALLS = (PETSc.SNES.ConvergedReason.DIVERGED_TR_DELTA,
+           PETSc.SNES.ConvergedReason.DIVERGED_LINE_SEARCH)

@@ -42,7 +42,8 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
     comm.barrier()
     with fd.CheckpointFile(tmp, "w", comm=comm) as f:
         f.save_mesh(mesh)
-        for i in tqdm(range(n), desc=f"generate {pde.name}", disable=not progress or comm.rank != 0):
+        for i in tqdm(range(n), desc=f"generate {pde.name}",
+                      disable=not progress or comm.rank != 0):
             data = pde.data(problem, params[i])
             u, times[i], iterations[i] = pde.classical_solve(problem, data)
             # One name per sample rather than save_function's idx: with idx, Firedrake kept only
@@ -56,7 +57,8 @@ def generate(pde, path, n, seed=0, comm=MPI.COMM_WORLD, progress=True):
         h5 = f.h5pyfile
         group = h5.require_group("fem_moe")
         # Dataset creation is collective in parallel HDF5; every rank writes the same values.
-        for key, value in (("params", params), ("solve_time", times), ("newton_iterations", iterations)):
+        for key, value in (("params", params), ("solve_time", times),
+                           ("newton_iterations", iterations)):
             ds = group.create_dataset(key, shape=value.shape, dtype=value.dtype)
             if comm.rank == 0:
                 ds[...] = value
@@ -126,11 +128,13 @@ class Dataset:
                     fields = [f.load_function(self.mesh, f"input{j}_{i}") for j in range(n_inputs)]
                     target = f.load_function(self.mesh, f"target_{i}")
                 else:
-                    fields = [f.load_function(self.mesh, f"input{j}", idx=i) for j in range(n_inputs)]
+                    fields = [f.load_function(self.mesh, f"input{j}", idx=i)
+                              for j in range(n_inputs)]
                     target = f.load_function(self.mesh, "target", idx=i)
                 if target.function_space().ufl_element() != self.problem.V.ufl_element():
-                    err = (f"{path!r}: the stored solution is in {target.function_space().ufl_element()}"
-                           f" but the problem's space is {self.problem.V.ufl_element()}")
+                    err = (f"{path!r}: the stored solution is in "
+                           f"{target.function_space().ufl_element()} but the problem's space is "
+                           f"{self.problem.V.ufl_element()}")
                 raise_on_all_ranks(comm, err)
                 row, lift = sample_arrays(self.pde, self.problem, fields)
                 data.append(row)

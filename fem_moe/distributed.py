@@ -95,7 +95,8 @@ class DistributedPartition(CoordinateKeys):
         comm = self._begin(mesh, n_experts, partitioner_type)
         self.n_cells = n = mesh.cell_set.size
         X = mesh.coordinates.dat.data_ro_with_halos
-        self.cell_coords = X[mesh.coordinates.cell_node_map().values_with_halo[:n]]   # [n, nv, gdim]
+        # [n, nv, gdim]
+        self.cell_coords = X[mesh.coordinates.cell_node_map().values_with_halo[:n]]
         points = self.cell_coords.reshape(-1, self.gdim)
         lo, hi = np.full(self.gdim, np.inf), np.full(self.gdim, -np.inf)
         if len(points):
@@ -122,7 +123,8 @@ class DistributedPartition(CoordinateKeys):
         per_rank = np.array(comm.allgather(counts))                    # [ranks, K]
         sizes = per_rank.sum(axis=0)
         if (sizes == 0).any():
-            raise InputError(f"the partitioner left experts {np.flatnonzero(sizes == 0).tolist()} empty")
+            empty = np.flatnonzero(sizes == 0).tolist()
+            raise InputError(f"the partitioner left experts {empty} empty")
         self._place(per_rank)
 
     # ------------------------------------------------------------------ the K parts
@@ -205,17 +207,21 @@ class DistributedPartition(CoordinateKeys):
                        for S, cn in zip(subs, cell_nodes)]
         labels = np.concatenate([e[cn] for e, cn in zip(node_expert, cell_nodes)], axis=1)
         mixed = (labels != labels[:, :1]).any(axis=1).astype(np.int64)
-        mixed_nodes = [_combine_at_nodes(S, cn, mixed, MPI.MAX, 0) for S, cn in zip(subs, cell_nodes)]
+        mixed_nodes = [_combine_at_nodes(S, cn, mixed, MPI.MAX, 0)
+                       for S, cn in zip(subs, cell_nodes)]
         owned = [(S.node_set.size, S.block_size) for S in subs]
-        self.dof_expert = np.concatenate([np.repeat(e[:m], bs) for e, (m, bs) in zip(node_expert, owned)])
-        self.interface = np.concatenate([np.repeat(f[:m] > 0, bs) for f, (m, bs) in zip(mixed_nodes, owned)])
+        self.dof_expert = np.concatenate([np.repeat(e[:m], bs)
+                                          for e, (m, bs) in zip(node_expert, owned)])
+        self.interface = np.concatenate([np.repeat(f[:m] > 0, bs)
+                                         for f, (m, bs) in zip(mixed_nodes, owned)])
         owning = self.comm.allreduce(np.bincount(self.dof_expert, minlength=K))
         if (owning == 0).any():
-            raise InputError(f"experts {np.flatnonzero(owning == 0).tolist()} own no dof of {V.ufl_element()} "
-                             "(every dof of their cells has a lower-numbered expert): use fewer experts "
-                             "or another partitioner")
+            raise InputError(f"experts {np.flatnonzero(owning == 0).tolist()} own no dof of "
+                             f"{V.ufl_element()} (every dof of their cells has a lower-numbered "
+                             "expert): use fewer experts or another partitioner")
         # Each owned cell goes to the rank of every expert owning one of its dofs.
-        pairs = np.unique((np.arange(n)[:, None] * K + labels).ravel()) if n else np.zeros(0, np.int64)
+        pairs = (np.unique((np.arange(n)[:, None] * K + labels).ravel()) if n
+                 else np.zeros(0, np.int64))
         cells, experts = pairs // K, pairs % K
         dest = self.expert_rank[experts]
         order = np.argsort(dest, kind="stable")
@@ -233,7 +239,8 @@ class DistributedPartition(CoordinateKeys):
         self._submesh_parts = {}
         for k, parts in self._ship(geometry).items():
             number = np.concatenate([p["number"] for p in parts])
-            order = np.argsort(number, kind="stable")        # cells by number, wherever they came from
+            # Cells by number, wherever they came from.
+            order = np.argsort(number, kind="stable")
             where = np.empty(len(order), dtype=np.int64)
             where[order] = np.arange(len(order))
             base = np.cumsum([0] + [len(p["number"]) for p in parts])
@@ -244,7 +251,8 @@ class DistributedPartition(CoordinateKeys):
                                       np.concatenate([p["coords"] for p in parts])[order], markers)
         self.expert_cells = {k: parts[0] for k, parts in self._submesh_parts.items()}
         values = {}
-        mine = {name: set(value.tolist()) for name, (_, _, value) in zip(("Face Sets", "Cell Sets"), marked)}
+        mine = {name: set(value.tolist())
+                for name, (_, _, value) in zip(("Face Sets", "Cell Sets"), marked)}
         for part in self.comm.allgather(mine):
             for name, vs in part.items():
                 values.setdefault(name, set()).update(vs)
@@ -268,7 +276,8 @@ class DistributedPartition(CoordinateKeys):
                     mine = [c for c in mine if 0 <= c < self.n_cells]
                     cells += mine
                     values += [int(value)] * len(mine)
-            return (np.array(cells, dtype=np.int64), np.zeros((len(cells), 0, self.gdim), dtype=np.int64),
+            return (np.array(cells, dtype=np.int64),
+                    np.zeros((len(cells), 0, self.gdim), dtype=np.int64),
                     np.array(values, dtype=np.int64))
         for point, point_keys, value in marked_points(self.mesh, name, height, self):
             for p in dm.getSupport(point):
@@ -276,7 +285,8 @@ class DistributedPartition(CoordinateKeys):
                 if 0 <= cell < self.n_cells:
                     cells.append(cell), keys.append(point_keys), values.append(value)
         nv = self.tdim if self.mesh.ufl_cell().is_simplex else 2 ** (self.tdim - 1)
-        return (np.array(cells, dtype=np.int64), np.array(keys, dtype=np.int64).reshape(-1, nv, self.gdim),
+        return (np.array(cells, dtype=np.int64),
+                np.array(keys, dtype=np.int64).reshape(-1, nv, self.gdim),
                 np.array(values, dtype=np.int64))
 
     def _ship(self, payload):
@@ -304,7 +314,8 @@ class DistributedPartition(CoordinateKeys):
         facet_markers = {}
         _, facet_keys, facet_values = facets
         facet_ids = _find(unique, _void(facet_keys.reshape(-1, self.gdim)),
-                          "a marked facet has no vertex among its cell's").reshape(facet_keys.shape[:2])
+                          "a marked facet has no vertex among its cell's")
+        facet_ids = facet_ids.reshape(facet_keys.shape[:2])
         for ids, value in zip(np.sort(facet_ids, axis=1).tolist(), facet_values.tolist()):
             facet_markers.setdefault(tuple(ids), set()).add(value)
         cell_markers = (cells[0], cells[2])

@@ -12,10 +12,10 @@ rho is 0 unless the basis is rank deficient (see ``on_rank_deficient``).
 
 In least squares, ‖r‖^2 is r^T W r with W the norm's weight on the constraint rows
 (:mod:`fem_moe.norms`: the H1-dual norm by default; the Euclidean norm of the dof vector, as the
-paper measures its residual at collocation points; the lumped-mass norm); the formulas below are written
-for W = I, and W enters wherever a residual row is weighed (s = W r in place of r, W J Phi^T in
-place of J Phi^T). Every derivative below is UFL's symbolic derivative of the user's
-residual form, assembled by Firedrake (the same machinery pyadjoint's solve blocks use):
+paper measures its residual at collocation points; the lumped-mass norm); the formulas below are
+written for W = I, and W enters wherever a residual row is weighed (s = W r in place of r, W J Phi^T
+in place of J Phi^T). Every derivative below is UFL's symbolic derivative of the user's residual
+form, assembled by Firedrake (the same machinery pyadjoint's solve blocks use):
 
 * Jacobian of G (SNES and IFT):  lstsq  (J Phi^T)^T P (J Phi^T) + Phi H_r Phi^T + rho I, with
   H_r = d^2/du^2 <r, R(u)> at fixed r (the second-order term: the gradient is exact, not
@@ -75,18 +75,17 @@ DEFAULT_SOLVER_PARAMETERS = {
     "stall_rtol": 1e-10,
     "ksp_type": "preonly",
     "pc_type": "lu",
-    # A rejected step halves the trust region (PETSc's default quarters it). The first
-    # Gauss-Newton step on these quartic objectives often overshoots by a little; quartered twice,
-    # the region took several doubling steps to grow back. Measured (README, the reduced solve;
-    # benchmarks/studies/reduced_solves.py): 108 random reduced problems (global, K = 2, 3; P1/P2; two
-    # source scales) 8.12 -> 7.27 iterations, no failures either way; moe_scaling at 103041
-    # dofs 9.5 -> 7 (K = 1), 11.5 -> 8 (K = 2).
+    # A rejected step halves the trust region (PETSc's default quarters it). The first Gauss-Newton
+    # step on these quartic objectives often overshoots by a little; quartered twice, the region
+    # took several doubling steps to grow back. Measured (benchmarks/studies/reduced_solves.py): 108
+    # random reduced problems (global, K = 2, 3; P1/P2; two source scales) 8.12 -> 7.27 iterations,
+    # no failures either way; moe_scaling at 103041 dofs 9.5 -> 7 (K = 1), 11.5 -> 8 (K = 2).
     "snes_tr_t1": 0.5,
-    # fem_moe's own option (Galerkin mode): keep the reduced Jacobian of an earlier iterate (a
-    # chord step) while the last step cut ‖G‖ by at least this factor; 0: a new Jacobian at every
-    # iterate (Newton). There G needs the residual alone, the Jacobian a sparse matrix assembly
-    # ~3x the residual's, and warm-started training solves start where chord steps contract as
-    # fast as Newton's (README, the training step). The backward always assembles its own.
+    # fem_moe's own option (Galerkin mode): keep the reduced Jacobian of an earlier iterate (a chord
+    # step) while the last step cut ‖G‖ by at least this factor; 0: a new Jacobian at every iterate
+    # (Newton). There G needs the residual alone, the Jacobian a sparse matrix assembly ~3x the
+    # residual's, and warm-started training solves start where chord steps contract as fast as
+    # Newton's (benchmarks/training_step.py --profile). The backward always assembles its own.
     "chord_contraction": 0.01,
 }
 
@@ -97,7 +96,7 @@ def reduced_solver_defaults(mode, base=DEFAULT_SOLVER_PARAMETERS):
     factorisation: one iteration, the same step as ``preonly``, but PETSc's trust region learns
     from CG (KSP_CONVERGED_STEP_LENGTH) when a step was cut back to the region's boundary, and
     only then ever enlarges the region. With ``preonly`` a region that shrank once never grew
-    again, and the solves crawled at its radius (README, the moe_scaling.py results)."""
+    again, and the solves crawled at its radius (benchmarks/moe_scaling.py)."""
     params = dict(base)
     if mode == "lstsq" and params.get("ksp_type") == "preonly":
         params["ksp_type"] = "cg"
@@ -114,7 +113,7 @@ PAPER_RIDGE = 1e-4
 #: diffusion-sorption (coupled K = 4, whole-mesh dual norm) went from 1.4 % to 15 % validation
 #: error in one step when an expert's block basis crossed RANK_TOL — the residual 4.6x higher
 #: under the ridge, the backward holding the ridge fixed, and training never left (test error
-#: 0.177); with 1e-10 the same run ends at 0.012 (README, the norm study).
+#: 0.177); with 1e-10 the same run ends at 0.012 (benchmarks/studies/mode_norm_study.py).
 RANK_DEFICIENT_RIDGE = 1e-10
 
 
@@ -136,7 +135,7 @@ def fit_coefficients(gram, projected):
     to the basis of its last visit, and once the optimiser has moved the basis they start
     further from the solution than w = 0 does (measured on diffusion-sorption at 103,525 dofs,
     Galerkin: every stored start was refused); the last *solution* fitted by today's basis
-    starts 2-3 orders of magnitude closer than w = 0 in ‖G‖ (README)."""
+    starts 2-3 orders of magnitude closer than w = 0 in ‖G‖ (benchmarks/training_step.py)."""
     return np.linalg.lstsq(gram, projected, rcond=None)[0]
 
 
@@ -192,7 +191,8 @@ class ChordSteps:
     def keep(self, gnorm):
         last, self._last = self._last, float(gnorm)
         keep = self.contraction > 0 and last is not None and (
-            gnorm <= self.contraction * last or self._finishes(gnorm / last if last else 1.0, gnorm))
+            gnorm <= self.contraction * last or self._finishes(gnorm / last if last else 1.0,
+                                                               gnorm))
         self.kept += keep
         return keep
 
@@ -217,7 +217,7 @@ class PrecisionStop:
     its next step -- the one the reduced Jacobian it holds would take -- changes the field by
     less than ``eps`` times the field (u - g, both in the dof l2 norm): the steps after it would
     not move the delivered field past its last bits. Measured at diffusion-sorption's paper size
-    (README, the training step): the warm-started chord steps went 4e-3 -> 1e-6 -> 9e-9 ->
+    (benchmarks/training_step.py): the warm-started chord steps went 4e-3 -> 1e-6 -> 9e-9 ->
     1e-10 -> 1e-12 in ‖G‖ relative to the cold start's, and the last one or two of them only
     refined digits a float32 output drops. The stop passes SNES's absolute tolerance at that
     iterate (:meth:`at`, from the function callback), so SNES's own tests and bookkeeping stay;
@@ -310,7 +310,8 @@ class Expert:
             raise InputError(f"mode must be 'lstsq' or 'galerkin', got {mode!r}")
         norm = check_norm(norm, mode)
         if on_rank_deficient not in ("ridge", "raise"):
-            raise InputError(f"on_rank_deficient must be 'ridge' or 'raise', got {on_rank_deficient!r}")
+            raise InputError("on_rank_deficient must be 'ridge' or 'raise', got "
+                             f"{on_rank_deficient!r}")
         if int(n_basis) < 1:
             raise InputError(f"n_basis must be a positive integer, got {n_basis}")
         self.problem, self.mode, self.N = problem, mode, int(n_basis)
@@ -420,7 +421,8 @@ class Expert:
         key = id(form)
         with _expert_subdomains_may_be_empty(self.expert_id is not None):
             if key not in self._assemblers:
-                kwargs.setdefault("form_compiler_parameters", {"quadrature_degree": self._quadrature})
+                kwargs.setdefault("form_compiler_parameters",
+                                  {"quadrature_degree": self._quadrature})
                 self._assemblers[key] = get_assembler(form, **kwargs)
             return self._assemblers[key].assemble(tensor=tensor)
 
@@ -606,7 +608,8 @@ class Expert:
                 step = self._T @ np.linalg.solve(self._M, g)
             except np.linalg.LinAlgError:
                 return
-            self.precision.at(np.linalg.norm(g), self._field_norm(step), self._field_norm(state["w"]))
+            self.precision.at(np.linalg.norm(g), self._field_norm(step),
+                              self._field_norm(state["w"]))
 
     def _field_norm(self, w):
         """‖w Phi‖ in the dof l2 norm over every rank (the Gram matrix of the solve's basis)."""
@@ -781,7 +784,8 @@ class Expert:
         if lifting_residual is not None:        # Galerkin: G(0) = Phi r(g) (w = 0: no ridge)
             self.lifting_residual = lifting_residual
             g_cold = float(np.linalg.norm(T.T @ self._sum(self._Phi @ lifting_residual)))
-            return g_cold if np.linalg.norm(T.T @ self._state_at(self._wvec, "G")["G"]) <= g_cold else None
+            g_warm = np.linalg.norm(T.T @ self._state_at(self._wvec, "G")["G"])
+            return g_cold if g_warm <= g_cold else None
         cold = self._evaluate_residual(np.zeros(self.N), self._Phi)
         self._complete(cold, self._Phi, self._Phi_petsc, False)
         self.lifting_residual = cold["r"]
@@ -851,12 +855,12 @@ class Expert:
             jacobian=None):
         """The IFT backward of one sample. Collective over ``problem.comm``.
 
-        Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on
-        owned dofs); ``residual``: the residual rows at w, if known (the forward's
-        ``solution_residual``: not assembled again); ``jacobian``: the sparse Jacobian at w, if
-        known (a PETSc Mat, e.g. a :class:`fem_moe.points.FieldPoint`'s), else assembled --
-        and then :meth:`jacobian` until the next assembly. Returns (Phi_bar [N, n],
-        data_bar [n_data]); with ``data_gradient`` False, data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
+        Phi [N, n], data [n_data] or None, w [N] (the forward's solution), u_bar [n] (dL/du on owned
+        dofs); ``residual``: the residual rows at w, if known (the forward's ``solution_residual``:
+        not assembled again); ``jacobian``: the sparse Jacobian at w, if known (a PETSc Mat, e.g. a
+        :class:`fem_moe.points.FieldPoint`'s), else assembled -- and then :meth:`jacobian` until the
+        next assembly. Returns (Phi_bar [N, n], data_bar [n_data]); with ``data_gradient`` False,
+        data_bar is None (its assembly skipped: nothing upstream asks for it). Raises
         SolverDivergedError if the reduced Jacobian is singular or too ill-conditioned for a
         meaningful gradient.
         """
@@ -1099,7 +1103,8 @@ class ResidualNorm:
     def __init__(self, problem, norm="l2"):
         norm = "l2" if norm == "euclidean" else norm
         if norm not in ("l2", "lumped", "dual"):
-            raise InputError(f"norm must be 'l2' (or 'euclidean'), 'lumped' or 'dual', got {norm!r}")
+            raise InputError("norm must be 'l2' (or 'euclidean'), 'lumped' or 'dual', got "
+                             f"{norm!r}")
         # A Galerkin expert holds exactly the forms needed: R, J and d/dm <z, R> with z := r.
         self._e = Expert(problem, 1, mode="galerkin")
         self.problem, self.norm = problem, norm

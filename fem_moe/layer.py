@@ -1,4 +1,6 @@
 """Hard-constraint layers as torch modules, and the soft-constraint residual loss."""
+import functools
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -121,16 +123,18 @@ class _ConstrainedSolve(torch.autograd.Function):
         expert, stored = layer.expert, layer.jacobians
         keys = [None] * Phi.shape[0]
         precision = delivered_precision(basis)
+
+        def solve(b, u0):
+            return expert.solve(Phi[b], D[b] if has_data else None, u0=u0, sample=b,
+                                rtol=layer._rtol, jacobian=stored.jacobian(keys[b]),
+                                lifting_residual=stored.lifting_residual(keys[b]),
+                                precision=precision)
+
         try:
             keys, hits = layer.warm_starts.lookup(D)
             for b in range(Phi.shape[0]):
-                w, u, info = solve_from(
-                    lambda u0: expert.solve(Phi[b], D[b] if has_data else None, u0=u0,
-                                            sample=b, rtol=layer._rtol,
-                                            jacobian=stored.jacobian(keys[b]),
-                                            lifting_residual=stored.lifting_residual(keys[b]),
-                                            precision=precision),
-                    layer.warm_starts[keys[b]] if hits[b] else None)
+                w, u, info = solve_from(functools.partial(solve, b),
+                                        layer.warm_starts[keys[b]] if hits[b] else None)
                 layer.warm_starts[keys[b]] = u
                 if layer._recording:
                     stored.keep_lifting_residuals(keys[b], {None: expert.lifting_residual})
@@ -213,21 +217,22 @@ class HardConstraint(torch.nn.Module):
       precision, in fewer iterations.
 
     ``norm`` (least squares): the residual's norm, "euclidean" (its dof vector, the paper's),
-    "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the
-    strong residual, mesh-grading independent) or "dual" (the dual norm of H1: errors weighed
-    as Galerkin weighs them, one Riesz solve per vector, options prefix
-    ``<problem prefix>riesz_``); see :mod:`fem_moe.norms`. The default (None) is "dual": on the
-    demos' three problems it gave Galerkin's accuracy or better (plate 0.103 against the Euclidean
-    norm's 0.42; README), at about the same cost per step there; at 1e5 dofs a step costs 2.8x the
-    Euclidean norm's (an N-column Riesz solve per Gauss-Newton matrix), where Galerkin mode is
-    both fast and accurate.
+    "lumped" (rows weighted by the inverse diagonal of the mass matrix: the L2 norm of the strong
+    residual, mesh-grading independent) or "dual" (the dual norm of H1: errors weighed as Galerkin
+    weighs them, one Riesz solve per vector, options prefix ``<problem prefix>riesz_``); see
+    :mod:`fem_moe.norms`. The default (None) is "dual": on the demos' three problems it gave
+    Galerkin's accuracy or better (plate 0.103 against the Euclidean norm's 0.42;
+    ``benchmarks/studies/mode_norm_study.py``), at about the same cost per step there; at 1e5 dofs a
+    step costs 2.8x the Euclidean norm's (an N-column Riesz solve per Gauss-Newton matrix), where
+    Galerkin mode is both fast and accurate.
 
     ``warm_start``: start each sample's solve from that sample's last solution, fitted by
     the current basis (a sample is known by its data; see :mod:`fem_moe.warmstart`), for
     training on a fixed dataset, which revisits its samples with a slightly changed basis; a
     warm solve stops where a cold one would. Off by default, so that a layer's output is a
     function of its inputs alone; the trainer turns it on (``model.warm_start``): measured on
-    diffusion-sorption, the coupled mixture then trains to a 3x smaller error (README).
+    diffusion-sorption, the coupled mixture then trains to a 3x smaller error
+    (``benchmarks/studies/training_options.py``).
     ``layer.warm_starts.clear()`` forgets the stored starts. In Galerkin mode a warm-started
     layer also keeps each sample's Jacobian at its last solution and its residual at the
     lifting (:class:`fem_moe.warmstart.SampleJacobians`, ``layer.jacobians``), up to
@@ -276,7 +281,8 @@ class HardConstraint(torch.nn.Module):
         return self.training_rtol if self.recording else None
 
     def forward(self, basis, data=None):
-        data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
+        data = check_inputs(self.problem, "basis", basis,
+                            (None, self.n_basis, self.problem.n_dofs), data)
         # autograd.Function.forward runs without grad mode
         self._rtol, self._recording = self.rtol_now, self.recording
         return _ConstrainedSolve.apply(self, basis, data)

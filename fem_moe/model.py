@@ -54,7 +54,8 @@ class NeuralSolver(nn.Module):
         self._components = (torch.tensor(problem.dof_components()) if problem.n_components > 1
                             else None)
         if kind == "soft":
-            self.weights = nn.Parameter(torch.full((self.n_basis,), 1.0 / self.n_basis, dtype=dtype))
+            self.weights = nn.Parameter(torch.full((self.n_basis,), 1.0 / self.n_basis,
+                                                   dtype=dtype))
             self.constraint = None
         elif kind == "pihc":
             self.constraint = HardConstraint(problem, n_basis, mode=mode, **layer_kwargs)
@@ -73,8 +74,10 @@ class NeuralSolver(nn.Module):
     def basis(self, inputs):
         """The backbone's basis fields at this rank's dofs, ``[batch, n_basis, n_dofs]``."""
         if self.backbone_ranks is not None:
-            return self.backbone_ranks.evaluate(self.backbone, inputs, self._points, self._components)
-        args = (inputs, self._points) + ((self._components,) if self._components is not None else ())
+            return self.backbone_ranks.evaluate(self.backbone, inputs, self._points,
+                                                self._components)
+        components = () if self._components is None else (self._components,)
+        args = (inputs, self._points) + components
         return self.backbone(*args)
 
     def forward(self, inputs, data=None):

@@ -1,4 +1,5 @@
 """The mixture of hard-constraint experts (PI-HC-MoE) on a partitioned Firedrake mesh."""
+import functools
 import time
 
 import numpy as np
@@ -33,7 +34,8 @@ class _ExpertSpace:
     def __init__(self, k, partition, layout, data_layouts, problem):
         self.mesh = partition.expert_submesh(k)
         self.V = fd.FunctionSpace(self.mesh, problem.V.ufl_element())
-        self.data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element()) for Vd in problem.data_spaces]
+        self.data_spaces = [fd.FunctionSpace(self.mesh, Vd.ufl_element())
+                            for Vd in problem.data_spaces]
         self.ids = layout.space_ids(self.V, k)
         self.data_ids = [dl.space_ids(Vd, k) for dl, Vd in zip(data_layouts, self.data_spaces)]
         self.k, self.n_cells = k, len(partition.expert_cells[k])
@@ -150,14 +152,14 @@ class MoEHardConstraint(torch.nn.Module):
     ``norm``: the least-squares residual's norm, as :class:`fem_moe.HardConstraint`'s
     (:mod:`fem_moe.norms`). "dual": the whole mesh's H1-dual norm over every expert's rows (one
     Riesz solve on the mesh communicator per vector, options prefix ``moe_riesz_``); it couples
-    every row with every other, so the coupled reduced matrix is dense (K N x K N): refused for
-    K >= 16. "dual_blocks": each expert's rows in their own dual norm, block diagonal over the
-    experts (the coupled problem stays block sparse, any K); the default (None), chosen by the
-    demos' numbers (README): better than the Euclidean norm on the plate and the channel (0.10
-    against 0.27, 0.18 against 0.30), equal on diffusion-sorption, where "dual" once jumped to a
-    10x worse basis during training (the paper's ridge on a block turned rank deficient, since
-    replaced by a 1e-10 one: 0.012 there now). Independent experts weigh their own rows, so both
-    are the same for them.
+    every row with every other, so the coupled reduced matrix is dense (K N x K N): refused for 16
+    experts or more. "dual_blocks": each expert's rows in their own dual norm, block diagonal over
+    the experts (the coupled problem stays block sparse, any K); the default (None), chosen by the
+    demos' numbers (``benchmarks/studies/mode_norm_study.py``): better than the Euclidean norm on
+    the plate and the channel (0.10 against 0.27, 0.18 against 0.30), equal on diffusion-sorption,
+    where "dual" once jumped to a 10x worse basis during training (the paper's ridge on a block
+    turned rank deficient, since replaced by a 1e-10 one: 0.012 there now). Independent experts
+    weigh their own rows, so both are the same for them.
 
     ``training_rtol``: as :class:`fem_moe.HardConstraint`'s (the coupled SNES's, or each
     independent expert's). ``warm_start``: as :class:`fem_moe.HardConstraint`'s; a warm-started
@@ -214,7 +216,8 @@ class MoEHardConstraint(torch.nn.Module):
         comm = problem.comm
         self.warm_starts = WarmStarts(comm, warm_start and bool(problem.data_spaces))
         # Kept for the coupled solve (HardConstraint's warm_start_memory).
-        self.jacobians = sample_jacobians(problem, mode, warm_start and self.coupled, warm_start_memory)
+        self.jacobians = sample_jacobians(problem, mode, warm_start and self.coupled,
+                                          warm_start_memory)
         K = comm.size if n_experts is None else int(n_experts)
         self.problem, self.n_basis, self.mode, self.n_experts = problem, int(n_basis), mode, K
         t0 = time.perf_counter()
@@ -325,7 +328,8 @@ class MoEHardConstraint(torch.nn.Module):
     recording, rtol_now = HardConstraint.recording, HardConstraint.rtol_now
 
     def forward(self, basis, data=None):
-        data = check_inputs(self.problem, "basis", basis, (None, self.n_basis, self.problem.n_dofs), data)
+        data = check_inputs(self.problem, "basis", basis,
+                            (None, self.n_basis, self.problem.n_dofs), data)
         # autograd.Function.forward runs without grad mode
         self._rtol, self._recording = self.rtol_now, self.recording
         self._precision = delivered_precision(basis)
@@ -410,16 +414,18 @@ def _solve_independent(layer, Pk, Dk, B, starts):
     outputs, ws, diagnostics, err = {}, {}, [], None
     keys, hits = starts
     stored = [layer.warm_starts[keys[b]] if hits[b] else {} for b in range(B)]
+
+    def solve(k, b, u0):
+        data = None if Dk[k] is None else Dk[k][b]
+        return layer.experts[k].expert.solve(Pk[k][b], data, u0=u0, sample=b, rtol=layer._rtol,
+                                             precision=layer._precision)
+
     try:
-        for k, e in layer.experts.items():
+        for k in layer.experts:
             t0 = time.perf_counter()
             sols = []
             for b in range(B):
-                d = None if Dk[k] is None else Dk[k][b]
-                w, u, info = solve_from(
-                    lambda u0: e.expert.solve(Pk[k][b], d, u0=u0, sample=b, rtol=layer._rtol,
-                                             precision=layer._precision),
-                    stored[b].get(k))
+                w, u, info = solve_from(functools.partial(solve, k, b), stored[b].get(k))
                 stored[b][k] = u
                 sols.append((w, u, info))
             outputs[k] = np.stack([u for _, u, _ in sols], axis=1)
@@ -432,6 +438,17 @@ def _solve_independent(layer, Pk, Dk, B, starts):
     for b in range(B):
         layer.warm_starts[keys[b]] = stored[b]
     return outputs, ws, Diagnostics(diagnostics), []
+
+
+def _coupled_solve(layer, key, b, w0, start):
+    """Sample ``b``'s coupled solve (prepared), from ``start`` (a warm start: each expert's
+    field, fitted by the current basis) or else from ``w0``."""
+    solver, stored = layer.coupling, layer.jacobians
+    return solver.solve(w0 if start is None else solver.fit(start), sample=b, rtol=layer._rtol,
+                        warm=start is not None, precision=layer._precision,
+                        jacobians={k: stored.jacobian(key, k) for k in layer.experts},
+                        lifting_residuals={k: stored.lifting_residual(key, k)
+                                           for k in layer.experts})
 
 
 def _solve_coupled(layer, Pk, Dk, B, starts):
@@ -468,13 +485,7 @@ def _solve_coupled(layer, Pk, Dk, B, starts):
         solver.prepare({k: Pk[k][b] for k in layer.experts},
                        {k: None if Dk[k] is None else Dk[k][b] for k in layer.experts}, sample=b)
         stored = layer.jacobians
-        result, info = solve_from(
-            lambda start: solver.solve(
-                w0 if start is None else solver.fit(start), sample=b, rtol=layer._rtol,
-                warm=start is not None, precision=layer._precision,
-                jacobians={k: stored.jacobian(keys[b], k) for k in layer.experts},
-                lifting_residuals={k: stored.lifting_residual(keys[b], k) for k in layer.experts}),
-            warm)
+        result, info = solve_from(functools.partial(_coupled_solve, layer, keys[b], b, w0), warm)
         layer.warm_starts[keys[b]] = {k: u for k, (_, u) in result.items()}
         if layer._recording:
             stored.keep_lifting_residuals(keys[b], solver.lifting_residuals or {})

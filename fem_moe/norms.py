@@ -19,11 +19,11 @@ W a symmetric positive definite weight on those rows:
   mixture takes the whole mesh's too (:class:`WholeMesh`), at the price of a dense reduced
   matrix (K N x K N); hence K < 16 only.
 * ``"dual_blocks"`` (mixtures): each expert's rows in their own dual norm, W block diagonal over
-  the experts (the one-level additive Schwarz preconditioner's blocks,
-  :class:`ExpertBlocks`): the coupled problem keeps its block sparsity, for any K. It weighs
-  smooth modes better than the Euclidean norm by about the ratio of subdomain to cell size, not
-  as well as the whole mesh's dual norm (measured in the README). On one set of rows (the global
-  layer, an independent expert) it is "dual".
+  the experts (the one-level additive Schwarz preconditioner's blocks, :class:`ExpertBlocks`): the
+  coupled problem keeps its block sparsity, for any K. It weighs smooth modes better than the
+  Euclidean norm by about the ratio of subdomain to cell size, not as well as the whole mesh's dual
+  norm (``benchmarks/studies/mode_norm_study.py``). On one set of rows (the global layer, an
+  independent expert) it is "dual".
 
 Applying W costs one solve with E^T G E per vector (its KSP: options prefix ``<prefix>riesz_``,
 e.g. ``-fem_moe_riesz_ksp_type cg -fem_moe_riesz_pc_type gamg``; by default LU, factored once,
@@ -45,7 +45,7 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: up to :data:`DIRECT_RIESZ_ROWS` rows; past that conjugate gradients with PETSc's algebraic
 #: multigrid, to a tolerance at which the objective and its gradient agree to round-off (the Gram
 #: matrix is SPD and well conditioned: a handful of iterations). Which factorisation, by
-#: measurement (README, "Training step at diffusion-sorption's paper size"): up to
+#: measurement (``benchmarks/studies/riesz_solve.py``): up to
 #: :data:`BLOCKED_RIESZ_ROWS` rows MUMPS, which solves the N columns of W J Phi as one block
 #: (4-5 ms against 11-17 ms for 16 columns one by one with PETSc's LU, 6060 rows); past that
 #: PETSc's own LU, whose solves cost 4 ms where MUMPS's cost 30 ms (103,525 rows; 16 columns:
@@ -54,8 +54,10 @@ NORMS = ("euclidean", "lumped", "dual", "dual_blocks")
 #: Measured by benchmarks/studies/riesz_solve.py.
 DEFAULT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu"}
 #: One rank's vectors when the blocks are MUMPS's (options prefix ``<prefix>riesz_vector_``).
-VECTOR_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu", "pc_factor_mat_solver_type": "petsc"}
-REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant", "redundant_pc_type": "lu"}
+VECTOR_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "lu",
+                           "pc_factor_mat_solver_type": "petsc"}
+REDUNDANT_RIESZ_PARAMETERS = {"ksp_type": "preonly", "pc_type": "redundant",
+                              "redundant_pc_type": "lu"}
 ITERATIVE_RIESZ_PARAMETERS = {"ksp_type": "cg", "pc_type": "gamg", "ksp_rtol": 1e-12,
                               "ksp_atol": 0.0, "ksp_max_it": 500}
 DIRECT_RIESZ_ROWS = 200_000
@@ -74,10 +76,10 @@ def _riesz_parameters(rows, ranks):
 
 
 def check_norm(norm, mode="lstsq", default="dual"):
-    """The norm's canonical name ("l2" is "euclidean"; None: ``default`` in least squares, where
-    the layers choose the dual norm by measurement (README), "euclidean" in Galerkin mode);
-    InputError for an unknown one, or for a weighted norm in Galerkin mode (whose test functions
-    are the basis: no norm enters)."""
+    """The norm's canonical name ("l2" is "euclidean"; None: ``default`` in least squares, where the
+    layers choose the dual norm by measurement (the decisions page), "euclidean" in Galerkin mode);
+    InputError for an unknown one, or for a weighted norm in Galerkin mode (whose test functions are
+    the basis: no norm enters)."""
     if norm is None:
         norm = default if mode == "lstsq" else "euclidean"
     norm = "euclidean" if norm == "l2" else norm
@@ -130,8 +132,8 @@ class RowNorm:
             G = _h1_gram(space)
             start = G.getOwnershipRange()[0]
             comm = G.getComm()
-            idx = PETSc.IS().createGeneral((start + np.flatnonzero(self.rows)).astype(PETSc.IntType),
-                                           comm=comm)
+            selected = (start + np.flatnonzero(self.rows)).astype(PETSc.IntType)
+            idx = PETSc.IS().createGeneral(selected, comm=comm)
             self._G = G.createSubMatrix(idx, idx)
             G.destroy(), idx.destroy()
             prefix = options_prefix

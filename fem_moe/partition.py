@@ -152,7 +152,8 @@ def check_affine(mesh):
                                                 or "Discontinuous" in scalar.family()
                                                 or scalar.family() in ("Q", "DQ")):
         raise InputError("mixture of experts needs affine meshes (P1/Q1 coordinates, or their "
-                         f"DG1 version on a periodic mesh; curved meshes are not supported); got {element}")
+                         "DG1 version on a periodic mesh; curved meshes are not supported); got "
+                         f"{element}")
 
 
 def marked_points(mesh, name, height, geometry):
@@ -168,11 +169,11 @@ def marked_points(mesh, name, height, geometry):
     gdim = mesh.geometric_dimension
     if geometry.periods.any():
         coords, section = dm.getCoordinatesLocal().array_r, dm.getCoordinateSection()
-        vertex_coords = lambda p: coords[section.getOffset(p):section.getOffset(p) + gdim]   # noqa: E731
+        vertex_coords = lambda p: coords[section.getOffset(p):section.getOffset(p) + gdim]
     else:
         X = mesh.coordinates.dat.data_ro_with_halos
         section = mesh.coordinates.function_space().dm.getLocalSection()
-        vertex_coords = lambda p: X[section.getOffset(p)]    # noqa: E731
+        vertex_coords = lambda p: X[section.getOffset(p)]
     v0, v1 = dm.getDepthStratum(0)
     h0, h1 = dm.getHeightStratum(height)
     found = []
@@ -220,7 +221,8 @@ class Partition(CoordinateKeys):
         self.cell_expert = self._partition(partitioner_type)
         sizes = np.bincount(self.cell_expert, minlength=self.n_experts)
         if (sizes == 0).any():
-            raise InputError(f"the partitioner left experts {np.flatnonzero(sizes == 0).tolist()} empty")
+            empty = np.flatnonzero(sizes == 0).tolist()
+            raise InputError(f"the partitioner left experts {empty} empty")
         self.place(sizes)
         self._vertex_keys = ukeys
         # Boundary and cell markers ("Face Sets", "Cell Sets"), by canonical vertices/cells, so
@@ -234,7 +236,8 @@ class Partition(CoordinateKeys):
         markers = {}
         for part in self.comm.allgather(found):
             for keys, value in part:
-                ids = _find(self._vertex_keys, _void(keys), "a marked point has no vertex of the mesh")
+                ids = _find(self._vertex_keys, _void(keys),
+                            "a marked point has no vertex of the mesh")
                 markers.setdefault(tuple(sorted(ids.tolist())), set()).add(value)
         return {key: sorted(values) for key, values in markers.items()}
 
@@ -250,7 +253,8 @@ class Partition(CoordinateKeys):
         used, local = np.unique(verts, return_inverse=True)
         marked = [(i, v) for i, cell in enumerate(np.sort(verts, axis=1).tolist())
                   for v in self.cell_markers.get(tuple(cell), ())] if self.cell_markers else []
-        cell_markers = tuple(np.array(x, dtype=np.int64) for x in zip(*marked)) or (np.zeros(0), np.zeros(0))
+        cell_markers = (tuple(np.array(x, dtype=np.int64) for x in zip(*marked))
+                        or (np.zeros(0), np.zeros(0)))
         return self.make_submesh(local.reshape(verts.shape), self.vertex_coords[used],
                                  self.facet_markers, cell_markers, self.marker_values(),
                                  name, vertex_ids=used)
@@ -283,7 +287,8 @@ class Partition(CoordinateKeys):
             shared.sort_indices()
             adj = PETSc.Mat().createAIJ(size=(C, C), csr=(shared.indptr.astype(PETSc.IntType),
                                                           shared.indices.astype(PETSc.IntType),
-                                                          np.ones(shared.nnz)), comm=PETSc.COMM_SELF)
+                                                          np.ones(shared.nnz)),
+                                        comm=PETSc.COMM_SELF)
             labels[:] = graph_partition(adj, K, partitioner_type)
             adj.destroy()
         self.comm.Bcast(labels, root=0)
@@ -417,7 +422,8 @@ def _make_scotch_deterministic():
     if not paths:
         raise InputError("cannot find the PTScotch library PETSc uses, to make the partition "
                          "deterministic; choose another -fem_moe_partition_mat_partitioning_type")
-    ctypes.CDLL(paths[0]).SCOTCH_randomSeed(ctypes.c_long(1))   # sets the seed, resets the generator
+    # Sets the seed and resets the generator.
+    ctypes.CDLL(paths[0]).SCOTCH_randomSeed(ctypes.c_long(1))
 
 
 def _node_keys(V, partition, with_halos):
@@ -503,7 +509,8 @@ class SpaceLayout:
         self._offsets = np.cumsum([0] + [part.n_global for part in self.parts])
         self.n_global = int(self._offsets[-1])
         # A rank's tensor holds its owned dofs of each subspace one after the other.
-        before = np.cumsum([[0] * partition.comm.size] + [part.counts for part in self.parts], axis=0)
+        before = np.cumsum([[0] * partition.comm.size] + [part.counts for part in self.parts],
+                           axis=0)
         self.owner_rank = np.concatenate([part.owner_rank for part in self.parts])
         self.owner_index = np.concatenate([part.owner_index + before[i][part.owner_rank]
                                            for i, part in enumerate(self.parts)])

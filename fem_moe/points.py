@@ -51,7 +51,8 @@ class FieldPoint:
         """Whether this rank's dofs of ``u`` and ``data`` are this point's, bit for bit."""
         if not np.array_equal(self.u, u):
             return False
-        return (data is None) == (self.data is None) and (data is None or np.array_equal(self.data, data))
+        return (data is None) == (self.data is None) and (data is None
+                                                          or np.array_equal(self.data, data))
 
     def _set(self):
         e = self.expert

@@ -100,7 +100,8 @@ class ConstrainedProblem:
     def __init__(self, V, residual, bcs=None, data_spaces=None, solver_parameters=None,
                  options_prefix=None):
         if not callable(residual):
-            raise InputError(f"residual must be a callable (u, v, m) -> form, got {type(residual).__name__}")
+            raise InputError("residual must be a callable (u, v, m) -> form, got "
+                             f"{type(residual).__name__}")
         self.V = V
         self._mesh = mesh_of(V)
         self.residual = residual
@@ -113,15 +114,16 @@ class ConstrainedProblem:
         self.data_spaces = _as_tuple(data_spaces)
         for Vd in self.data_spaces:
             if mesh_of(Vd).topology is not self._mesh.topology:
-                raise InputError("a data space is on another mesh than V: data must live on the mesh of V")
+                raise InputError("a data space is on another mesh than V: data must live on the "
+                                 "mesh of V")
         self.solver_parameters = dict(solver_parameters or {})
         self.options_prefix = "fem_moe_" if options_prefix is None else options_prefix
         # Fail now, not inside a training loop, if the residual is not a form linear in v.
         u, v = fd.Function(V), fd.TestFunction(V)
         F = residual(u, v, tuple(fd.Function(Vd) for Vd in self.data_spaces))
         if not isinstance(F, ufl.form.Form) or len(F.arguments()) != 1:
-            raise InputError("residual(u, v, m) must return a UFL form linear in the test function v "
-                             f"(a 1-form); got {type(F).__name__}")
+            raise InputError("residual(u, v, m) must return a UFL form linear in the test "
+                             f"function v (a 1-form); got {type(F).__name__}")
 
     # ----------------------------------------------------------------- sizes and layout
     @property
@@ -170,7 +172,8 @@ class ConstrainedProblem:
         parts = []
         for S in subspaces(space):
             element = S.ufl_element()
-            Vc = fd.VectorFunctionSpace(mesh, element.sub_elements[0] if S.block_size > 1 else element)
+            Vc = fd.VectorFunctionSpace(mesh,
+                                        element.sub_elements[0] if S.block_size > 1 else element)
             X = fd.Function(Vc).interpolate(fd.SpatialCoordinate(mesh))
             parts.append(np.repeat(X.dat.data_ro.reshape(-1, mesh.geometric_dimension),
                                    S.block_size, axis=0))
@@ -193,7 +196,8 @@ class ConstrainedProblem:
         many = isinstance(f, (list, tuple))
         for g in (f if many else [f]):
             if g.function_space() != self.V:
-                raise InputError(f"{g} is in {g.function_space()}, not the problem's space {self.V}")
+                raise InputError(f"{g} is in {g.function_space()}, not the problem's space "
+                                 f"{self.V}")
         values = np.stack([owned_values(g) for g in f]) if many else owned_values(f)
         return torch.as_tensor(values).to(dtype=dtype or torch.float64, device=device)
 

@@ -35,7 +35,8 @@ def print_table(rows, columns, title=None, file=None):
     """``rows`` (dicts) as a right-aligned table; ``columns``: (key, header, format) triples. A
     missing or None entry prints as "-". Call on one rank."""
     cells = [[h for _, h, _ in columns]]
-    cells += [["-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in columns] for r in rows]
+    cells += [["-" if r.get(k) is None else fmt.format(r[k]) for k, _, fmt in columns]
+              for r in rows]
     widths = [max(len(c[i]) for c in cells) for i in range(len(columns))]
     if title:
         print(title, file=file)

@@ -28,9 +28,11 @@ __all__ = ["run", "compare", "standard_models", "ensure_dataset", "print_table",
 COLUMNS = [("label", "model", "{:s}"), ("rel_l2_field", "rel. L2 (field)", "{:.3e}"),
            ("rel_l2", "rel. L2 (dofs)", "{:.3e}"),
            ("residual", "residual", "{:.3e}"), ("residual_interface", "res. interface", "{:.3e}"),
-           ("residual_interior", "res. elsewhere", "{:.3e}"), ("step_time", "train s/step", "{:.3f}"),
+           ("residual_interior", "res. elsewhere", "{:.3e}"),
+           ("step_time", "train s/step", "{:.3f}"),
            ("inference_time", "infer s/sample", "{:.4f}"),
-           ("classical_time", "classical s/sample", "{:.4f}"), ("peak_mb", "peak MiB/rank", "{:.0f}"),
+           ("classical_time", "classical s/sample", "{:.4f}"),
+           ("peak_mb", "peak MiB/rank", "{:.0f}"),
            ("failed", "failed", "{:d}")]
 
 
@@ -94,9 +96,10 @@ def compare(config, models, out, comm=MPI.COMM_WORLD):
             n = len(trainer.splits["test"])
             row = {"kind": trainer.model.kind, "samples": n, "failed": n, "ranks": comm.size,
                    "dofs": trainer.problem.V.dim(), "error": str(exc),
-                   **{key: float("nan") for key in ("rel_l2", "rel_l2_max", "rel_l2_field", "rel_l2_field_max", "residual",
-                                                     "residual_interface", "residual_interior",
-                                                     "inference_time", "classical_time")},
+                   **{key: float("nan")
+                      for key in ("rel_l2", "rel_l2_max", "rel_l2_field", "rel_l2_field_max",
+                                  "residual", "residual_interface", "residual_interior",
+                                  "inference_time", "classical_time")},
                    "peak_rss_mb": comm.allgather(0.0)}
         row["stalled"] = stalled
         row["mode"] = trainer.config["model"]["mode"] if trainer.model.kind != "soft" else None
@@ -154,7 +157,8 @@ def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
     if comm.rank == 0:
         os.makedirs(out, exist_ok=True)
     comm.barrier()
-    fd.VTKFile(os.path.join(out, "fields.pvd"), comm=comm).write(*[g for f in fields for g in _parts(f)])
+    fd.VTKFile(os.path.join(out, "fields.pvd"),
+               comm=comm).write(*[g for f in fields for g in _parts(f)])
     if partition is not None:
         fd.VTKFile(os.path.join(out, "partition.pvd"), comm=comm).write(partition)
     path = os.path.join(out, "fields.h5")
@@ -222,7 +226,8 @@ def plot_fields(path, out):
             else PDE.plot_field
         fields = {n: _plottable(f.load_function(mesh, n), *shown[:2]) for n in names}
         basis = [_plottable(f.load_function(mesh, n), *shown[:2]) for n in basis_names]
-        partition = f.load_function(mesh, "expert") if f.get_attr("/", "fem_moe_partition") else None
+        has_partition = f.get_attr("/", "fem_moe_partition")
+        partition = f.load_function(mesh, "expert") if has_partition else None
     models = [n[len("prediction_"):] for n in names if n.startswith("prediction_")]
     fig, axes = plt.subplots(len(models), 3, figsize=(11, 3.2 * len(models) + 0.5),
                              squeeze=False)
@@ -234,7 +239,8 @@ def plot_fields(path, out):
         for ax, fn, title, kw in ((axes[i, 0], truth, "classical solver", dict(vmin=lo, vmax=hi)),
                                   (axes[i, 1], fields[f"prediction_{m}"], f"{m}: prediction",
                                    dict(vmin=lo, vmax=hi)),
-                                  (axes[i, 2], err, f"{m}: error", dict(vmin=-e, vmax=e, cmap="RdBu_r"))):
+                                  (axes[i, 2], err, f"{m}: error",
+                                   dict(vmin=-e, vmax=e, cmap="RdBu_r"))):
             c = tripcolor(fn, axes=ax, **kw)
             fig.colorbar(c, ax=ax)
             ax.set_title(f"{title}{', ' + shown[2] if shown[2] else ''}", fontsize=9)
@@ -379,7 +385,8 @@ def relative_l2_where(trainer, dataset, region, batch_size=4):
         with torch.no_grad():
             lift = 0 if dataset.lifting is None else t(dataset.lifting[sl])
             target = t(dataset.targets[sl]) + lift
-            errors.append(relative_l2(trainer.comm, (u + lift) * keep, target * keep, reduction="none"))
+            errors.append(relative_l2(trainer.comm, (u + lift) * keep, target * keep,
+                                      reduction="none"))
             norm = trainer.config["train"]["residual_norm"]
             r = residual_loss(dataset.problem, u, data, reduction="none", norm=norm)
             residuals.append(r / lifting_residual(dataset.problem, data, norm))
@@ -426,7 +433,9 @@ def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
     rows = [dict(label="projection (oracle)", rel_l2=float(oracle.mean()), failed=0)]
     if trainer._lift is not None:       # the unknown = 0; over a time window: persistence
         held = relative_l2(comm, lift.expand_as(target), target, reduction="none")
-        rows.insert(0, dict(label="lifting alone (persistence)", rel_l2=float(held.mean()), failed=0))
+        persistence = dict(label="lifting alone (persistence)", rel_l2=float(held.mean()),
+                           failed=0)
+        rows.insert(0, persistence)
     layers = [("PI-HC", HardConstraint(problem, len(modes))),
               (f"MoE K={n_experts}", MoEHardConstraint(problem, len(modes), n_experts=n_experts))]
     for label, layer in layers:
@@ -438,9 +447,12 @@ def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
             rows.append(dict(label=label, rel_l2=float("nan"), failed=len(idx)))
     if comm.rank == 0:
         print()
-        report.print_table(rows, [("label", "with the POD basis", "{:s}"), ("rel_l2", "rel. L2", "{:.3e}"),
+        report.print_table(rows,
+                           [("label", "with the POD basis", "{:s}"),
+                            ("rel_l2", "rel. L2", "{:.3e}"),
                                   ("failed", "failed", "{:d}")],
-                           f"{len(modes)} POD modes of the training solutions, on the {split} inputs")
+                           f"{len(modes)} POD modes of the training solutions, on the {split} "
+                           "inputs")
         if out is not None:
             write_json(os.path.join(out, "pod_basis.json"), rows, n_basis=len(modes), split=split)
     return rows

@@ -61,7 +61,8 @@ __all__ = ["Trainer", "build_backbone", "layer_options", "solver_from_config"]
 CHECKPOINT = "checkpoint.pt"
 # What a checkpoint must agree on with the config that resumes it.
 RESUME_KEYS = (("pde",), ("model",), ("data", "n_train"), ("data", "seed"), ("train", "loss"),
-               ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"), ("train", "dtype"))
+               ("train", "residual_norm"), ("train", "batch_size"), ("train", "seed"),
+               ("train", "dtype"))
 
 
 def build_backbone(model, problem, pde, n_inputs, comm=MPI.COMM_WORLD):
@@ -197,7 +198,8 @@ class Trainer:
             err = e
         raise_on_all_ranks(comm, err)       # every rank reads the same file; make sure anyway
         m, t, d = cfg["model"], cfg["train"], cfg["data"]
-        self.dataset = ds = Dataset(d["path"], comm, expect=(cfg["pde"]["name"], cfg["pde"]["options"]),
+        self.dataset = ds = Dataset(d["path"], comm,
+                                    expect=(cfg["pde"]["name"], cfg["pde"]["options"]),
                                     problem_kwargs={"solver_parameters": m["solver_parameters"]},
                                     pde=pde)
         need = d["n_train"] + d["n_val"] + d["n_test"]
@@ -205,7 +207,8 @@ class Trainer:
                            f"{d['path']}: the config asks for {d['n_train']} + {d['n_val']} + "
                            f"{d['n_test']} samples but the dataset holds {len(ds)}")
         raise_on_all_ranks(comm, None if t["batch_size"] <= d["n_train"] else
-                           f"train.batch_size = {t['batch_size']} exceeds data.n_train = {d['n_train']}")
+                           f"train.batch_size = {t['batch_size']} exceeds data.n_train = "
+                           f"{d['n_train']}")
         raise_on_all_ranks(comm, None if not t["fresh_inputs"] or t["loss"] == "physics" else
                            f"train.fresh_inputs needs train.loss = 'physics' (fresh inputs have no "
                            f"solutions), got {t['loss']!r}")
@@ -402,7 +405,8 @@ class Trainer:
         """Append a SolverDivergedError of ``batch`` (dataset indices) to ``self.diverged``;
         returns the dataset index of the diverged sample (None if unknown)."""
         sample = None if error.sample is None else int(batch[error.sample])
-        self.diverged.append({"step": step, "phase": phase, "expert": error.expert, "sample": sample,
+        self.diverged.append({"step": step, "phase": phase, "expert": error.expert,
+                              "sample": sample,
                               "reason": error.reason, "message": str(error).splitlines()[0]})
         return sample
 
@@ -428,7 +432,8 @@ class Trainer:
             record.update(loss=float("nan"), skipped=True, time=time.perf_counter() - t0)
             self.step += 1
             with warnings.catch_warnings():     # the schedule follows the step count, taken or not
-                warnings.filterwarnings("ignore", re.escape("Detected call of `lr_scheduler.step()`"))
+                warnings.filterwarnings("ignore",
+                                        re.escape("Detected call of `lr_scheduler.step()`"))
                 self.scheduler.step()
             self.history.append(record)
             t = self.config["train"]
@@ -574,7 +579,8 @@ class Trainer:
                                       f"{self.diverged[-1]['message']}")
         out = {"split": split, "samples": len(idx), "failed": int((~ok).sum()),
                "kind": self.model.kind,
-               "n_experts": getattr(self.model.constraint, "n_experts", 1 if self.model.kind == "pihc" else 0),
+               "n_experts": getattr(self.model.constraint, "n_experts",
+                                    1 if self.model.kind == "pihc" else 0),
                "ranks": self.comm.size, "dofs": self.problem.V.dim(), "step": self.step,
                **_spread("rel_l2", rel, ok), **_spread("rel_l2_field", field, ok),
                "residual": float(res[ok].mean()),
@@ -666,9 +672,11 @@ class Trainer:
                "diverged": self.diverged}
         write_atomic(os.path.join(self.out, "metrics.json"),
                      lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
-        fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped", "rank_deficient"]
+        fields = ["step", "loss", "physics", "supervised", "lr", "time", "skipped",
+                  "rank_deficient"]
         text = io.StringIO()
         w = csv.DictWriter(text, fieldnames=fields, extrasaction="ignore")
         w.writeheader()
         w.writerows(self.history)
-        write_atomic(os.path.join(self.out, "metrics.csv"), lambda f: f.write(text.getvalue().encode()))
+        write_atomic(os.path.join(self.out, "metrics.csv"),
+                     lambda f: f.write(text.getvalue().encode()))

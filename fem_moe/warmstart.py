@@ -14,7 +14,7 @@ the same physical problem, whatever the backbone's inputs. Samples of problems w
 spaces are known by their basis alone, which changes every step: they get no warm starts.
 The solvers drop a start that is worse than the cold one (a stale start in a worse basin of a
 nonlinear PDE), and one that diverges is repeated from w = 0 before anything is raised.
-Measured (README, ``benchmarks/training_step.py``): at diffusion-sorption's paper size,
+Measured (``benchmarks/training_step.py``): at diffusion-sorption's paper size,
 Galerkin, 3.8 -> 3.1 reduced iterations per PI-HC solve and 3.7 -> 2.3 per coupled solve. A
 stored field costs its sample's dofs of memory (0.4 MB per sample at 1e5 dofs per rank).
 """
@@ -109,13 +109,12 @@ class SampleJacobians:
     backward, at that solution) and the residual rows at the lifting (w = 0).
 
     Both depend on the sample's data and a field, not on the basis. The Jacobian becomes the
-    revisit's first chord matrix (``chord_contraction``; :meth:`fem_moe.expert.Expert.solve`):
-    the fitted warm start lies as near the last solution as to the new one, so the stored
-    matrix contracts as a Jacobian assembled at the start would, and with exact gradients a
-    training step then assembles one Jacobian per sample, in its backward, where it assembled
-    two or three. The lifting's residual gives the cold ‖G‖ (the warm start's yardstick) as a
-    product with the basis. Measured at diffusion-sorption's paper size: README, the training
-    step.
+    revisit's first chord matrix (``chord_contraction``; :meth:`fem_moe.expert.Expert.solve`): the
+    fitted warm start lies as near the last solution as to the new one, so the stored matrix
+    contracts as a Jacobian assembled at the start would, and with exact gradients a training step
+    then assembles one Jacobian per sample, in its backward, where it assembled two or three. The
+    lifting's residual gives the cold ‖G‖ (the warm start's yardstick) as a product with the basis.
+    Measured at diffusion-sorption's paper size: ``benchmarks/training_step.py``.
 
     Entries are per sample key (:class:`WarmStarts`'), each a dict per part (an expert id, or
     None for the global layer) of this rank's pieces. Least recently used first out, at most

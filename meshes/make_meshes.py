@@ -99,7 +99,9 @@ def block_with_holes(path, h=0.1):
                              for x, y, r in [(0.3, 0.35, 0.12), (0.68, 0.62, 0.15)]])
         occ.synchronize()
         # A face of the box is flat; the holes' walls are curved.
-        _physical_groups(3, lambda box: 1 if min(box[3] - box[0], box[4] - box[1], box[5] - box[2]) < 1e-5 else 2)
+        _physical_groups(3,
+                         lambda box: 1 if min(box[3] - box[0], box[4] - box[1], box[5] - box[2])
+                         < 1e-5 else 2)
 
 
 def periodic_square(path, h=0.0625):

@@ -120,3 +120,19 @@ def channel_flow(n=3, nu=0.5, comm=MPI.COMM_WORLD):
     bcs = [fd.DirichletBC(W.sub(0), fd.as_vector([4 * y * (1 - y), 0]), 1),
            fd.DirichletBC(W.sub(0), fd.Constant((0, 0)), (3, 4))]
     return fem_moe.ConstrainedProblem(W, residual, bcs=bcs, data_spaces=Vd)
+
+
+def write_config(path, **sections):
+    """A run configuration as a TOML file, the way a user writes one: ``sections`` maps each
+    section to its entries (strings, numbers, booleans; a dict is an inline table)."""
+    def value(v):
+        if isinstance(v, bool):
+            return str(v).lower()
+        if isinstance(v, str):
+            return f'"{v}"'
+        if isinstance(v, dict):
+            return "{ " + ", ".join(f"{k} = {value(x)}" for k, x in v.items()) + " }"
+        return repr(v)
+    with open(path, "w") as f:
+        for section, entries in sections.items():
+            f.write(f"[{section}]\n" + "".join(f"{k} = {value(v)}\n" for k, v in entries.items()))

@@ -72,7 +72,8 @@ def test_fno_shapes_and_resolution_independence(grid):
 def test_grid_to_points_is_exact_for_linear_fields(d):
     lower, upper = np.array([0.5, -1.0, 2.0][:d]), np.array([2.0, 1.0, 3.0][:d])
     sizes = [9, 7, 5][:d]
-    axes = [torch.linspace(lo, up, s, dtype=torch.float64) for lo, up, s in zip(lower, upper, sizes)]
+    axes = [torch.linspace(lo, up, s, dtype=torch.float64)
+            for lo, up, s in zip(lower, upper, sizes)]
     mesh = torch.meshgrid(*axes, indexing="ij")
     coef = torch.tensor([1.5, -2.0, 0.7][:d], dtype=torch.float64)
     field = 0.3 + sum(c * m for c, m in zip(coef, mesh))
@@ -101,20 +102,23 @@ def test_grid_to_points_wraps_around_a_periodic_axis():
     lam = s - j
     expected = ((1 - lam) * values[j % n] + lam * values[(j + 1) % n]) * (1.0 + points[:, 1])
     assert (out - expected).abs().max() < 1e-12, (out - expected).abs().max()
-    assert torch.allclose(interp(field[None, None], points + torch.tensor([P, 0.0]))[0, 0], out, atol=1e-12)
+    assert torch.allclose(interp(field[None, None], points + torch.tensor([P, 0.0]))[0, 0], out,
+                          atol=1e-12)
 
 
 def test_fno_basis_points():
     torch.manual_seed(0)
     net = FNOBasis(1, 4, lower=[0, 0], upper=[1, 1], modes=(4, 4), width=8, layers=2).double()
-    out = net(torch.randn(2, 1, 16, 16, dtype=torch.float64), torch.rand(33, 2, dtype=torch.float64))
+    out = net(torch.randn(2, 1, 16, 16, dtype=torch.float64),
+              torch.rand(33, 2, dtype=torch.float64))
     assert out.shape == (2, 4, 33)
 
 
 @pytest.mark.parametrize("d", [1, 2])
 def test_parametric_fno_basis_shapes_and_gradients(d):
     from fem_moe.backbones import ParametricFNOBasis
-    net = ParametricFNOBasis(3, 5, [0.0] * d, [1.0] * d, grid=12, modes=4, width=8, layers=2).double()
+    net = ParametricFNOBasis(3, 5, [0.0] * d, [1.0] * d, grid=12, modes=4, width=8,
+                             layers=2).double()
     points = torch.rand(40, d, dtype=torch.float64)
     inputs = torch.randn(2, 3, dtype=torch.float64)
     out = net(inputs, points)
@@ -152,7 +156,8 @@ def test_parametric_fno_components_and_input_fields():
     assert torch.allclose(out, every[:, :, components, torch.arange(30)], atol=1e-12)
     # Points of some components only (a rank may own none of a component's dofs), in any order.
     some = torch.tensor([2, 0, 2, 2, 0])
-    assert torch.allclose(net(inputs, points[:5], some), every[:, :, some, torch.arange(5)], atol=1e-12)
+    assert torch.allclose(net(inputs, points[:5], some), every[:, :, some, torch.arange(5)],
+                          atol=1e-12)
     none = net(inputs, points[:0], components[:0])
     assert none.shape == (3, 4, 0) and none.requires_grad
     with pytest.raises(ValueError, match="components"):
@@ -219,11 +224,14 @@ def test_deeponet_fourier_features_are_periodic_and_saved():
     inputs = torch.randn(2, 5, dtype=torch.float64)
     points = torch.rand(9, 2, dtype=torch.float64)
     shifted = points + torch.tensor([2.0, 0.0], dtype=torch.float64)
-    net = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16, fourier_scale=2.0).double()
-    assert net.frequencies.shape == (2, 16) and (net.frequencies[1] != net.frequencies[1].round()).any()
+    net = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16,
+                        fourier_scale=2.0).double()
+    assert net.frequencies.shape == (2, 16)
+    assert (net.frequencies[1] != net.frequencies[1].round()).any()
     assert torch.allclose(net(inputs, points), net(inputs, shifted), atol=1e-12)
     torch.manual_seed(1)
-    other = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16, fourier_scale=2.0).double()
+    other = DeepONetBasis(5, 4, dim=2, periods=[2.0, 0.0], fourier_features=16,
+                          fourier_scale=2.0).double()
     assert not torch.allclose(other.frequencies, net.frequencies)
     other.load_state_dict(net.state_dict())
     assert torch.equal(other(inputs, points), net(inputs, points))
@@ -261,7 +269,8 @@ def test_fno_weights_survive_dtype_round_trip_and_train():
     assert torch.allclose(net(x), y32, atol=1e-6)
     net.double()
     optimiser = torch.optim.Adam(net.parameters(), lr=1e-2)
-    target = torch.sin(torch.linspace(0, 3, 12, dtype=torch.float64))[None, None, :, None].expand(3, 1, 12, 12)
+    target = torch.sin(torch.linspace(0, 3, 12, dtype=torch.float64))[None, None, :,
+                                                                      None].expand(3, 1, 12, 12)
     losses = []
     for _ in range(20):
         loss = (net(x.double()) - target).pow(2).mean()

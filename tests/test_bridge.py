@@ -113,7 +113,8 @@ def test_one_backbone_rank_serves_every_rank(kind, servers):
     parallel_assert(losses1[-1] < 0.9 * losses1[0], f"no learning: {losses1}")
     # The backbone's gradients live on the backbone rank; a soft constraint's weights' are summed
     # over every rank.
-    names = list(grads0) if served.is_backbone else [n for n in grads0 if not n.startswith("backbone.")]
+    names = list(grads0) if served.is_backbone else [n for n in grads0
+                                                     if not n.startswith("backbone.")]
     worst = max([float((grads0[n] - grads1[n]).abs().max()) for n in names], default=0.0)
     scale = max(float(g.abs().max()) for g in grads0.values())
     parallel_assert(worst < 1e-11 * scale, f"gradients differ by {worst:.2e} (largest {scale:.2e})")

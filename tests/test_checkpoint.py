@@ -59,14 +59,16 @@ def test_an_older_checkpoint_names_its_conversion_which_makes_it_loadable():
             checkpoint.load(path)
         checkpoint.convert(path)
         state = checkpoint.load(path)
-    assert state["step"] == 2 and torch.equal(state["warm_starts"][0][1], torch.ones(3, dtype=torch.float64))
+    assert state["step"] == 2 and torch.equal(state["warm_starts"][0][1],
+                                              torch.ones(3, dtype=torch.float64))
 
 
 @pytest.mark.parallel(1)
 def test_a_missing_or_truncated_checkpoint_is_named():
     with tempfile.TemporaryDirectory() as work:
         path = os.path.join(work, "checkpoint.pt")
-        with pytest.raises(checkpoint.CheckpointError, match="cannot read checkpoint .*checkpoint.pt"):
+        with pytest.raises(checkpoint.CheckpointError,
+                           match="cannot read checkpoint .*checkpoint.pt"):
             checkpoint.load(path)
         checkpoint.save(path, {"step": 1})
         with open(path, "r+b") as f:

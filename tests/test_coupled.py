@@ -9,7 +9,8 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
-from problems import nonlinear_diffusion, source, random_basis, smooth_basis, distributed_matches_serial
+from problems import (distributed_matches_serial, nonlinear_diffusion, random_basis, smooth_basis,
+                      source)
 
 
 def inflow_channel(nx=16, ny=8, comm=MPI.COMM_WORLD):
@@ -39,7 +40,8 @@ def _block_basis(layer, basis):
 
 
 @pytest.mark.parallel([1, 2, 3])
-@pytest.mark.parametrize("mode,norm", [("lstsq", "euclidean"), ("galerkin", None), ("lstsq", "dual")])
+@pytest.mark.parametrize("mode,norm",
+                         [("lstsq", "euclidean"), ("galerkin", None), ("lstsq", "dual")])
 def test_coupled_is_the_global_layer_on_the_block_basis(mode, norm):
     """For a linear PDE (a unique solution of the reduced problem) the coupled mixture's output
     and gradients are those of the global layer fed the K N block fields, in the Euclidean norm
@@ -57,7 +59,8 @@ def test_coupled_is_the_global_layer_on_the_block_basis(mode, norm):
     err_u = problem.comm.allreduce(float((u - u_ref).detach().abs().max()), op=MPI.MAX)
     scale = problem.comm.allreduce(float(g_ref.abs().max()), op=MPI.MAX)
     err_g = problem.comm.allreduce(float((g - g_ref).abs().max()), op=MPI.MAX) / scale
-    parallel_assert(err_u < 1e-8 and err_g < 1e-7, f"output differs by {err_u:.2e}, gradient by {err_g:.2e}")
+    parallel_assert(err_u < 1e-8 and err_g < 1e-7,
+                    f"output differs by {err_u:.2e}, gradient by {err_g:.2e}")
 
 
 @pytest.mark.parallel([1, 2])
@@ -71,14 +74,16 @@ def test_coupled_nests_the_global_layer(n_experts):
     glob = _residual_norm(problem, fem_moe.HardConstraint(problem, 4)(basis))
     coupled = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts)
     r_coupled = _residual_norm(problem, coupled(basis))
-    independent = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts, coupled=False, ridge_always=True)
+    independent = fem_moe.MoEHardConstraint(problem, 4, n_experts=n_experts, coupled=False,
+                                            ridge_always=True)
     r_independent = _residual_norm(problem, independent(basis))
     parallel_assert(r_coupled <= glob * (1 + 1e-10),
                     f"coupled residual {r_coupled:.6e} > global layer's {glob:.6e}")
     parallel_assert(r_independent > glob, f"independent {r_independent:.3e}, global {glob:.3e}: "
                     "the problem does not discriminate")
     info = coupled.all_diagnostics().coupling[0]
-    parallel_assert(info.reason.startswith("CONVERGED") and info.residual_after <= info.residual_before,
+    parallel_assert(info.reason.startswith("CONVERGED") and info.residual_after
+                    <= info.residual_before,
                     f"{info}")
 
 
@@ -95,7 +100,8 @@ def test_coupled_recovers_what_every_block_spans(mode):
     _, g = dirichlet_dofs(problem)
     basis = torch.cat([torch.tensor(exact - g)[None, None], smooth_basis(problem, 2)], dim=1)
     for local_first in (True, False):
-        layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, mode=mode, local_first=local_first)
+        layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3, mode=mode,
+                                          local_first=local_first)
         u = layer(basis, data)
         err = problem.comm.allreduce(float((u[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
         parallel_assert(err < 1e-8, f"local_first={local_first}: max error {err:.2e}")
@@ -105,7 +111,8 @@ def test_coupled_recovers_what_every_block_spans(mode):
 @pytest.mark.parametrize("mode", ["lstsq", "galerkin"])
 @pytest.mark.parametrize("n_experts", [2, 4])
 def test_coupled_rank_count_does_not_matter(n_experts, mode):
-    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts,
+    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5,
+                                                                         n_experts=n_experts,
                                                                          mode=mode))
 
 
@@ -192,7 +199,8 @@ def test_interface_block_of_the_norm_or_weighed_columns_agree(norm, monkeypatch)
         (u ** 3).sum().backward()
         kept = [getattr(r, "_S", None) is not None for r in layer.coupling.rows.values()]
         outs.append((u.detach().numpy(), basis.grad.numpy(), data.grad.numpy(), kept))
-    parallel_assert(all(outs[0][3]) and not any(outs[1][3]), "the interface block was not used as asked")
+    parallel_assert(all(outs[0][3]) and not any(outs[1][3]),
+                    "the interface block was not used as asked")
     for a, b in zip(outs[0][:3], outs[1][:3]):
         err = problem.comm.allreduce(np.abs(a - b).max() / np.abs(b).max(), op=MPI.MAX)
         parallel_assert(err < 1e-10, f"{err:.2e}")
@@ -227,7 +235,8 @@ def test_coupled_block_sparse_system_and_options(petsc_options):
 
 def test_double_backward_is_refused():
     problem = nonlinear_diffusion(n=4, degree=1)
-    for layer in (fem_moe.HardConstraint(problem, 2), fem_moe.MoEHardConstraint(problem, 2, n_experts=2)):
+    for layer in (fem_moe.HardConstraint(problem, 2),
+                  fem_moe.MoEHardConstraint(problem, 2, n_experts=2)):
         basis = random_basis(problem, 2).requires_grad_()
         u = layer(basis, source(problem))
         g, = torch.autograd.grad(u.pow(2).sum(), basis, create_graph=True)
@@ -255,7 +264,8 @@ def test_failing_backward_on_one_rank_raises_everywhere(coupled, monkeypatch):
             monkeypatch.setattr(CoupledSolver, "_expert_vjp", broken)
         else:
             monkeypatch.setattr(Expert, "vjp", broken)
-    with pytest.raises(fem_moe.FemMoeError, match=r"\[rank 1\] LinAlgError: Singular matrix \(injected\)"):
+    with pytest.raises(fem_moe.FemMoeError,
+                       match=r"\[rank 1\] LinAlgError: Singular matrix \(injected\)"):
         u.pow(2).sum().backward()
 
 
@@ -356,7 +366,8 @@ def test_a_failed_linear_solve_is_a_convergence_error_naming_its_cause():
         layer(random_basis(problem, 4), source(problem))
     assert isinstance(info.value, fem_moe.SolverDivergedError)
     assert "DIVERGED_LINEAR_SOLVE" in str(info.value)
-    assert "linear solve: DIVERGED_PCSETUP_FAILED (FACTOR_NUMERIC_ZEROPIVOT)" in str(info.value), str(info.value)
+    message = str(info.value)
+    assert "linear solve: DIVERGED_PCSETUP_FAILED (FACTOR_NUMERIC_ZEROPIVOT)" in message, message
 
 
 @pytest.mark.parametrize("layer_kind", ["global", "coupled"])
@@ -406,12 +417,14 @@ def test_coupling_time_is_the_solve_less_the_experts_row_work(monkeypatch):
     infos()     # the first solve also compiles and caches what every later one reuses
     base = infos()
     same = problem.comm.allgather((base.time, base.coupling_time))
-    parallel_assert(0 < base.coupling_time < base.time and len({c for _, c in same}) == 1, f"{same}")
+    parallel_assert(0 < base.coupling_time < base.time and len({c for _, c in same}) == 1,
+                    f"{same}")
     residual, exchange = CoupledRows.residual, CoupledSolver._neighbour_blocks
     monkeypatch.setattr(CoupledRows, "residual", lambda *a: (clock.sleep(pause), residual(*a))[1])
     slow_rows = infos()
     monkeypatch.setattr(CoupledRows, "residual", residual)
-    monkeypatch.setattr(CoupledSolver, "_neighbour_blocks", lambda *a: (clock.sleep(pause), exchange(*a))[1])
+    monkeypatch.setattr(CoupledSolver, "_neighbour_blocks",
+                        lambda *a: (clock.sleep(pause), exchange(*a))[1])
     slow_exchange = infos()
     parallel_assert(slow_rows.time > base.time + 5 * pause
                     and slow_rows.coupling_time < base.coupling_time + 2 * pause,
@@ -448,6 +461,7 @@ def test_rank_deficient_ridge_leaves_the_solution(layer_kind):
         default = layer(5)(repeated, data)
     with pytest.warns(fem_moe.RankDeficientBasisWarning, match="ridge"):
         papers = layer(5, ridge=1e-4)(repeated, data)
-    parallel_assert(moved(default) < 1e-8 and moved(papers) > 1e-6, f"{moved(default)} {moved(papers)}")
+    parallel_assert(moved(default) < 1e-8 and moved(papers) > 1e-6,
+                    f"{moved(default)} {moved(papers)}")
     with pytest.raises(fem_moe.InputError, match="numerical rank"):
         layer(5, on_rank_deficient="raise")(repeated, data)

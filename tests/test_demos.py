@@ -56,9 +56,9 @@ def test_study_demo_tiny(name):
 
 @pytest.mark.parallel([1, 2])
 def test_diffusion_sorption_demo_on_graded_levels_with_the_erfc_lifting():
-    """The stretch configuration's flags (README: --grading 3 --lifting erfc, with the faster
-    step's --quadrature-degree 2 --dtype float32) reach the PDE and the trainer, and the run
-    reports the error over the domain, extrapolation included."""
+    """The paper-size configuration's flags (demos/results/diffusion_sorption_paper: --grading 3
+    --lifting erfc, with the faster step's --quadrature-degree 2 --dtype float32) reach the PDE and
+    the trainer, and the run reports the error over the domain, extrapolation included."""
     import json
     import math
     from mpi4py import MPI

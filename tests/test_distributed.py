@@ -27,15 +27,18 @@ def _case(name, repo):
         problem = channel_flow(n=4)
         return problem, source(problem)
     elif name == "periodic gmsh":
-        return _periodic(_periodic_problem(fd.Mesh(os.path.join(repo, "meshes", "periodic_square.msh")), 2))
+        return _periodic(_periodic_problem(fd.Mesh(os.path.join(repo, "meshes",
+                                                                "periodic_square.msh")), 2))
     elif name == "plate with markers":
         mesh = fd.Mesh(os.path.join(repo, "meshes", "plate_with_holes.msh"))
         V = fd.FunctionSpace(mesh, "CG", 1)
 
         def residual(u, v, m):
-            return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx + 5 * u * v * fd.ds(2)
+            return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0]
+                    * v) * fd.dx + 5 * u * v * fd.ds(2)
 
-        problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, 1), data_spaces=V)
+        problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, 1),
+                                             data_spaces=V)
         return problem, torch.ones(1, problem.n_dofs, dtype=torch.float64) * 20
     return problem, source(problem, 3.0)
 
@@ -48,7 +51,8 @@ CASES = ["P1", "P2 vector", "Taylor-Hood", "periodic gmsh", "plate with markers"
 
 
 @pytest.mark.parallel([1, 2, 3])
-@pytest.mark.parametrize("case,n_experts", [("P1", 2), ("P1", 4), ("P2 vector", 4), ("Taylor-Hood", 3),
+@pytest.mark.parametrize("case,n_experts",
+                         [("P1", 2), ("P1", 4), ("P2 vector", 4), ("Taylor-Hood", 3),
                                             ("periodic gmsh", 4), ("plate with markers", 3)])
 def test_every_dof_has_one_owner_and_expert_rows_are_global_rows(repo, case, n_experts):
     """Each dof belongs to exactly one expert; each expert's residual rows, assembled on its
@@ -56,7 +60,8 @@ def test_every_dof_has_one_owner_and_expert_rows_are_global_rows(repo, case, n_e
     problem, data = _case(case, repo)
     comm = problem.comm
     layer = fem_moe.MoEHardConstraint(problem, 2, n_experts=n_experts, partition="distributed")
-    parallel_assert(isinstance(layer.partition, DistributedPartition), "not the distributed partition")
+    parallel_assert(isinstance(layer.partition, DistributedPartition),
+                    "not the distributed partition")
     n_global = comm.allreduce(problem.n_dofs)
     owners = np.bincount(layer.dof_experts(), minlength=n_experts)
     owners = comm.allreduce(owners)
@@ -66,7 +71,8 @@ def test_every_dof_has_one_owner_and_expert_rows_are_global_rows(repo, case, n_e
     rows = {k: numbers[k][e.rows, 0] for k, e in layer.experts.items()}
     everywhere = np.sort(np.concatenate([np.concatenate(list(part.values()) or [np.zeros(0)])
                                          for part in comm.allgather(rows)]))
-    parallel_assert(np.array_equal(everywhere, np.arange(n_global)), "rows are not a partition of the dofs")
+    parallel_assert(np.array_equal(everywhere, np.arange(n_global)),
+                    "rows are not a partition of the dofs")
     # Rows equal the global residual's.
     u = torch.randn(1, problem.n_dofs, generator=torch.Generator().manual_seed(comm.rank),
                     dtype=torch.float64)
@@ -107,8 +113,10 @@ def test_distributed_partitioners_give_k_nonempty_experts(partitioner):
         x = problem.mesh.coordinates.dat.data_ro_with_halos[
             problem.mesh.coordinates.cell_node_map().values[:p.n_cells]].mean(axis=1)[:, 0]
         lo, hi = np.empty(4), np.empty(4)
-        problem.comm.Allreduce(np.array([x[p.cell_expert == k].min(initial=9) for k in range(4)]), lo, op=MPI.MIN)
-        problem.comm.Allreduce(np.array([x[p.cell_expert == k].max(initial=-9) for k in range(4)]), hi, op=MPI.MAX)
+        problem.comm.Allreduce(np.array([x[p.cell_expert == k].min(initial=9) for k in range(4)]),
+                               lo, op=MPI.MIN)
+        problem.comm.Allreduce(np.array([x[p.cell_expert == k].max(initial=-9) for k in range(4)]),
+                               hi, op=MPI.MAX)
         parallel_assert((hi[:-1] < lo[1:]).all(), f"strips overlap: {lo}, {hi}")
     if partitioner is None:       # a graph partition: each expert's cells are facet-connected
         parallel_assert(sizes.max() <= 1.2 * sizes.mean(), f"unbalanced {sizes}")
@@ -130,7 +138,8 @@ def _directional_check(layer, basis, data, seed=3):
     (layer(B, D) * weights).sum().backward()
     exact = comm.allreduce(float((B.grad * dB).sum() + (D.grad * dD).sum()))
     eps = 1e-6
-    numeric = (loss(basis + eps * dB, data + eps * dD) - loss(basis - eps * dB, data - eps * dD)) / (2 * eps)
+    numeric = (loss(basis + eps * dB, data + eps * dD)
+               - loss(basis - eps * dB, data - eps * dD)) / (2 * eps)
     return exact, numeric
 
 
@@ -182,11 +191,13 @@ class _GatherCounter(MPI.Intracomm):
 
     def Allgather(self, sendbuf, recvbuf):
         super().Allgather(sendbuf, recvbuf)
-        self._count(np.asarray(recvbuf[0] if isinstance(recvbuf, (list, tuple)) else recvbuf).nbytes)
+        self._count(np.asarray(recvbuf[0] if isinstance(recvbuf, (list, tuple))
+                               else recvbuf).nbytes)
 
     def Allgatherv(self, sendbuf, recvbuf):
         super().Allgatherv(sendbuf, recvbuf)
-        self._count(np.asarray(recvbuf[0] if isinstance(recvbuf, (list, tuple)) else recvbuf).nbytes)
+        self._count(np.asarray(recvbuf[0] if isinstance(recvbuf, (list, tuple))
+                               else recvbuf).nbytes)
 
     def Bcast(self, buf, root=0):
         super().Bcast(buf, root)
@@ -212,16 +223,20 @@ def test_setup_gathers_no_mesh():
     distributed partition exchanges only what neighbours share. The canonical partition, which
     gathers the mesh, is the control that shows the counter sees a gather."""
     small, large = (_gathered_in_setup(n, "distributed") for n in (8, 32))
-    parallel_assert(large <= small + 256, f"distributed: {small} bytes gathered at 8x8, {large} at 32x32")
+    parallel_assert(large <= small + 256,
+                    f"distributed: {small} bytes gathered at 8x8, {large} at 32x32")
     small, large = (_gathered_in_setup(n, "canonical") for n in (8, 32))
-    parallel_assert(large > 8 * small, f"canonical (the control): {small} bytes at 8x8, {large} at 32x32")
+    parallel_assert(large > 8 * small,
+                    f"canonical (the control): {small} bytes at 8x8, {large} at 32x32")
 
 
 def test_default_partition_follows_the_mesh_size(monkeypatch):
     import fem_moe.moe
     problem = nonlinear_diffusion(n=4)
-    assert isinstance(fem_moe.MoEHardConstraint(problem, 2, n_experts=2).partition, fem_moe.Partition)
+    assert isinstance(fem_moe.MoEHardConstraint(problem, 2, n_experts=2).partition,
+                      fem_moe.Partition)
     monkeypatch.setattr(fem_moe.moe, "CANONICAL_MAX_CELLS", 16)
-    assert isinstance(fem_moe.MoEHardConstraint(problem, 2, n_experts=2).partition, DistributedPartition)
+    assert isinstance(fem_moe.MoEHardConstraint(problem, 2, n_experts=2).partition,
+                      DistributedPartition)
     with pytest.raises(fem_moe.InputError, match="partition must be one of"):
         fem_moe.MoEHardConstraint(problem, 2, n_experts=2, partition="global")

@@ -27,7 +27,8 @@ def test_layer_takes_and_returns_cuda_tensors(kind):
     cuda = torch.device("cuda", 0)
     b = basis.to(cuda).requires_grad_()
     u = layer(b, data.to(cuda))
-    parallel_assert(u.is_cuda and float((u.cpu() - on_cpu).abs().max()) < 1e-12, "CUDA output differs")
+    parallel_assert(u.is_cuda and float((u.cpu() - on_cpu).abs().max()) < 1e-12,
+                    "CUDA output differs")
     (u ** 2).sum().backward()
     parallel_assert(b.grad is not None and b.grad.is_cuda, "no CUDA gradient")
 
@@ -39,7 +40,8 @@ def test_training_step_with_the_backbone_on_cuda():
     trainer = fem_moe.Trainer(test_training.config(os.path.join(base, "gpu")))
     served = trainer.backbone_ranks
     parallel_assert(served.device.type == ("cuda" if served.is_backbone else "cpu"),
-                    f"device {served.device} on a {'backbone' if served.is_backbone else 'client'} rank")
+                    f"device {served.device} on a "
+                    f"{'backbone' if served.is_backbone else 'client'} rank")
     trainer.fit(2)
     parallel_assert(all(h["loss"] == h["loss"] for h in trainer.history), "NaN loss")
     if served.is_backbone:
@@ -49,7 +51,7 @@ def test_training_step_with_the_backbone_on_cuda():
 
 @pytest.mark.parallel([1, 2])
 def test_replicas_sharing_a_gpu_reduce_their_gradients():
-    """Every rank a replica on the node's GPU (the README's replicated layout) with more ranks
+    """Every rank a replica on the node's GPU (the replicated layout) with more ranks
     than GPUs: NCCL refuses two ranks on one GPU ("invalid usage", seen on an H200 with the
     backend chosen from CUDA alone), so the process group is gloo there, which reduces CUDA
     tensors; one rank per GPU keeps NCCL."""

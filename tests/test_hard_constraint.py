@@ -42,7 +42,8 @@ def test_ridge_always(mode):
     J = torch.autograd.functional.jacobian(lambda b: ridged(b, data.detach()), basis.detach())
     J = J.reshape(u1.numel(), -1)
     b, h = basis.detach(), 1e-6
-    Jn = torch.stack([((ridged(b + h * e, data.detach()) - ridged(b - h * e, data.detach())) / (2 * h)).reshape(-1)
+    Jn = torch.stack([((ridged(b + h * e, data.detach()) - ridged(b - h * e, data.detach()))
+                       / (2 * h)).reshape(-1)
                       for e in torch.eye(b.numel(), dtype=b.dtype).reshape(-1, *b.shape)], dim=1)
     assert (J - Jn).norm() < 1e-3 * Jn.norm()
 
@@ -68,7 +69,8 @@ def test_basis_spanning_the_solution_recovers_it(mode, degree):
     err = np.abs(u[0].numpy() - exact).max()
     assert err < 1e-10, err
     info = layer.diagnostics[0]
-    assert info.reason.startswith("CONVERGED") and info.residual_after < 1e-10 * info.residual_before
+    assert info.reason.startswith("CONVERGED")
+    assert info.residual_after < 1e-10 * info.residual_before
 
 
 def test_lstsq_at_least_as_good_as_scipy():
@@ -187,7 +189,8 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
     data = source(problem)
     basis = random_basis(problem, 5, seed=3)
     outputs = {(mode, norm): fem_moe.HardConstraint(problem, 5, mode=mode, norm=norm)(basis, data)
-               for mode, norm in [("lstsq", "dual"), ("lstsq", "euclidean"), ("galerkin", "euclidean")]}
+               for mode, norm in [("lstsq", "dual"), ("lstsq", "euclidean"),
+                                  ("galerkin", "euclidean")]}
     u = outputs[("lstsq", "dual")].detach().requires_grad_()
     loss = fem_moe.residual_loss(problem, u, data, norm="dual")
     (grad,) = torch.autograd.grad(loss, u)
@@ -205,11 +208,11 @@ def test_dual_norm_least_squares_minimises_the_h1_dual_residual():
 
 @pytest.mark.parallel([1, 2, 3])
 def test_dual_norm_riesz_solver_from_its_options_prefix(petsc_options):
-    """The Riesz solve takes its KSP from <prefix>riesz_: the default (MUMPS; on one rank PETSc's
-    LU for vectors), CG + GAMG, and PETSc's own LU on every rank (PCREDUNDANT's layout, the default past BLOCKED_RIESZ_ROWS rows; on several
-    ranks each solves its share of a block's columns, norms.SplitColumns), give the direct
-    solve's output; a Riesz solve that fails is a SolverDivergedError naming its prefix, on
-    every rank."""
+    """The Riesz solve takes its KSP from <prefix>riesz_: the default (MUMPS; on one rank PETSc's LU
+    for vectors), CG + GAMG, and PETSc's own LU on every rank (PCREDUNDANT's layout, the default
+    past BLOCKED_RIESZ_ROWS rows; on several ranks each solves its share of a block's columns,
+    norms.SplitColumns), give the direct solve's output; a Riesz solve that fails is a
+    SolverDivergedError naming its prefix, on every rank."""
     from fem_moe.errors import SolverDivergedError
     base = nonlinear_diffusion(n=6, degree=1)
     problems = {name: fem_moe.ConstrainedProblem(base.V, base.residual, bcs=base.bcs,
@@ -298,7 +301,8 @@ def setup():
 class TestBadInput:
     def test_wrong_shape(self, setup):
         problem, layer, data = setup
-        with pytest.raises(fem_moe.InputError, match=r"basis has shape \[1, 2, 16\], expected \[\*, 3, 16\]"):
+        with pytest.raises(fem_moe.InputError,
+                           match=r"basis has shape \[1, 2, 16\], expected \[\*, 3, 16\]"):
             layer(torch.zeros(1, 2, problem.n_dofs, dtype=torch.float64), data)
         with pytest.raises(fem_moe.InputError, match="data has shape"):
             layer(random_basis(problem, 3), data[:, :-1])
@@ -371,8 +375,8 @@ def test_distributed_equals_serial(mode):
 
 
 def _taped_inputs(problem, norm):
-    """An expert ("galerkin", or least squares in ``norm``, None: its default), three basis Functions, the data
-    Function and a direction for each, for the pyadjoint tests."""
+    """An expert ("galerkin", or least squares in ``norm``, None: its default), three basis
+    Functions, the data Function and a direction for each, for the pyadjoint tests."""
     mode = "galerkin" if norm == "galerkin" else "lstsq"
     expert = fem_moe.Expert(problem, 3, mode=mode, norm=None if mode == "galerkin" else norm)
     V, Vd = problem.V, problem.data_spaces[0]
@@ -426,7 +430,8 @@ def test_pyadjoint_tangent_linear(norm, data_in_jacobian):
         expert, [moved(f, d, t) for f, d in zip(basis, dirs)], [moved(m, dirs[-1], t)]))
     fd_value = (shifted(h) - shifted(-h)) / (2 * h)
     parallel_assert(abs(tlm - adjoint) < 1e-9 * abs(adjoint), f"tlm {tlm!r} adjoint {adjoint!r}")
-    parallel_assert(abs(tlm - fd_value) < 1e-6 * abs(tlm), f"tlm {tlm!r} central difference {fd_value!r}")
+    parallel_assert(abs(tlm - fd_value) < 1e-6 * abs(tlm),
+                    f"tlm {tlm!r} central difference {fd_value!r}")
 
 
 @pytest.mark.parallel([1, 2])
@@ -594,7 +599,8 @@ def _petsc_garbage(comm, capfd):
     capfd.readouterr()
     PETSc.garbage_view(comm)
     text = capfd.readouterr().out
-    counts = [int(line.split("Total entries:")[1]) for line in text.splitlines() if "Total entries:" in line]
+    counts = [int(line.split("Total entries:")[1]) for line in text.splitlines()
+              if "Total entries:" in line]
     return counts[0] if counts else 0
 
 
@@ -607,7 +613,8 @@ def test_training_steps_leave_no_petsc_garbage(capfd):
     problem = nonlinear_diffusion(6)
     comm = problem.comm
     data = source(problem)
-    layers = [fem_moe.HardConstraint(problem, 4), fem_moe.MoEHardConstraint(problem, 4, n_experts=2)]
+    layers = [fem_moe.HardConstraint(problem, 4),
+              fem_moe.MoEHardConstraint(problem, 4, n_experts=2)]
 
     def steps(n):
         for i in range(n):
@@ -620,7 +627,8 @@ def test_training_steps_leave_no_petsc_garbage(capfd):
     before = _petsc_garbage(comm, capfd)
     steps(4)
     after = _petsc_garbage(comm, capfd)
-    parallel_assert(after <= before, f"{after - before} PETSc objects left to collect after 4 steps")
+    parallel_assert(after <= before,
+                    f"{after - before} PETSc objects left to collect after 4 steps")
 
 
 @pytest.mark.parallel([1, 2])
@@ -634,12 +642,15 @@ def test_no_data_gradient_assembled_where_none_is_asked(kind, monkeypatch):
              "coupled": lambda: fem_moe.MoEHardConstraint(problem, 3, n_experts=3),
              "independent": lambda: fem_moe.MoEHardConstraint(problem, 3, n_experts=3,
                                                               coupled=False, ridge_always=True),
-             "loss": lambda: (lambda b, d: fem_moe.residual_loss(problem, b[:, 0], d, reduction="none"))}[kind]()
+             "loss": lambda: (lambda b,
+                              d: fem_moe.residual_loss(problem, b[:, 0], d,
+                                                       reduction="none"))}[kind]()
     calls = []
     derivative = Expert._data_derivative
     monkeypatch.setattr(Expert, "_data_derivative",
                         lambda self: calls.append(1) or derivative(self))
-    basis, data = random_basis(problem, 3, batch=2), torch.cat([source(problem), source(problem, 2.0)])
+    basis, data = random_basis(problem, 3,
+                               batch=2), torch.cat([source(problem), source(problem, 2.0)])
     grads = []
     for asked in (True, False):
         b, d = basis.clone().requires_grad_(), data.clone().requires_grad_(asked)
@@ -668,7 +679,8 @@ def test_a_float32_output_is_solved_to_float32s_precision(kind, mode):
         g = torch.tensor(single.expert.g_vec)
         solves = lambda layer: layer.diagnostics
     else:
-        single, double = (fem_moe.MoEHardConstraint(problem, 4, n_experts=3, mode=mode) for _ in range(2))
+        single, double = (fem_moe.MoEHardConstraint(problem, 4, n_experts=3, mode=mode)
+                          for _ in range(2))
         g = torch.tensor(fem_moe.expert.dirichlet_dofs(problem)[1])
         solves = lambda layer: layer.coupling_diagnostics
     u32 = single(basis, data.float()).double()

@@ -17,6 +17,7 @@ import fem_moe
 from fem_moe.data import ensure_dataset
 from fem_moe.train import Trainer
 
+from problems import write_config
 from test_training import _cli as run_cli, config, shared_dir
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -123,12 +124,12 @@ def test_the_cli_generates_trains_and_predicts_a_pde_of_ones_own():
     unimportable PDE exits with status 2, naming it."""
     work = tempfile.mkdtemp(prefix="fem_moe_cli_")
     try:
-        with open(os.path.join(work, "bratu.toml"), "w") as f:
-            f.write('[pde]\nname = "bratu:Bratu"\noptions = { n = 4 }\n'
-                    '[data]\npath = "bratu.h5"\nn_train = 4\nn_val = 1\nn_test = 1\n'
-                    '[model]\nkind = "pihc"\nn_basis = 4\nwidth = 16\ndepth = 2\nlatent = 8\n'
-                    '[train]\nsteps = 2\nbatch_size = 2\nval_every = 2\ncheckpoint_every = 2\n'
-                    'out = "run"\nprogress = false\n')
+        write_config(os.path.join(work, "bratu.toml"),
+                     pde={"name": "bratu:Bratu", "options": {"n": 4}},
+                     data={"path": "bratu.h5", "n_train": 4, "n_val": 1, "n_test": 1},
+                     model={"kind": "pihc", "n_basis": 4, "width": 16, "depth": 2, "latent": 8},
+                     train={"steps": 2, "batch_size": 2, "val_every": 2, "checkpoint_every": 2,
+                            "out": "run", "progress": False})
         r = _cli("generate", "bratu.toml", cwd=work)
         assert r.returncode == 0 and "wrote" in r.stdout, r.stdout + r.stderr
         r = _cli("train", "bratu.toml", cwd=work)

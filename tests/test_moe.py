@@ -7,7 +7,8 @@ from mpi4py import MPI
 from pytest_mpi import parallel_assert
 
 import fem_moe
-from problems import nonlinear_diffusion, source, random_basis, smooth_basis, distributed_matches_serial
+from problems import (distributed_matches_serial, nonlinear_diffusion, random_basis, smooth_basis,
+                      source)
 
 
 @pytest.mark.parametrize("coupled", [True, False])
@@ -90,7 +91,8 @@ def test_random_subdomains_are_balanced_and_scattered():
     parallel_assert(sum(owned) == problem.V.dim() and min(owned) > 0.6 * np.mean(owned), f"{owned}")
     n_cells = len(layer.partition.cell_expert)
     parallel_assert(all(d["cells"] > 0.4 * n_cells for d in diags),
-                    f"random subdomains look spatial: {[d['cells'] for d in diags]} of {n_cells} cells")
+                    f"random subdomains look spatial: {[d['cells'] for d in diags]} of {n_cells} "
+                    "cells")
     norm = problem.comm.allreduce(float((u ** 2).sum()))
     serial = fem_moe.MoEHardConstraint(nonlinear_diffusion(n=8, degree=1, comm=MPI.COMM_SELF), 4,
                                        n_experts=4, partitioner_type="random")
@@ -104,7 +106,8 @@ def test_random_subdomains_are_balanced_and_scattered():
 def test_rank_count_does_not_matter(n_experts):
     """Fixed K, independent experts: the distributed run equals the run on one rank (each rank
     alone), outputs and gradients to 1e-10 (the coupled mixture: test_coupled.py)."""
-    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5, n_experts=n_experts,
+    distributed_matches_serial(lambda problem: fem_moe.MoEHardConstraint(problem, 5,
+                                                                         n_experts=n_experts,
                                                                          coupled=False))
 
 
@@ -126,7 +129,8 @@ def test_diverging_expert_raises_everywhere(petsc_options):
     petsc_options(expert_1_snes_max_it=1)
     problem = nonlinear_diffusion(n=6, degree=1)
     layer = fem_moe.MoEHardConstraint(problem, 3, coupled=False)
-    with pytest.raises(fem_moe.SolverDivergedError, match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
+    with pytest.raises(fem_moe.SolverDivergedError,
+                       match="expert 1: .*sample 0 .*DIVERGED_MAX_IT") as err:
         layer(random_basis(problem, 3), source(problem, 30.0))
     parallel_assert(err.value.expert == 1 and err.value.reason == "DIVERGED_MAX_IT", str(err.value))
 
@@ -165,7 +169,8 @@ def test_partition_is_deterministic_and_rank_independent():
     alone = fem_moe.Partition(fd.UnitSquareMesh(24, 24, comm=MPI.COMM_SELF), 3).cell_expert
     parallel_assert(np.array_equal(here, again) and np.array_equal(here, alone),
                     "the partition changed between calls or with the number of ranks")
-    parallel_assert(np.bincount(here).min() >= 0.9 * len(here) / 3, f"unbalanced: {np.bincount(here)}")
+    parallel_assert(np.bincount(here).min() >= 0.9 * len(here) / 3,
+                    f"unbalanced: {np.bincount(here)}")
 
 
 def test_boundary_markers_reach_the_experts(repo):
@@ -178,7 +183,8 @@ def test_boundary_markers_reach_the_experts(repo):
     V = fd.FunctionSpace(mesh, "CG", 1)
 
     def residual(u, v, m):
-        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx + 5 * u * v * fd.ds(2)
+        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0]
+                * v) * fd.dx + 5 * u * v * fd.ds(2)
 
     problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, 1), data_spaces=V)
     data = torch.ones(1, problem.n_dofs, dtype=torch.float64) * 20
@@ -374,7 +380,8 @@ def test_residual_written_on_the_whole_mesh():
     c = fd.Constant(2.0)
 
     def residual(u, v, m):
-        return (kappa * (1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(wind, fd.grad(u)) * v
+        return (kappa * (1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(wind, fd.grad(u))
+                * v
                 - c * m[0] * (1 + x * y) * v) * fd.dx + u * v * fd.ds(1, domain=mesh)
 
     problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, (2, 3, 4)),
@@ -388,7 +395,8 @@ def test_whole_mesh_function_that_cannot_be_mapped_is_named():
     V = fd.FunctionSpace(mesh, "CG", 1)
     field = fd.Function(fd.FunctionSpace(mesh, "N1curl", 1), name="wind")
     problem = fem_moe.ConstrainedProblem(
-        V, lambda u, v, m: (fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(field, fd.grad(u)) * v - v) * fd.dx,
+        V, lambda u, v, m: (fd.inner(fd.grad(u), fd.grad(v)) + fd.inner(field, fd.grad(u)) * v - v)
+                                         * fd.dx,
         bcs=fd.DirichletBC(V, 0, "on_boundary"))
     with pytest.raises(fem_moe.InputError, match="'wind'.*cannot be copied onto the experts"):
         fem_moe.MoEHardConstraint(problem, 2, n_experts=2)
@@ -407,7 +415,9 @@ def test_mesh_with_moved_coordinates():
     V = fd.FunctionSpace(mesh, "CG", 1)
 
     def residual(u, v, m):
-        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0] * v) * fd.dx + 3 * u * v * fd.ds(2)
+        return ((1 + u**2) * fd.inner(fd.grad(u), fd.grad(v)) - m[0]
+                * v) * fd.dx + 3 * u * v * fd.ds(2)
 
-    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, (1, 3)), data_spaces=V)
+    problem = fem_moe.ConstrainedProblem(V, residual, bcs=fd.DirichletBC(V, 0, (1, 3)),
+                                         data_spaces=V)
     _recovers_classical(problem, source(problem, 5.0))

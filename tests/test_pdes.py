@@ -39,7 +39,8 @@ def test_turbulence_marching_solves_the_whole_window():
                     f"residual {end:.2e} of {start:.2e} after {iterations} Newton iterations")
     # Something happened: the trajectory moved away from the initial vorticity.
     change = np.sqrt(problem.comm.allreduce((owned_values(u) ** 2).sum()))
-    parallel_assert(change > 1e-2 * np.sqrt(problem.comm.allreduce((owned_values(data[0]) ** 2).sum())),
+    parallel_assert(change > 1e-2
+                    * np.sqrt(problem.comm.allreduce((owned_values(data[0]) ** 2).sum())),
                     f"the flow did not evolve: change {change:.2e}")
 
 
@@ -58,7 +59,8 @@ def test_turbulence_data_is_a_periodic_zero_mean_vorticity_and_its_streamfunctio
     size = np.sqrt(fd.assemble(w0 * w0 * fd.dx))
     assert abs(fd.assemble(w0 * fd.dx)) < 1e-3 * size, "the initial vorticity has a mean"
     q = fd.TestFunction(V)
-    r = fd.assemble((fd.inner(fd.grad(psi0), fd.grad(q)) + pde.opts["gauge"] * psi0 * q - w0 * q) * fd.dx)
+    r = fd.assemble((fd.inner(fd.grad(psi0), fd.grad(q)) + pde.opts["gauge"] * psi0 * q - w0 * q)
+                    * fd.dx)
     with r.dat.vec_ro as vec:
         assert vec.norm() < 1e-10 * size, "the streamfunction lifting does not solve its equation"
 
@@ -70,13 +72,15 @@ def test_turbulence_input_fields_are_the_initial_vorticity():
     mesh = pde.mesh(MPI.COMM_SELF)
     params = pde.sample(np.random.default_rng(2), 2)
     V = fd.FunctionSpace(mesh, "CG", 1)
-    X = fd.Function(fd.VectorFunctionSpace(mesh, "CG", 1)).interpolate(fd.SpatialCoordinate(mesh)).dat.data_ro
+    X = fd.Function(fd.VectorFunctionSpace(mesh, "CG",
+                                           1)).interpolate(fd.SpatialCoordinate(mesh)).dat.data_ro
     fields = pde.input_fields(X)
     assert fields.shape == (pde.n_params, 1, len(X))
     assert np.allclose(fields, pde.input_fields(X + np.array([1.0, -1.0])), atol=1e-12)
     for p, inputs in zip(params, pde.inputs(params)):
         w0 = pde.initial_vorticity(mesh, p).dat.data_ro
-        assert V.dim() == len(X) and np.allclose(inputs @ fields[:, 0], w0 / pde.opts["amplitude"], atol=1e-12)
+        assert V.dim() == len(X) and np.allclose(inputs @ fields[:, 0], w0 / pde.opts["amplitude"],
+                                                 atol=1e-12)
 
 
 @pytest.mark.parallel([1, 2])
@@ -88,7 +92,8 @@ def test_turbulence_experts_recover_the_trajectory():
     exact = owned_values(u)
     gen = torch.Generator().manual_seed(problem.comm.rank)
     basis = torch.cat([torch.tensor(exact)[None, None],
-                       torch.randn(1, 2, problem.n_dofs, generator=gen, dtype=torch.float64)], dim=1)
+                       torch.randn(1, 2, problem.n_dofs, generator=gen, dtype=torch.float64)],
+                      dim=1)
     layer = fem_moe.MoEHardConstraint(problem, 3, n_experts=3)
     out = layer(basis, torch.tensor(owned_values(data[0]))[None])
     err = problem.comm.allreduce(float((out[0] - torch.tensor(exact)).abs().max()), op=MPI.MAX)
@@ -105,7 +110,8 @@ def test_3d_part_with_holes_classical_solvers_agree_and_the_mixture_recovers_the
     problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
     data = pde.data(problem, pde.sample(np.random.default_rng(1), 1)[0])
     krylov, _, its = pde.classical_solve(problem, data)
-    direct, _, _ = pde.classical_solve(problem, data, solver_parameters=pdes.CLASSICAL_SOLVER_PARAMETERS)
+    direct, _, _ = pde.classical_solve(problem, data,
+                                       solver_parameters=pdes.CLASSICAL_SOLVER_PARAMETERS)
     exact = owned_values(direct)
     scale = problem.comm.allreduce(float(np.abs(exact).max()), op=MPI.MAX)
     gap = problem.comm.allreduce(float(np.abs(owned_values(krylov) - exact).max()), op=MPI.MAX)
@@ -114,7 +120,8 @@ def test_3d_part_with_holes_classical_solvers_agree_and_the_mixture_recovers_the
     _, g = dirichlet_dofs(problem)
     gen = torch.Generator().manual_seed(problem.comm.rank)
     basis = torch.cat([torch.tensor(exact - g)[None, None],
-                       torch.randn(1, 2, problem.n_dofs, generator=gen, dtype=torch.float64)], dim=1)
+                       torch.randn(1, 2, problem.n_dofs, generator=gen, dtype=torch.float64)],
+                      dim=1)
     m = torch.tensor(owned_values(data[0]))[None]
     for layer in (fem_moe.HardConstraint(problem, 3),
                   fem_moe.MoEHardConstraint(problem, 3, n_experts=3, partition="distributed")):
@@ -124,7 +131,8 @@ def test_3d_part_with_holes_classical_solvers_agree_and_the_mixture_recovers_the
 
 
 @pytest.mark.parametrize("name,options", [
-    ("reaction_diffusion", {"mesh": "plate_with_holes"}), ("diffusion_sorption", {"nx": 8, "nt": 4}),
+    ("reaction_diffusion", {"mesh": "plate_with_holes"}),
+                                          ("diffusion_sorption", {"nx": 8, "nt": 4}),
     ("flow_past_obstacle", {}), ("decaying_turbulence", {"steps": 2, "t_end": 1.0})])
 def test_new_inputs_compile_no_new_kernels(name, options, monkeypatch):
     """Training on fresh inputs calls ``pde.data`` with new parameters every step: the data's
@@ -135,7 +143,8 @@ def test_new_inputs_compile_no_new_kernels(name, options, monkeypatch):
     import pyop2.compilation
     built = []
     make_so = pyop2.compilation.make_so
-    monkeypatch.setattr(pyop2.compilation, "make_so", lambda *a, **k: built.append(1) or make_so(*a, **k))
+    monkeypatch.setattr(pyop2.compilation, "make_so", lambda *a,
+                        **k: built.append(1) or make_so(*a, **k))
     pde = pdes.get(name, **options)
     problem = pde.problem(pde.mesh(MPI.COMM_WORLD))
     first, second = pde.sample(np.random.default_rng(0), 2)
@@ -149,12 +158,13 @@ def test_new_inputs_compile_no_new_kernels(name, options, monkeypatch):
 def test_diffusion_sorption_graded_time_levels_resolve_the_start():
     """``grading`` = g puts the time levels at tau_end (j / nt)^g; the front the inflow starts at
     (0, 0) then is resolved, and a coarse graded solution is much closer to a fine one than
-    the uniform solution of the same size (the reason the README's reference is graded)."""
+    the uniform solution of the same size (the reason the reference for the PDE is graded)."""
     comm = MPI.COMM_WORLD
     with pytest.raises(fem_moe.InputError, match="grading"):
         pdes.get("diffusion_sorption", grading=-1.0).mesh(comm)
     graded = pdes.get("diffusion_sorption", nx=4, nt=4, grading=3.0)
-    tau = np.unique(np.round(comm.allreduce(list(graded.mesh(comm).coordinates.dat.data_ro[:, 1])), 12))
+    tau = np.unique(np.round(comm.allreduce(list(graded.mesh(comm).coordinates.dat.data_ro[:, 1])),
+                             12))
     parallel_assert(np.allclose(tau, np.round(np.linspace(0.0, 1.0, 5) ** 3, 12)), f"{tau}")
 
     def solution(nx, nt, grading):
@@ -166,7 +176,8 @@ def test_diffusion_sorption_graded_time_levels_resolve_the_start():
 
     fine = solution(256, 32, 3.0)
     V = fine.function_space()
-    distance = {g: fd.errornorm(fine, fd.assemble(fd.interpolate(solution(64, 8, g), V))) / fd.norm(fine)
+    distance = {g: fd.errornorm(fine, fd.assemble(fd.interpolate(solution(64, 8, g), V)))
+                / fd.norm(fine)
                 for g in (1.0, 3.0)}
     parallel_assert(distance[3.0] < distance[1.0] / 4, f"{distance}")
 
@@ -203,9 +214,11 @@ def test_diffusion_sorption_erfc_lifting_carries_the_front_and_keeps_the_solutio
     (u, constant), (u_erfc, erfc) = fields["constant"], fields["erfc"]
     bc, _ = dirichlet_dofs(problem)
     parallel_assert(np.array_equal(erfc[bc], constant[bc]), "the liftings' Dirichlet values differ")
-    parallel_assert(norm(u_erfc - u) < 1e-8 * norm(u), f"solutions differ by {norm(u_erfc - u):.2e}")
+    parallel_assert(norm(u_erfc - u) < 1e-8 * norm(u),
+                    f"solutions differ by {norm(u_erfc - u):.2e}")
     near, far = norm(erfc - u) / norm(u), norm(constant - u) / norm(u)
-    parallel_assert(near < far / 4, f"erfc lifting {near:.3f} from the solution, constant {far:.3f}")
+    parallel_assert(near < far / 4,
+                    f"erfc lifting {near:.3f} from the solution, constant {far:.3f}")
     with pytest.raises(InputError, match="lifting must be one of"):
         pde = pdes.get("diffusion_sorption", nx=4, nt=4, lifting="linear")
         pde.mesh(comm)
@@ -247,17 +260,21 @@ def test_diffusion_sorption_quadrature_degree_is_the_residuals_and_a_consistent_
                 # UFL's estimate for the retardation written as a power (the PDE writes it as
                 # exp(p ln s), which UFL estimates two degrees higher).
                 power = (u ** 2 + pde.opts["eps"] ** 2) ** ((pde.n_f - 1) / 2) * u.dx(1) * v
-                parallel_assert(degrees == {estimate_total_polynomial_degree(power)} == {5}, str(degrees))
-                at_2 = ufl.Form([itg.reconstruct(metadata={"quadrature_degree": 2}) for itg in F.integrals()])
+                parallel_assert(degrees == {estimate_total_polynomial_degree(power)} == {5},
+                                str(degrees))
+                at_2 = ufl.Form([itg.reconstruct(metadata={"quadrature_degree": 2})
+                                 for itg in F.integrals()])
                 R2 = owned_values(fd.assemble(at_2))
             else:
                 parallel_assert(degrees == {q}, str(degrees))
-        parallel_assert(norm(fields[2, "R"] - R2) < 1e-14 * norm(R2), "not the residual at degree 2")
+        parallel_assert(norm(fields[2, "R"] - R2) < 1e-14 * norm(R2),
+                        "not the residual at degree 2")
         parallel_assert(norm(fields[2, "R"] - fields[None, "R"]) > 1e-12 * norm(R2),
                         "degree 2 and UFL's estimate assemble the same residual")
         moved.append(norm(fields[2] - fields[None]) / norm(fields[None]))
     parallel_assert(moved[0] < 3e-3 and moved[1] < moved[0] / 3,
-                    f"the classical solution moved by {moved[0]:.2e}, then {moved[1]:.2e} on 4x the levels")
+                    f"the classical solution moved by {moved[0]:.2e}, then {moved[1]:.2e} on 4x "
+                    "the levels")
     with pytest.raises(InputError, match="quadrature_degree must be a positive integer"):
         pde = pdes.get("diffusion_sorption", nx=4, nt=4, quadrature_degree=0)
         pde.problem(pde.mesh(comm))

@@ -68,7 +68,8 @@ def test_the_physics_loss_of_a_training_output_takes_the_layers_jacobian(mode, d
     assert shared[3] == {"jacobian": 2}, shared[3]
     assert own[3] == {"jacobian": 2, "action": 2, "residual": 2}, own[3]
     ulp = torch.finfo(dtype).eps
-    assert torch.allclose(shared[0].double(), own[0].double(), rtol=2 * ulp, atol=0), (shared[0], own[0])
+    assert torch.allclose(shared[0].double(), own[0].double(), rtol=2 * ulp, atol=0), (shared[0],
+                                                                                       own[0])
     tol = 1e-9 if dtype == torch.float64 else 1e-4
     for got, want in zip(shared[1:3], own[1:3]):
         assert torch.allclose(got, want, rtol=0, atol=tol * want.abs().max()), \
@@ -94,9 +95,11 @@ def test_a_float32_fields_residual_is_the_rounded_fields_own(mode, assemblies):
     assert "residual" not in shared[3], shared[3]
     rounded = fem_moe.residual_loss(problem, layer.train()(basis, data).double().float().double(),
                                     data.double()).item()
-    unrounded = fem_moe.residual_loss(problem, layer(basis.double(), data.double()), data.double()).item()
+    unrounded = fem_moe.residual_loss(problem, layer(basis.double(), data.double()),
+                                      data.double()).item()
     assert abs(rounded - unrounded) > 0.3 * unrounded, (rounded, unrounded)   # it matters
-    assert torch.allclose(shared[0], own[0], rtol=2 * torch.finfo(torch.float32).eps, atol=0), (shared[0], own[0])
+    assert torch.allclose(shared[0], own[0], rtol=2 * torch.finfo(torch.float32).eps,
+                          atol=0), (shared[0], own[0])
     for got, want in zip(shared[1:3], own[1:3]):
         assert torch.allclose(got, want, rtol=0, atol=1e-4 * want.abs().max()), \
             (got - want).abs().max() / want.abs().max()
@@ -114,7 +117,8 @@ def test_a_field_the_layer_did_not_deliver_is_not_taken_for_one(assemblies):
     u = layer(basis, data)
     nudged = u.detach().clone()
     nudged[0, np.flatnonzero(~layer.expert.bc_mask)[:1]] *= 1 + 1e-15
-    for field, d, actions in ((nudged, data, 1), (u, 1.01 * data, 1), (u.detach().clone(), data, 0)):
+    for field, d, actions in ((nudged, data, 1), (u, 1.01 * data, 1),
+                              (u.detach().clone(), data, 0)):
         x = field.detach().clone().requires_grad_()
         assemblies.clear()
         fem_moe.residual_loss(problem, x, d).backward()

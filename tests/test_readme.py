@@ -48,8 +48,8 @@ def test_the_headline_table_is_what_the_results_files_say():
     text = readme().splitlines()
     expected = headline_rows()
     missing = [line for line in expected if line not in text]
-    assert not missing, "README's headline table differs from the results files; it should read:\n" \
-        + "\n".join(expected)
+    assert not missing, ("README's headline table differs from the results files; it should "
+                         "read:\n" + "\n".join(expected))
 
 
 @pytest.mark.parallel(1)

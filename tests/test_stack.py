@@ -87,7 +87,8 @@ def test_torch_and_firedrake_in_one_process():
     total = comm.allreduce(float((2 * t).sum()))
     u2 = from_torch(2 * t[0], V)
     expected = 2 * comm.allreduce(float(u.dat.data_ro.sum()))
-    parallel_assert(isinstance(t, torch.Tensor) and t.dtype == torch.float64, f"to_torch gave {t!r}")
+    parallel_assert(isinstance(t, torch.Tensor) and t.dtype == torch.float64,
+                    f"to_torch gave {t!r}")
     parallel_assert(comm.size == 2 and abs(total - expected) < 1e-10, f"{total} != {expected}")
     parallel_assert(np.isclose(fd.assemble(u2 * fd.dx), 2 * fd.assemble(u * fd.dx)), "from_torch")
 
@@ -105,7 +106,8 @@ def test_pip_install_into_this_environment_replaces_nothing(repo, tmp_path):
     pinned = [d for d in deps if "==" in d]
     assert not pinned, f"exact pins in pyproject.toml: {pinned}"
     report = str(tmp_path / "pip_report.json")
-    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run", "--no-build-isolation",
+    out = subprocess.run([sys.executable, "-m", "pip", "install", "--dry-run",
+                          "--no-build-isolation",
                           "--quiet", "--report", report, repo], capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     install = [i["metadata"]["name"] for i in json.load(open(report))["install"]]
@@ -124,7 +126,8 @@ def test_conda_environment_matches_the_install_script(repo):
     petsc = re.search(r"^PETSC_VERSION=(\S+)", script, re.M).group(1)
     firedrake = re.search(r"^FIREDRAKE_VERSION=(\S+)", script, re.M).group(1)
     env = (repo / "environment.yml").read_text()
-    deps = [line.split("#")[0].strip()[2:] for line in env.splitlines() if line.strip().startswith("- ")]
+    deps = [line.split("#")[0].strip()[2:] for line in env.splitlines()
+            if line.strip().startswith("- ")]
     series = ".".join(petsc.split(".")[:2])
     assert f"petsc={series}.*=*real*" in deps and f"petsc4py={series}.*" in deps, deps
     assert not any(d.startswith("petsc==") for d in deps), "PETSc from its PyPI sdist: no MUMPS"

@@ -23,6 +23,7 @@ import fem_moe.losses
 from fem_moe import pdes
 from fem_moe.data import Dataset, generate
 from fem_moe.train import Trainer
+from problems import write_config
 
 PDE = ("reaction_diffusion", {"n": 6})
 N_SAMPLES = 8
@@ -71,12 +72,14 @@ def test_each_kind_and_loss_lowers_the_loss(kind, loss):
     """20 full-batch steps on one batch: the training loss must fall (the soft constraint, whose
     output starts near zero, needs a larger step to move in 20 steps)."""
     trainer = Trainer(config(shared_dir(), model={"kind": kind},
-                             train={"loss": loss, "steps": 20, "lr": 3e-2 if kind == "soft" else 5e-3}))
+                             train={"loss": loss, "steps": 20,
+                                    "lr": 3e-2 if kind == "soft" else 5e-3}))
     history = trainer.fit()
     losses = [h["loss"] for h in history]
     assert not any(h["skipped"] for h in history)
     assert np.mean(losses[-3:]) < 0.8 * losses[0], losses
-    parts = {"physics": ["physics"], "supervised": ["supervised"], "mixed": ["physics", "supervised"]}[loss]
+    parts = {"physics": ["physics"], "supervised": ["supervised"],
+             "mixed": ["physics", "supervised"]}[loss]
     assert all(all(p in h for p in parts) for h in history)
 
 
@@ -101,7 +104,8 @@ def test_fno_sees_the_input_field_on_a_periodic_mixed_space():
     generate(pdes.get("decaying_turbulence", **options), path, 6, seed=1, comm=comm, progress=False)
     trainer = Trainer(config(shared_dir(), pde={"name": "decaying_turbulence", "options": options},
                              data={"path": path, "n_train": 4, "n_val": 1, "n_test": 1},
-                             model={"kind": "pihc", "mode": "galerkin", "backbone": "fno", "grid": 8,
+                             model={"kind": "pihc", "mode": "galerkin", "backbone": "fno",
+                                    "grid": 8,
                                     "modes": 3, "width": 8, "depth": 2},
                              train={"steps": 6}))
     net = trainer.model.backbone
@@ -143,7 +147,8 @@ def test_physics_informed_training_needs_no_solutions(kind):
     def rel_l2():
         with torch.no_grad():
             idx = trainer.splits["train"]
-            return fem_moe.losses.relative_l2(trainer.comm, trainer.predict(idx), targets[idx]).item()
+            return fem_moe.losses.relative_l2(trainer.comm, trainer.predict(idx),
+                                              targets[idx]).item()
     before = rel_l2()
     trainer.fit()
     after = rel_l2()
@@ -155,7 +160,8 @@ def test_evaluation_reports_each_sample_and_the_spread():
     """evaluate(): per-sample relative L2 errors (each against its classical solution, computed
     here from the predictions and the dataset's solutions over every rank's dofs), their mean,
     max and standard deviation over the samples, as the issue's tables report them."""
-    trainer = Trainer(config(shared_dir(), model={"kind": "pihc"}, data={"n_train": 3, "n_val": 2, "n_test": 3},
+    trainer = Trainer(config(shared_dir(), model={"kind": "pihc"},
+                             data={"n_train": 3, "n_val": 2, "n_test": 3},
                              train={"steps": 2, "val_every": 2, "batch_size": 3}))
     trainer.fit()
     out = trainer.evaluate("test", write=False)
@@ -166,14 +172,18 @@ def test_evaluation_reports_each_sample_and_the_spread():
     num = trainer.comm.allreduce(((u - truth) ** 2).sum(axis=1))
     den = trainer.comm.allreduce((truth ** 2).sum(axis=1))
     expected = np.sqrt(num / den)
-    assert np.allclose(out["rel_l2_samples"], expected, rtol=1e-10), (out["rel_l2_samples"], expected)
-    assert np.isclose(out["rel_l2"], expected.mean()) and np.isclose(out["rel_l2_max"], expected.max())
+    assert np.allclose(out["rel_l2_samples"], expected, rtol=1e-10), (out["rel_l2_samples"],
+                                                                      expected)
+    assert np.isclose(out["rel_l2"], expected.mean()) and np.isclose(out["rel_l2_max"],
+                                                                     expected.max())
     assert np.isclose(out["rel_l2_std"], expected.std()) and out["rel_l2_std"] > 0
     # The norm over the domain, by Firedrake's errornorm (its own quadrature, a degree higher).
     fields = [(trainer.problem.function(a), trainer.problem.function(b)) for a, b in zip(u, truth)]
     expected = np.array([fd.errornorm(b, a) / fd.norm(b) for a, b in fields])
-    assert np.allclose(out["rel_l2_field_samples"], expected, rtol=1e-8), (out["rel_l2_field_samples"], expected)
-    assert np.isclose(out["rel_l2_field"], expected.mean()) and np.isclose(out["rel_l2_field_max"], expected.max())
+    assert np.allclose(out["rel_l2_field_samples"], expected,
+                       rtol=1e-8), (out["rel_l2_field_samples"], expected)
+    assert np.isclose(out["rel_l2_field"], expected.mean()) and np.isclose(out["rel_l2_field_max"],
+                                                                           expected.max())
 
 
 @pytest.mark.parallel([1, 2])
@@ -348,8 +358,10 @@ def test_resume_names_what_differs_and_accepts_older_checkpoints():
     with pytest.raises(fem_moe.InputError, match=r"model.mode = 'lstsq' \(the config now says "
                                                   r"'galerkin'\): use another train.out"):
         Trainer(config(out, model={"mode": "galerkin"}, train={"steps": 2, "checkpoint_every": 2}))
-    with pytest.raises(fem_moe.InputError, match=r"model.fourier_features = 0 \(the config now says 8\)"):
-        Trainer(config(out, model={"fourier_features": 8}, train={"steps": 2, "checkpoint_every": 2}))
+    with pytest.raises(fem_moe.InputError,
+                       match=r"model.fourier_features = 0 \(the config now says 8\)"):
+        Trainer(config(out, model={"fourier_features": 8},
+                       train={"steps": 2, "checkpoint_every": 2}))
 
 
 @pytest.mark.parallel([1, 2])
@@ -361,9 +373,11 @@ def test_training_stops_when_every_step_is_skipped():
     starved = {"coupling_parameters": {"snes_max_it": 1}}
     out = shared_dir()
     trainer = Trainer(config(out, model=starved, train={"steps": 8, "max_skipped_in_a_row": 3}))
-    with pytest.raises(fem_moe.TrainingStalledError, match=r"training stalled: the last 3 steps \(1-3\)"):
+    with pytest.raises(fem_moe.TrainingStalledError,
+                       match=r"training stalled: the last 3 steps \(1-3\)"):
         trainer.fit()
-    parallel_assert(trainer.step == 3 and os.path.isfile(trainer.checkpoint_path), f"{trainer.step}")
+    parallel_assert(trainer.step == 3 and os.path.isfile(trainer.checkpoint_path),
+                    f"{trainer.step}")
     # A taken step between skipped ones: the count starts again.
     trainer.history = [{"skipped": s} for s in (True, True, False, True, True)]
     parallel_assert(trainer._skipped_in_a_row() == 2)
@@ -415,7 +429,7 @@ def test_mixture_trains_its_basis_globally_first():
 def test_warmup_ramps_the_learning_rate_up(schedule):
     """train.warmup_steps: the rate each step uses rises linearly to the schedule's over the
     warm-up (a fresh Adam's first step moves every weight by about lr: from a trained backbone
-    the turbulence run's loss went 0.044 -> 0.70 at its second step, README), then follows it."""
+    the turbulence run's loss went 0.044 -> 0.70 at its second step), then follows it."""
     steps, warmup, lr = 8, 4, 5e-3
     train = {"steps": steps, "lr": lr, "schedule": schedule, "step_size": 3, "val_every": 8,
              "checkpoint_every": 8}
@@ -474,7 +488,8 @@ def test_dataset_reads_on_another_rank_count():
     parallel_assert(np.array_equal(ds.params, ref[0]))
     targets = comm.allreduce((ds.targets ** 2).sum(axis=1))
     data = comm.allreduce((ds.data ** 2).sum(axis=1))
-    parallel_assert(np.allclose(targets, ref[1], rtol=1e-12) and np.allclose(data, ref[2], rtol=1e-12))
+    parallel_assert(np.allclose(targets, ref[1], rtol=1e-12)
+                    and np.allclose(data, ref[2], rtol=1e-12))
 
 
 @pytest.mark.parallel([1, 2])
@@ -497,7 +512,8 @@ def test_dataset_written_before_a_pde_option_existed_still_loads():
     comm.barrier()
     Dataset(path, expect=("diffusion_sorption", {"nx": 4, "nt": 3}))
     parallel_assert(is_current(path, pde, 2, 3), "an old dataset of the default counts as stale")
-    parallel_assert(not is_current(path, pdes.get("diffusion_sorption", nx=4, nt=3, grading=2.0), 2, 3))
+    parallel_assert(not is_current(path, pdes.get("diffusion_sorption", nx=4, nt=3, grading=2.0),
+                                   2, 3))
     with pytest.raises(fem_moe.InputError, match="regenerate"):
         Dataset(path, expect=("diffusion_sorption", {"nx": 4, "nt": 3, "grading": 2.0}))
 
@@ -531,11 +547,13 @@ def test_cli_under_mpiexec():
     """generate, train (then resume further) and evaluate under mpiexec -n 2 at a tiny size."""
     work = tempfile.mkdtemp(prefix="fem_moe_cli_")
     try:
-        with open(os.path.join(work, "tiny.toml"), "w") as f:
-            f.write('[pde]\nname = "reaction_diffusion"\noptions = { n = 4 }\n'
-                    '[data]\npath = "data/tiny.h5"\nn_train = 4\nn_val = 2\nn_test = 2\n'
-                    '[model]\nkind = "moe"\nn_basis = 4\nn_experts = 2\nwidth = 16\ndepth = 2\nlatent = 8\n'
-                    '[train]\nsteps = 4\nbatch_size = 2\nval_every = 2\ncheckpoint_every = 2\nout = "run"\n')
+        write_config(os.path.join(work, "tiny.toml"),
+                     pde={"name": "reaction_diffusion", "options": {"n": 4}},
+                     data={"path": "data/tiny.h5", "n_train": 4, "n_val": 2, "n_test": 2},
+                     model={"kind": "moe", "n_basis": 4, "n_experts": 2, "width": 16, "depth": 2,
+                            "latent": 8},
+                     train={"steps": 4, "batch_size": 2, "val_every": 2, "checkpoint_every": 2,
+                            "out": "run"})
         r = _cli("generate", "tiny.toml", cwd=work)
         assert r.returncode == 0, r.stdout + r.stderr
         assert "wrote" in r.stdout and os.path.isfile(os.path.join(work, "data", "tiny.h5"))
@@ -575,13 +593,16 @@ def test_pod_basis_is_orthonormal_and_the_constraint_check_is_sane():
     n_train = len(trainer.splits["train"])
     gram = comm.allreduce(modes @ modes.T)
     parallel_assert(len(modes) == n_train and np.allclose(gram, np.eye(n_train), atol=1e-10),
-                    f"{len(modes)} modes, Gram off by {np.abs(gram - np.eye(len(modes))).max():.1e}")
+                    f"{len(modes)} modes, Gram off by "
+                    f"{np.abs(gram - np.eye(len(modes))).max():.1e}")
     T = trainer.dataset.targets[trainer.splits["train"]]
     rest = T - comm.allreduce(T @ modes.T) @ modes
-    parallel_assert(np.sqrt(comm.allreduce((rest ** 2).sum())) < 1e-10 * np.sqrt(comm.allreduce((T ** 2).sum())),
+    parallel_assert(np.sqrt(comm.allreduce((rest ** 2).sum())) < 1e-10
+                    * np.sqrt(comm.allreduce((T ** 2).sum())),
                     "the modes do not span the training solutions")
     rows = {r["label"]: r["rel_l2"] for r in study.pod_check(trainer, 2, 2)}
-    parallel_assert(rows["projection (oracle)"] <= rows["PI-HC"] + 1e-12 and np.isfinite(rows["MoE K=2"]),
+    parallel_assert(rows["projection (oracle)"] <= rows["PI-HC"] + 1e-12
+                    and np.isfinite(rows["MoE K=2"]),
                     f"{rows}")
 
 
@@ -621,7 +642,8 @@ def test_rank_deficient_bases_are_summarised_once_per_fit_and_evaluation(caplog)
     texts = [str(w.message) for w in summaries]
     parallel_assert(len(summaries) == (3 if comm.rank == 0 else 0), f"summaries: {texts}")
     if comm.rank == 0:
-        assert "12 of 12 inputs over 3 train steps; 2 of 2 inputs over 1 val evaluation;" in texts[0]
+        assert ("12 of 12 inputs over 3 train steps; 2 of 2 inputs over 1 val evaluation;"
+                in texts[0])
         assert "MoE K=4 (galerkin, coupled)" in texts[0] and "Worst: numerical rank" in texts[0]
         assert "2 of 2 inputs over 1 test evaluation;" in texts[1]
         assert "2 of 2 inputs over 1 predict evaluation;" in texts[2]

@@ -79,7 +79,8 @@ def test_warm_start_survives_a_moved_basis(kind, mode):
     basis = random_basis(problem, N, batch=2)
     warm(basis, data)
     mix = torch.tensor(np.random.default_rng(3).normal(size=(N, N)) + 2 * np.eye(N))
-    moved = torch.einsum("ij,bjn->bin", mix, basis) + 1e-7 * random_basis(problem, N, batch=2, seed=5)
+    moved = torch.einsum("ij,bjn->bin", mix, basis) + 1e-7 * random_basis(problem, N, batch=2,
+                                                                          seed=5)
     u_warm, u_cold = warm(moved, data), cold(moved, data)
     used, fresh = infos(warm), infos(cold)
     assert all(i.warm for s in used for i in s)
@@ -127,7 +128,8 @@ def test_a_diverging_warm_start_is_repeated_cold(kind, monkeypatch):
     def diverging_when_warm(self, *args, **kwargs):
         out = solve(self, *args, **kwargs)
         if out[-1].warm:
-            raise SolverDivergedError("injected", sample=kwargs.get("sample"), reason="DIVERGED_MAX_IT")
+            raise SolverDivergedError("injected", sample=kwargs.get("sample"),
+                                      reason="DIVERGED_MAX_IT")
         return out
 
     monkeypatch.setattr(cls, "solve", diverging_when_warm)
@@ -151,7 +153,8 @@ def test_a_start_worse_than_cold_is_not_used(kind):
     keys, _ = warm.warm_starts.lookup(data.numpy())
     entry = warm.warm_starts[keys[0]]
     far = lambda u: -30.0 * u
-    warm.warm_starts[keys[0]] = far(entry) if kind == "pihc" else {k: far(u) for k, u in entry.items()}
+    warm.warm_starts[keys[0]] = far(entry) if kind == "pihc" else {k: far(u)
+                                                                   for k, u in entry.items()}
     u = warm(basis, data)
     assert warm.warm_starts.hits == 2
     assert not any(i.warm for i in infos(warm)[0])
@@ -208,7 +211,8 @@ def test_trainer_passes_warm_start_and_training_rtol():
                                                 "training_rtol": 1e-8})).model.constraint
     assert layer.training_rtol == 1e-8 and layer.warm_starts.capacity == 0
     # Jacobians are kept for Galerkin layers only, within model.warm_start_memory MiB per rank.
-    assert Trainer(config(shared_dir(), model={"kind": "pihc"})).model.constraint.jacobians.capacity == 0
+    assert Trainer(config(shared_dir(),
+                          model={"kind": "pihc"})).model.constraint.jacobians.capacity == 0
     layer = Trainer(config(shared_dir(), model={"kind": "moe", "mode": "galerkin",
                                                 "warm_start_memory": 3})).model.constraint
     assert layer.jacobians.memory == 3 * 2 ** 20 and layer.jacobians.capacity is None
@@ -216,7 +220,8 @@ def test_trainer_passes_warm_start_and_training_rtol():
 
 @pytest.mark.parallel([1, 2, 3])
 @pytest.mark.parametrize("kind", ["pihc", "coupled"])
-def test_chord_steps_keep_the_first_jacobian_and_give_newtons_solution_and_gradient(kind, monkeypatch):
+def test_chord_steps_keep_the_first_jacobian_and_give_newtons_solution_and_gradient(kind,
+                                                                                    monkeypatch):
     """Galerkin mode: a warm-started solve keeps the reduced Jacobian of its first iterate while
     each step cuts |G| by chord_contraction (chord steps: one sparse Jacobian assembly where
     Newton takes one per iterate), and gives Newton's solution and, since the backward
@@ -224,16 +229,19 @@ def test_chord_steps_keep_the_first_jacobian_and_give_newtons_solution_and_gradi
     from fem_moe.expert import Expert
     assembled = []
     real = Expert._assemble_jacobian
-    monkeypatch.setattr(Expert, "_assemble_jacobian", lambda self: assembled.append(1) or real(self))
+    monkeypatch.setattr(Expert, "_assemble_jacobian",
+                        lambda self: assembled.append(1) or real(self))
 
     mesh = nonlinear_diffusion(n=8).V.mesh()
 
     def run(contraction):
         # A 5x stronger nonlinearity than the other tests' (the source's scale), so that Newton
         # needs several iterates from the warm start.
-        problem = nonlinear_diffusion(mesh=mesh, solver_parameters={"chord_contraction": contraction})
+        problem = nonlinear_diffusion(mesh=mesh,
+                                      solver_parameters={"chord_contraction": contraction})
         layer = layers(problem, warm_start=True, mode="galerkin",
-                       **({} if kind == "pihc" else {"coupling_parameters": {"chord_contraction": contraction}}))[kind]()
+                       **({} if kind == "pihc"
+                          else {"coupling_parameters": {"chord_contraction": contraction}}))[kind]()
         data, basis = batch(problem, [5.0, 8.0]), random_basis(problem, N, batch=2)
         layer(basis, data)
         moved = (basis + 1e-3 * random_basis(problem, N, batch=2, seed=5)).requires_grad_()
@@ -295,7 +303,8 @@ def test_stored_jacobians_stay_within_their_memory():
     """At most as many samples as warm_start_memory bytes per rank hold (at least one), the
     least recently used dropped; the count agreed over the ranks; only training forwards keep."""
     problem = nonlinear_diffusion(n=6)
-    layer = fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=1)
+    layer = fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True,
+                                   warm_start_memory=1)
     basis = random_basis(problem, N, batch=3).requires_grad_()
     layer(basis, batch(problem, [1.0, 2.0, 3.0])).sum().backward()
     assert layer.jacobians.capacity == 1 and len(layer.jacobians) == 1
@@ -312,7 +321,8 @@ def test_stored_jacobians_stay_within_their_memory():
     assert len(quiet.jacobians) == 0
     for bad in (-1, "lots", float("nan")):
         with pytest.raises(InputError, match="warm_start_memory"):
-            fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True, warm_start_memory=bad)
+            fem_moe.HardConstraint(problem, N, mode="galerkin", warm_start=True,
+                                   warm_start_memory=bad)
 
 
 def test_chord_steps_keep_a_matrix_that_contracts_or_finishes():

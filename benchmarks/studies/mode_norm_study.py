@@ -6,9 +6,10 @@ problem (physics-informed loss, no solutions), then evaluated on held-out inputs
     mpiexec -n 2 python benchmarks/studies/mode_norm_study.py --pde diffusion_sorption --experts 4
 
 Prints a table (relative L2 error against the classical solver, residual, step time) and writes
-``benchmarks/studies/results/mode_norm_<pde>_K<K>_<steps>steps.json``. The demos' configurations: ``reaction_diffusion``
-(the gmsh plate with holes), ``diffusion_sorption`` (the space-time window), ``flow_past_obstacle``
-(steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a window of steps).
+``benchmarks/studies/results/mode_norm_<pde>_K<K>_<steps>steps.json``. The demos' configurations:
+``reaction_diffusion`` (the gmsh plate with holes), ``diffusion_sorption`` (the space-time window),
+``flow_past_obstacle`` (steady Navier-Stokes, Taylor-Hood), ``decaying_turbulence`` (periodic, a
+window of steps).
 """
 import os
 import sys
@@ -25,7 +26,8 @@ parser.add_argument("--experts", type=int, default=4)
 parser.add_argument("--n-basis", type=int, default=16)
 parser.add_argument("--n-train", type=int, default=32)
 parser.add_argument("--n-test", type=int, default=8)
-parser.add_argument("--loss-norm", default="dual", help="the physics loss's norm (train.residual_norm)")
+parser.add_argument("--loss-norm", default="dual",
+                    help="the physics loss's norm (train.residual_norm)")
 parser.add_argument("--no-warm-start", action="store_true",
                     help="solve every training sample cold (model.warm_start = false)")
 parser.add_argument("--only", default=None, help="comma-separated labels to run (default: all)")
@@ -85,10 +87,13 @@ K = args.experts
 models = [("soft", {"kind": "soft"})]
 for kind, label in (("pihc", "PI-HC"), ("moe", f"coupled K={K}")):
     extra = {"n_experts": K, "global_steps": args.global_steps} if kind == "moe" else {}
-    models += [(f"{label} lstsq euclidean", {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
-               (f"{label} lstsq lumped", {"kind": kind, "mode": "lstsq", "norm": "lumped", **extra}),
+    models += [(f"{label} lstsq euclidean",
+                {"kind": kind, "mode": "lstsq", "norm": "euclidean", **extra}),
+               (f"{label} lstsq lumped",
+                {"kind": kind, "mode": "lstsq", "norm": "lumped", **extra}),
                (f"{label} lstsq dual", {"kind": kind, "mode": "lstsq", "norm": "dual", **extra}),
-               *([(f"{label} lstsq dual_blocks", {"kind": kind, "mode": "lstsq", "norm": "dual_blocks",
+               *([(f"{label} lstsq dual_blocks",
+                   {"kind": kind, "mode": "lstsq", "norm": "dual_blocks",
                                                   **extra})] if kind == "moe" else []),
                (f"{label} galerkin", {"kind": kind, "mode": "galerkin", **extra})]
 models = study.select(models, args.only)
@@ -99,19 +104,21 @@ if MPI.COMM_WORLD.rank == 0:
     features = f", {args.fourier_features} Fourier features" if args.fourier_features else ""
     features += ", FNO" if args.backbone == "fno" else ""
     features += " with products" if args.fno_products else ""
-    title = (f"{args.pde}: mode x norm, {args.steps} steps{' on fresh inputs' if args.fresh else ''}{features}, "
-             f"physics loss ({args.loss_norm} norm), "
-             f"{MPI.COMM_WORLD.size} rank(s)")
+    fresh = " on fresh inputs" if args.fresh else ""
+    title = (f"{args.pde}: mode x norm, {args.steps} steps{fresh}{features}, "
+             f"physics loss ({args.loss_norm} norm), {MPI.COMM_WORLD.size} rank(s)")
     study.print_table(rows, title)
     os.makedirs(os.path.join(HERE, "results"), exist_ok=True)
-    name = os.path.join(HERE, "results", f"mode_norm_{args.pde}_K{K}_{args.steps}steps{'_fresh' if args.fresh else ''}"
-                        f"{f'_ff{args.fourier_features}' if args.fourier_features else ''}"
-                        f"{'_fno' if args.backbone == 'fno' else ''}"
-                        f"{'_products' if args.fno_products else ''}"
-                        f"{f'_global{args.global_steps}' if args.global_steps else ''}"
-                        f"{'_' + args.options.replace('=', '').replace(',', '_') if args.options else ''}"
-                        f"{f'_lr{args.lr:g}' if args.lr != 2e-3 else ''}"
-                        f"{f'_ridge{args.ridge_factor:g}' if args.ridge_factor is not None else ''}.json")
+    # The file's name says how this run differs from the defaults.
+    options = args.options.replace("=", "").replace(",", "_") if args.options else ""
+    tags = [f"{args.steps}steps", "fresh" if args.fresh else "",
+            f"ff{args.fourier_features}" if args.fourier_features else "",
+            "fno" if args.backbone == "fno" else "", "products" if args.fno_products else "",
+            f"global{args.global_steps}" if args.global_steps else "", options,
+            f"lr{args.lr:g}" if args.lr != 2e-3 else "",
+            f"ridge{args.ridge_factor:g}" if args.ridge_factor is not None else ""]
+    name = os.path.join(HERE, "results",
+                        f"mode_norm_{args.pde}_K{K}_{'_'.join(t for t in tags if t)}.json")
     # Rows of earlier runs (other --only selections) stay, unless measured again now.
     rows = merged_rows(name, rows, lambda row: row["label"])
     study.write_json(name, rows,

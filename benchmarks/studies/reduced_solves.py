@@ -78,7 +78,8 @@ def summary(rows):
 
 
 def main():
-    parser = benchmark_parser(__doc__, out="reduced_solves.json", results=os.path.join(HERE, "results"))
+    parser = benchmark_parser(__doc__, out="reduced_solves.json",
+                              results=os.path.join(HERE, "results"))
     parser.add_argument("--variant", action="append", default=[],
                         help='PETSc options without prefix, e.g. "snes_tr_t1 0.25" (repeatable)')
     parser.add_argument("--single", help=argparse.SUPPRESS)

@@ -13,8 +13,8 @@ Richardson's estimate of each level's own error from the PDE's solution (the fin
 too, which no finer solve measures: 8192 x 800 cells, 6.6e6 dofs, needs more than this
 machine's 24 GB with MUMPS on one rank).
 
-    python benchmarks/studies/reference_convergence.py                          # 256x25 ... 2048x200
-    mpiexec -n 2 python benchmarks/studies/reference_convergence.py --levels 4   # up to 4096 x 400
+    python benchmarks/studies/reference_convergence.py            # 256x25 ... 2048x200
+    mpiexec -n 2 python benchmarks/studies/reference_convergence.py --levels 4   # to 4096 x 400
 
 Prints a table and writes ``benchmarks/studies/results/reference_convergence.json``.
 """
@@ -27,7 +27,8 @@ from common import benchmark_parser, parse_arguments, provenance  # noqa: E402
 
 parser = benchmark_parser(__doc__)
 parser.add_argument("--nx", type=int, default=256, help="cells in x of the coarsest level")
-parser.add_argument("--nt", type=int, default=25, help="cells in t over [0, T] of the coarsest level")
+parser.add_argument("--nt", type=int, default=25,
+                    help="cells in t over [0, T] of the coarsest level")
 parser.add_argument("--levels", type=int, default=3, help="refinements above the coarsest")
 parser.add_argument("--t-end", type=float, default=500.0)
 parser.add_argument("--grading", type=float, default=1.0,
@@ -101,5 +102,6 @@ if comm.rank == 0:
                        ("seconds", "s per solve", "{:.2f}")])
     os.makedirs(os.path.dirname(args.out), exist_ok=True)
     with open(args.out, "w") as f:
-        json.dump({**provenance(comm.size), "ranks": comm.size, "t_end": args.t_end, "grading": args.grading,
+        json.dump({**provenance(comm.size), "ranks": comm.size, "t_end": args.t_end,
+                   "grading": args.grading,
                    "params": params.tolist(), "rows": rows}, f, indent=1)

@@ -1,26 +1,26 @@
 """How far are trained models from the PDE? Their test errors against a refined classical reference.
 
-The demos measure each model against the classical solution of the *same* discrete problem
-(what a hard constraint solves). This script measures the trained models of a diffusion-sorption
-run against the classical solution on its space-time mesh refined ``--refine`` times (each
-refinement halves the cells in x and in t), with its time levels graded towards t = 0
-(``--grading``, the PDE's option; 1: uniform, and the meshes are nested) — the error a user of
-the prediction sees against the PDE. The reference integrates the residual at UFL's estimated
-degree even where the run chose another (diffusion_sorption's ``quadrature_degree``). A model's P1 field moves to the reference's mesh by
+The demos measure each model against the classical solution of the *same* discrete problem (what a
+hard constraint solves). This script measures the trained models of a diffusion-sorption run against
+the classical solution on its space-time mesh refined ``--refine`` times (each refinement halves the
+cells in x and in t), with its time levels graded towards t = 0 (``--grading``, the PDE's option; 1:
+uniform, and the meshes are nested) — the error a user of the prediction sees against the PDE. The
+reference integrates the residual at UFL's estimated degree even where the run chose another
+(diffusion_sorption's ``quadrature_degree``). A model's P1 field moves to the reference's mesh by
 interpolation (exact on nested meshes). ``benchmarks/studies/reference_convergence.py`` (same
 ``--grading``) says how far that reference is from the PDE.
 
-    mpiexec -n 2 python benchmarks/studies/reference_error.py demos/results/diffusion_sorption_paper \\
-        --refine 1 --grading 3
+    mpiexec -n 2 python benchmarks/studies/reference_error.py \\
+        results/diffusion_sorption_paper --refine 1 --grading 3
 
-Every subdirectory of the run holding a ``checkpoint.pt`` is a trained model (``--models``:
-some of them); the run's ``data.h5`` holds the test inputs. Any number of ranks. Prints a
-table and writes ``benchmarks/studies/results/reference_error_<run>.json``: per model the relative L2 error against the
-refined reference and against the same-mesh classical solution, mean, standard deviation and
-max over the test inputs, and the distance of the same-mesh classical solution itself to the
-refined one. Errors are L2 norms over the space-time domain (``firedrake.errornorm``) of the
-physical field, initial and inflow values included — not the demos' norm of dof vectors, which
-on these uniform meshes is close to it.
+Every subdirectory of the run holding a ``checkpoint.pt`` is a trained model (``--models``: some of
+them); the run's ``data.h5`` holds the test inputs. Any number of ranks. Prints a table and writes
+``benchmarks/studies/results/reference_error_<run>.json``: per model the relative L2 error against
+the refined reference and against the same-mesh classical solution, mean, standard deviation and max
+over the test inputs, and the distance of the same-mesh classical solution itself to the refined
+one. Errors are L2 norms over the space-time domain (``firedrake.errornorm``) of the physical field,
+initial and inflow values included — not the demos' norm of dof vectors, which on these uniform
+meshes is close to it.
 """
 import json
 import os
@@ -31,11 +31,16 @@ from common import benchmark_parser, parse_arguments, provenance  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 parser = benchmark_parser(__doc__)
-parser.add_argument("run", help="a diffusion-sorption run's output directory (data.h5, <model>/checkpoint.pt)")
-parser.add_argument("--refine", type=int, default=1, help="refinements of the run's mesh (each halves h and dt)")
+parser.add_argument("run",
+                    help="a diffusion-sorption run's output directory (data.h5, "
+                         "<model>/checkpoint.pt)")
+parser.add_argument("--refine", type=int, default=1,
+                    help="refinements of the run's mesh (each halves h and dt)")
 parser.add_argument("--grading", type=float, default=3.0,
-                    help="the reference mesh's time grading (diffusion_sorption's option; 1: uniform)")
-parser.add_argument("--models", default=None, help="comma-separated subdirectories (default: every trained one)")
+                    help="the reference mesh's time grading (diffusion_sorption's option; "
+                         "1: uniform)")
+parser.add_argument("--models", default=None,
+                    help="comma-separated subdirectories (default: every trained one)")
 parser.add_argument("--split", default="test")
 parser.add_argument("--out", default=None)
 args = parse_arguments(parser)   # before Firedrake is imported: the rest are PETSc's options
@@ -128,17 +133,20 @@ for name, trainer in zip(names, trainers):
 if comm.rank == 0:
     table = [{"model": r["model"], "refined": r["to_refined"]["mean"],
               "refined_std": r["to_refined"]["std"], "refined_max": r["to_refined"]["max"],
-              "same": r["to_same_mesh"]["mean"] if r["to_same_mesh"] else float("nan")} for r in rows]
+              "same": r["to_same_mesh"]["mean"] if r["to_same_mesh"] else float("nan")}
+             for r in rows]
     print(f"\n{run}: {args.split} inputs against the classical solution on "
           f"{fine_pde.opts['nx']} x {fine_pde.opts['nt']} cells, time grading {args.grading:g} "
           f"({V_fine.dim()} dofs, "
           f"{np.mean(seconds):.1f} s per solve)")
-    print_table(table, [("model", "model", "{}"), ("refined", "rel. L2 to refined (mean)", "{:.3e}"),
+    print_table(table,
+                [("model", "model", "{}"), ("refined", "rel. L2 to refined (mean)", "{:.3e}"),
                         ("refined_std", "std", "{:.2e}"), ("refined_max", "max", "{:.3e}"),
                         ("same", "rel. L2 to the run's classical (mean)", "{:.3e}")])
     out = args.out or os.path.join(HERE, "results", f"reference_error_{os.path.basename(run)}.json")
     with open(out, "w") as f:
-        json.dump({**provenance(comm.size), "ranks": comm.size, "refine": args.refine, "grading": args.grading,
+        json.dump({**provenance(comm.size), "ranks": comm.size, "refine": args.refine,
+                   "grading": args.grading,
                    "reference_cells": [fine_pde.opts["nx"], fine_pde.opts["nt"]],
                    "reference_dofs": V_fine.dim(), "reference_seconds": float(np.mean(seconds)),
                    "split": args.split, "rows": rows}, f, indent=1)

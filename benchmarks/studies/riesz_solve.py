@@ -1,7 +1,8 @@
 """The dual norm's Riesz solve: which direct solver, at which size (fem_moe.norms' defaults).
 
-    mpiexec -n P python benchmarks/studies/riesz_solve.py [--pdes decaying_turbulence diffusion_sorption]
-        [--squares 128 320] [--columns 16] [--repeats 5] [--out benchmarks/studies/results/riesz_solve.json]
+    mpiexec -n P python benchmarks/studies/riesz_solve.py
+        [--pdes decaying_turbulence diffusion_sorption] [--squares 128 320] [--columns 16]
+        [--repeats 5] [--out benchmarks/studies/results/riesz_solve.json]
 
 For each PDE's space at its paper size (turbulence: the 10-step window, 6060 rows;
 diffusion-sorption: 1024 x 100 space-time cells, 103,525 rows) the H1 Gram matrix is factored
@@ -84,7 +85,8 @@ def measure(pde_name, solver, args):
     for obj in (ksp, B, X, x, y, G):
         obj.destroy()
     return dict(pde=pde_name, rows=size, ranks=comm.size,
-                solver=solver if solver == "mumps" else ("petsc" if comm.size == 1 else "redundant petsc"),
+                solver=solver if solver == "mumps"
+                else ("petsc" if comm.size == 1 else "redundant petsc"),
                 factor_ms=1e3 * factor, solve_ms=1e3 * one, block_ms=1e3 * block,
                 columns_ms=1e3 * one * args.columns, columns=args.columns)
 
@@ -111,7 +113,8 @@ def measure_split(pde_name, G, comm, args):
 
 
 def main():
-    parser = benchmark_parser(__doc__, out="riesz_solve.json", results=os.path.join(HERE, "results"))
+    parser = benchmark_parser(__doc__, out="riesz_solve.json",
+                              results=os.path.join(HERE, "results"))
     parser.add_argument("--pdes", nargs="*", default=list(OPTIONS), choices=list(OPTIONS))
     parser.add_argument("--squares", type=int, nargs="*", default=[],
                         help="also P1 on n x n unit squares (the names square<n>)")

@@ -1,7 +1,8 @@
 """What the training options do to accuracy: warm starts, the training tolerance, fresh inputs.
 
     python benchmarks/studies/training_options.py [--kinds pihc moe] [--steps 300] [--seeds 0 1 2]
-        [--variants cold warm cold_rtol1e-8 warm_rtol1e-8 fresh] [--out benchmarks/studies/results/training_options.json]
+        [--variants cold warm cold_rtol1e-8 warm_rtol1e-8 fresh]
+        [--out benchmarks/studies/results/training_options.json]
 
 Diffusion-sorption as the demo sets it up (32 x 16 space-time cells, 32 training inputs, 16 test
 inputs, DeepONet, N = 16, K = 4, physics loss, batch 4, lr 2e-3, cosine schedule); each variant
@@ -39,7 +40,8 @@ VARIANTS = {
 
 
 def main():
-    parser = benchmark_parser(__doc__, out="training_options.json", results=os.path.join(HERE, "results"))
+    parser = benchmark_parser(__doc__, out="training_options.json",
+                              results=os.path.join(HERE, "results"))
     parser.add_argument("--kinds", nargs="+", default=["pihc", "moe"])
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
@@ -68,7 +70,8 @@ def main():
             for seed in args.seeds:
                 cfg = json.loads(json.dumps(base))
                 cfg["model"].update(kind=kind, **model)
-                cfg["train"].update(seed=seed, out=os.path.join(work, f"{kind}_{variant}_{seed}"), **train)
+                cfg["train"].update(seed=seed, out=os.path.join(work, f"{kind}_{variant}_{seed}"),
+                                    **train)
                 t0 = time.perf_counter()
                 trainer = Trainer(cfg, comm)
                 trainer.fit()
@@ -79,7 +82,8 @@ def main():
                              "seconds": time.perf_counter() - t0})
                 if comm.rank == 0:
                     print(f"{kind} {variant} seed {seed}: rel. L2 {ev['rel_l2']:.4f}, "
-                          f"{rows[-1]['skipped']} steps skipped, {rows[-1]['seconds']:.0f} s", flush=True)
+                          f"{rows[-1]['skipped']} steps skipped, {rows[-1]['seconds']:.0f} s",
+                          flush=True)
     if comm.rank == 0:
         # Rows of earlier runs in --out stay, unless this run measured the same kind, variant
         # and seed.

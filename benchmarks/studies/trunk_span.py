@@ -65,7 +65,8 @@ def main():
                   "data": {"path": os.path.abspath(args.data), "n_train": args.n_train, "n_val": 0,
                            "n_test": args.n_test, "seed": info["seed"]},
                   "model": {"kind": "soft", "width": args.width, "depth": args.depth,
-                            "latent": args.latent, "fourier_features": m, "fourier_scale": args.scale},
+                            "latent": args.latent, "fourier_features": m,
+                            "fourier_scale": args.scale},
                   "train": {"out": os.path.join("/tmp", "trunk_span"), "progress": False,
                             "resume": False, "batch_size": 1}}
         trainer = Trainer(config)       # the demos' trunk, scaled to the mesh, seeded as they are
@@ -98,12 +99,15 @@ def main():
                 part = left[:, where].norm(dim=1) / test[:, where].norm(dim=1)
                 row[f"test_component_{c}"] = float(part.mean())
         rows.append(row)
-    columns = [("fourier_features", "Fourier features", "{}"), ("train", "train proj. err.", "{:.3e}"),
+    columns = [("fourier_features", "Fourier features", "{}"),
+               ("train", "train proj. err.", "{:.3e}"),
                ("test", "test proj. err.", "{:.3e}")] + [
-        (k, k.replace("test_component_", "test, component "), "{:.3e}") for k in rows[0] if k.startswith("test_component_")] + [
+        (k, k.replace("test_component_", "test, component "), "{:.3e}") for k in rows[0]
+                                                         if k.startswith("test_component_")] + [
         ("seconds", "s", "{:.0f}")]
     print_table(rows, columns, f"{info['name']}: the trunk's span fitted to the training solutions "
-                f"({args.width} x {args.depth}, latent {args.latent}, scale {args.scale}, {args.steps} steps)")
+                f"({args.width} x {args.depth}, latent {args.latent}, scale {args.scale}, "
+                f"{args.steps} steps)")
     write_json(args.out or os.path.join(HERE, "results", f"trunk_span_{info['name']}.json"),
                "trunk_span", rows)
 

@@ -33,15 +33,15 @@ class DeepONetBasis(nn.Module):
     not periodic) it sees (cos 2 pi x / P, sin 2 pi x / P) instead, so that every basis field is
     periodic and the two copies of a seam point are one point to it.
 
-    ``fourier_features`` = m > 0 adds random Fourier features (Tancik et al., 2020): the trunk
-    also sees cos(2 pi x.b_j) and sin(2 pi x.b_j) for m frequency vectors b_j drawn once from
-    N(0, s^2), s = ``fourier_scale``, per scaled coordinate (whole numbers of cycles per period along a
-    periodic one, so periodicity is kept). A plain MLP on coordinates learns the smooth part of
-    a field first and its boundary layers and wakes last (spectral bias); with the features its
-    fields resolve them: the span of the trunk fitted to the channel's solutions leaves 11 % of
-    them with a plain trunk, 2 % with 32 features at scale 3 (README, *Flow past a cylinder*).
-    The frequencies are a buffer (saved with the weights; drawn from torch's generator, so the
-    trainer's seed fixes them).
+    ``fourier_features`` = m > 0 adds random Fourier features (Tancik et al., 2020): the trunk also
+    sees cos(2 pi x.b_j) and sin(2 pi x.b_j) for m frequency vectors b_j drawn once from N(0, s^2),
+    s = ``fourier_scale``, per scaled coordinate (whole numbers of cycles per period along a
+    periodic one, so periodicity is kept). A plain MLP on coordinates learns the smooth part of a
+    field first and its boundary layers and wakes last (spectral bias); with the features its fields
+    resolve them: the span of the trunk fitted to the channel's solutions leaves 11 % of them with a
+    plain trunk, 2 % with 32 features at scale 3 (``benchmarks/studies/trunk_span.py``). The
+    frequencies are a buffer (saved with the weights; drawn from torch's generator, so the trainer's
+    seed fixes them).
     """
 
     def __init__(self, n_inputs, n_basis, dim, n_components=1, latent=64, width=64, depth=3,
@@ -54,7 +54,8 @@ class DeepONetBasis(nn.Module):
             raise ValueError(f"fourier_features must be >= 0 and fourier_scale > 0, got "
                              f"{fourier_features} and {fourier_scale}")
         self.branch = MLP(n_inputs, n_basis * latent, width, depth)
-        n_trunk = dim + n_periodic + (n_components if n_components > 1 else 0) + 2 * fourier_features
+        component_inputs = n_components if n_components > 1 else 0
+        n_trunk = dim + n_periodic + component_inputs + 2 * fourier_features
         self.trunk = MLP(n_trunk, latent, width, depth)
         self.register_buffer("shift", torch.as_tensor(shift, dtype=torch.get_default_dtype()))
         self.register_buffer("scale", torch.as_tensor(scale, dtype=torch.get_default_dtype()))
@@ -80,7 +81,8 @@ class DeepONetBasis(nn.Module):
         features = []
         if self.frequencies is not None:
             # Along a periodic axis the coordinate in periods, so whole frequencies stay periodic.
-            u = torch.where(periodic, points.to(x.dtype) / torch.where(periodic, self.periods, 1), x)
+            in_periods = points.to(x.dtype) / torch.where(periodic, self.periods, 1)
+            u = torch.where(periodic, in_periods, x)
             phase = 2 * torch.pi * u @ self.frequencies
             features = [torch.cos(phase), torch.sin(phase)]
         if periodic.any():
@@ -89,7 +91,8 @@ class DeepONetBasis(nn.Module):
         if self.n_components > 1:
             if components is None:
                 raise ValueError("a vector-valued DeepONetBasis needs the components of the points")
-            x = torch.cat([x, nn.functional.one_hot(components.long(), self.n_components).to(x.dtype)], -1)
+            which = nn.functional.one_hot(components.long(), self.n_components).to(x.dtype)
+            x = torch.cat([x, which], -1)
         if features:
             x = torch.cat([x] + features, -1)
         return self.trunk(x)

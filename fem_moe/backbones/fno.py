@@ -63,7 +63,8 @@ class FNO(nn.Module):
     squares that the training must learn to cancel.
     """
 
-    def __init__(self, in_channels, out_channels, modes=(12, 12), width=32, layers=4, products=False):
+    def __init__(self, in_channels, out_channels, modes=(12, 12), width=32, layers=4,
+                 products=False):
         super().__init__()
         d = len(modes)
         conv = {1: nn.Conv1d, 2: nn.Conv2d, 3: nn.Conv3d}[d]
@@ -71,8 +72,10 @@ class FNO(nn.Module):
         self.spectral = nn.ModuleList(SpectralConv(width, width, modes) for _ in range(layers))
         self.pointwise = nn.ModuleList(conv(width, width, 1) for _ in range(layers))
         # One 1x1 conv gives both factors (A y, B y) of a layer's product.
-        self.products = nn.ModuleList(conv(width, 2 * width, 1) for _ in range(layers)) if products else None
-        self.project = nn.Sequential(conv(width, 2 * width, 1), nn.GELU(), conv(2 * width, out_channels, 1))
+        self.products = nn.ModuleList(conv(width, 2 * width, 1)
+                                      for _ in range(layers)) if products else None
+        self.project = nn.Sequential(conv(width, 2 * width, 1), nn.GELU(),
+                                     conv(2 * width, out_channels, 1))
 
     def forward(self, x):
         x = self.lift(x)
@@ -132,7 +135,8 @@ class GridToPoints(nn.Module):
         else:
             lower, upper = self.lower, self.upper
         # grid_sample's x is the last grid axis: reverse the coordinate order.
-        unit = 2 * (points.to(values.dtype) - lower.to(values.dtype)) / (upper - lower).to(values.dtype) - 1
+        extent = (upper - lower).to(values.dtype)
+        unit = 2 * (points.to(values.dtype) - lower.to(values.dtype)) / extent - 1
         where = unit.flip(-1).reshape(1, -1, *([1] * (len(values.shape) - 3)), unit.shape[-1])
         where = where.expand(values.shape[0], *where.shape[1:])
         out = nn.functional.grid_sample(values, where, mode="bilinear", align_corners=True)
@@ -211,12 +215,12 @@ class ParametricFNOBasis(nn.Module):
                 coords += [torch.cos(2 * torch.pi * along), torch.sin(2 * torch.pi * along)]
             else:
                 coords.append(along)
-        self.register_buffer("coords", torch.stack(coords))                     # [channels, grid, ..]
+        self.register_buffer("coords", torch.stack(coords))     # [channels, grid, ..]
         if input_fields is not None:
             input_fields = torch.as_tensor(input_fields, dtype=torch.get_default_dtype())
             if tuple(input_fields.shape[2:]) != (grid,) * d or input_fields.shape[0] != n_inputs:
-                raise ValueError(f"input_fields of shape {tuple(input_fields.shape)} for {n_inputs} "
-                                 f"inputs on a grid of {grid} nodes per axis in {d}D")
+                raise ValueError(f"input_fields of shape {tuple(input_fields.shape)} for "
+                                 f"{n_inputs} inputs on a grid of {grid} nodes per axis in {d}D")
             # Not saved: it comes from the PDE, as the mesh's periods.
             self.register_buffer("input_fields", input_fields, persistent=False)
             channels = input_fields.shape[1]
@@ -239,9 +243,11 @@ class ParametricFNOBasis(nn.Module):
         ``input_fields``' grid axes: where to evaluate the input fields."""
         lower = torch.as_tensor(lower, dtype=torch.float64).reshape(-1)
         upper = torch.as_tensor(upper, dtype=torch.float64).reshape(-1)
-        periods = torch.zeros_like(lower) if periods is None else torch.as_tensor(periods, dtype=torch.float64)
+        periods = (torch.zeros_like(lower) if periods is None
+                   else torch.as_tensor(periods, dtype=torch.float64))
         extent = torch.where(periods > 0, periods, upper - lower)
-        axes = [lo + a.double() * e for lo, a, e in zip(lower, cls.grid_axes(grid, periods), extent)]
+        axes = [lo + a.double() * e
+                for lo, a, e in zip(lower, cls.grid_axes(grid, periods), extent)]
         return torch.stack([x.flatten() for x in torch.meshgrid(*axes, indexing="ij")], -1)
 
     def forward(self, inputs, points, components=None):

@@ -149,5 +149,6 @@ class UniformAmplitudes:
 def sine_modes(space, modes):
     """sin(pi a x) sin(pi b y) on ``space`` for each (a, b) in ``modes``: node values, a list."""
     x = fd.SpatialCoordinate(space.mesh())
-    return [fd.Function(space).interpolate(fd.sin(np.pi * a * x[0]) * fd.sin(np.pi * b * x[1])).dat.data_ro
+    return [fd.Function(space).interpolate(fd.sin(np.pi * a * x[0])
+                                           * fd.sin(np.pi * b * x[1])).dat.data_ro
             for a, b in modes]

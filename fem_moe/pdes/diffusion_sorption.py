@@ -34,13 +34,14 @@ class DiffusionSorption(PDE):
     resolve wherever an output crosses 0; 1e-3 keeps it at 1e6.
 
     **Graded time levels** (``grading`` = g > 1): the mesh's time coordinate is tau_end (s /
-    s_end)^g of the uniform one s, so the levels crowd towards t = 0. The inflow value 1 meets
-    the initial u0 < 0.2 at (0, 0), and the front it starts moves like sqrt(t): u_t grows like
-    t^(-1/2) there, and on uniform meshes the discrete solution converges to the PDE's at order
-    0.74 only (``benchmarks/studies/reference_convergence.py``); graded levels resolve the start, which
-    is what a reference for the PDE's solution needs. The demo trains on uniform meshes by
-    default (g = 1); on g = 3 with the erfc lifting below, its coupled mixture is 0.72 % from the
-    PDE at PDEBench's size (README).
+    s_end)^g of the uniform one s, so the levels crowd towards t = 0. The inflow value 1 meets the
+    initial u0 < 0.2 at (0, 0), and the front it starts moves like sqrt(t): u_t grows like t^(-1/2)
+    there, and on uniform meshes the discrete solution converges to the PDE's at order 0.74 only
+    (``benchmarks/studies/reference_convergence.py``); graded levels resolve the start, which is
+    what a reference for the PDE's solution needs. The demo trains on uniform meshes by default (g =
+    1); on g = 3 with the erfc lifting below, its coupled mixture is 0.72 % from the PDE at
+    PDEBench's size
+    (``benchmarks/studies/results/reference_error_diffusion_sorption_paper_*.json``).
 
     **The lifting** (``lifting``): "constant" (the default) is 1 at x = 0 and u0 elsewhere, so
     the network's fields carry the whole start, a front of width ~sqrt(D t / R) at time t,
@@ -50,13 +51,13 @@ class DiffusionSorption(PDE):
     Dirichlet values, so the discrete problem and its solution are unchanged; the fields are left
     the nonlinear correction to a front they no longer have to make.
 
-    **Quadrature** (``quadrature_degree``): by default UFL's estimate for the power, which for
-    the non-polynomial retardation is the degree of the polynomial parts + 2 (5 for P1): 7 points
-    per triangle, each evaluating R(u) (a power) and, in the Jacobian, R'(u). That arithmetic,
-    not the sparse insertion, is most of an assembly at PDEBench's size (1 rank, 1024 x 100:
-    residual 33 ms, Jacobian 93 ms at degree 5; 16 and 47 ms at degree 2, which integrates the
-    linear terms of P1 exactly; both with R written as a power, see :meth:`retardation`). A
-    degree changes the discrete problem by as little as it changes its solution (README: the
+    **Quadrature** (``quadrature_degree``): by default UFL's estimate for the power, which for the
+    non-polynomial retardation is the degree of the polynomial parts + 2 (5 for P1): 7 points per
+    triangle, each evaluating R(u) (a power) and, in the Jacobian, R'(u). That arithmetic, not the
+    sparse insertion, is most of an assembly at PDEBench's size (1 rank, 1024 x 100: residual 33 ms,
+    Jacobian 93 ms at degree 5; 16 and 47 ms at degree 2, which integrates the linear terms of P1
+    exactly; both with R written as a power, see :meth:`retardation`). A degree changes the discrete
+    problem by as little as it changes its solution (``benchmarks/studies/reference_error.py``: the
     classical solutions at degrees 2 and 5, each against the same converged reference).
 
     Options: ``nx``, ``nt`` (cells in x and in t), ``t_end`` (T, default 500), ``eps``,
@@ -77,7 +78,8 @@ class DiffusionSorption(PDE):
         super().__init__(**options)
         o = self.opts
         if o["lifting"] not in self.liftings:
-            raise InputError(f"diffusion_sorption: lifting must be one of {self.liftings}, got {o['lifting']!r}")
+            raise InputError(f"diffusion_sorption: lifting must be one of {self.liftings}, got "
+                             f"{o['lifting']!r}")
         if not o["grading"] > 0:
             raise InputError(f"diffusion_sorption: grading must be > 0, got {o['grading']}")
         q = o["quadrature_degree"]

@@ -7,8 +7,8 @@ from ..errors import InputError
 from ..problem import ConstrainedProblem
 from .base import PDE, UniformAmplitudes, sine_modes
 
-MESH_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))),
-                        "meshes")
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+MESH_DIR = os.path.join(REPO, "meshes")
 
 
 def find_mesh(name):

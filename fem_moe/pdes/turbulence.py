@@ -38,7 +38,7 @@ class DecayingTurbulence(PDE):
     physics loss weighs: unscaled, the Poisson rows weigh a vorticity error dt times less than
     the vorticity rows, and training found the cheap way out — leave w at w_0 and bend psi
     until u is tangent to w_0's level sets (u . grad w_0 = 0, a steady state of the vorticity
-    rows), breaking the Poisson rows instead; measured at T = 1 (``README``: the residual
+    rows), breaking the Poisson rows instead; measured at T = 1 in training (the residual
     halved while the vorticity hardly moved and psi's error rose above persistence's).
 
     **Initial vorticity.** w_0 = sum_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) / ‖k‖^2 over the
@@ -163,7 +163,8 @@ class DecayingTurbulence(PDE):
 
     def initial_vorticity(self, mesh, params):
         """w_0 for one parameter vector, a P1 Function on ``mesh``."""
-        return self.mode_sum(fd.FunctionSpace(mesh, "CG", 1), params, "fourier", self._fourier_modes,
+        return self.mode_sum(fd.FunctionSpace(mesh, "CG", 1), params, "fourier",
+                             self._fourier_modes,
                              name="initial vorticity")
 
     def data(self, problem, params):
@@ -172,7 +173,8 @@ class DecayingTurbulence(PDE):
         V = w0.function_space()
         psi0 = fd.Function(V)
         p, q = fd.TrialFunction(V), fd.TestFunction(V)
-        fd.solve((fd.inner(fd.grad(p), fd.grad(q)) + self.opts["gauge"] * p * q) * fd.dx == w0 * q * fd.dx,
+        a = (fd.inner(fd.grad(p), fd.grad(q)) + self.opts["gauge"] * p * q) * fd.dx
+        fd.solve(a == w0 * q * fd.dx,
                  psi0, solver_parameters={"ksp_type": "preonly", "pc_type": "lu",
                                           "pc_factor_mat_solver_type": "mumps"})
         ell = fd.Function(W)

@@ -65,10 +65,11 @@ def test_turbulence_data_is_a_periodic_zero_mean_vorticity_and_its_streamfunctio
         assert vec.norm() < 1e-10 * size, "the streamfunction lifting does not solve its equation"
 
 
-def test_turbulence_input_fields_are_the_initial_vorticity():
+@pytest.mark.parametrize("initial", ["fourier", "grf"])
+def test_turbulence_input_fields_are_the_initial_vorticity(initial):
     """What an operator backbone sees: the inputs times ``input_fields`` at any points is the
     initial vorticity over the amplitude (checked at the mesh's vertices, and across the seam)."""
-    pde = pdes.get("decaying_turbulence")
+    pde = pdes.get("decaying_turbulence", initial=initial)
     mesh = pde.mesh(MPI.COMM_SELF)
     params = pde.sample(np.random.default_rng(2), 2)
     V = fd.FunctionSpace(mesh, "CG", 1)
@@ -278,3 +279,55 @@ def test_diffusion_sorption_quadrature_degree_is_the_residuals_and_a_consistent_
     with pytest.raises(InputError, match="quadrature_degree must be a positive integer"):
         pde = pdes.get("diffusion_sorption", nx=4, nt=4, quadrature_degree=0)
         pde.problem(pde.mesh(comm))
+
+
+@pytest.mark.parallel([1, 2])
+def test_turbulence_crank_nicolson_is_second_order_in_time():
+    """With theta = 1/2 the trajectory's error at T halves twice as fast in dt as backward
+    Euler's (against 4-8 times finer steps of the same scheme), and the window's residual of the
+    theta = 1/2 trajectory vanishes (the constraint enforces the same scheme)."""
+    mesh = pdes.get("decaying_turbulence").mesh(MPI.COMM_WORLD)    # one layout for every run
+
+    def final_vorticity(theta, steps):
+        pde = pdes.get("decaying_turbulence", steps=steps, t_end=0.5, theta=theta)
+        problem = pde.problem(mesh)
+        data = pde.data(problem, pde.sample(np.random.default_rng(4), 1)[0])
+        u, _, _ = pde.classical_solve(problem, data)
+        if steps == 8 and theta == 0.5:
+            residual = _residual_norm(problem, u, data)
+            start = _residual_norm(problem, fd.Function(problem.V), data)
+            parallel_assert(residual < 1e-9 * start, f"window residual {residual:.2e}")
+        w = u.subfunctions[0].dat.data_ro[:, -1] + data[0].subfunctions[0].dat.data_ro[:, -1]
+        return w.copy()
+
+    orders = {}
+    for theta in (0.5, 1.0):
+        fine = final_vorticity(theta, 64)
+        errors = [np.sqrt(MPI.COMM_WORLD.allreduce(((final_vorticity(theta, n) - fine) ** 2).sum()))
+                  for n in (8, 16)]
+        orders[theta] = np.log2(errors[0] / errors[1])
+    parallel_assert(orders[0.5] > 1.7 and orders[1.0] < 1.3, f"observed orders {orders}")
+    with pytest.raises(InputError, match="theta must lie in"):
+        pdes.get("decaying_turbulence", theta=0.3)
+
+
+@pytest.mark.parallel([1, 2])
+def test_turbulence_gaussian_random_field_has_the_covariance_it_states():
+    """initial = "grf": one unit input (a_k = 1) gives s_k cos 2 pi k.x, whose mean square over
+    the torus is the covariance's eigenvalue sigma^2 (4 pi^2 ‖k‖^2 + tau^2)^(-alpha) -- the
+    Karhunen-Loeve expansion's normalisation -- with sigma = tau^(alpha - 1)."""
+    pde = pdes.get("decaying_turbulence", initial="grf", amplitude=1.0, modes=3, refine=2)
+    mesh = pde.mesh(MPI.COMM_WORLD)
+    alpha, tau = 2.5, 7.0
+    for j in (0, 5, len(pde.wavevectors) + 7):        # cos and sin modes of a few wavevectors
+        params = np.zeros(pde.n_params)
+        params[j] = 1.0
+        w0 = pde.initial_vorticity(mesh, params)
+        kx, ky = pde.wavevectors[j % len(pde.wavevectors)]
+        k2 = kx ** 2 + ky ** 2
+        eigenvalue = tau ** (2 * alpha - 2) * (4 * np.pi ** 2 * k2 + tau ** 2) ** -alpha
+        parallel_assert(abs(fd.assemble(w0 * w0 * fd.dx) / eigenvalue - 1) < 1e-2,
+                        f"mode {j}: mean square {fd.assemble(w0 * w0 * fd.dx):.4e}, "
+                        f"eigenvalue {eigenvalue:.4e}")
+    with pytest.raises(InputError, match="initial must be one of"):
+        pdes.get("decaying_turbulence", initial="uniform")

@@ -5,6 +5,7 @@ import time
 import numpy as np
 import firedrake as fd
 
+from ..errors import InputError
 from ..problem import ConstrainedProblem, mesh_of
 from .base import PDE, CLASSICAL_SOLVER_PARAMETERS
 from .reaction_diffusion import find_mesh
@@ -18,14 +19,17 @@ class DecayingTurbulence(PDE):
 
     with nu = 1 / Re (Re = 1e4 by default: unit length and a velocity of order one).
 
-    **Window of implicit steps.** The horizon [0, T] (T = 5 by default) is cut into ``steps``
-    backward-Euler steps of dt = T / steps, and the constrained unknown is the whole trajectory:
+    **Window of implicit steps.** The horizon [0, T] (T = 5 by default) is cut into ``steps`` steps
+    of dt = T / steps of the theta method, and the constrained unknown is the whole trajectory:
     (w_1, ..., w_n, psi_1, ..., psi_n), two vector-valued P1 fields with one component per time
-    level (a mixed space of 2 n components). The residual is the sum of the n steps' Galerkin
-    forms, so a hard constraint makes the output satisfy every step at once, as the paper
-    constrains its whole space-time grid. Backward Euler damps what the mesh cannot resolve: at
-    Re = 1e4 the physical viscosity is far below the mesh's (h = 1/16) resolution, and the
-    discrete dynamics are those of the large scales with the scheme's own dissipation.
+    level (a mixed space of 2 n components). The residual is the sum of the n steps' Galerkin forms,
+    so a hard constraint makes the output satisfy every step at once, as the paper constrains its
+    whole space-time grid. ``theta`` = 1 (the default) is backward Euler: first order, and it damps
+    what the mesh cannot resolve — at Re = 1e4 the physical viscosity is far below the mesh's (h =
+    1/16) resolution, and the discrete dynamics are those of the large scales with the scheme's own
+    dissipation. ``theta`` = 1/2 is Crank-Nicolson: the advection and diffusion terms are the mean
+    of the two levels', second order in time, and no dissipation of its own; the streamfunction
+    solves -lap psi = w at every level.
 
     **Gauge.** On a periodic domain psi is defined up to a constant; the residual uses
     -lap psi + gauge psi = w with ``gauge`` = 1e-2, which fixes psi's mean to that of w (zero: the
@@ -41,20 +45,40 @@ class DecayingTurbulence(PDE):
     rows), breaking the Poisson rows instead; measured at T = 1 in training (the residual
     halved while the vorticity hardly moved and psi's error rose above persistence's).
 
-    **Initial vorticity.** w_0 = sum_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) / ‖k‖^2 over the
+    **Initial vorticity.** w_0 = sum_k s_k (a_k cos 2 pi k.x + b_k sin 2 pi k.x) over the
     wavevectors k of the half plane with max(‖k_x‖, ‖k_y‖) <= ``modes`` (12 of them for modes =
-    2), a_k, b_k ~ N(0, amplitude^2): a smooth random field of zero mean, energy decaying with
-    the wavenumber. The backbone sees (a, b) / amplitude. The lifting is w_0 held constant in
-    time, with its streamfunction: the constrained unknown is the change from it.
+    2), a_k, b_k ~ N(0, amplitude^2): a random field of zero mean whose spectrum s_k is
+    ``initial``'s. "fourier" (the default): s_k = 1 / ‖k‖^2, a smooth field. "grf": the truncated
+    Karhunen-Loeve expansion of the Gaussian random field N(0, sigma^2 (-lap + tau^2)^(-alpha))
+    on the unit torus, s_k = sqrt(2) sigma (4 pi^2 ‖k‖^2 + tau^2)^(-alpha / 2), with the
+    neural-operator literature's Navier-Stokes inputs (Li et al.'s FNO data generator: alpha =
+    2.5, tau = 7, sigma = tau^((2 alpha - 2) / 2)) as defaults; with ``amplitude`` = 1 it is that
+    field (its mean mode removed), truncated to the modes a mesh of h = 1 / (8 ``modes``) still
+    resolves. The backbone sees (a, b) / amplitude. The lifting is w_0 held constant in time,
+    with its streamfunction: the constrained unknown is the change from it.
 
     Options: ``mesh`` (default "periodic_square", a gmsh mesh periodic in x and y), ``refine``,
-    ``re``, ``t_end``, ``steps``, ``modes``, ``amplitude`` (default 2: velocities up to about
-    0.5), ``gauge``, ``stream_weight``.
+    ``re``, ``t_end``, ``steps``, ``theta`` (1: backward Euler, 1/2: Crank-Nicolson), ``modes``,
+    ``amplitude`` (default 2: velocities up to about 0.5 with the "fourier" spectrum),
+    ``initial`` ("fourier" or "grf"), ``alpha`` and ``tau`` (the "grf" covariance's), ``gauge``,
+    ``stream_weight``.
     """
     name = "decaying_turbulence"
-    options = dict(mesh="periodic_square", refine=0, re=1e4, t_end=5.0, steps=10, modes=2,
-                   amplitude=2.0, gauge=1e-2, stream_weight=1.0)
+    options = dict(mesh="periodic_square", refine=0, re=1e4, t_end=5.0, steps=10, theta=1.0,
+                   modes=2, amplitude=2.0, initial="fourier", alpha=2.5, tau=7.0, gauge=1e-2,
+                   stream_weight=1.0)
+    spectra = ("fourier", "grf")
     lifted = True
+
+    def __init__(self, **options):
+        super().__init__(**options)
+        theta = self.opts["theta"]
+        if not 0.5 <= theta <= 1:      # below 1/2 the theta method is unstable for diffusion
+            raise InputError(f"decaying_turbulence: theta must lie in [1/2, 1] (1/2: "
+                             f"Crank-Nicolson, 1: backward Euler), got {theta}")
+        if self.opts["initial"] not in self.spectra:
+            raise InputError(f"decaying_turbulence: initial must be one of {self.spectra}, got "
+                             f"{self.opts['initial']!r}")
 
     @property
     def wavevectors(self):
@@ -85,14 +109,19 @@ class DecayingTurbulence(PDE):
     def dt(self):
         return self.opts["t_end"] / self.opts["steps"]
 
-    def step_form(self, w, w_previous, p, phi, chi):
-        """One backward-Euler step's residual: vorticity w and streamfunction p at the new time
-        level, tested by phi and chi."""
-        nu, gauge = 1.0 / self.opts["re"], self.opts["gauge"]
-        u = fd.as_vector([p.dx(1), -p.dx(0)])
-        return ((w - w_previous) / self.dt * phi + fd.dot(u, fd.grad(w)) * phi
-                + nu * fd.inner(fd.grad(w), fd.grad(phi))
-                + self.opts["stream_weight"] / self.dt
+    def step_form(self, w, w_previous, p, p_previous, phi, chi):
+        """One step's residual: vorticity w and streamfunction p at the new time level (from
+        w_previous, p_previous), tested by phi and chi; the theta method in time."""
+        nu, gauge, theta = 1.0 / self.opts["re"], self.opts["gauge"], self.opts["theta"]
+
+        def rate(w, p):     # advection and diffusion of w, weak form
+            u = fd.as_vector([p.dx(1), -p.dx(0)])
+            return fd.dot(u, fd.grad(w)) * phi + nu * fd.inner(fd.grad(w), fd.grad(phi))
+
+        change = (w - w_previous) / self.dt * phi + theta * rate(w, p)
+        if theta != 1:
+            change += (1 - theta) * rate(w_previous, p_previous)
+        return (change + self.opts["stream_weight"] / self.dt
                 * (fd.inner(fd.grad(p), fd.grad(chi)) + gauge * p * chi - w * chi)) * fd.dx
 
     def problem(self, mesh, **kwargs):
@@ -102,7 +131,8 @@ class DecayingTurbulence(PDE):
             (w0, p0), (dw, dp) = fd.split(m[0]), fd.split(dz)
             w, p = w0 + dw, p0 + dp
             phi, chi = fd.split(t)
-            return sum(self.step_form(w[i], w0[0] if i == 0 else w[i - 1], p[i], phi[i], chi[i])
+            return sum(self.step_form(w[i], w0[0] if i == 0 else w[i - 1], p[i],
+                                      p0[0] if i == 0 else p[i - 1], phi[i], chi[i])
                        for i in range(self.opts["steps"]))
 
         return ConstrainedProblem(W, residual, data_spaces=W, **kwargs)
@@ -114,15 +144,16 @@ class DecayingTurbulence(PDE):
         from the lifting)."""
         mesh, ell = mesh_of(problem.V), data[0]
         V = fd.FunctionSpace(mesh, "CG", 1)
-        z, w_previous = fd.Function(V * V), fd.Function(V)
-        w_previous.dat.data[:] = ell.subfunctions[0].dat.data_ro[:, 0]
-        z.subfunctions[0].assign(w_previous)
-        z.subfunctions[1].dat.data[:] = ell.subfunctions[1].dat.data_ro[:, 0]
-        w, p = fd.split(z)
+        z, previous = fd.Function(V * V), fd.Function(V * V)
+        previous.subfunctions[0].dat.data[:] = ell.subfunctions[0].dat.data_ro[:, 0]
+        previous.subfunctions[1].dat.data[:] = ell.subfunctions[1].dat.data_ro[:, 0]
+        z.assign(previous)
+        (w, p), (w_previous, p_previous) = fd.split(z), fd.split(previous)
         phi, chi = fd.TestFunctions(V * V)
         params = {**CLASSICAL_SOLVER_PARAMETERS, **(solver_parameters or {})}
+        form = self.step_form(w, w_previous, p, p_previous, phi, chi)
         solver = fd.NonlinearVariationalSolver(
-            fd.NonlinearVariationalProblem(self.step_form(w, w_previous, p, phi, chi), z),
+            fd.NonlinearVariationalProblem(form, z),
             solver_parameters=params, options_prefix="classical_")
         out, iterations = fd.Function(problem.V), 0
         t0 = time.perf_counter()
@@ -132,7 +163,7 @@ class DecayingTurbulence(PDE):
             for j in range(2):
                 out.subfunctions[j].dat.data[:, i] = (z.subfunctions[j].dat.data_ro
                                                       - ell.subfunctions[j].dat.data_ro[:, i])
-            w_previous.assign(z.subfunctions[0])
+            previous.assign(z)
         return out, time.perf_counter() - t0, iterations
 
     def sample(self, rng, n):
@@ -141,24 +172,35 @@ class DecayingTurbulence(PDE):
     def inputs(self, params):
         return np.asarray(params, dtype=np.float64) / self.opts["amplitude"]
 
+    @property
+    def spectrum(self):
+        """s_k, the initial vorticity's weight of each wavevector's cos and sin (see above)."""
+        k2 = (np.asarray(self.wavevectors, dtype=np.float64) ** 2).sum(axis=1)
+        if self.opts["initial"] == "fourier":
+            return 1.0 / k2
+        alpha, tau = self.opts["alpha"], self.opts["tau"]
+        sigma = tau ** (alpha - 1.0)      # tau^((2 alpha - d) / 2) in d = 2 dimensions
+        return np.sqrt(2.0) * sigma * (4 * np.pi ** 2 * k2 + tau ** 2) ** (-alpha / 2)
+
     def input_fields(self, points):
         """The initial vorticity's modes at ``points``: the inputs times them sum to w_0 /
         amplitude (one field). Evaluated in closed form, as :meth:`_fourier_modes` on a mesh."""
         x = np.asarray(points, dtype=np.float64)
         k = np.asarray(self.wavevectors, dtype=np.float64)                 # [n_k, 2]
-        phase, size = 2 * np.pi * x @ k.T, (k ** 2).sum(axis=1)             # [n, n_k], [n_k]
-        modes = np.concatenate([np.cos(phase) / size, np.sin(phase) / size], axis=1)
+        phase, s = 2 * np.pi * x @ k.T, self.spectrum                       # [n, n_k], [n_k]
+        modes = np.concatenate([np.cos(phase) * s, np.sin(phase) * s], axis=1)
         return modes.T[:, None, :]
 
     def _fourier_modes(self, V):
-        """cos and sin of 2 pi k.x / ‖k‖^2 for every wavevector, by one kernel (the wavevector
-        is a Constant)."""
-        x, k = fd.SpatialCoordinate(V.mesh()), fd.Constant((0.0, 0.0))
+        """cos and sin of 2 pi k.x times s_k for every wavevector, by one kernel (the wavevector
+        and its weight are Constants)."""
+        x, k, weight = fd.SpatialCoordinate(V.mesh()), fd.Constant((0.0, 0.0)), fd.Constant(0.0)
         phase, mode, modes = 2 * np.pi * fd.dot(k, x), fd.Function(V), []
         for trig in (fd.cos, fd.sin):
-            for kx, ky in self.wavevectors:
+            for (kx, ky), s in zip(self.wavevectors, self.spectrum):
                 k.assign((kx, ky))
-                modes.append(mode.interpolate(trig(phase) / fd.dot(k, k)).dat.data_ro.copy())
+                weight.assign(s)
+                modes.append(mode.interpolate(trig(phase) * weight).dat.data_ro.copy())
         return modes
 
     def initial_vorticity(self, mesh, params):

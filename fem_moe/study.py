@@ -124,9 +124,10 @@ def print_table(rows, title=None, file=None):
 def write_json(path, rows, **meta):
     """Rows and metadata to ``path`` atomically (rank 0 only), with how they were made: the
     command (on ``meta["ranks"]`` ranks), the machine, the date and the commit
-    (:func:`fem_moe.arguments.provenance`)."""
+    (:func:`fem_moe.arguments.provenance`). Returns the metadata written."""
     doc = {"meta": {**provenance(meta.get("ranks", 1)), **meta}, "rows": rows}
     write_atomic(path, lambda f: f.write(json.dumps(doc, indent=1, default=float).encode()))
+    return doc["meta"]
 
 
 def write_fields(trainers, out, sample=0, n_basis_shown=4, comm=MPI.COMM_WORLD):
@@ -299,8 +300,8 @@ def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
     if comm.rank == 0:
         print()
         print_table(rows, title)
-        write_json(os.path.join(out, "results.json"), rows, title=title, ranks=comm.size,
-                   config=config)
+        meta = write_json(os.path.join(out, "results.json"), rows, title=title, ranks=comm.size,
+                          config=config)
     if figures:
         path = write_fields(trainers, out, comm=comm)
         if comm.rank == 0:
@@ -308,7 +309,7 @@ def run(config, models, out, title, comm=MPI.COMM_WORLD, figures=True):
             plot_losses(trainers, os.path.join(out, "losses.png"))
         comm.barrier()
     if comm.rank == 0:
-        write_readme(out, title, rows, json.load(open(os.path.join(out, "results.json")))["meta"])
+        write_readme(out, title, rows, meta)
     return rows, trainers
 
 
@@ -449,10 +450,10 @@ def pod_check(trainer, n_basis, n_experts, out=None, split="test"):
         print()
         report.print_table(rows,
                            [("label", "with the POD basis", "{:s}"),
-                            ("rel_l2", "rel. L2", "{:.3e}"),
-                                  ("failed", "failed", "{:d}")],
+                            ("rel_l2", "rel. L2", "{:.3e}"), ("failed", "failed", "{:d}")],
                            f"{len(modes)} POD modes of the training solutions, on the {split} "
                            "inputs")
         if out is not None:
-            write_json(os.path.join(out, "pod_basis.json"), rows, n_basis=len(modes), split=split)
+            write_json(os.path.join(out, "pod_basis.json"), rows, n_basis=len(modes), split=split,
+                       ranks=comm.size)
     return rows
